@@ -87,13 +87,7 @@ const COMPACT_MIN: usize = 64 * 1024;
 impl Decoder {
     /// A decoder that rejects payloads longer than `max_payload` bytes.
     pub fn new(max_payload: u32) -> Self {
-        Decoder {
-            buf: Vec::new(),
-            start: 0,
-            base: 0,
-            max_payload,
-            stats: DecoderStats::default(),
-        }
+        Decoder { buf: Vec::new(), start: 0, base: 0, max_payload, stats: DecoderStats::default() }
     }
 
     /// The payload limit.
@@ -167,12 +161,7 @@ impl Decoder {
         if crc32fast::hash(body) != le32(&self.buf, at + total - TRAILER_LEN) {
             return Some(Err(self.reject(DecodeError::BadCrc { offset })));
         }
-        let header = Header {
-            kind: h[5],
-            flags: le16(h, 6),
-            session: le32(h, 8),
-            seq: le32(h, 12),
-        };
+        let header = Header { kind: h[5], flags: le16(h, 6), session: le32(h, 8), seq: le32(h, 12) };
         let payload = body[HEADER_LEN..].to_vec();
         self.start += total;
         self.stats.frames += 1;
@@ -218,10 +207,7 @@ fn find_magic(b: &[u8]) -> Option<usize> {
 
 /// Length of the longest suffix of `b` that is a proper prefix of [`MAGIC`].
 fn magic_prefix_len(b: &[u8]) -> usize {
-    (1..MAGIC.len())
-        .rev()
-        .find(|&k| b.len() >= k && b[b.len() - k..] == MAGIC[..k])
-        .unwrap_or(0)
+    (1..MAGIC.len()).rev().find(|&k| b.len() >= k && b[b.len() - k..] == MAGIC[..k]).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -281,14 +267,7 @@ mod tests {
         let small = frame(2, 2, b"x").encode().unwrap();
         let mut d = Decoder::new(100);
         d.push(&big[..HEADER_LEN]); // only the header: the verdict must not wait for 200 bytes
-        assert_eq!(
-            d.next_frame(),
-            Some(Err(DecodeError::Oversize {
-                offset: 0,
-                len: 200,
-                max: 100
-            }))
-        );
+        assert_eq!(d.next_frame(), Some(Err(DecodeError::Oversize { offset: 0, len: 200, max: 100 })));
         d.push(&big[HEADER_LEN..]);
         d.push(&small);
         let (ok, _) = decode_all(&mut d);
@@ -303,10 +282,7 @@ mod tests {
         w[20..24].copy_from_slice(&hcrc.to_le_bytes());
         let mut d = Decoder::default();
         d.push(&w);
-        assert_eq!(
-            d.next_frame(),
-            Some(Err(DecodeError::UnknownVersion { offset: 0, version: 2 }))
-        );
+        assert_eq!(d.next_frame(), Some(Err(DecodeError::UnknownVersion { offset: 0, version: 2 })));
     }
 
     #[test]
@@ -371,12 +347,7 @@ mod tests {
     }
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
-        (
-            any::<u8>(),
-            any::<u32>(),
-            any::<u32>(),
-            proptest::collection::vec(any::<u8>(), 0..300),
-        )
+        (any::<u8>(), any::<u32>(), any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300))
             .prop_map(|(k, s, q, p)| Frame::new(k, s, q, p))
     }
 

@@ -77,15 +77,7 @@ pub enum FrameError {
 impl Frame {
     /// A frame with the given header fields and payload.
     pub fn new(kind: u8, session: u32, seq: u32, payload: Vec<u8>) -> Self {
-        Frame {
-            header: Header {
-                kind,
-                flags: 0,
-                session,
-                seq,
-            },
-            payload,
-        }
+        Frame { header: Header { kind, flags: 0, session, seq }, payload }
     }
 
     /// Bytes this frame occupies on the wire.
@@ -98,10 +90,7 @@ impl Frame {
         let len = u32::try_from(self.payload.len())
             .ok()
             .filter(|&l| l <= MAX_PAYLOAD)
-            .ok_or(FrameError::PayloadTooLarge {
-                len: self.payload.len(),
-                max: MAX_PAYLOAD,
-            })?;
+            .ok_or(FrameError::PayloadTooLarge { len: self.payload.len(), max: MAX_PAYLOAD })?;
         let start = out.len();
         out.reserve(self.wire_len());
         out.extend_from_slice(&MAGIC);
@@ -161,12 +150,6 @@ mod tests {
     #[test]
     fn refuses_payload_over_the_protocol_maximum() {
         let f = Frame::new(1, 0, 0, vec![0; MAX_PAYLOAD as usize + 1]);
-        assert_eq!(
-            f.encode(),
-            Err(FrameError::PayloadTooLarge {
-                len: MAX_PAYLOAD as usize + 1,
-                max: MAX_PAYLOAD
-            })
-        );
+        assert_eq!(f.encode(), Err(FrameError::PayloadTooLarge { len: MAX_PAYLOAD as usize + 1, max: MAX_PAYLOAD }));
     }
 }

@@ -132,9 +132,7 @@ pub struct PortMachine {
 
 impl Default for PortMachine {
     fn default() -> Self {
-        PortMachine {
-            state: PortState::Disconnected,
-        }
+        PortMachine { state: PortState::Disconnected }
     }
 }
 
@@ -163,9 +161,7 @@ impl PortMachine {
                 S::Connected { session, nonce }
             }
             (S::Disconnected, E::NewSession { .. }) => {
-                return Err(TransitionError::NotConnected {
-                    event: "new session request",
-                })
+                return Err(TransitionError::NotConnected { event: "new session request" })
             }
             (S::Connected { session, nonce }, E::HelloAcked { nonce: got }) if got == nonce => {
                 S::Ready { session, nonce }
@@ -182,11 +178,7 @@ impl PortMachine {
             (_, E::Closed) => S::Disconnected,
         };
         self.state = to;
-        Ok(Transition {
-            from,
-            to,
-            at_ns: now_ns,
-        })
+        Ok(Transition { from, to, at_ns: now_ns })
     }
 }
 
@@ -202,10 +194,7 @@ mod tests {
     fn handshake_reaches_ready_and_disconnect_returns() {
         let mut m = PortMachine::new();
         let t = m.step(C, 5).unwrap();
-        assert_eq!(
-            (t.from, t.to, t.at_ns),
-            (S::Disconnected, S::Connected { session: 1, nonce: 10 }, 5)
-        );
+        assert_eq!((t.from, t.to, t.at_ns), (S::Disconnected, S::Connected { session: 1, nonce: 10 }, 5));
         m.step(E::HelloAcked { nonce: 10 }, 6).unwrap();
         assert_eq!(m.state(), S::Ready { session: 1, nonce: 10 });
         m.step(E::HostDisconnected, 7).unwrap();
@@ -214,11 +203,7 @@ mod tests {
 
     #[test]
     fn every_event_in_every_state_has_a_defined_result() {
-        let states = [
-            S::Disconnected,
-            S::Connected { session: 1, nonce: 10 },
-            S::Ready { session: 1, nonce: 10 },
-        ];
+        let states = [S::Disconnected, S::Connected { session: 1, nonce: 10 }, S::Ready { session: 1, nonce: 10 }];
         let events = [
             C,
             E::NewSession { session: 2, nonce: 20 },

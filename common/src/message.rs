@@ -178,10 +178,7 @@ impl Message {
 
     /// The payload bytes of this message.
     pub fn encode_payload(&self) -> Result<Vec<u8>, MessageError> {
-        let mut w = Writer {
-            out: Vec::new(),
-            kind: self.kind(),
-        };
+        let mut w = Writer { out: Vec::new(), kind: self.kind() };
         match self {
             Message::Hello(h) => {
                 w.str("agent_version", &h.agent_version)?;
@@ -218,10 +215,7 @@ impl Message {
     /// Parses the message a frame carries.
     pub fn from_frame(frame: &Frame) -> Result<Message, MessageError> {
         let kind = MessageType::from_u8(frame.header.kind).ok_or(MessageError::UnknownType(frame.header.kind))?;
-        let mut r = Reader {
-            b: &frame.payload,
-            kind,
-        };
+        let mut r = Reader { b: &frame.payload, kind };
         let msg = match kind {
             MessageType::Hello => Message::Hello(Hello {
                 agent_version: r.str("agent_version")?,
@@ -231,24 +225,13 @@ impl Message {
                 nonce: r.u64("nonce")?,
                 agent_time_ns: r.u64("agent_time_ns")?,
             }),
-            MessageType::HelloAck => Message::HelloAck {
-                nonce: r.u64("nonce")?,
-                host_version: r.str("host_version")?,
-            },
+            MessageType::HelloAck => Message::HelloAck { nonce: r.u64("nonce")?, host_version: r.str("host_version")? },
             MessageType::HelloRequest => Message::HelloRequest,
-            MessageType::Ping => Message::Ping {
-                time_ns: r.u64("time_ns")?,
-            },
-            MessageType::Pong => Message::Pong {
-                ping_time_ns: r.u64("ping_time_ns")?,
-                time_ns: r.u64("time_ns")?,
-            },
+            MessageType::Ping => Message::Ping { time_ns: r.u64("time_ns")? },
+            MessageType::Pong => Message::Pong { ping_time_ns: r.u64("ping_time_ns")?, time_ns: r.u64("time_ns")? },
             MessageType::Echo => Message::Echo(r.rest()),
             MessageType::EchoReply => Message::EchoReply(r.rest()),
-            MessageType::Error => Message::Error {
-                code: r.u16("code")?,
-                text: r.str("text")?,
-            },
+            MessageType::Error => Message::Error { code: r.u16("code")?, text: r.str("text")? },
         };
         r.finish()?;
         Ok(msg)
@@ -268,11 +251,8 @@ impl Writer {
         self.out.extend_from_slice(&v.to_le_bytes());
     }
     fn str(&mut self, field: &'static str, s: &str) -> Result<(), MessageError> {
-        let len = u16::try_from(s.len()).map_err(|_| MessageError::StringTooLong {
-            kind: self.kind,
-            field,
-            len: s.len(),
-        })?;
+        let len =
+            u16::try_from(s.len()).map_err(|_| MessageError::StringTooLong { kind: self.kind, field, len: s.len() })?;
         self.u16(len);
         self.out.extend_from_slice(s.as_bytes());
         Ok(())
@@ -334,22 +314,13 @@ mod tests {
                 nonce: 0xDEAD_BEEF_0BAD_F00D,
                 agent_time_ns: 12_345,
             }),
-            Message::HelloAck {
-                nonce: 42,
-                host_version: "vport 0.1.0".into(),
-            },
+            Message::HelloAck { nonce: 42, host_version: "vport 0.1.0".into() },
             Message::HelloRequest,
             Message::Ping { time_ns: 1 },
-            Message::Pong {
-                ping_time_ns: 1,
-                time_ns: 2,
-            },
+            Message::Pong { ping_time_ns: 1, time_ns: 2 },
             Message::Echo(b"abc".to_vec()),
             Message::EchoReply(vec![]),
-            Message::Error {
-                code: error_code::MALFORMED,
-                text: "bad".into(),
-            },
+            Message::Error { code: error_code::MALFORMED, text: "bad".into() },
         ]
     }
 
@@ -374,39 +345,15 @@ mod tests {
     #[test]
     fn malformed_payloads_are_typed_errors() {
         let f = Frame::new(MessageType::Ping as u8, 0, 0, vec![1, 2, 3]);
-        assert_eq!(
-            Message::from_frame(&f),
-            Err(MessageError::Truncated {
-                kind: MessageType::Ping,
-                field: "time_ns"
-            })
-        );
+        assert_eq!(Message::from_frame(&f), Err(MessageError::Truncated { kind: MessageType::Ping, field: "time_ns" }));
         let f = Frame::new(MessageType::Ping as u8, 0, 0, vec![0; 9]);
-        assert_eq!(
-            Message::from_frame(&f),
-            Err(MessageError::TrailingBytes {
-                kind: MessageType::Ping,
-                extra: 1
-            })
-        );
+        assert_eq!(Message::from_frame(&f), Err(MessageError::TrailingBytes { kind: MessageType::Ping, extra: 1 }));
         let f = Frame::new(0x55, 0, 0, vec![]);
         assert_eq!(Message::from_frame(&f), Err(MessageError::UnknownType(0x55)));
         let f = Frame::new(MessageType::Error as u8, 0, 0, vec![1, 0, 2, 0, 0xFF, 0xFE]);
-        assert_eq!(
-            Message::from_frame(&f),
-            Err(MessageError::InvalidUtf8 {
-                kind: MessageType::Error,
-                field: "text"
-            })
-        );
-        let long = Message::Error {
-            code: 1,
-            text: "x".repeat(70_000),
-        };
-        assert!(matches!(
-            long.encode_payload(),
-            Err(MessageError::StringTooLong { len: 70_000, .. })
-        ));
+        assert_eq!(Message::from_frame(&f), Err(MessageError::InvalidUtf8 { kind: MessageType::Error, field: "text" }));
+        let long = Message::Error { code: 1, text: "x".repeat(70_000) };
+        assert!(matches!(long.encode_payload(), Err(MessageError::StringTooLong { len: 70_000, .. })));
     }
 
     proptest! {

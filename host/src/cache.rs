@@ -10,11 +10,7 @@ pub const CACHE_DIR_ENV: &str = "VPORT_CACHE_DIR";
 
 /// The cache directory vport uses (not created by this call).
 pub fn cache_dir() -> PathBuf {
-    resolve(
-        std::env::var_os(CACHE_DIR_ENV),
-        std::env::var_os("XDG_CACHE_HOME"),
-        std::env::var_os("HOME"),
-    )
+    resolve(std::env::var_os(CACHE_DIR_ENV), std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"))
 }
 
 fn resolve(

@@ -66,10 +66,16 @@ mod tests {
     #[test]
     fn returns_value_when_condition_holds() {
         let mut n = 0;
-        let v = wait_until("n to reach 3", Duration::from_secs(5), Duration::from_millis(1), || Ok(()), || {
-            n += 1;
-            (n >= 3).then_some(n)
-        });
+        let v = wait_until(
+            "n to reach 3",
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+            || Ok(()),
+            || {
+                n += 1;
+                (n >= 3).then_some(n)
+            },
+        );
         assert_eq!(v.unwrap(), 3);
     }
 
@@ -83,8 +89,14 @@ mod tests {
 
     #[test]
     fn aborts_when_liveness_fails() {
-        let err = wait_until::<()>("x", Duration::from_secs(60), Duration::from_millis(1), || Err("qemu exited with status 1".into()), || None)
-            .unwrap_err();
+        let err = wait_until::<()>(
+            "x",
+            Duration::from_secs(60),
+            Duration::from_millis(1),
+            || Err("qemu exited with status 1".into()),
+            || None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("qemu exited"), "{err}");
     }
 }

@@ -1,0 +1,120 @@
+//! The `vport-agent` binary: command line and wiring (see the library for the parts).
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vport_agent::discovery::{AutoSelect, PortSpec, Selector, DEFAULT_PREFIX};
+use vport_agent::event_loop::{Config, EventLoop};
+use vport_agent::port::AgentInfo;
+use vport_agent::{log, sys};
+
+/// Serves named virtio-serial ports (/dev/vportNpM) for the vport host.
+///
+/// By default every port whose name starts with "org.vport." is served; the QEMU guest agent
+/// and spice ports are never served unless named with --port.
+#[derive(Debug, Parser)]
+#[command(name = "vport-agent", version)]
+struct Cli {
+    /// A port to serve: its name, /dev/vportNpM, or /dev/virtio-ports/NAME. Repeatable. A port
+    /// that does not exist yet is waited for.
+    #[arg(long = "port", value_name = "NAME|PATH")]
+    ports: Vec<String>,
+    /// Serve every named port (except the guest agent and spice ports).
+    #[arg(long, conflicts_with = "prefix")]
+    all: bool,
+    /// Serve every port whose name starts with PREFIX [default: org.vport. unless --port is given].
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+    /// Log level.
+    #[arg(long, value_name = "LEVEL", default_value = "info",
+          value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
+    log_level: String,
+    /// sysfs mount point (for tests).
+    #[arg(long, value_name = "PATH", default_value = "/sys")]
+    sysfs_root: PathBuf,
+    /// Device directory (for tests).
+    #[arg(long, value_name = "PATH", default_value = "/dev")]
+    dev_root: PathBuf,
+}
+
+fn selector(cli: &Cli) -> anyhow::Result<Selector> {
+    let explicit = cli.ports.iter().map(|p| PortSpec::parse(p)).collect::<Result<Vec<_>, _>>()?;
+    let auto = match (&cli.prefix, cli.all) {
+        (_, true) => AutoSelect::All,
+        (Some(p), false) => AutoSelect::Prefix(p.clone()),
+        (None, false) if explicit.is_empty() => AutoSelect::Prefix(DEFAULT_PREFIX.to_owned()),
+        (None, false) => AutoSelect::None,
+    };
+    Ok(Selector { explicit, auto })
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let selector = selector(&cli)?;
+    let level = cli.log_level.parse::<::log::LevelFilter>().map_err(|e| anyhow::anyhow!("--log-level: {e}"))?;
+    log::init(level).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let info = AgentInfo {
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        kernel_release: sys::kernel_release(),
+        boot_id: sys::boot_id(),
+    };
+    let watching = selector.to_string();
+    let config = Config { selector, sysfs_root: cli.sysfs_root, dev_root: cli.dev_root };
+    let mut agent = EventLoop::new(config, info)?;
+    ::log::info!("vport-agent {} started: watching {watching}", env!("CARGO_PKG_VERSION"));
+    agent.run()?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help / --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(1);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+            eprintln!("vport-agent: error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(args: &[&str]) -> anyhow::Result<Selector> {
+        let cli = Cli::try_parse_from(std::iter::once("vport-agent").chain(args.iter().copied()))?;
+        selector(&cli)
+    }
+
+    #[test]
+    fn default_is_the_org_vport_prefix() {
+        assert_eq!(sel(&[]).unwrap(), Selector { explicit: vec![], auto: AutoSelect::Prefix("org.vport.".into()) });
+    }
+
+    #[test]
+    fn explicit_ports_only_unless_all_or_prefix() {
+        let s = sel(&["--port", "org.qemu.guest_agent.0", "--port", "/dev/vport0p3"]).unwrap();
+        assert_eq!(s.auto, AutoSelect::None);
+        assert_eq!(s.explicit, vec![PortSpec::Name("org.qemu.guest_agent.0".into()), PortSpec::Dev("vport0p3".into())]);
+        assert_eq!(sel(&["--port", "x", "--all"]).unwrap().auto, AutoSelect::All);
+        assert_eq!(sel(&["--port", "x", "--prefix", "a."]).unwrap().auto, AutoSelect::Prefix("a.".into()));
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        assert!(sel(&["--all", "--prefix", "x"]).is_err());
+        assert!(sel(&["--port", "/dev/hvc0"]).is_err());
+        assert!(sel(&["--log-level", "loud"]).is_err());
+    }
+}

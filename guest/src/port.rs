@@ -1,0 +1,1124 @@
+//! One served port: its session state machine, frame decoder, output queue and counters.
+//!
+//! All I/O goes through [`PortIo`] so the logic is driven in unit tests by a scripted fake that
+//! returns chosen poll masks, bytes and errnos; [`Env`] supplies the clock and randomness.
+//!
+//! # How a port is serviced
+//!
+//! The event loop calls [`Port::service`] after registering the port and after every readiness
+//! event on it. Registration is edge-triggered, so one call does everything that is possible
+//! now, in this order:
+//!
+//! 1. `poll(2)` the exact mask: POLLHUP set means no host client is attached. A host that
+//!    appeared starts a session (HELLO); a host that went away ends it.
+//! 2. Drain reads until EAGAIN or 0, handing complete frames to [`Port::handle_frame`] as they
+//!    arrive while a session is live. `read() == 0` means "no host", not end of file; ENODEV
+//!    means unplugged. Reading pauses while the output queue is above [`READ_HIGH_WATER`]
+//!    (backpressure to the host); the next writable edge resumes it.
+//! 3. `poll(2)` again (the host may have come or gone while reading), then handle frames that
+//!    were buffered while no session was live.
+//! 4. Flush the output queue until it is empty or EAGAIN, at most [`MAX_WRITE`] bytes per call.
+//!
+//! Frames are queued whole and written in order, so short writes never interleave frames.
+
+use crate::history::{History, DEFAULT_CAPACITY};
+use nix::errno::Errno;
+use nix::poll::PollFlags;
+use std::rc::Rc;
+use thiserror::Error;
+use vport_common::frame::DEFAULT_MAX_PAYLOAD;
+use vport_common::message::error_code;
+use vport_common::{Decoder, Frame, Header, Message, MessageError, MessageType, PortEvent, PortMachine, PortState};
+
+/// The most a virtio-serial write accepts per call (`port_fops_write`).
+pub const MAX_WRITE: usize = 32 * 1024;
+/// Output queue bound; a frame that would exceed it is dropped and reported.
+pub const QUEUE_LIMIT: usize = 8 << 20;
+/// Reading pauses while this much output is queued.
+pub const READ_HIGH_WATER: usize = 1 << 20;
+/// Read buffer size (the kernel hands out at most one page per read).
+const READ_BUF: usize = 16 * 1024;
+
+/// The three operations the port logic needs from a port's fd.
+pub trait PortIo {
+    /// `read(2)`.
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Errno>;
+    /// `write(2)`.
+    fn write(&mut self, buf: &[u8]) -> Result<usize, Errno>;
+    /// The current `poll(2)` mask (timeout 0).
+    fn poll_mask(&mut self) -> Result<PollFlags, Errno>;
+}
+
+/// Clock and randomness.
+pub trait Env {
+    /// Monotonic nanoseconds.
+    fn now_ns(&mut self) -> u64;
+    /// A random u64.
+    fn random_u64(&mut self) -> u64;
+}
+
+/// The real clock and random source.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemEnv;
+
+impl Env for SystemEnv {
+    fn now_ns(&mut self) -> u64 {
+        crate::sys::monotonic_ns()
+    }
+    fn random_u64(&mut self) -> u64 {
+        crate::sys::random_u64()
+    }
+}
+
+/// What HELLO says about the agent and guest (fixed for the agent's life).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// `CARGO_PKG_VERSION`.
+    pub agent_version: String,
+    /// `uname -r`.
+    pub kernel_release: String,
+    /// `/proc/sys/kernel/random/boot_id`.
+    pub boot_id: String,
+}
+
+/// An I/O failure other than the expected ones (EAGAIN, EINTR, ENODEV, read 0).
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("port {port}: {op} failed")]
+pub struct PortError {
+    /// Port name.
+    pub port: String,
+    /// `read`, `write` or `poll`.
+    pub op: &'static str,
+    /// The errno.
+    #[source]
+    pub source: Errno,
+}
+
+/// The port after [`Port::service`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Still usable.
+    Open,
+    /// ENODEV: the port was hot-unplugged; close and forget it.
+    Unplugged,
+}
+
+/// Running counters of one port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Bytes read from the port.
+    pub bytes_in: u64,
+    /// Bytes written to the port.
+    pub bytes_out: u64,
+    /// Valid frames received.
+    pub frames_in: u64,
+    /// Frames queued for sending.
+    pub frames_out: u64,
+    /// Sessions started (HELLO sent).
+    pub sessions: u64,
+    /// HELLOs repeated because a HELLO_REQUEST came while the offer was pending.
+    pub hello_repeats: u64,
+    /// Decoder errors (damaged or foreign bytes).
+    pub decode_errors: u64,
+    /// Frames of a session that is neither 0 nor the current one.
+    pub stale_frames: u64,
+    /// Events the state machine refused.
+    pub illegal_transitions: u64,
+    /// ERROR frames sent.
+    pub errors_sent: u64,
+    /// ERROR frames received from the host.
+    pub errors_received: u64,
+    /// Queued bytes thrown away because the session ended or the port closed.
+    pub dropped_bytes: u64,
+    /// Frames refused because the output queue was full.
+    pub queue_overflows: u64,
+    /// Write calls that accepted fewer bytes than offered.
+    pub short_writes: u64,
+}
+
+/// Whole encoded frames waiting to be written, in order.
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    buf: Vec<u8>,
+    head: usize,
+    limit: usize,
+}
+
+impl OutQueue {
+    /// An empty queue holding at most `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        OutQueue { buf: Vec::new(), head: 0, limit }
+    }
+
+    /// Bytes waiting.
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.head
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends a whole frame, or refuses it (nothing appended) if the queue would exceed its
+    /// limit.
+    pub fn push(&mut self, frame: &[u8]) -> Result<(), usize> {
+        if self.len() + frame.len() > self.limit {
+            return Err(frame.len());
+        }
+        if self.head > 0 && (self.head == self.buf.len() || self.head >= MAX_WRITE * 4) {
+            self.buf.drain(..self.head);
+            self.head = 0;
+        }
+        self.buf.extend_from_slice(frame);
+        Ok(())
+    }
+
+    /// Up to `max` bytes from the front.
+    pub fn front(&self, max: usize) -> &[u8] {
+        let end = self.buf.len().min(self.head + max);
+        &self.buf[self.head..end]
+    }
+
+    /// Marks `n` front bytes as written.
+    pub fn consume(&mut self, n: usize) {
+        self.head = (self.head + n).min(self.buf.len());
+        if self.head == self.buf.len() {
+            self.buf.clear();
+            self.head = 0;
+        }
+    }
+
+    /// Drops everything; returns how many bytes were dropped.
+    pub fn clear(&mut self) -> usize {
+        let n = self.len();
+        self.buf.clear();
+        self.head = 0;
+        n
+    }
+}
+
+/// How a read drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadEnd {
+    /// EAGAIN: host attached, nothing more to read.
+    WouldBlock,
+    /// read returned 0: no host client.
+    NoHost,
+    /// Stopped because the output queue is above the high-water mark.
+    Throttled,
+    /// ENODEV.
+    Unplugged,
+}
+
+/// How a flush ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlushEnd {
+    /// Queue empty.
+    Done,
+    /// EAGAIN with bytes left: wait for the next writable edge.
+    Pending,
+    /// ENODEV.
+    Unplugged,
+}
+
+/// One served port.
+#[derive(Debug)]
+pub struct Port<I> {
+    name: String,
+    dev: String,
+    io: I,
+    info: Rc<AgentInfo>,
+    machine: PortMachine,
+    decoder: Decoder,
+    out: OutQueue,
+    /// Sequence number of the next frame sent in the current session.
+    seq: u32,
+    counters: Counters,
+    history: History,
+    read_buf: Vec<u8>,
+}
+
+impl<I: PortIo> Port<I> {
+    /// A port in DISCONNECTED; call [`Port::service`] to look at it.
+    pub fn new(name: String, dev: String, io: I, info: Rc<AgentInfo>) -> Self {
+        Port {
+            name,
+            dev,
+            io,
+            info,
+            machine: PortMachine::new(),
+            decoder: Decoder::new(DEFAULT_MAX_PAYLOAD),
+            out: OutQueue::new(QUEUE_LIMIT),
+            seq: 0,
+            counters: Counters::default(),
+            history: History::new(DEFAULT_CAPACITY),
+            read_buf: vec![0; READ_BUF],
+        }
+    }
+
+    /// The port's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The port's node name (`vportNpM`).
+    pub fn dev(&self) -> &str {
+        &self.dev
+    }
+
+    /// The session state.
+    pub fn state(&self) -> PortState {
+        self.machine.state()
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Decoder counters so far.
+    pub fn decoder_stats(&self) -> vport_common::DecoderStats {
+        self.decoder.stats()
+    }
+
+    /// The life-cycle ring.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Bytes waiting to be written.
+    pub fn queued(&self) -> usize {
+        self.out.len()
+    }
+
+    /// The I/O object.
+    pub fn io(&self) -> &I {
+        &self.io
+    }
+
+    /// Does everything that can be done now; see the module documentation.
+    pub fn service(&mut self, env: &mut impl Env) -> Result<Health, PortError> {
+        loop {
+            let mask = self.poll_mask()?;
+            self.apply_mask(mask, env);
+            let end = self.drain_reads(env)?;
+            match end {
+                ReadEnd::Unplugged => return Ok(Health::Unplugged),
+                ReadEnd::NoHost => self.host_gone(env, "read returned 0"),
+                ReadEnd::WouldBlock | ReadEnd::Throttled => {}
+            }
+            let mask = self.poll_mask()?;
+            self.apply_mask(mask, env);
+            self.process_frames(env);
+            match self.flush()? {
+                FlushEnd::Unplugged => return Ok(Health::Unplugged),
+                FlushEnd::Done if end == ReadEnd::Throttled => continue,
+                FlushEnd::Pending if end == ReadEnd::Throttled && self.out.len() < READ_HIGH_WATER => continue,
+                FlushEnd::Done | FlushEnd::Pending => return Ok(Health::Open),
+            }
+        }
+    }
+
+    /// The port is being closed (unplug, agent exit): the session ends.
+    pub fn close(&mut self, env: &mut impl Env, cause: &'static str) {
+        if self.machine.state() != PortState::Disconnected {
+            let _ = self.step(PortEvent::Closed, cause, env);
+        }
+        self.end_session_buffers();
+    }
+
+    /// True when the mask is exactly what an unplugged port reports (POLLHUP only).
+    pub fn looks_unplugged(&mut self) -> Result<bool, PortError> {
+        let mask = self.poll_mask()?;
+        Ok(mask.contains(PollFlags::POLLHUP) && !mask.intersects(PollFlags::POLLIN | PollFlags::POLLOUT))
+    }
+
+    fn poll_mask(&mut self) -> Result<PollFlags, PortError> {
+        self.io.poll_mask().map_err(|source| PortError { port: self.name.clone(), op: "poll", source })
+    }
+
+    /// Reconciles the state machine with host presence as `poll` reports it.
+    fn apply_mask(&mut self, mask: PollFlags, env: &mut impl Env) {
+        // POLLHUP alone is what an unplugged port reports: leave that verdict to read/write
+        // (ENODEV), so the history says "closed: unplugged" rather than "host disconnected".
+        if mask.contains(PollFlags::POLLHUP) && !mask.intersects(PollFlags::POLLIN | PollFlags::POLLOUT) {
+            return;
+        }
+        let host = !mask.contains(PollFlags::POLLHUP);
+        match (self.machine.state(), host) {
+            (PortState::Disconnected, true) => self.start_session(false, env),
+            (PortState::Connected { .. } | PortState::Ready { .. }, false) => self.host_gone(env, "poll: POLLHUP"),
+            _ => {}
+        }
+    }
+
+    fn drain_reads(&mut self, env: &mut impl Env) -> Result<ReadEnd, PortError> {
+        loop {
+            if self.out.len() >= READ_HIGH_WATER {
+                return Ok(ReadEnd::Throttled);
+            }
+            match self.io.read(&mut self.read_buf) {
+                Ok(0) => return Ok(ReadEnd::NoHost),
+                Ok(n) => {
+                    self.counters.bytes_in += n as u64;
+                    self.decoder.push(&self.read_buf[..n]);
+                    self.process_frames(env);
+                }
+                Err(Errno::EAGAIN) => return Ok(ReadEnd::WouldBlock),
+                Err(Errno::EINTR) => {}
+                Err(Errno::ENODEV) => return Ok(ReadEnd::Unplugged),
+                Err(source) => return Err(PortError { port: self.name.clone(), op: "read", source }),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<FlushEnd, PortError> {
+        while !self.out.is_empty() {
+            let chunk = self.out.front(MAX_WRITE);
+            let offered = chunk.len();
+            match self.io.write(chunk) {
+                // A zero-byte write of a non-empty buffer would otherwise spin; wait for an edge.
+                Ok(0) => return Ok(FlushEnd::Pending),
+                Ok(n) => {
+                    if n < offered {
+                        self.counters.short_writes += 1;
+                    }
+                    self.out.consume(n);
+                    self.counters.bytes_out += n as u64;
+                }
+                Err(Errno::EAGAIN) => return Ok(FlushEnd::Pending),
+                Err(Errno::EINTR) => {}
+                Err(Errno::ENODEV) => return Ok(FlushEnd::Unplugged),
+                Err(source) => return Err(PortError { port: self.name.clone(), op: "write", source }),
+            }
+        }
+        Ok(FlushEnd::Done)
+    }
+
+    /// Handles complete frames while a session is live. Frames that arrive with no session are
+    /// kept until the next poll tells whether a host is attached.
+    fn process_frames(&mut self, env: &mut impl Env) {
+        while self.machine.state().session().is_some() {
+            match self.decoder.next_frame() {
+                None => break,
+                Some(Ok(frame)) => self.handle_frame(frame, env),
+                Some(Err(e)) => {
+                    self.counters.decode_errors += 1;
+                    log::debug!("port {}: {e}", self.name);
+                }
+            }
+        }
+    }
+
+    /// Applies `event` to the state machine, recording and logging the transition, or counting
+    /// and logging the refusal.
+    fn step(&mut self, event: PortEvent, cause: &'static str, env: &mut impl Env) -> Result<(), ()> {
+        let now = env.now_ns();
+        match self.machine.step(event, now) {
+            Ok(t) => {
+                self.history.push(t, event, cause);
+                let session = t.to.session().or(t.from.session()).unwrap_or(0);
+                log::info!(
+                    "port {}: {} -> {} session={session:#010x} ({cause})",
+                    self.name,
+                    t.from.name(),
+                    t.to.name()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.counters.illegal_transitions += 1;
+                log::warn!("port {}: illegal {event:?} in {}: {e} ({cause})", self.name, self.machine.state().name());
+                Err(())
+            }
+        }
+    }
+
+    /// Host attached (`new_session == false`) or HELLO_REQUEST: new session id and nonce, HELLO.
+    fn start_session(&mut self, new_session: bool, env: &mut impl Env) {
+        let old = self.machine.state().session().unwrap_or(0);
+        let session = loop {
+            let s = env.random_u64() as u32;
+            if s != 0 && s != old {
+                break s;
+            }
+        };
+        let nonce = env.random_u64();
+        let (event, cause) = if new_session {
+            (PortEvent::NewSession { session, nonce }, "hello request")
+        } else {
+            (PortEvent::HostConnected { session, nonce }, "poll: POLLHUP clear")
+        };
+        if self.step(event, cause, env).is_err() {
+            return;
+        }
+        self.seq = 0;
+        self.counters.sessions += 1;
+        self.send_hello(session, nonce, env);
+    }
+
+    /// Offers session `session` with `nonce` (again, when repeating an unanswered offer).
+    fn send_hello(&mut self, session: u32, nonce: u64, env: &mut impl Env) {
+        let hello = Message::Hello(vport_common::message::Hello {
+            agent_version: self.info.agent_version.clone(),
+            port_name: self.name.clone(),
+            kernel_release: self.info.kernel_release.clone(),
+            boot_id: self.info.boot_id.clone(),
+            nonce,
+            agent_time_ns: env.now_ns(),
+        });
+        self.send(&hello, session);
+    }
+
+    /// No host: the session (if any) ends, and nothing buffered belongs to anyone any more.
+    fn host_gone(&mut self, env: &mut impl Env, cause: &'static str) {
+        if self.machine.state() != PortState::Disconnected {
+            let _ = self.step(PortEvent::HostDisconnected, cause, env);
+        }
+        self.end_session_buffers();
+    }
+
+    fn end_session_buffers(&mut self) {
+        self.decoder.clear();
+        let dropped = self.out.clear();
+        if dropped > 0 {
+            self.counters.dropped_bytes += dropped as u64;
+            log::info!("port {}: dropped {dropped} unsent bytes of the ended session", self.name);
+        }
+    }
+
+    /// Queues `msg` as one frame with header session `session` and the next sequence number.
+    fn send(&mut self, msg: &Message, session: u32) {
+        let wire = match msg.to_frame(session, self.seq).map(|f| f.encode()) {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => {
+                log::error!("port {}: cannot encode {:?}: {e}", self.name, msg.kind());
+                return;
+            }
+            Err(e) => {
+                log::error!("port {}: cannot encode {:?}: {e}", self.name, msg.kind());
+                return;
+            }
+        };
+        match self.out.push(&wire) {
+            Ok(()) => {
+                self.seq = self.seq.wrapping_add(1);
+                self.counters.frames_out += 1;
+            }
+            Err(len) => {
+                self.counters.queue_overflows += 1;
+                self.counters.dropped_bytes += len as u64;
+                log::error!(
+                    "port {}: output queue full ({} bytes queued, limit {QUEUE_LIMIT}): dropped a {:?} frame of {len} bytes",
+                    self.name,
+                    self.out.len(),
+                    msg.kind()
+                );
+            }
+        }
+    }
+
+    /// Answers `request` with an ERROR, unless the request was itself an ERROR (no loops).
+    fn reply_error(&mut self, request: &Header, code: u16, text: String) {
+        if request.kind == MessageType::Error as u8 {
+            return;
+        }
+        self.counters.errors_sent += 1;
+        self.send(&Message::Error { code, text }, request.session);
+    }
+
+    /// Handles one frame received while a session is live. Replies carry the request's
+    /// header session.
+    fn handle_frame(&mut self, frame: Frame, env: &mut impl Env) {
+        self.counters.frames_in += 1;
+        let state = self.machine.state();
+        let (current, nonce) = match state {
+            PortState::Connected { session, nonce } | PortState::Ready { session, nonce } => (session, nonce),
+            PortState::Disconnected => return,
+        };
+        let h = frame.header;
+        if h.session != 0 && h.session != current && h.kind != MessageType::HelloRequest as u8 {
+            self.counters.stale_frames += 1;
+            log::debug!(
+                "port {}: stale frame type {:#04x} of session {:#010x} (current {current:#010x}) dropped",
+                self.name,
+                h.kind,
+                h.session
+            );
+            let text = format!("session {:#010x} is not the current session", h.session);
+            self.reply_error(&h, error_code::BAD_SESSION, text);
+            return;
+        }
+        let msg = match Message::from_frame(&frame) {
+            Ok(m) => m,
+            Err(e @ MessageError::UnknownType(_)) => {
+                return self.reply_error(&h, error_code::UNKNOWN_TYPE, e.to_string())
+            }
+            Err(e) => {
+                log::debug!("port {}: malformed frame: {e}", self.name);
+                return self.reply_error(&h, error_code::MALFORMED, e.to_string());
+            }
+        };
+        match msg {
+            // A request for a session already offered and not yet acknowledged repeats the offer:
+            // requests the host queued while the guest was booting must not multiply sessions.
+            Message::HelloRequest => match state {
+                PortState::Connected { session, nonce } => {
+                    log::debug!("port {}: hello request while the offer is pending: repeating HELLO", self.name);
+                    self.counters.hello_repeats += 1;
+                    self.send_hello(session, nonce, env);
+                }
+                _ => {
+                    log::info!("port {}: host requested a new session", self.name);
+                    self.start_session(true, env);
+                }
+            },
+            Message::HelloAck { nonce: got, host_version } => {
+                if h.session != current {
+                    let text = format!("hello ack for session {:#010x}, current is {current:#010x}", h.session);
+                    return self.reply_error(&h, error_code::BAD_SESSION, text);
+                }
+                let mismatch = got != nonce;
+                if self.step(PortEvent::HelloAcked { nonce: got }, "hello ack", env).is_err() {
+                    let (code, text) = if mismatch {
+                        (error_code::BAD_SESSION, format!("hello ack nonce {got:#x} is not the session's"))
+                    } else {
+                        (error_code::BAD_STATE, "session already ready".to_owned())
+                    };
+                    return self.reply_error(&h, code, text);
+                }
+                log::info!("port {} READY session={current:#010x} host={host_version}", self.name);
+            }
+            Message::Ping { time_ns } => {
+                let pong = Message::Pong { ping_time_ns: time_ns, time_ns: env.now_ns() };
+                self.send(&pong, h.session);
+            }
+            Message::Echo(bytes) => {
+                if h.session == current && matches!(state, PortState::Ready { .. }) {
+                    self.send(&Message::EchoReply(bytes), h.session);
+                } else {
+                    let text = format!("echo needs a READY session, port is {}", state.name());
+                    self.reply_error(&h, error_code::BAD_STATE, text);
+                }
+            }
+            Message::Error { code, text } => {
+                self.counters.errors_received += 1;
+                log::warn!("port {}: host reported error {code}: {text}", self.name);
+            }
+            Message::Pong { .. } => log::debug!("port {}: unsolicited pong ignored", self.name),
+            Message::Hello(_) | Message::EchoReply(_) => {
+                let text = format!("{:?} is not accepted by the agent", msg.kind());
+                self.reply_error(&h, error_code::BAD_STATE, text);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use vport_common::message::Hello;
+
+    const HOST: PollFlags = PollFlags::POLLOUT;
+    const NO_HOST: PollFlags = PollFlags::POLLIN.union(PollFlags::POLLHUP);
+
+    enum Read {
+        Data(Vec<u8>),
+        Zero,
+        Err(Errno),
+    }
+
+    /// A scripted port: reads come from `reads` (EAGAIN when empty, like a connected port with
+    /// no data), `mask` is what poll says, writes accept at most `chunk` bytes per call and
+    /// `budget` bytes in total before EAGAIN.
+    struct Fake {
+        reads: VecDeque<Read>,
+        mask: PollFlags,
+        chunk: usize,
+        budget: usize,
+        written: Vec<u8>,
+        write_calls: Vec<usize>,
+    }
+
+    impl Fake {
+        fn new() -> Self {
+            Fake {
+                reads: VecDeque::new(),
+                mask: NO_HOST,
+                chunk: usize::MAX,
+                budget: usize::MAX,
+                written: vec![],
+                write_calls: vec![],
+            }
+        }
+    }
+
+    impl PortIo for Fake {
+        fn read(&mut self, buf: &mut [u8]) -> Result<usize, Errno> {
+            match self.reads.pop_front() {
+                Some(Read::Data(d)) => {
+                    assert!(d.len() <= buf.len());
+                    buf[..d.len()].copy_from_slice(&d);
+                    Ok(d.len())
+                }
+                Some(Read::Zero) => {
+                    // read() == 0 means no host client at this moment.
+                    self.mask = NO_HOST;
+                    Ok(0)
+                }
+                Some(Read::Err(e)) => Err(e),
+                None if self.mask.contains(PollFlags::POLLHUP) => Ok(0),
+                None => Err(Errno::EAGAIN),
+            }
+        }
+        fn write(&mut self, buf: &[u8]) -> Result<usize, Errno> {
+            assert!(buf.len() <= MAX_WRITE, "write of {} bytes exceeds 32 KiB", buf.len());
+            if self.budget == 0 {
+                return Err(Errno::EAGAIN);
+            }
+            let n = buf.len().min(self.chunk).min(self.budget);
+            self.budget -= n;
+            self.written.extend_from_slice(&buf[..n]);
+            self.write_calls.push(n);
+            Ok(n)
+        }
+        fn poll_mask(&mut self) -> Result<PollFlags, Errno> {
+            Ok(self.mask)
+        }
+    }
+
+    /// Deterministic env: the clock advances 1000 ns per reading; randomness is a counter-seeded
+    /// splitmix so every value differs.
+    struct TestEnv {
+        now: u64,
+        rng: u64,
+    }
+
+    impl Env for TestEnv {
+        fn now_ns(&mut self) -> u64 {
+            self.now += 1000;
+            self.now
+        }
+        fn random_u64(&mut self) -> u64 {
+            self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.rng;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+    }
+
+    fn env() -> TestEnv {
+        TestEnv { now: 0, rng: 7 }
+    }
+
+    fn port() -> Port<Fake> {
+        let info = Rc::new(AgentInfo {
+            agent_version: "9.9.9".into(),
+            kernel_release: "6.1.0-test".into(),
+            boot_id: "boot-id".into(),
+        });
+        Port::new("org.vport.0".into(), "vport0p1".into(), Fake::new(), info)
+    }
+
+    /// Frames the port wrote since the last call, decoded.
+    fn take_sent(p: &mut Port<Fake>) -> Vec<(Header, Message)> {
+        let bytes = std::mem::take(&mut p.io.written);
+        let mut d = Decoder::default();
+        d.push(&bytes);
+        let mut out = vec![];
+        for f in d.by_ref() {
+            let f = f.expect("agent wrote a damaged frame");
+            out.push((f.header, Message::from_frame(&f).unwrap()));
+        }
+        assert_eq!(d.buffered(), 0, "agent wrote a partial frame");
+        out
+    }
+
+    fn wire(msg: &Message, session: u32, seq: u32) -> Vec<u8> {
+        msg.to_frame(session, seq).unwrap().encode().unwrap()
+    }
+
+    fn expect_hello(sent: &[(Header, Message)]) -> (u32, Hello) {
+        match sent {
+            [(h, Message::Hello(hello))] => (h.session, hello.clone()),
+            other => panic!("expected one HELLO, got {other:?}"),
+        }
+    }
+
+    fn expect_error(sent: &[(Header, Message)], want: u16) -> Header {
+        match sent {
+            [(h, Message::Error { code, .. })] if *code == want => *h,
+            other => panic!("expected one ERROR {want}, got {other:?}"),
+        }
+    }
+
+    /// Queues `bytes` as reads of at most one read buffer each.
+    fn feed(p: &mut Port<Fake>, bytes: &[u8]) {
+        for c in bytes.chunks(READ_BUF) {
+            p.io.reads.push_back(Read::Data(c.to_vec()));
+        }
+    }
+
+    /// Connects a host and completes the handshake; returns the session.
+    fn ready(p: &mut Port<Fake>, e: &mut TestEnv) -> u32 {
+        p.io.mask = HOST;
+        p.service(e).unwrap();
+        let (session, hello) = expect_hello(&take_sent(p));
+        let ack = Message::HelloAck { nonce: hello.nonce, host_version: "host".into() };
+        p.io.reads.push_back(Read::Data(wire(&ack, session, 0)));
+        p.service(e).unwrap();
+        assert!(take_sent(p).is_empty());
+        assert_eq!(p.state(), PortState::Ready { session, nonce: hello.nonce });
+        session
+    }
+
+    #[test]
+    fn no_host_stays_disconnected_and_sends_nothing() {
+        let (mut p, mut e) = (port(), env());
+        assert_eq!(p.service(&mut e), Ok(Health::Open));
+        assert_eq!(p.state(), PortState::Disconnected);
+        assert!(p.io.written.is_empty());
+        assert!(p.history().is_empty());
+    }
+
+    #[test]
+    fn host_connect_sends_hello_with_a_fresh_nonce() {
+        let (mut p, mut e) = (port(), env());
+        p.io.mask = HOST;
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        let (session, hello) = expect_hello(&sent);
+        assert_eq!(sent[0].0.seq, 0);
+        assert_ne!(session, 0);
+        assert_eq!(p.state(), PortState::Connected { session, nonce: hello.nonce });
+        assert_eq!(hello.agent_version, "9.9.9");
+        assert_eq!(hello.port_name, "org.vport.0");
+        assert_eq!(hello.kernel_release, "6.1.0-test");
+        assert_eq!(hello.boot_id, "boot-id");
+        assert!(hello.agent_time_ns > 0);
+
+        // The host leaves and comes back: a new session with a new id and nonce.
+        p.io.mask = NO_HOST;
+        p.service(&mut e).unwrap();
+        assert_eq!(p.state(), PortState::Disconnected);
+        p.io.mask = HOST;
+        p.service(&mut e).unwrap();
+        let (session2, hello2) = expect_hello(&take_sent(&mut p));
+        assert_ne!(session2, session);
+        assert_ne!(hello2.nonce, hello.nonce);
+        assert_eq!(p.counters().sessions, 2);
+        let names: Vec<&str> = p.history().since(0).map(|r| r.transition.to.name()).collect();
+        assert_eq!(names, ["CONNECTED", "DISCONNECTED", "CONNECTED"]);
+    }
+
+    #[test]
+    fn hello_ack_makes_ready_and_wrong_nonce_or_session_is_refused() {
+        let (mut p, mut e) = (port(), env());
+        p.io.mask = HOST;
+        p.service(&mut e).unwrap();
+        let (session, hello) = expect_hello(&take_sent(&mut p));
+
+        let bad_nonce = Message::HelloAck { nonce: hello.nonce ^ 1, host_version: "h".into() };
+        p.io.reads.push_back(Read::Data(wire(&bad_nonce, session, 0)));
+        p.service(&mut e).unwrap();
+        expect_error(&take_sent(&mut p), error_code::BAD_SESSION);
+        assert!(matches!(p.state(), PortState::Connected { .. }));
+        assert_eq!(p.counters().illegal_transitions, 1);
+
+        let ack = Message::HelloAck { nonce: hello.nonce, host_version: "h".into() };
+        p.io.reads.push_back(Read::Data(wire(&ack, 0, 1)));
+        p.service(&mut e).unwrap();
+        expect_error(&take_sent(&mut p), error_code::BAD_SESSION);
+        assert!(matches!(p.state(), PortState::Connected { .. }));
+
+        p.io.reads.push_back(Read::Data(wire(&ack, session, 2)));
+        p.service(&mut e).unwrap();
+        assert!(take_sent(&mut p).is_empty());
+        assert_eq!(p.state(), PortState::Ready { session, nonce: hello.nonce });
+
+        // A duplicate ack in READY is refused with BAD_STATE and changes nothing.
+        p.io.reads.push_back(Read::Data(wire(&ack, session, 3)));
+        p.service(&mut e).unwrap();
+        expect_error(&take_sent(&mut p), error_code::BAD_STATE);
+        assert_eq!(p.state(), PortState::Ready { session, nonce: hello.nonce });
+        assert_eq!(p.counters().illegal_transitions, 2);
+    }
+
+    #[test]
+    fn ping_gets_pong_in_the_requests_session() {
+        let (mut p, mut e) = (port(), env());
+        p.io.mask = HOST;
+        p.service(&mut e).unwrap();
+        let (session, _) = expect_hello(&take_sent(&mut p));
+        p.io.reads.push_back(Read::Data(wire(&Message::Ping { time_ns: 77 }, 0, 0)));
+        p.io.reads.push_back(Read::Data(wire(&Message::Ping { time_ns: 78 }, session, 1)));
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        assert_eq!(sent.len(), 2);
+        assert_eq!((sent[0].0.session, sent[0].0.seq), (0, 1));
+        assert_eq!((sent[1].0.session, sent[1].0.seq), (session, 2));
+        match (&sent[0].1, &sent[1].1) {
+            (Message::Pong { ping_time_ns: 77, time_ns: t1 }, Message::Pong { ping_time_ns: 78, time_ns: t2 }) => {
+                assert!(*t1 > 0 && t2 > t1)
+            }
+            other => panic!("expected two PONGs, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn echo_only_in_ready() {
+        let (mut p, mut e) = (port(), env());
+        p.io.mask = HOST;
+        p.service(&mut e).unwrap();
+        let (session, hello) = expect_hello(&take_sent(&mut p));
+        p.io.reads.push_back(Read::Data(wire(&Message::Echo(b"early".to_vec()), session, 0)));
+        p.service(&mut e).unwrap();
+        expect_error(&take_sent(&mut p), error_code::BAD_STATE);
+
+        let ack = Message::HelloAck { nonce: hello.nonce, host_version: "h".into() };
+        p.io.reads.push_back(Read::Data(wire(&ack, session, 1)));
+        p.io.reads.push_back(Read::Data(wire(&Message::Echo(b"hello world".to_vec()), session, 2)));
+        p.io.reads.push_back(Read::Data(wire(&Message::Echo(b"no session".to_vec()), 0, 3)));
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert_eq!(sent[0].1, Message::EchoReply(b"hello world".to_vec()));
+        assert_eq!(sent[0].0.session, session);
+        expect_error(&sent[1..], error_code::BAD_STATE);
+    }
+
+    #[test]
+    fn read_zero_disconnects_drops_the_queue_and_clears_the_decoder() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        // The host can't take output, sends a ping and half a frame, then leaves.
+        p.io.budget = 0;
+        let ping = wire(&Message::Ping { time_ns: 1 }, session, 1);
+        let half = wire(&Message::Echo(vec![9; 100]), session, 2);
+        let mut bytes = ping.clone();
+        bytes.extend_from_slice(&half[..60]);
+        p.io.reads.push_back(Read::Data(bytes));
+        p.io.reads.push_back(Read::Zero);
+        p.service(&mut e).unwrap();
+        assert_eq!(p.state(), PortState::Disconnected);
+        assert_eq!(p.queued(), 0);
+        let pong_len = wire(&Message::Pong { ping_time_ns: 1, time_ns: 1 }, session, 1).len();
+        assert_eq!(p.counters().dropped_bytes, pong_len as u64);
+        assert_eq!(p.decoder.buffered(), 0, "decoder cleared");
+
+        // A new host must not see anything of the old session, and the old half frame must not
+        // swallow the new host's first frame.
+        p.io.budget = usize::MAX;
+        p.io.mask = HOST;
+        p.service(&mut e).unwrap();
+        let (session2, _) = expect_hello(&take_sent(&mut p));
+        p.io.reads.push_back(Read::Data(wire(&Message::Ping { time_ns: 5 }, session2, 0)));
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        assert!(matches!(sent.as_slice(), [(_, Message::Pong { ping_time_ns: 5, .. })]), "{sent:?}");
+    }
+
+    #[test]
+    fn stale_session_frame_gets_bad_session() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        let stale = session.wrapping_add(1);
+        p.io.reads.push_back(Read::Data(wire(&Message::Ping { time_ns: 3 }, stale, 9)));
+        p.io.reads.push_back(Read::Data(wire(&Message::Echo(b"x".to_vec()), stale, 10)));
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        assert_eq!(sent.len(), 2);
+        assert_eq!(expect_error(&sent[..1], error_code::BAD_SESSION).session, stale);
+        expect_error(&sent[1..], error_code::BAD_SESSION);
+        assert_eq!(p.counters().stale_frames, 2);
+        assert!(matches!(p.state(), PortState::Ready { .. }));
+    }
+
+    #[test]
+    fn unknown_type_and_malformed_payload() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        let unknown = Frame::new(0x55, session, 1, vec![]).encode().unwrap();
+        let malformed = Frame::new(MessageType::Ping as u8, session, 2, vec![1, 2]).encode().unwrap();
+        let host_error = wire(&Message::Error { code: 5, text: "x".into() }, session, 3);
+        p.io.reads.push_back(Read::Data([unknown, malformed, host_error].concat()));
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        assert_eq!(sent.len(), 2, "no reply to the host's ERROR: {sent:?}");
+        expect_error(&sent[..1], error_code::UNKNOWN_TYPE);
+        expect_error(&sent[1..], error_code::MALFORMED);
+        assert_eq!(p.counters().errors_received, 1);
+    }
+
+    #[test]
+    fn short_writes_deliver_identical_frames_in_order() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        p.io.chunk = 5;
+        p.io.write_calls.clear();
+        let payloads: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 3 + i as usize * 7]).collect();
+        let mut input = vec![];
+        for (i, pl) in payloads.iter().enumerate() {
+            input.extend(wire(&Message::Echo(pl.clone()), session, i as u32 + 1));
+        }
+        p.io.reads.push_back(Read::Data(input));
+        p.service(&mut e).unwrap();
+        assert!(p.io.write_calls.iter().all(|&n| n <= 5));
+        let expected: Vec<u8> = payloads
+            .iter()
+            .enumerate()
+            .flat_map(|(i, pl)| wire(&Message::EchoReply(pl.clone()), session, i as u32 + 1))
+            .collect();
+        assert_eq!(p.io.written, expected, "byte-identical, in order, seq 1..=20");
+        assert!(p.counters().short_writes > 0);
+        assert_eq!(p.queued(), 0);
+    }
+
+    #[test]
+    fn eagain_mid_frame_resumes_on_the_next_writable_event() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        let big = vec![0xAB; 50_000];
+        p.io.budget = 1000;
+        p.io.write_calls.clear();
+        feed(&mut p, &wire(&Message::Echo(big[..10_000].to_vec()), session, 1));
+        feed(&mut p, &wire(&Message::Echo(big[10_000..].to_vec()), session, 2));
+        p.service(&mut e).unwrap();
+        assert_eq!(p.io.written.len(), 1000);
+        let expected = [
+            wire(&Message::EchoReply(big[..10_000].to_vec()), session, 1),
+            wire(&Message::EchoReply(big[10_000..].to_vec()), session, 2),
+        ]
+        .concat();
+        assert_eq!(p.queued(), expected.len() - 1000);
+        // Nothing more until the port is writable again; then the rest, in 32 KiB writes.
+        p.io.budget = usize::MAX;
+        p.service(&mut e).unwrap();
+        assert_eq!(p.io.written, expected);
+        assert!(p.io.write_calls[1..].iter().all(|&n| n <= MAX_WRITE));
+        assert_eq!(p.io.write_calls.len(), 1 + expected[1000..].len().div_ceil(MAX_WRITE));
+    }
+
+    #[test]
+    fn hello_request_starts_a_new_session_with_a_new_nonce() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        let PortState::Ready { nonce: old_nonce, .. } = p.state() else { panic!() };
+        // Any session id is accepted; a ping right behind it is served (decoder not cleared).
+        let mut bytes = wire(&Message::HelloRequest, 0xdead_beef, 0);
+        p.io.reads.push_back(Read::Data(bytes.split_off(10)));
+        p.io.reads.push_front(Read::Data(bytes));
+        p.io.reads.push_back(Read::Data(wire(&Message::Ping { time_ns: 4 }, 0, 1)));
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        let (session2, hello) = expect_hello(&sent[..1]);
+        assert_eq!(sent[0].0.seq, 0, "a new session's HELLO has seq 0");
+        assert_ne!(session2, session);
+        assert_ne!(hello.nonce, old_nonce);
+        assert_eq!(p.state(), PortState::Connected { session: session2, nonce: hello.nonce });
+        assert!(matches!(sent[1].1, Message::Pong { ping_time_ns: 4, .. }));
+        assert_eq!(sent[1].0.seq, 1);
+        let last = p.history().since(0).last().unwrap();
+        assert_eq!(last.event, PortEvent::NewSession { session: session2, nonce: hello.nonce });
+    }
+
+    #[test]
+    fn hello_requests_queued_before_the_agent_opened_repeat_the_pending_offer() {
+        // A host that connected while the guest booted sent HELLO_REQUESTs that QEMU held back;
+        // they all arrive at once after the agent offered its first session.
+        let (mut p, mut e) = (port(), env());
+        p.io.mask = HOST;
+        let mut queued = Vec::new();
+        for seq in 0..3 {
+            queued.extend(wire(&Message::HelloRequest, 0, seq));
+        }
+        p.io.reads.push_back(Read::Data(queued));
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        assert_eq!(sent.len(), 4, "one HELLO on connect and one repeat per request: {sent:?}");
+        let (session, first) = expect_hello(&sent[..1]);
+        for (h, m) in &sent[1..] {
+            let Message::Hello(again) = m else { panic!("{m:?}") };
+            assert_eq!((h.session, again.nonce), (session, first.nonce), "the same offer, not a new session");
+        }
+        assert_eq!(p.counters().sessions, 1);
+        assert_eq!(p.counters().hello_repeats, 3);
+        assert_eq!(p.state(), PortState::Connected { session, nonce: first.nonce });
+    }
+
+    #[test]
+    fn data_from_a_departed_host_is_discarded() {
+        let (mut p, mut e) = (port(), env());
+        // Data buffered before the host left, then "not connected": no session is started.
+        p.io.reads.push_back(Read::Data(wire(&Message::Ping { time_ns: 1 }, 0, 0)));
+        p.service(&mut e).unwrap();
+        assert_eq!(p.state(), PortState::Disconnected);
+        assert!(p.io.written.is_empty());
+        assert!(p.history().is_empty());
+    }
+
+    #[test]
+    fn enodev_means_unplugged_and_close_records_it() {
+        let (mut p, mut e) = (port(), env());
+        ready(&mut p, &mut e);
+        p.io.mask = PollFlags::POLLHUP;
+        assert!(p.looks_unplugged().unwrap());
+        p.io.reads.push_back(Read::Err(Errno::ENODEV));
+        assert_eq!(p.service(&mut e), Ok(Health::Unplugged));
+        p.close(&mut e, "unplugged");
+        assert_eq!(p.state(), PortState::Disconnected);
+        // Connected, Ready, then Closed: POLLHUP alone is not taken for a host disconnect.
+        assert_eq!(p.history().len(), 3);
+        let last = p.history().since(0).last().unwrap();
+        assert_eq!((last.event, last.cause), (PortEvent::Closed, "unplugged"));
+    }
+
+    #[test]
+    fn other_errnos_are_errors_naming_the_port() {
+        let (mut p, mut e) = (port(), env());
+        p.io.mask = HOST;
+        p.io.reads.push_back(Read::Err(Errno::EIO));
+        let err = p.service(&mut e).unwrap_err();
+        assert_eq!(err.to_string(), "port org.vport.0: read failed");
+        assert_eq!(err.source, Errno::EIO);
+    }
+
+    #[test]
+    fn reading_pauses_at_the_high_water_mark_and_resumes() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        p.io.budget = 0;
+        let payload = vec![1u8; 200_000];
+        let echo = wire(&Message::Echo(payload.clone()), session, 1);
+        let n_frames = 8; // 1.6 MB of replies > READ_HIGH_WATER
+        for _ in 0..n_frames {
+            feed(&mut p, &echo);
+        }
+        p.service(&mut e).unwrap();
+        assert!(p.queued() >= READ_HIGH_WATER && p.queued() < READ_HIGH_WATER + echo.len());
+        assert!(!p.io.reads.is_empty(), "reading paused");
+        p.io.budget = usize::MAX;
+        p.service(&mut e).unwrap();
+        assert!(p.io.reads.is_empty());
+        let sent = take_sent(&mut p);
+        assert_eq!(sent.len(), n_frames);
+        assert!(sent.iter().all(|(_, m)| *m == Message::EchoReply(payload.clone())));
+    }
+
+    #[test]
+    fn queue_overflow_is_counted_not_silent() {
+        let mut q = OutQueue::new(10);
+        assert_eq!(q.push(&[1; 6]), Ok(()));
+        assert_eq!(q.push(&[2; 6]), Err(6));
+        assert_eq!(q.front(4), &[1; 4]);
+        q.consume(4);
+        assert_eq!(q.push(&[3; 8]), Ok(()));
+        assert_eq!(q.len(), 10);
+        assert_eq!(q.front(100), &[1, 1, 3, 3, 3, 3, 3, 3, 3, 3]);
+        assert_eq!(q.clear(), 10);
+    }
+}

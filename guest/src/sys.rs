@@ -1,0 +1,101 @@
+//! Small wrappers around the system facts the agent needs: the monotonic clock, random session
+//! ids and nonces, and the values HELLO reports about the guest (kernel release, boot id).
+
+use nix::time::{clock_gettime, ClockId};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Nanoseconds on `CLOCK_MONOTONIC` (what the kernel's own log timestamps approximate).
+pub fn monotonic_ns() -> u64 {
+    match clock_gettime(ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => (ts.tv_sec() as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec() as u64),
+        // CLOCK_MONOTONIC cannot fail on Linux; 0 keeps the signature total.
+        Err(_) => 0,
+    }
+}
+
+/// Fills `buf` with random bytes without ever blocking.
+///
+/// Session ids and nonces only need to differ between sessions and boots, not to be secret, so
+/// an early-boot guest whose CRNG is not initialised yet must not stall the agent:
+/// `GRND_INSECURE` (Linux >= 5.6) never blocks; older kernels get `GRND_NONBLOCK`, and if that
+/// has no entropy yet, a clock-seeded splitmix64 stream fills the gap.
+pub fn fill_random(buf: &mut [u8]) {
+    for flags in [nix::libc::GRND_INSECURE, nix::libc::GRND_NONBLOCK] {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let rest = &mut buf[filled..];
+            // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes that outlives the
+            // call; getrandom writes at most that many bytes into it and keeps no reference.
+            let n = unsafe { nix::libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), flags) };
+            if n > 0 {
+                filled += n as usize;
+            } else if nix::errno::Errno::last() != nix::errno::Errno::EINTR {
+                break;
+            }
+        }
+        if filled == buf.len() {
+            return;
+        }
+    }
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut state = monotonic_ns() ^ (u64::from(std::process::id()) << 32) ^ COUNTER.fetch_add(1, Ordering::Relaxed);
+    for chunk in buf.chunks_mut(8) {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// A random u64.
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    fill_random(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// Guest kernel release (`uname -r`), or `"unknown"`.
+pub fn kernel_release() -> String {
+    // SAFETY: utsname is plain old data (arrays of c_char), so all-zero is a valid value.
+    let mut u: nix::libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname; uname fills it and keeps no reference.
+    if unsafe { nix::libc::uname(&mut u) } != 0 {
+        return "unknown".to_owned();
+    }
+    let bytes: Vec<u8> = u.release.iter().map(|&c| c as u8).collect();
+    let release = std::ffi::CStr::from_bytes_until_nul(&bytes).unwrap_or_default();
+    release.to_str().map(str::to_owned).unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Guest boot id (`/proc/sys/kernel/random/boot_id`, trimmed), or `"unknown"` when /proc is not
+/// mounted.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_values_differ() {
+        let a: Vec<u64> = (0..8).map(|_| random_u64()).collect();
+        let mut b = a.clone();
+        b.sort_unstable();
+        b.dedup();
+        assert_eq!(b.len(), a.len(), "{a:?}");
+    }
+
+    #[test]
+    fn clock_advances() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(a > 0 && b >= a);
+    }
+}

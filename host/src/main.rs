@@ -1,0 +1,303 @@
+//! `vport`: the command-line face of the vport host rig.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use vport_host::hello::{self, HelloOptions};
+use vport_host::image::{self, kernel::KernelSource, GuestImage, ImageRequest};
+use vport_host::qemu::accel::AccelChoice;
+use vport_host::qemu::vm::install_signal_cleanup;
+use vport_host::rig::{vm_config, Rig};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success
+  1    the check failed: the VM ran, but the agent or the port did not behave as expected
+  2    usage error (bad arguments)
+  3    infrastructure failure: QEMU, kernel, busybox or agent binary missing, image build or
+       QEMU start failed
+  130  interrupted (Ctrl-C); QEMU is killed first";
+
+/// Infrastructure failure exit code.
+const EXIT_INFRA: i32 = 3;
+/// Check failure exit code.
+const EXIT_FAILED: i32 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "vport",
+    version,
+    about = "Boot a QEMU VM with vport-agent and test the life cycle of its virtio-serial ports",
+    long_about = "vport boots qemu-system-x86_64 with a small Debian-kernel guest that runs vport-agent, \
+connects to the VM's virtio-serial ports from the host, and checks what both sides observe.\n\n\
+First time on a machine: scripts/bootstrap (installs qemu, busybox, the kernel package), then \
+scripts/build-agent (the static guest agent).",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    /// Diagnostics on stderr: error, warn, info, debug (full QEMU command lines, QMP traffic), trace.
+    #[arg(long, global = true, default_value = "warn", env = "VPORT_LOG")]
+    log_level: log::LevelFilter,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build (or reuse from the cache) the guest kernel + initramfs.
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Image(ImageCommand),
+    /// Boot a VM and keep it running; print how to reach each port. Ctrl-C stops it.
+    #[command(after_help = EXIT_CODES)]
+    Boot(BootArgs),
+    /// Boot a VM, handshake with the agent, ping it, and report.
+    #[command(after_help = EXIT_CODES)]
+    Hello(HelloArgs),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build the image, or reuse an identical one, and print where it is.
+    Build {
+        #[command(flatten)]
+        image: ImageArgs,
+        /// Print the result as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ImageArgs {
+    /// Your own bzImage instead of the Debian kernel (virtio built in, or see --kernel-modules).
+    #[arg(long, env = "VPORT_KERNEL")]
+    kernel: Option<PathBuf>,
+    /// The lib/modules/<release> directory that goes with --kernel.
+    #[arg(long, env = "VPORT_KERNEL_MODULES", requires = "kernel")]
+    kernel_modules: Option<PathBuf>,
+    /// A linux-image-*.deb to take the kernel and modules from (default: the one in the cache,
+    /// downloaded with apt-get when absent).
+    #[arg(long, conflicts_with = "kernel")]
+    kernel_deb: Option<PathBuf>,
+    /// The statically linked vport-agent (default: scripts/build-agent's output).
+    #[arg(long, env = "VPORT_AGENT")]
+    agent: Option<PathBuf>,
+    /// A statically linked busybox.
+    #[arg(long, env = "VPORT_BUSYBOX")]
+    busybox: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct VmArgs {
+    /// Accelerator: auto tries KVM once (the verdict is cached) and falls back to TCG.
+    #[arg(long, default_value = "auto", value_parser = parse_accel)]
+    accel: AccelChoice,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=65536))]
+    memory: u32,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpus: u32,
+}
+
+#[derive(Args)]
+struct BootArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    #[command(flatten)]
+    vm: VmArgs,
+    /// A virtio-serial port to create (repeatable). Names should start with org.vport. for the
+    /// agent to serve them.
+    #[arg(long = "port", default_value = hello::DEFAULT_PORT)]
+    ports: Vec<String>,
+    /// Print the VM description as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct HelloArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    #[command(flatten)]
+    vm: VmArgs,
+    /// The port to create and talk to.
+    #[arg(long, default_value = hello::DEFAULT_PORT)]
+    port: String,
+    /// Seconds from the guest starting until the agent's HELLO must have arrived.
+    #[arg(long, default_value_t = 45, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
+    /// Pings to send after the handshake.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100000))]
+    pings: u32,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_accel(s: &str) -> Result<AccelChoice, String> {
+    s.parse::<AccelChoice>().map_err(|e| e.to_string())
+}
+
+/// Progress lines on stderr with the time since start.
+struct Progress {
+    start: Instant,
+    quiet: bool,
+}
+
+impl Progress {
+    fn say(&self, msg: &str) {
+        if !self.quiet {
+            eprintln!("vport [{:5.1}s] {msg}", self.start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// An error with the exit code it maps to.
+struct Failure {
+    code: i32,
+    error: anyhow::Error,
+}
+
+fn infra(error: impl Into<anyhow::Error>) -> Failure {
+    Failure { code: EXIT_INFRA, error: error.into() }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    env_logger::Builder::new().filter_level(cli.log_level).format_target(false).init();
+    if let Err(e) = install_signal_cleanup() {
+        log::warn!("cannot install the Ctrl-C handler ({e}); an interrupted run may leave qemu behind");
+    }
+    let progress = Progress { start: Instant::now(), quiet: false };
+    let result = match cli.command {
+        Command::Image(ImageCommand::Build { image, json }) => cmd_image_build(&image, json, &progress),
+        Command::Boot(args) => cmd_boot(args, &progress),
+        Command::Hello(args) => cmd_hello(args, &progress),
+    };
+    if let Err(f) = result {
+        eprintln!("vport: error: {}", f.error);
+        for cause in f.error.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(f.code);
+    }
+}
+
+fn build_image(args: &ImageArgs, progress: &Progress) -> Result<GuestImage, Failure> {
+    let agent = image::resolve_agent(args.agent.as_deref()).map_err(infra)?;
+    let req = ImageRequest {
+        kernel: KernelSource::from_args(args.kernel.clone(), args.kernel_modules.clone(), args.kernel_deb.clone()),
+        agent,
+        busybox: args.busybox.clone().unwrap_or_else(image::default_busybox),
+        cache_dir: vport_host::cache::cache_dir(),
+    };
+    progress.say("preparing the guest image");
+    let img = image::build(&req, &mut |m| progress.say(m)).map_err(infra)?;
+    progress.say(&format!(
+        "guest image {} (kernel {}){}",
+        img.dir.display(),
+        img.kernel_release,
+        if img.fresh { "" } else { ", from the cache" }
+    ));
+    Ok(img)
+}
+
+fn cmd_image_build(args: &ImageArgs, json: bool, progress: &Progress) -> Result<(), Failure> {
+    let img = build_image(args, progress)?;
+    let out = serde_json::json!({
+        "dir": img.dir, "kernel": img.kernel, "initramfs": img.initramfs, "kernel_release": img.kernel_release,
+        "modules": img.modules, "cmdline": img.cmdline, "fresh": img.fresh, "key": img.key,
+    });
+    if json {
+        println!("{out}");
+    } else {
+        println!(
+            "kernel      {}\ninitramfs   {}\nrelease     {}\nmodules     {}\ncmdline     {}",
+            img.kernel.display(),
+            img.initramfs.display(),
+            img.kernel_release,
+            img.modules.join(" "),
+            img.cmdline
+        );
+    }
+    Ok(())
+}
+
+fn cmd_hello(args: HelloArgs, progress: &Progress) -> Result<(), Failure> {
+    let img = build_image(&args.image, progress)?;
+    let opts = HelloOptions {
+        port: args.port,
+        accel: args.vm.accel,
+        memory_mib: args.vm.memory,
+        cpus: args.vm.cpus,
+        hello_timeout: Duration::from_secs(args.timeout),
+        pings: args.pings,
+    };
+    let report = match hello::run(&img, &opts, &mut |m| progress.say(m)) {
+        Ok(r) => r,
+        Err(e) => {
+            let code = if e.is_infrastructure() { EXIT_INFRA } else { EXIT_FAILED };
+            return Err(Failure { code, error: anyhow::Error::new(e).context("vport hello failed") });
+        }
+    };
+    if args.json {
+        let v = serde_json::to_string(&report).map_err(infra)?;
+        println!("{v}");
+    } else {
+        print!("{}", report.to_text());
+    }
+    if !report.qemu_view_ok() {
+        return Err(Failure {
+            code: EXIT_FAILED,
+            error: anyhow::anyhow!(
+                "the agent answered, but QEMU does not show the port open (VSERPORT_CHANGE seen: {}, frontend-open: {})",
+                report.vserport_change_open_seen,
+                report.frontend_open
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn cmd_boot(args: BootArgs, progress: &Progress) -> Result<(), Failure> {
+    let img = build_image(&args.image, progress)?;
+    let names: Vec<&str> = args.ports.iter().map(String::as_str).collect();
+    let mut cfg = vm_config(&img, &names, &[]);
+    cfg.accel = args.vm.accel;
+    cfg.memory_mib = args.vm.memory;
+    cfg.cpus = args.vm.cpus;
+    progress.say("starting qemu");
+    let mut rig = Rig::launch(cfg).context("cannot boot the vm").map_err(infra)?;
+    rig.resume().context("cannot start the guest").map_err(infra)?;
+    let ports: Vec<_> = rig
+        .vm
+        .ports()
+        .iter()
+        .map(|p| serde_json::json!({"name": p.name, "id": p.id, "chardev": p.chardev_id, "socket": p.socket}))
+        .collect();
+    if args.json {
+        let v = serde_json::json!({
+            "pid": rig.vm.pid(), "accel": rig.vm.accel().to_string(), "dir": rig.vm.dir(),
+            "console_log": rig.vm.console_log(), "ports": ports,
+        });
+        println!("{v}");
+    } else {
+        println!("vm running: qemu pid {}, accelerator {}", rig.vm.pid(), rig.vm.accel());
+        println!("guest console log: {}", rig.vm.console_log().display());
+        for p in rig.vm.ports() {
+            println!("port {} (device id {}): socat - UNIX-CONNECT:{}", p.name, p.id, p.socket.display());
+        }
+        println!("Ctrl-C stops the vm.");
+    }
+    let _ = std::io::stdout().flush();
+    // Print QMP events until QEMU exits (the event channel closes with the QMP socket).
+    // Ctrl-C is handled by the signal handler: it kills QEMU and exits 130.
+    while let Ok(ev) = rig.qmp.events().recv() {
+        eprintln!("vport: qmp event {} {}", ev.name, ev.data);
+    }
+    let status = rig.vm.wait_exit(Duration::from_secs(10)).map_err(infra)?;
+    Err(Failure { code: EXIT_FAILED, error: anyhow::anyhow!("qemu exited ({status})\n{}", rig.failure_context()) })
+}

@@ -1,0 +1,640 @@
+//! A running QEMU guest and everything it owns: the process, a private temporary directory
+//! with the QMP socket, one unix socket per virtio-serial port, the serial console log and
+//! QEMU's own stdout/stderr.
+//!
+//! Guarantees: QEMU never outlives its [`Vm`]. [`Vm::kill`] and `Drop` SIGKILL and reap it
+//! and remove the directory; `PR_SET_PDEATHSIG` kills it if vport dies; and
+//! [`install_signal_cleanup`] kills every live VM on Ctrl-C / SIGTERM / SIGHUP.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use super::accel::{self, Accel, AccelChoice};
+use super::args::{self, ChardevBackend, PortKind, PortSpec};
+use super::{FindQemuError, QemuVersion};
+use crate::wait::{wait_until, WaitError};
+
+/// Device id of the virtio-serial controller (its bus is `vser0.0`).
+pub const CONTROLLER_ID: &str = "vser0";
+
+/// Why a VM could not be started or waited for.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// No QEMU binary.
+    #[error(transparent)]
+    QemuNotFound(#[from] FindQemuError),
+    /// The accelerator probe could not run.
+    #[error("cannot choose an accelerator")]
+    Accel(#[from] accel::AccelError),
+    /// The port list is invalid.
+    #[error("invalid port {name:?}: {reason}")]
+    InvalidPort { name: String, reason: &'static str },
+    /// A file in the VM directory could not be created.
+    #[error("cannot set up vm files in {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU could not be executed.
+    #[error("cannot run {qemu}")]
+    Spawn {
+        qemu: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU exited or stalled before its sockets appeared.
+    #[error("qemu did not come up (stderr: {stderr_tail})")]
+    Startup {
+        stderr_tail: String,
+        #[source]
+        source: WaitError,
+    },
+    /// A wait on the running VM failed.
+    #[error("vm wait failed")]
+    Wait(#[source] WaitError),
+}
+
+/// One port to create. Its host end is a unix socket QEMU listens on in the VM directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortConfig {
+    /// Name the guest sees.
+    pub name: String,
+    /// `virtserialport` or `virtconsole`.
+    pub kind: PortKind,
+}
+
+impl PortConfig {
+    /// A `virtserialport` called `name`.
+    pub fn serial(name: impl Into<String>) -> Self {
+        Self { name: name.into(), kind: PortKind::Serial }
+    }
+}
+
+/// Everything needed to start a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// QEMU binary; `None`: `$VPORT_QEMU`, else `qemu-system-x86_64` on `PATH`.
+    pub qemu: Option<PathBuf>,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// Machine type (`pc`).
+    pub machine: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// `max_ports` of the virtio-serial controller (`None`: QEMU default, 31).
+    pub max_ports: Option<u32>,
+    /// Ports, created in order.
+    pub ports: Vec<PortConfig>,
+    /// Extra raw QEMU arguments appended last.
+    pub extra_args: Vec<OsString>,
+    /// Deadline for QEMU to create its sockets.
+    pub startup_timeout: Duration,
+    /// Cache directory (for the accelerator verdict).
+    pub cache_dir: PathBuf,
+}
+
+impl VmConfig {
+    /// Defaults: `pc` machine, auto accelerator, 256 MiB, 1 vCPU, no ports, 30 s startup.
+    pub fn new(kernel: impl Into<PathBuf>, initrd: impl Into<PathBuf>, cmdline: impl Into<String>) -> Self {
+        Self {
+            qemu: None,
+            kernel: kernel.into(),
+            initrd: initrd.into(),
+            cmdline: cmdline.into(),
+            accel: AccelChoice::Auto,
+            machine: "pc".into(),
+            memory_mib: 256,
+            cpus: 1,
+            max_ports: None,
+            ports: Vec::new(),
+            extra_args: Vec::new(),
+            startup_timeout: Duration::from_secs(30),
+            cache_dir: crate::cache::cache_dir(),
+        }
+    }
+}
+
+/// A created port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortInfo {
+    /// Name the guest sees.
+    pub name: String,
+    /// QEMU device id (appears in `VSERPORT_CHANGE` events).
+    pub id: String,
+    /// QEMU chardev id.
+    pub chardev_id: String,
+    /// Device type.
+    pub kind: PortKind,
+    /// Unix socket QEMU listens on.
+    pub socket: PathBuf,
+}
+
+/// Port specs for `ports` with sockets in `dir`: ids `vport-port<i>`, chardevs `vport-ch<i>`,
+/// sockets `port<i>.sock` (short, so paths stay under the 108-byte unix socket limit).
+pub fn plan_ports(dir: &Path, ports: &[PortConfig]) -> Result<Vec<PortSpec>, VmError> {
+    let mut out: Vec<PortSpec> = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        let bad = |reason| VmError::InvalidPort { name: p.name.clone(), reason };
+        if p.name.is_empty() {
+            return Err(bad("port names must not be empty"));
+        }
+        if p.name.contains('\0') {
+            return Err(bad("port names must not contain NUL"));
+        }
+        if out.iter().any(|o| o.name == p.name) {
+            return Err(bad("duplicate port name"));
+        }
+        out.push(PortSpec {
+            name: p.name.clone(),
+            id: format!("vport-port{i}"),
+            chardev_id: format!("vport-ch{i}"),
+            kind: p.kind,
+            backend: ChardevBackend::UnixServer { path: dir.join(format!("port{i}.sock")) },
+            nr: None,
+        });
+    }
+    Ok(out)
+}
+
+/// The full QEMU argument list for `cfg` under `accel`, with files in `dir`.
+pub fn build_args(cfg: &VmConfig, accel: Accel, dir: &Path, ports: &[PortSpec]) -> Vec<OsString> {
+    let mut a = args::machine_args(&cfg.machine, accel);
+    a.extend(args::memory_args(cfg.memory_mib));
+    a.extend(args::smp_args(cfg.cpus));
+    a.extend(args::base_args());
+    a.extend(args::kernel_args(&cfg.kernel, &cfg.initrd, &cfg.cmdline));
+    a.extend(args::console_args(&dir.join("console.log")));
+    a.extend(args::virtio_serial_args(CONTROLLER_ID, cfg.max_ports));
+    for p in ports {
+        a.extend(args::port_args(CONTROLLER_ID, p));
+    }
+    // Last, so that the QMP socket existing implies every port socket exists too.
+    a.extend(args::qmp_args(&dir.join("qmp.sock")));
+    a.extend(cfg.extra_args.iter().cloned());
+    a
+}
+
+/// Start-up check over QMP: connect, read the greeting, send `qmp_capabilities`, read its
+/// reply. QEMU answers commands only from its main loop, i.e. after machine set-up (the
+/// greeting alone can come earlier, from the monitor I/O thread).
+#[derive(Default)]
+struct QmpReady {
+    stream: Option<std::os::unix::net::UnixStream>,
+    buf: Vec<u8>,
+    sent: bool,
+}
+
+impl QmpReady {
+    /// One non-blocking step; `Some` once the reply arrived (the connection is then
+    /// closed; QEMU accepts the next client).
+    fn poll(&mut self, sock: &Path) -> Option<()> {
+        use std::io::{Read, Write};
+        if self.stream.is_none() {
+            let s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+            s.set_nonblocking(true).ok()?;
+            self.stream = Some(s);
+            self.buf.clear();
+            self.sent = false;
+        }
+        let s = self.stream.as_mut()?;
+        let mut chunk = [0u8; 1024];
+        match s.read(&mut chunk) {
+            Ok(0) => {
+                // Closed: reconnect on the next poll.
+                self.stream = None;
+                return None;
+            }
+            Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+        let lines = self.buf.iter().filter(|&&c| c == b'\n').count();
+        if lines >= 1 && !self.sent {
+            if s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").is_err() {
+                self.stream = None;
+                return None;
+            }
+            self.sent = true;
+        }
+        let text = String::from_utf8_lossy(&self.buf);
+        if self.sent && text.lines().skip(1).any(|l| l.contains("\"return\"")) {
+            log::debug!("qmp ready: {}", text.trim());
+            self.stream = None;
+            return Some(());
+        }
+        None
+    }
+}
+
+/// Live QEMU processes and their directories, for the signal handler.
+static LIVE: Mutex<Vec<(i32, PathBuf)>> = Mutex::new(Vec::new());
+
+fn live() -> MutexGuard<'static, Vec<(i32, PathBuf)>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Installs a Ctrl-C / SIGTERM / SIGHUP handler that SIGKILLs and reaps every live VM's
+/// QEMU, removes their directories and exits with status 130. Idempotent; fails if another
+/// handler was already installed with the `ctrlc` crate.
+pub fn install_signal_cleanup() -> Result<(), ctrlc::Error> {
+    static INSTALLED: Mutex<bool> = Mutex::new(false);
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if *installed {
+        return Ok(());
+    }
+    ctrlc::set_handler(|| {
+        let entries: Vec<_> = live().drain(..).collect();
+        for (pid, dir) in entries {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        eprintln!("vport: interrupted, killed qemu");
+        std::process::exit(130);
+    })?;
+    *installed = true;
+    Ok(())
+}
+
+/// Last `lines` lines of the file at `path` (empty if unreadable).
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A running QEMU guest. See the module docs for the clean-up guarantees.
+pub struct Vm {
+    dir: Option<tempfile::TempDir>,
+    dir_path: PathBuf,
+    child: Mutex<Child>,
+    exited: Mutex<Option<ExitStatus>>,
+    pid: u32,
+    qemu: PathBuf,
+    accel: Accel,
+    ports: Vec<PortInfo>,
+    args: Vec<OsString>,
+    version: OnceLock<Result<QemuVersion, String>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("pid", &self.pid)
+            .field("dir", &self.dir_path)
+            .field("accel", &self.accel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Starts QEMU for `cfg` and waits (up to `cfg.startup_timeout`, twice: sockets, then
+    /// reply) until its QMP and port sockets exist and QEMU has answered a QMP
+    /// `qmp_capabilities` (which it does only after machine set-up, so a bad kernel fails
+    /// here). That connection is closed again; QMP is free for the caller. On error nothing is
+    /// left running.
+    ///
+    /// QEMU gets SIGKILL when the *thread* that called `start` exits (`PR_SET_PDEATHSIG`
+    /// semantics), so start VMs from a thread that outlives them.
+    pub fn start(cfg: &VmConfig) -> Result<Vm, VmError> {
+        let qemu = super::find_qemu(cfg.qemu.as_deref())?;
+        let accel = accel::resolve(cfg.accel, &qemu, Some(&cfg.kernel), &cfg.cache_dir)?;
+        let tmp = tempfile::Builder::new()
+            .prefix("vport-vm-")
+            .tempdir()
+            .map_err(|source| VmError::Io { path: std::env::temp_dir(), source })?;
+        let dir = tmp.path().to_path_buf();
+        let specs = plan_ports(&dir, &cfg.ports)?;
+        let args = build_args(cfg, accel, &dir, &specs);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| VmError::Io { path, source }
+        };
+        let log_path = dir.join("qemu.log");
+        let out = std::fs::File::create(&log_path).map_err(io(&log_path))?;
+        let err = out.try_clone().map_err(io(&log_path))?;
+        let mut cmd = Command::new(&qemu);
+        cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
+        log::debug!("starting {cmd:?}");
+        // Registered under the lock before the pid exists anywhere else, so the signal
+        // handler cannot miss it.
+        let mut reg = live();
+        let child =
+            super::spawn_with_pdeathsig(&mut cmd).map_err(|source| VmError::Spawn { qemu: qemu.clone(), source })?;
+        let pid = child.id();
+        reg.push((pid as i32, dir.clone()));
+        drop(reg);
+        let ports = specs
+            .iter()
+            .map(|s| PortInfo {
+                name: s.name.clone(),
+                id: s.id.clone(),
+                chardev_id: s.chardev_id.clone(),
+                kind: s.kind,
+                socket: match &s.backend {
+                    ChardevBackend::UnixServer { path } => path.clone(),
+                    _ => PathBuf::new(),
+                },
+            })
+            .collect();
+        let vm = Vm {
+            dir: Some(tmp),
+            dir_path: dir,
+            child: Mutex::new(child),
+            exited: Mutex::new(None),
+            pid,
+            qemu,
+            accel,
+            ports,
+            args,
+            version: OnceLock::new(),
+        };
+        log::debug!("qemu pid {pid} ({accel}) in {}", vm.dir_path.display());
+        let sockets: Vec<PathBuf> =
+            std::iter::once(vm.qmp_socket()).chain(vm.ports.iter().map(|p| p.socket.clone())).collect();
+        let waited = wait_until(
+            "qemu to create its QMP and port sockets",
+            cfg.startup_timeout,
+            Duration::from_millis(5),
+            || vm.check_alive(),
+            || sockets.iter().all(|s| s.exists()).then_some(()),
+        );
+        // Sockets exist before the machine is set up (kernel loaded etc.); a QMP command
+        // reply means QEMU's main loop runs.
+        let waited = waited.and_then(|()| {
+            let mut ready = QmpReady::default();
+            let qmp = vm.qmp_socket();
+            wait_until(
+                "qemu to answer on QMP",
+                cfg.startup_timeout,
+                Duration::from_millis(5),
+                || vm.check_alive(),
+                || ready.poll(&qmp),
+            )
+        });
+        if let Err(source) = waited {
+            let stderr_tail = vm.stderr_tail(20);
+            return Err(VmError::Startup { stderr_tail, source });
+        }
+        Ok(vm)
+    }
+
+    /// The private directory holding sockets and logs (removed when the VM is dropped).
+    pub fn dir(&self) -> &Path {
+        &self.dir_path
+    }
+
+    /// QMP socket path.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir_path.join("qmp.sock")
+    }
+
+    /// All ports, in configuration order.
+    pub fn ports(&self) -> &[PortInfo] {
+        &self.ports
+    }
+
+    /// The port called `name`.
+    pub fn port(&self, name: &str) -> Option<&PortInfo> {
+        self.ports.iter().find(|p| p.name == name)
+    }
+
+    /// Socket of the port called `name`.
+    pub fn port_socket(&self, name: &str) -> Option<&Path> {
+        self.port(name).map(|p| p.socket.as_path())
+    }
+
+    /// Serial console (guest `ttyS0`) log file.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir_path.join("console.log")
+    }
+
+    /// QEMU stdout+stderr file.
+    pub fn stderr_log(&self) -> PathBuf {
+        self.dir_path.join("qemu.log")
+    }
+
+    /// Last `lines` lines of the console log.
+    pub fn console_tail(&self, lines: usize) -> String {
+        tail(&self.console_log(), lines)
+    }
+
+    /// Last `lines` lines of QEMU's stderr.
+    pub fn stderr_tail(&self, lines: usize) -> String {
+        tail(&self.stderr_log(), lines)
+    }
+
+    /// The accelerator QEMU runs with.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The arguments QEMU was started with.
+    pub fn args(&self) -> &[OsString] {
+        &self.args
+    }
+
+    /// QEMU's version (runs `--version` on first call only).
+    pub fn qemu_version(&self) -> Result<QemuVersion, String> {
+        self.version.get_or_init(|| super::query_version(&self.qemu)).clone()
+    }
+
+    fn child(&self) -> MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The exit status, if QEMU has exited (reaps it).
+    pub fn try_exit_status(&self) -> Option<ExitStatus> {
+        let mut exited = self.exited.lock().unwrap_or_else(|e| e.into_inner());
+        if exited.is_none() {
+            *exited = self.child().try_wait().ok().flatten();
+        }
+        *exited
+    }
+
+    /// `Ok` while QEMU runs; `Err` naming the exit status and stderr tail once it exited.
+    /// Suitable as the `alive` argument of [`wait_until`].
+    pub fn check_alive(&self) -> Result<(), String> {
+        match self.try_exit_status() {
+            None => Ok(()),
+            Some(status) => {
+                Err(format!("qemu (pid {}) exited with {status}; stderr: {}", self.pid, self.stderr_tail(10)))
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for QEMU to exit by itself (for example after the guest powers
+    /// off) and returns its status.
+    pub fn wait_exit(&self, timeout: Duration) -> Result<ExitStatus, VmError> {
+        wait_until("qemu to exit", timeout, Duration::from_millis(10), || Ok(()), || self.try_exit_status())
+            .map_err(VmError::Wait)
+    }
+
+    /// SIGKILLs QEMU (if still running) and reaps it. Idempotent. The directory stays until
+    /// the `Vm` is dropped.
+    pub fn kill(&mut self) {
+        live().retain(|(pid, _)| *pid != self.pid as i32);
+        if self.try_exit_status().is_some() {
+            return;
+        }
+        let mut child = self.child();
+        let _ = child.kill();
+        match child.wait() {
+            Ok(status) => {
+                drop(child);
+                *self.exited.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+                log::debug!("killed qemu pid {}: {status}", self.pid);
+            }
+            Err(e) => log::warn!("cannot reap qemu pid {}: {e}", self.pid),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+        if let Some(dir) = self.dir.take() {
+            let path = dir.path().to_path_buf();
+            if let Err(e) = dir.close() {
+                log::warn!("cannot remove vm directory {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qemu_on_path() -> Option<PathBuf> {
+        super::super::find_on_path(super::super::QEMU_BINARY.as_ref(), std::env::var_os("PATH").as_deref())
+    }
+
+    #[test]
+    fn plans_ports_with_ids_and_rejects_bad_names() {
+        let specs = plan_ports(Path::new("/t"), &[PortConfig::serial("a"), PortConfig::serial("b")]).unwrap();
+        assert_eq!(specs[1].id, "vport-port1");
+        assert_eq!(specs[1].chardev_id, "vport-ch1");
+        assert_eq!(specs[1].backend, ChardevBackend::UnixServer { path: "/t/port1.sock".into() });
+        assert!(matches!(
+            plan_ports(Path::new("/t"), &[PortConfig::serial("a"), PortConfig::serial("a")]),
+            Err(VmError::InvalidPort { .. })
+        ));
+        assert!(plan_ports(Path::new("/t"), &[PortConfig::serial("")]).is_err());
+    }
+
+    #[test]
+    fn full_args_put_qmp_after_ports() {
+        let mut cfg = VmConfig::new("/k", "/i", "console=ttyS0");
+        cfg.ports = vec![PortConfig::serial("p")];
+        cfg.max_ports = Some(2);
+        let specs = plan_ports(Path::new("/t"), &cfg.ports).unwrap();
+        let a: Vec<String> = build_args(&cfg, Accel::Tcg, Path::new("/t"), &specs)
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let pos = |s: &str| a.iter().position(|x| x.starts_with(s)).unwrap_or_else(|| panic!("{s} not in {a:?}"));
+        assert!(pos("virtio-serial-pci,id=vser0,max_ports=2") < pos("virtserialport,bus=vser0.0"));
+        assert!(pos("virtserialport") < pos("socket,id=qmp"));
+        assert!(a.contains(&"file,id=console,path=/t/console.log".to_string()));
+        assert_eq!(&a[..4], ["-machine", "pc", "-accel", "tcg"]);
+    }
+
+    /// Real QEMU: the KVM probe firmware must make QEMU exit with status 3 under TCG, so
+    /// the probe is known to detect "guest code ran".
+    #[test]
+    fn probe_bios_exits_3_under_tcg() {
+        let Some(qemu) = qemu_on_path() else {
+            println!("skipped: qemu-system-x86_64 not on PATH");
+            return;
+        };
+        let o = accel::probe(&qemu, Accel::Tcg, Duration::from_secs(30)).unwrap();
+        assert!(o.works, "{o:?}");
+    }
+
+    /// Real QEMU and a real kernel (`VPORT_KERNEL` or one unpacked in the cache): the kernel
+    /// probe must see the kernel reach its panic under TCG.
+    #[test]
+    fn kernel_probe_panics_under_tcg() {
+        let Some(qemu) = qemu_on_path() else {
+            println!("skipped: qemu-system-x86_64 not on PATH");
+            return;
+        };
+        let from_cache = || {
+            std::fs::read_dir(crate::cache::cache_dir().join("kernels"))
+                .ok()?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("vmlinuz"))
+                .find(|p| p.is_file())
+        };
+        let Some(kernel) = std::env::var_os("VPORT_KERNEL").map(PathBuf::from).or_else(from_cache) else {
+            println!("skipped: no kernel (set VPORT_KERNEL or run `vport image build`)");
+            return;
+        };
+        let o = accel::probe_kernel(&qemu, Accel::Tcg, &kernel, Duration::from_secs(60)).unwrap();
+        assert!(o.works, "{o:?}");
+    }
+
+    /// Real QEMU: a VM that fails at once (bad kernel) reports QEMU's stderr, and a VM that
+    /// starts creates its sockets, is alive, and is gone after kill.
+    #[test]
+    fn start_failure_and_kill_with_real_qemu() {
+        let Some(_) = qemu_on_path() else {
+            println!("skipped: qemu-system-x86_64 not on PATH");
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = VmConfig::new(tmp.path().join("missing-kernel"), tmp.path().join("missing-initrd"), "");
+        cfg.accel = AccelChoice::Tcg;
+        cfg.cache_dir = tmp.path().to_path_buf();
+        let err = Vm::start(&cfg).unwrap_err();
+        assert!(err.to_string().contains("missing-kernel"), "{err}");
+        // A minimal header-only bzImage (boot protocol 2.12) QEMU accepts; `-S` keeps the
+        // vCPU from ever running it.
+        let mut bz = vec![0u8; 8192];
+        bz[0x1f1] = 4; // setup_sects
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        bz[0x206..0x208].copy_from_slice(&0x020cu16.to_le_bytes());
+        bz[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
+        bz[0x238..0x23c].copy_from_slice(&2048u32.to_le_bytes()); // cmdline_size
+        let k = tmp.path().join("k");
+        std::fs::write(&k, bz).unwrap();
+        let initrd = tmp.path().join("initrd");
+        std::fs::write(&initrd, b"x").unwrap();
+        cfg.kernel = k;
+        cfg.initrd = initrd;
+        cfg.extra_args = vec!["-S".into()]; // keep the vCPU stopped
+        cfg.ports = vec![PortConfig::serial("org.vport.test")];
+        let mut vm = Vm::start(&cfg).unwrap();
+        assert!(vm.qmp_socket().exists());
+        assert!(vm.port_socket("org.vport.test").unwrap().exists());
+        assert_eq!(vm.port("org.vport.test").unwrap().id, "vport-port0");
+        vm.check_alive().unwrap();
+        assert!(vm.qemu_version().unwrap().major >= 4);
+        let dir = vm.dir().to_path_buf();
+        let pid = vm.pid();
+        vm.kill();
+        let err = vm.check_alive().unwrap_err();
+        assert!(err.contains(&format!("pid {pid}")), "{err}");
+        drop(vm);
+        assert!(!dir.exists());
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "qemu pid {pid} still exists");
+    }
+}
