@@ -17,6 +17,7 @@ pub mod decoder;
 pub mod frame;
 pub mod lifecycle;
 pub mod message;
+pub mod pattern;
 
 pub use decoder::{DecodeError, Decoder, DecoderStats};
 pub use frame::{Frame, FrameError, Header};

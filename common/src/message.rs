@@ -18,6 +18,8 @@ pub enum MessageType {
     HelloAck = 0x02,
     /// Host -> agent: start a new session now (the host connected and saw no HELLO).
     HelloRequest = 0x03,
+    /// Agent -> host: the agent is about to close the port (command, or shutdown).
+    Bye = 0x04,
     /// Either way: round-trip probe.
     Ping = 0x10,
     /// Answer to [`MessageType::Ping`].
@@ -26,20 +28,66 @@ pub enum MessageType {
     Echo = 0x12,
     /// Agent -> host: the bytes of an [`MessageType::Echo`].
     EchoReply = 0x13,
+    /// Host -> agent: close the port, reopen it after a delay.
+    Close = 0x20,
+    /// Host -> agent: close the port and reopen it at once.
+    Reopen = 0x22,
+    /// Host -> agent: run one system call on the port and report its raw result.
+    Probe = 0x24,
+    /// Agent -> host: the result of a [`MessageType::Probe`].
+    ProbeResult = 0x25,
+    /// Host -> agent: start, stop or query SIGIO observation on the port.
+    Sigio = 0x26,
+    /// Agent -> host: SIGIO observations.
+    SigioReport = 0x27,
+    /// Host -> agent: send a seeded pattern stream.
+    Source = 0x30,
+    /// Agent -> host: a [`MessageType::Source`] stream is complete.
+    SourceDone = 0x31,
+    /// Either way: a piece of a pattern stream.
+    Data = 0x32,
+    /// Host -> agent: receive and verify a seeded pattern stream.
+    Sink = 0x34,
+    /// Agent -> host: the verdict on a [`MessageType::Sink`] stream.
+    SinkResult = 0x35,
+    /// Host -> agent: report counters.
+    Stats = 0x40,
+    /// Agent -> host: counters as name/value pairs.
+    StatsReply = 0x41,
+    /// Host -> agent: report the port's life-cycle history.
+    Events = 0x42,
+    /// Agent -> host: life-cycle history records.
+    EventsReply = 0x43,
     /// Either way: a request could not be served.
     Error = 0x7F,
 }
 
 impl MessageType {
     /// Every type this crate knows, for exhaustive tests and documentation.
-    pub const ALL: [MessageType; 8] = [
+    pub const ALL: [MessageType; 24] = [
         MessageType::Hello,
         MessageType::HelloAck,
         MessageType::HelloRequest,
+        MessageType::Bye,
         MessageType::Ping,
         MessageType::Pong,
         MessageType::Echo,
         MessageType::EchoReply,
+        MessageType::Close,
+        MessageType::Reopen,
+        MessageType::Probe,
+        MessageType::ProbeResult,
+        MessageType::Sigio,
+        MessageType::SigioReport,
+        MessageType::Source,
+        MessageType::SourceDone,
+        MessageType::Data,
+        MessageType::Sink,
+        MessageType::SinkResult,
+        MessageType::Stats,
+        MessageType::StatsReply,
+        MessageType::Events,
+        MessageType::EventsReply,
         MessageType::Error,
     ];
 
@@ -80,6 +128,133 @@ pub struct Hello {
     pub agent_time_ns: u64,
 }
 
+/// `Bye::reopen_after_ms` value meaning "not reopening".
+pub const NO_REOPEN: u32 = u32::MAX;
+/// `SinkResult::first_mismatch` value meaning "every byte matched".
+pub const NO_MISMATCH: u64 = u64::MAX;
+
+/// The system call a PROBE runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ProbeKind {
+    /// `open(path, O_RDWR|O_NONBLOCK)` of the port's node (closed again at once on success):
+    /// EBUSY is expected while the agent holds the port.
+    Open = 1,
+    /// `lseek(fd, 0, SEEK_CUR)`: ESPIPE expected.
+    Lseek = 2,
+    /// Non-blocking `read(fd, buf, arg)`; on the agent's own fd the bytes are taken from the
+    /// stream (they are returned in `data`, not decoded).
+    Read = 3,
+    /// `poll(fd, POLLIN|POLLOUT, 0)`: the exact revents.
+    Poll = 4,
+    /// `pread(fd, buf, 1, 0)`: ESPIPE expected.
+    Pread = 5,
+    /// `pwrite(fd, "", 0, 0)` with one byte: ESPIPE expected.
+    Pwrite = 6,
+}
+
+/// Which file descriptor a PROBE uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ProbeTarget {
+    /// The fd the agent serves the port on.
+    OwnFd = 0,
+    /// A second fd, opened for the probe (`O_RDWR|O_NONBLOCK`) and closed after it; if that
+    /// open fails, the result is the open's.
+    SecondFd = 1,
+}
+
+/// SIGIO observation control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum SigioAction {
+    /// Report without changing anything.
+    Query = 0,
+    /// Reset the counters and start counting (F_SETOWN + O_ASYNC on the port fd).
+    Enable = 1,
+    /// Stop counting (clear O_ASYNC); the counters are kept for a final report.
+    Disable = 2,
+}
+
+/// One SIGIO the agent received for the port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SigioSample {
+    /// Agent monotonic time of receipt.
+    pub time_ns: u64,
+    /// `poll(2)` revents of the port fd right after the signal.
+    pub mask: u16,
+}
+
+/// A port state as a number on the wire: 0 DISCONNECTED, 1 CONNECTED, 2 READY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum StateCode {
+    /// No host client.
+    Disconnected = 0,
+    /// Host attached, handshake pending.
+    Connected = 1,
+    /// Session live.
+    Ready = 2,
+}
+
+impl From<&crate::lifecycle::PortState> for StateCode {
+    fn from(s: &crate::lifecycle::PortState) -> Self {
+        use crate::lifecycle::PortState as S;
+        match s {
+            S::Disconnected => StateCode::Disconnected,
+            S::Connected { .. } => StateCode::Connected,
+            S::Ready { .. } => StateCode::Ready,
+        }
+    }
+}
+
+impl StateCode {
+    /// The name used in traces and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            StateCode::Disconnected => "DISCONNECTED",
+            StateCode::Connected => "CONNECTED",
+            StateCode::Ready => "READY",
+        }
+    }
+}
+
+/// One life-cycle transition as the agent recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Sequence number; keeps counting when the ring drops old records.
+    pub seq: u64,
+    /// Agent monotonic time of the transition.
+    pub time_ns: u64,
+    /// State before.
+    pub from: StateCode,
+    /// State after.
+    pub to: StateCode,
+    /// Session id after the transition (0 when DISCONNECTED).
+    pub session: u32,
+    /// The agent's wakeup counter at the transition.
+    pub wakeups: u64,
+    /// The agent's CPU time (user + system) at the transition.
+    pub cpu_ns: u64,
+    /// What caused it (`poll: POLLHUP set`, `hello ack`, `unplugged`, ...).
+    pub cause: String,
+}
+
+macro_rules! wire_enum {
+    ($t:ident { $($v:ident),* }) => {
+        impl $t {
+            /// The value for a wire byte, if known.
+            pub fn from_u8(b: u8) -> Option<$t> {
+                [$($t::$v),*].into_iter().find(|v| *v as u8 == b)
+            }
+        }
+    };
+}
+wire_enum!(ProbeKind { Open, Lseek, Read, Poll, Pread, Pwrite });
+wire_enum!(ProbeTarget { OwnFd, SecondFd });
+wire_enum!(SigioAction { Query, Enable, Disable });
+wire_enum!(StateCode { Disconnected, Connected, Ready });
+
 /// One protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -110,6 +285,117 @@ pub enum Message {
     Echo(Vec<u8>),
     /// The bytes of an echo.
     EchoReply(Vec<u8>),
+    /// The agent is about to close the port. Sent and flushed before the close, so the host
+    /// learns of it in band.
+    Bye {
+        /// When the agent will reopen the port, or [`NO_REOPEN`].
+        reopen_after_ms: u32,
+        /// Why (`close command`, `reopen command`, `shutdown`).
+        reason: String,
+    },
+    /// Close the port and reopen it after `reopen_after_ms` (answered with BYE).
+    Close {
+        /// Delay before reopening.
+        reopen_after_ms: u32,
+    },
+    /// Close the port and reopen it at once (answered with BYE).
+    Reopen,
+    /// Run one system call on the port.
+    Probe {
+        /// Which call.
+        kind: ProbeKind,
+        /// On which fd.
+        target: ProbeTarget,
+        /// Call argument (byte count for READ).
+        arg: u32,
+    },
+    /// The raw result of a probe.
+    ProbeResult {
+        /// Which call.
+        kind: ProbeKind,
+        /// On which fd.
+        target: ProbeTarget,
+        /// The call's return value (-1 on failure).
+        ret: i64,
+        /// `errno` when `ret` is -1, else 0.
+        errno: i32,
+        /// For POLL: the revents; else 0.
+        mask: u16,
+        /// For READ: the bytes read.
+        data: Vec<u8>,
+    },
+    /// Control SIGIO observation.
+    Sigio {
+        /// What to do.
+        action: SigioAction,
+    },
+    /// SIGIO observations since the last Enable.
+    SigioReport {
+        /// Whether observation is on.
+        enabled: bool,
+        /// Signals received.
+        count: u64,
+        /// The first signals, with the poll mask seen at each (bounded by the agent).
+        samples: Vec<SigioSample>,
+    },
+    /// Send `bytes` bytes of the pattern of `seed` in DATA frames of at most `chunk` bytes,
+    /// then SOURCE_DONE.
+    Source {
+        /// Pattern seed.
+        seed: u64,
+        /// Stream length.
+        bytes: u64,
+        /// Largest DATA payload (after its 8-byte offset).
+        chunk: u32,
+    },
+    /// A SOURCE stream is complete.
+    SourceDone {
+        /// Bytes sent.
+        bytes: u64,
+        /// xxh3-64 of the bytes sent.
+        digest: u64,
+    },
+    /// A piece of a pattern stream starting at stream offset `offset`.
+    Data {
+        /// Offset of the first byte in the stream.
+        offset: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// Receive `bytes` bytes of the pattern of `seed` in DATA frames and verify them.
+    Sink {
+        /// Pattern seed.
+        seed: u64,
+        /// Stream length.
+        bytes: u64,
+    },
+    /// The verdict on a SINK stream.
+    SinkResult {
+        /// Bytes received.
+        bytes: u64,
+        /// xxh3-64 of the bytes received.
+        digest: u64,
+        /// Stream offset of the first byte that differed from the pattern, or [`NO_MISMATCH`].
+        first_mismatch: u64,
+    },
+    /// Ask for counters.
+    Stats,
+    /// Counters, as (name, value) pairs; names are stable, new ones may appear.
+    StatsReply(Vec<(String, u64)>),
+    /// Ask for the port's life-cycle records with `seq >= since_seq`.
+    Events {
+        /// First sequence number wanted.
+        since_seq: u64,
+    },
+    /// Life-cycle records.
+    EventsReply {
+        /// Oldest sequence number still in the agent's ring.
+        first_seq: u64,
+        /// The sequence number the next record will get.
+        next_seq: u64,
+        /// The records, oldest first.
+        records: Vec<EventRecord>,
+    },
     /// A request could not be served.
     Error {
         /// One of [`error_code`].
@@ -149,6 +435,26 @@ pub enum MessageError {
         /// The field.
         field: &'static str,
     },
+    /// A field holds a value outside its enumeration.
+    #[error("{kind:?} field {field} has invalid value {value}")]
+    InvalidValue {
+        /// Message type.
+        kind: MessageType,
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: u64,
+    },
+    /// A list has more entries than its u16 count prefix can say.
+    #[error("{kind:?} field {field} has {len} entries, over the 65535-entry limit")]
+    ListTooLong {
+        /// Message type.
+        kind: MessageType,
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+    },
     /// A string field is longer than its u16 length prefix can say.
     #[error("{kind:?} field {field} is {len} bytes, over the 65535-byte string limit")]
     StringTooLong {
@@ -172,6 +478,22 @@ impl Message {
             Message::Pong { .. } => MessageType::Pong,
             Message::Echo(_) => MessageType::Echo,
             Message::EchoReply(_) => MessageType::EchoReply,
+            Message::Bye { .. } => MessageType::Bye,
+            Message::Close { .. } => MessageType::Close,
+            Message::Reopen => MessageType::Reopen,
+            Message::Probe { .. } => MessageType::Probe,
+            Message::ProbeResult { .. } => MessageType::ProbeResult,
+            Message::Sigio { .. } => MessageType::Sigio,
+            Message::SigioReport { .. } => MessageType::SigioReport,
+            Message::Source { .. } => MessageType::Source,
+            Message::SourceDone { .. } => MessageType::SourceDone,
+            Message::Data { .. } => MessageType::Data,
+            Message::Sink { .. } => MessageType::Sink,
+            Message::SinkResult { .. } => MessageType::SinkResult,
+            Message::Stats => MessageType::Stats,
+            Message::StatsReply(_) => MessageType::StatsReply,
+            Message::Events { .. } => MessageType::Events,
+            Message::EventsReply { .. } => MessageType::EventsReply,
             Message::Error { .. } => MessageType::Error,
         }
     }
@@ -199,6 +521,80 @@ impl Message {
                 w.u64(*time_ns);
             }
             Message::Echo(b) | Message::EchoReply(b) => w.out.extend_from_slice(b),
+            Message::Bye { reopen_after_ms, reason } => {
+                w.u32(*reopen_after_ms);
+                w.str("reason", reason)?;
+            }
+            Message::Close { reopen_after_ms } => w.u32(*reopen_after_ms),
+            Message::Reopen | Message::Stats => {}
+            Message::Probe { kind, target, arg } => {
+                w.u8(*kind as u8);
+                w.u8(*target as u8);
+                w.u32(*arg);
+            }
+            Message::ProbeResult { kind, target, ret, errno, mask, data } => {
+                w.u8(*kind as u8);
+                w.u8(*target as u8);
+                w.u64(*ret as u64);
+                w.u32(*errno as u32);
+                w.u16(*mask);
+                w.out.extend_from_slice(data);
+            }
+            Message::Sigio { action } => w.u8(*action as u8),
+            Message::SigioReport { enabled, count, samples } => {
+                w.u8(u8::from(*enabled));
+                w.u64(*count);
+                w.count("samples", samples.len())?;
+                for s in samples {
+                    w.u64(s.time_ns);
+                    w.u16(s.mask);
+                }
+            }
+            Message::Source { seed, bytes, chunk } => {
+                w.u64(*seed);
+                w.u64(*bytes);
+                w.u32(*chunk);
+            }
+            Message::SourceDone { bytes, digest } => {
+                w.u64(*bytes);
+                w.u64(*digest);
+            }
+            Message::Data { offset, bytes } => {
+                w.u64(*offset);
+                w.out.extend_from_slice(bytes);
+            }
+            Message::Sink { seed, bytes } => {
+                w.u64(*seed);
+                w.u64(*bytes);
+            }
+            Message::SinkResult { bytes, digest, first_mismatch } => {
+                w.u64(*bytes);
+                w.u64(*digest);
+                w.u64(*first_mismatch);
+            }
+            Message::StatsReply(pairs) => {
+                w.count("stats", pairs.len())?;
+                for (name, value) in pairs {
+                    w.str("stat name", name)?;
+                    w.u64(*value);
+                }
+            }
+            Message::Events { since_seq } => w.u64(*since_seq),
+            Message::EventsReply { first_seq, next_seq, records } => {
+                w.u64(*first_seq);
+                w.u64(*next_seq);
+                w.count("records", records.len())?;
+                for r in records {
+                    w.u64(r.seq);
+                    w.u64(r.time_ns);
+                    w.u8(r.from as u8);
+                    w.u8(r.to as u8);
+                    w.u32(r.session);
+                    w.u64(r.wakeups);
+                    w.u64(r.cpu_ns);
+                    w.str("cause", &r.cause)?;
+                }
+            }
             Message::Error { code, text } => {
                 w.u16(*code);
                 w.str("text", text)?;
@@ -231,6 +627,72 @@ impl Message {
             MessageType::Pong => Message::Pong { ping_time_ns: r.u64("ping_time_ns")?, time_ns: r.u64("time_ns")? },
             MessageType::Echo => Message::Echo(r.rest()),
             MessageType::EchoReply => Message::EchoReply(r.rest()),
+            MessageType::Bye => Message::Bye { reopen_after_ms: r.u32("reopen_after_ms")?, reason: r.str("reason")? },
+            MessageType::Close => Message::Close { reopen_after_ms: r.u32("reopen_after_ms")? },
+            MessageType::Reopen => Message::Reopen,
+            MessageType::Probe => Message::Probe {
+                kind: r.enum_u8("kind", ProbeKind::from_u8)?,
+                target: r.enum_u8("target", ProbeTarget::from_u8)?,
+                arg: r.u32("arg")?,
+            },
+            MessageType::ProbeResult => Message::ProbeResult {
+                kind: r.enum_u8("kind", ProbeKind::from_u8)?,
+                target: r.enum_u8("target", ProbeTarget::from_u8)?,
+                ret: r.u64("ret")? as i64,
+                errno: r.u32("errno")? as i32,
+                mask: r.u16("mask")?,
+                data: r.rest(),
+            },
+            MessageType::Sigio => Message::Sigio { action: r.enum_u8("action", SigioAction::from_u8)? },
+            MessageType::SigioReport => {
+                let enabled = r.bool("enabled")?;
+                let count = r.u64("count")?;
+                let n = r.u16("samples")?;
+                let samples = (0..n)
+                    .map(|_| Ok(SigioSample { time_ns: r.u64("sample time_ns")?, mask: r.u16("sample mask")? }))
+                    .collect::<Result<_, MessageError>>()?;
+                Message::SigioReport { enabled, count, samples }
+            }
+            MessageType::Source => {
+                Message::Source { seed: r.u64("seed")?, bytes: r.u64("bytes")?, chunk: r.u32("chunk")? }
+            }
+            MessageType::SourceDone => Message::SourceDone { bytes: r.u64("bytes")?, digest: r.u64("digest")? },
+            MessageType::Data => Message::Data { offset: r.u64("offset")?, bytes: r.rest() },
+            MessageType::Sink => Message::Sink { seed: r.u64("seed")?, bytes: r.u64("bytes")? },
+            MessageType::SinkResult => Message::SinkResult {
+                bytes: r.u64("bytes")?,
+                digest: r.u64("digest")?,
+                first_mismatch: r.u64("first_mismatch")?,
+            },
+            MessageType::Stats => Message::Stats,
+            MessageType::StatsReply => {
+                let n = r.u16("stats")?;
+                let pairs = (0..n)
+                    .map(|_| Ok((r.str("stat name")?, r.u64("stat value")?)))
+                    .collect::<Result<_, MessageError>>()?;
+                Message::StatsReply(pairs)
+            }
+            MessageType::Events => Message::Events { since_seq: r.u64("since_seq")? },
+            MessageType::EventsReply => {
+                let first_seq = r.u64("first_seq")?;
+                let next_seq = r.u64("next_seq")?;
+                let n = r.u16("records")?;
+                let records = (0..n)
+                    .map(|_| {
+                        Ok(EventRecord {
+                            seq: r.u64("seq")?,
+                            time_ns: r.u64("time_ns")?,
+                            from: r.enum_u8("from", StateCode::from_u8)?,
+                            to: r.enum_u8("to", StateCode::from_u8)?,
+                            session: r.u32("session")?,
+                            wakeups: r.u64("wakeups")?,
+                            cpu_ns: r.u64("cpu_ns")?,
+                            cause: r.str("cause")?,
+                        })
+                    })
+                    .collect::<Result<_, MessageError>>()?;
+                Message::EventsReply { first_seq, next_seq, records }
+            }
             MessageType::Error => Message::Error { code: r.u16("code")?, text: r.str("text")? },
         };
         r.finish()?;
@@ -244,6 +706,17 @@ struct Writer {
 }
 
 impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.out.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.out.extend_from_slice(&v.to_le_bytes());
+    }
+    fn count(&mut self, field: &'static str, len: usize) -> Result<(), MessageError> {
+        let n = u16::try_from(len).map_err(|_| MessageError::ListTooLong { kind: self.kind, field, len })?;
+        self.u16(n);
+        Ok(())
+    }
     fn u16(&mut self, v: u16) {
         self.out.extend_from_slice(&v.to_le_bytes());
     }
@@ -272,6 +745,24 @@ impl<'a> Reader<'a> {
         let (head, tail) = self.b.split_at(n);
         self.b = tail;
         Ok(head)
+    }
+    fn u8(&mut self, field: &'static str) -> Result<u8, MessageError> {
+        Ok(self.take(field, 1)?[0])
+    }
+    fn bool(&mut self, field: &'static str) -> Result<bool, MessageError> {
+        match self.u8(field)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(MessageError::InvalidValue { kind: self.kind, field, value: v.into() }),
+        }
+    }
+    fn enum_u8<T>(&mut self, field: &'static str, from: fn(u8) -> Option<T>) -> Result<T, MessageError> {
+        let v = self.u8(field)?;
+        from(v).ok_or(MessageError::InvalidValue { kind: self.kind, field, value: v.into() })
+    }
+    fn u32(&mut self, field: &'static str) -> Result<u32, MessageError> {
+        let b = self.take(field, 4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
     fn u16(&mut self, field: &'static str) -> Result<u16, MessageError> {
         let b = self.take(field, 2)?;
@@ -320,6 +811,46 @@ mod tests {
             Message::Pong { ping_time_ns: 1, time_ns: 2 },
             Message::Echo(b"abc".to_vec()),
             Message::EchoReply(vec![]),
+            Message::Bye { reopen_after_ms: NO_REOPEN, reason: "shutdown".into() },
+            Message::Close { reopen_after_ms: 500 },
+            Message::Reopen,
+            Message::Probe { kind: ProbeKind::Open, target: ProbeTarget::SecondFd, arg: 0 },
+            Message::ProbeResult {
+                kind: ProbeKind::Read,
+                target: ProbeTarget::OwnFd,
+                ret: -1,
+                errno: 11,
+                mask: 0x19,
+                data: vec![1, 2],
+            },
+            Message::Sigio { action: SigioAction::Enable },
+            Message::SigioReport {
+                enabled: true,
+                count: 2,
+                samples: vec![SigioSample { time_ns: 1, mask: 4 }, SigioSample { time_ns: 2, mask: 0x11 }],
+            },
+            Message::Source { seed: 7, bytes: 1 << 20, chunk: 4096 },
+            Message::SourceDone { bytes: 1 << 20, digest: 0xABCD },
+            Message::Data { offset: 4096, bytes: vec![9; 10] },
+            Message::Sink { seed: 7, bytes: 10 },
+            Message::SinkResult { bytes: 10, digest: 1, first_mismatch: NO_MISMATCH },
+            Message::Stats,
+            Message::StatsReply(vec![("wakeups".into(), 3), ("ebusy".into(), 0)]),
+            Message::Events { since_seq: 0 },
+            Message::EventsReply {
+                first_seq: 0,
+                next_seq: 1,
+                records: vec![EventRecord {
+                    seq: 0,
+                    time_ns: 5,
+                    from: StateCode::Disconnected,
+                    to: StateCode::Connected,
+                    session: 0x1234,
+                    wakeups: 2,
+                    cpu_ns: 1_000,
+                    cause: "poll: POLLHUP clear".into(),
+                }],
+            },
             Message::Error { code: error_code::MALFORMED, text: "bad".into() },
         ]
     }
@@ -339,7 +870,13 @@ mod tests {
     fn type_bytes_are_stable() {
         // These values are the wire format: changing one breaks every deployed agent.
         let bytes: Vec<u8> = MessageType::ALL.iter().map(|t| *t as u8).collect();
-        assert_eq!(bytes, vec![0x01, 0x02, 0x03, 0x10, 0x11, 0x12, 0x13, 0x7F]);
+        assert_eq!(
+            bytes,
+            vec![
+                0x01, 0x02, 0x03, 0x04, 0x10, 0x11, 0x12, 0x13, 0x20, 0x22, 0x24, 0x25, 0x26, 0x27, 0x30, 0x31, 0x32,
+                0x34, 0x35, 0x40, 0x41, 0x42, 0x43, 0x7F
+            ]
+        );
     }
 
     #[test]
@@ -352,6 +889,15 @@ mod tests {
         assert_eq!(Message::from_frame(&f), Err(MessageError::UnknownType(0x55)));
         let f = Frame::new(MessageType::Error as u8, 0, 0, vec![1, 0, 2, 0, 0xFF, 0xFE]);
         assert_eq!(Message::from_frame(&f), Err(MessageError::InvalidUtf8 { kind: MessageType::Error, field: "text" }));
+        let f = Frame::new(MessageType::Probe as u8, 0, 0, vec![9, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            Message::from_frame(&f),
+            Err(MessageError::InvalidValue { kind: MessageType::Probe, field: "kind", value: 9 })
+        );
+        let f = Frame::new(MessageType::SigioReport as u8, 0, 0, vec![2]);
+        assert!(matches!(Message::from_frame(&f), Err(MessageError::InvalidValue { field: "enabled", .. })));
+        let f = Frame::new(MessageType::StatsReply as u8, 0, 0, vec![5, 0]);
+        assert!(matches!(Message::from_frame(&f), Err(MessageError::Truncated { field: "stat name", .. })));
         let long = Message::Error { code: 1, text: "x".repeat(70_000) };
         assert!(matches!(long.encode_payload(), Err(MessageError::StringTooLong { len: 70_000, .. })));
     }

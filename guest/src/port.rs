@@ -611,6 +611,10 @@ impl<I: PortIo> Port<I> {
                 let text = format!("{:?} is not accepted by the agent", msg.kind());
                 self.reply_error(&h, error_code::BAD_STATE, text);
             }
+            other => {
+                let text = format!("{:?} is not served by this agent version", other.kind());
+                self.reply_error(&h, error_code::UNKNOWN_TYPE, text);
+            }
         }
     }
 }

@@ -144,6 +144,8 @@ impl std::fmt::Display for QemuVersion {
 
 type Reply = Result<Value, (String, String)>;
 type Pending = Arc<Mutex<Option<HashMap<u64, Sender<Reply>>>>>;
+/// Extra event receivers (see [`Qmp::subscribe`]); `None` once the connection closed.
+type Subscribers = Arc<Mutex<Option<Vec<Sender<QmpEvent>>>>>;
 
 /// A connected QMP session (capabilities negotiated).
 pub struct Qmp {
@@ -151,6 +153,7 @@ pub struct Qmp {
     pending: Pending,
     next_id: AtomicU64,
     events: Receiver<QmpEvent>,
+    subscribers: Subscribers,
     /// The default deadline for commands.
     pub timeout: Duration,
 }
@@ -172,19 +175,39 @@ impl Qmp {
         stream.set_read_timeout(None).map_err(|_| greeting_err())?;
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
-        let p = pending.clone();
+        let subscribers: Subscribers = Arc::new(Mutex::new(Some(Vec::new())));
+        let (p, subs) = (pending.clone(), subscribers.clone());
         std::thread::Builder::new()
             .name("qmp-reader".into())
-            .spawn(move || reader_loop(reader, p, ev_tx))
+            .spawn(move || reader_loop(reader, p, ev_tx, subs))
             .map_err(|source| QmpError::Connect { path: path.into(), source })?;
-        let qmp = Qmp { writer: Mutex::new(stream), pending, next_id: AtomicU64::new(1), events: ev_rx, timeout };
+        let qmp = Qmp {
+            writer: Mutex::new(stream),
+            pending,
+            next_id: AtomicU64::new(1),
+            events: ev_rx,
+            subscribers,
+            timeout,
+        };
         qmp.execute("qmp_capabilities", None)?;
         Ok(qmp)
     }
 
-    /// The event stream. Events are delivered once, to whichever receiver takes them.
+    /// The main event stream: every event since the connection, delivered once, to whichever
+    /// caller takes it.
     pub fn events(&self) -> &Receiver<QmpEvent> {
         &self.events
+    }
+
+    /// A private copy of every event received from now on, independent of [`Qmp::events`] and
+    /// of other subscribers. The receiver disconnects when QEMU closes the QMP socket.
+    pub fn subscribe(&self) -> Receiver<QmpEvent> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        if let Some(subs) = self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            subs.push(tx);
+        }
+        // When the connection is already closed, `tx` is dropped here and `rx` reports it.
+        rx
     }
 
     /// Runs `command` with the default deadline.
@@ -308,7 +331,12 @@ impl Qmp {
     }
 }
 
-fn reader_loop(mut reader: BufReader<UnixStream>, pending: Pending, events: Sender<QmpEvent>) {
+fn reader_loop(
+    mut reader: BufReader<UnixStream>,
+    pending: Pending,
+    events: Sender<QmpEvent>,
+    subscribers: Subscribers,
+) {
     let mut line = String::new();
     loop {
         line.clear();
@@ -324,8 +352,13 @@ fn reader_loop(mut reader: BufReader<UnixStream>, pending: Pending, events: Send
         };
         match classify(&v) {
             Incoming::Event(name, data, qemu_time_us) => {
-                // A closed receiver only means nobody listens for events any more.
-                let _ = events.send(QmpEvent { name, data, qemu_time_us, received });
+                let ev = QmpEvent { name, data, qemu_time_us, received };
+                if let Some(subs) = subscribers.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    // A subscriber whose receiver is gone is forgotten.
+                    subs.retain(|tx| tx.send(ev.clone()).is_ok());
+                }
+                // A closed main receiver only means nobody listens there any more.
+                let _ = events.send(ev);
             }
             Incoming::Reply(id, reply) => {
                 let tx = pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut().and_then(|m| m.remove(&id));
@@ -338,8 +371,10 @@ fn reader_loop(mut reader: BufReader<UnixStream>, pending: Pending, events: Send
             Incoming::Other => log::debug!("qmp: unrecognised message {v}"),
         }
     }
-    // Closing: dropping every sender wakes every waiter with Disconnected.
+    // Closing: dropping every sender wakes every waiter with Disconnected, and every
+    // subscriber sees its channel disconnect.
     pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+    subscribers.lock().unwrap_or_else(|e| e.into_inner()).take();
     log::debug!("qmp: connection closed");
 }
 
@@ -436,6 +471,7 @@ mod tests {
         }
         });
         let qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        let sub = qmp.subscribe();
         let devs = qmp.query_chardev().unwrap();
         assert_eq!(
             devs,
@@ -446,6 +482,8 @@ mod tests {
         assert_eq!(ev.vserport_change(), Some(("port0", true)));
         assert_eq!(ev.qemu_time_us, 2_000_005);
         assert!(others.is_empty());
+        // Subscribed before the event: the subscriber has its own copy.
+        assert_eq!(sub.recv_timeout(Duration::from_secs(5)).unwrap().vserport_change(), Some(("port0", true)));
     }
 
     #[test]
@@ -487,8 +525,10 @@ mod tests {
             r.read_line(&mut line).unwrap(); // read the next command, then hang up
         });
         let qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        let sub = qmp.subscribe();
         let err = qmp.execute_timeout("query-status", None, Duration::from_secs(30)).unwrap_err();
         assert!(matches!(err, QmpError::Disconnected { .. }), "{err}");
+        assert!(sub.recv_timeout(Duration::from_secs(5)).is_err(), "subscribers see the close");
     }
 
     #[test]
