@@ -13,11 +13,13 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod checker;
 pub mod decoder;
 pub mod frame;
 pub mod lifecycle;
 pub mod message;
 pub mod pattern;
+pub mod trace;
 
 pub use decoder::{DecodeError, Decoder, DecoderStats};
 pub use frame::{Frame, FrameError, Header};

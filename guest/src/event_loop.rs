@@ -13,26 +13,35 @@
 //!     +------------> Failed ----------+  (retried on the next uevent naming the port)
 //! ```
 //!
-//! The only timers are the back-off deadlines; with none pending the loop blocks in `epoll_wait`
-//! with no timeout, so an idle agent makes zero wakeups. Every return from `poll` is counted.
+//! A CLOSE/REOPEN command moves an open port through `Closing` (its BYE is flushed on writable
+//! edges, for at most [`BYE_FLUSH_BOUND`]; then it is closed anyway and the timeout counted) to
+//! `Reopen{deadline}`, opened again when the deadline passes. A port's counters and life-cycle
+//! ring are kept by name across closes, unplugs and replugs ([`crate::port::Carry`]).
+//!
+//! Console ports (`/dev/hvcN`, named explicitly) are opened at start in raw mode and served with
+//! the same protocol; they are not discovered and never rescanned. An hvc port always looks
+//! host-connected, so a session is offered as soon as it is open.
+//!
+//! The only timers are the back-off deadlines, BYE flush bounds and reopen delays; with none
+//! pending the loop blocks in `epoll_wait` with no timeout, so an idle agent makes zero wakeups.
+//! Every return from `poll` is counted.
 
 use crate::discovery::{list_sysfs, select, PortSpec, Selector, Wanted};
-use crate::port::{AgentInfo, Env, Health, Port, PortIo, SystemEnv};
+use crate::fdio::FdIo;
+use crate::port::{AgentInfo, Carry, Env, Health, Port, SystemEnv};
 use crate::uevent::{Action, UeventError, UeventSocket};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::errno::Errno;
-use nix::fcntl::{open, OFlag};
-use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::stat::Mode;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use vport_common::message::NO_REOPEN;
 
 const SIGNAL: Token = Token(0);
 const UEVENT: Token = Token(1);
@@ -42,6 +51,8 @@ const FIRST_PORT_TOKEN: usize = 2;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest EBUSY back-off.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a BYE may take to be written before the port is closed anyway.
+pub const BYE_FLUSH_BOUND: Duration = Duration::from_secs(1);
 
 /// Where to look and what to serve.
 #[derive(Debug, Clone)]
@@ -52,6 +63,8 @@ pub struct Config {
     pub sysfs_root: PathBuf,
     /// Device directory (`/dev`).
     pub dev_root: PathBuf,
+    /// Console ports (`/dev/hvcN`) to serve in raw mode.
+    pub consoles: Vec<PathBuf>,
 }
 
 /// Failures that stop the agent.
@@ -63,6 +76,15 @@ pub enum LoopError {
     /// The uevent socket failed.
     #[error(transparent)]
     Uevent(#[from] UeventError),
+    /// A console port named on the command line cannot be served.
+    #[error("cannot serve console {path}")]
+    Console {
+        /// The console.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// epoll failed.
     #[error("cannot {op} the event loop's epoll instance")]
     Poll {
@@ -95,26 +117,6 @@ pub struct Stats {
     pub io_errors: u64,
 }
 
-/// The real port I/O: the fd of `/dev/vportNpM`.
-#[derive(Debug)]
-pub struct FdIo {
-    fd: OwnedFd,
-}
-
-impl PortIo for FdIo {
-    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Errno> {
-        nix::unistd::read(&self.fd, buf)
-    }
-    fn write(&mut self, buf: &[u8]) -> Result<usize, Errno> {
-        nix::unistd::write(&self.fd, buf)
-    }
-    fn poll_mask(&mut self) -> Result<PollFlags, Errno> {
-        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN | PollFlags::POLLOUT)];
-        nix::poll::poll(&mut fds, PollTimeout::ZERO)?;
-        Ok(fds[0].revents().unwrap_or(PollFlags::empty()))
-    }
-}
-
 /// The next EBUSY back-off after `prev`: 100 ms, doubling, capped at 5 s.
 pub fn next_backoff(prev: Option<Duration>) -> Duration {
     match prev {
@@ -130,9 +132,23 @@ pub fn poll_timeout(now: Instant, deadlines: impl Iterator<Item = Instant>) -> O
 
 #[derive(Debug)]
 enum Slot {
-    Open { token: Token, port: Box<Port<FdIo>> },
-    Busy { name: String, delay: Duration, deadline: Instant },
-    Failed { name: String },
+    Open {
+        token: Token,
+        port: Box<Port<FdIo>>,
+    },
+    Busy {
+        name: String,
+        delay: Duration,
+        deadline: Instant,
+    },
+    Failed {
+        name: String,
+    },
+    /// Closed by a CLOSE/REOPEN command; opened again at `deadline`.
+    Reopen {
+        name: String,
+        deadline: Instant,
+    },
 }
 
 /// The agent.
@@ -148,6 +164,12 @@ pub struct EventLoop {
     next_token: usize,
     waiting_logged: HashSet<PortSpec>,
     stats: Stats,
+    /// Counters and rings of ports that are not open now, by port name.
+    carry: HashMap<String, Carry>,
+    /// Open ports flushing a BYE before a commanded close: node -> flush deadline.
+    closing: HashMap<String, Instant>,
+    /// Node names of console ports (never rescanned).
+    consoles: HashSet<String>,
 }
 
 /// `err` and its sources, joined with ": ".
@@ -163,13 +185,11 @@ pub fn chain(err: &dyn std::error::Error) -> String {
 }
 
 impl EventLoop {
-    /// Blocks SIGTERM/SIGINT/SIGUSR1 into a signalfd and subscribes to uevents (before any
+    /// Blocks SIGTERM/SIGINT/SIGUSR1, SIGIO and the SIGIO real-time signal
+    /// ([`crate::sigio`]) into a signalfd and subscribes to uevents (before any
     /// sysfs scan, so no event falls between the scan and the subscription).
     pub fn new(config: Config, info: AgentInfo) -> Result<EventLoop, LoopError> {
-        let mut mask = SigSet::empty();
-        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1] {
-            mask.add(s);
-        }
+        let mask = crate::sigio::agent_signals();
         // The agent is single-threaded, so blocking in this thread blocks for the process.
         mask.thread_block().map_err(LoopError::Signals)?;
         let signals =
@@ -186,7 +206,7 @@ impl EventLoop {
         Ok(EventLoop {
             config,
             info: Rc::new(info),
-            env: SystemEnv,
+            env: SystemEnv::new(),
             poll,
             signals,
             uevents,
@@ -195,6 +215,9 @@ impl EventLoop {
             next_token: FIRST_PORT_TOKEN,
             waiting_logged: HashSet::new(),
             stats: Stats::default(),
+            carry: HashMap::new(),
+            closing: HashMap::new(),
+            consoles: HashSet::new(),
         })
     }
 
@@ -205,19 +228,26 @@ impl EventLoop {
 
     /// Runs until SIGTERM or SIGINT.
     pub fn run(&mut self) -> Result<(), LoopError> {
+        for path in self.config.consoles.clone() {
+            self.open_console(&path)?;
+        }
         self.rescan(&HashSet::new(), false);
         let mut events = Events::with_capacity(64);
         loop {
             let now = Instant::now();
             let timeout = poll_timeout(
                 now,
-                self.ports.values().filter_map(|s| match s {
-                    Slot::Busy { deadline, .. } => Some(*deadline),
-                    _ => None,
-                }),
+                self.ports
+                    .values()
+                    .filter_map(|s| match s {
+                        Slot::Busy { deadline, .. } | Slot::Reopen { deadline, .. } => Some(*deadline),
+                        _ => None,
+                    })
+                    .chain(self.closing.values().copied()),
             );
             let res = self.poll.poll(&mut events, timeout);
             self.stats.wakeups += 1;
+            self.env.wakeups += 1;
             match res {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -249,8 +279,15 @@ impl EventLoop {
         let mut term = None;
         loop {
             match self.signals.read_signal() {
+                Ok(Some(info)) if info.ssi_signo as i32 == crate::sigio::signal_number() => {
+                    self.on_sigio(info.ssi_fd);
+                }
                 Ok(Some(info)) => match Signal::try_from(info.ssi_signo as i32) {
                     Ok(Signal::SIGUSR1) => self.dump_status(),
+                    Ok(Signal::SIGIO) => {
+                        self.env.sigio_overflows += 1;
+                        log::warn!("plain SIGIO received: the real-time signal queue overflowed");
+                    }
                     Ok(s) => term = Some(s),
                     Err(_) => {}
                 },
@@ -304,8 +341,12 @@ impl EventLoop {
         let present: HashSet<&str> = listing.iter().map(|p| p.dev.as_str()).collect();
 
         // Ports that left sysfs (or got a remove uevent): unplugged if the fd says so.
-        let gone: Vec<String> =
-            self.ports.keys().filter(|d| !present.contains(d.as_str()) || touched.contains(*d)).cloned().collect();
+        let gone: Vec<String> = self
+            .ports
+            .keys()
+            .filter(|d| !self.consoles.contains(*d) && (!present.contains(d.as_str()) || touched.contains(*d)))
+            .cloned()
+            .collect();
         for dev in gone {
             let listed = present.contains(dev.as_str());
             match self.ports.get(&dev) {
@@ -329,7 +370,7 @@ impl EventLoop {
             let retry = match self.ports.get(&w.dev) {
                 None => true,
                 Some(Slot::Failed { .. }) => everything || touched.contains(&w.dev),
-                Some(Slot::Open { .. } | Slot::Busy { .. }) => false,
+                Some(Slot::Open { .. } | Slot::Busy { .. } | Slot::Reopen { .. }) => false,
             };
             if retry {
                 self.try_open(w, None);
@@ -347,11 +388,13 @@ impl EventLoop {
 
     fn try_open(&mut self, w: &Wanted, prev_delay: Option<Duration>) {
         let path = self.config.dev_root.join(&w.dev);
-        let fd = match open(&path, OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(Errno::EBUSY) => {
+        let io = match FdIo::open_port(&path) {
+            Ok(io) => io,
+            Err(e) if e.source == Errno::EBUSY => {
                 let delay = next_backoff(prev_delay);
                 self.stats.busy_retries += 1;
+                self.env.ebusy_total += 1;
+                self.carry.entry(w.name.clone()).or_default().counters.ebusy += 1;
                 log::warn!(
                     "port {}: {} is busy (open elsewhere); retrying in {} ms",
                     w.name,
@@ -364,34 +407,96 @@ impl EventLoop {
             }
             Err(e) => {
                 self.stats.open_failures += 1;
-                log::warn!("port {}: cannot open {}: {e}; waiting for a uevent", w.name, path.display());
+                log::warn!("port {}: {}; waiting for a uevent", w.name, chain(&e));
                 self.ports.insert(w.dev.clone(), Slot::Failed { name: w.name.clone() });
                 return;
             }
         };
-        let token = Token(self.next_token);
-        self.next_token += 1;
-        let raw = fd.as_raw_fd();
-        if let Err(e) =
-            self.poll.registry().register(&mut SourceFd(&raw), token, Interest::READABLE | Interest::WRITABLE)
-        {
+        if let Err(e) = self.register(&w.name, &w.dev, io) {
             self.stats.open_failures += 1;
             log::error!("port {}: cannot register {} with epoll: {e}", w.name, path.display());
             self.ports.insert(w.dev.clone(), Slot::Failed { name: w.name.clone() });
+        }
+    }
+
+    /// Registers an opened port with epoll and serves it (continuing its carried counters).
+    fn register(&mut self, name: &str, dev: &str, io: FdIo) -> Result<(), std::io::Error> {
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        let raw = io.raw_fd();
+        self.poll.registry().register(&mut SourceFd(&raw), token, Interest::READABLE | Interest::WRITABLE)?;
+        self.stats.opens += 1;
+        log::info!("port {name}: opened {}", io.path().display());
+        let mut carry = self.carry.remove(name).unwrap_or_default();
+        carry.counters.opens += 1;
+        let port = Port::with_carry(name.to_owned(), dev.to_owned(), io, Rc::clone(&self.info), carry);
+        self.tokens.insert(token, dev.to_owned());
+        self.ports.insert(dev.to_owned(), Slot::Open { token, port: Box::new(port) });
+        self.env.ports_open = self.ports.values().filter(|s| matches!(s, Slot::Open { .. })).count() as u64;
+        self.service(dev);
+        Ok(())
+    }
+
+    /// Opens a console port in raw mode and serves it; failure stops the agent (consoles are
+    /// named explicitly and not hot-plugged).
+    fn open_console(&mut self, path: &std::path::Path) -> Result<(), LoopError> {
+        let err = |source| LoopError::Console { path: path.to_owned(), source };
+        let io = FdIo::open_console(path).map_err(err)?;
+        let dev = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let name = path.display().to_string();
+        self.consoles.insert(dev.clone());
+        self.register(&name, &dev, io).map_err(|e| err(Box::new(e)))
+    }
+
+    /// A SIGIO real-time signal for `fd`: the open port with that fd counts it.
+    fn on_sigio(&mut self, fd: i32) {
+        let port = self.ports.values_mut().find_map(|s| match s {
+            Slot::Open { port, .. } if port.io().raw_fd() == fd => Some(port),
+            _ => None,
+        });
+        match port {
+            Some(p) => p.on_sigio(&mut self.env),
+            None => log::debug!("SIGIO for fd {fd}, which is no open port"),
+        }
+    }
+
+    /// A port whose CLOSE/REOPEN was served: close it once its BYE is written (or the bound
+    /// passed), then schedule the reopen.
+    fn check_close(&mut self, dev: &str, now: Instant) {
+        let Some(Slot::Open { port, .. }) = self.ports.get_mut(dev) else {
+            self.closing.remove(dev);
+            return;
+        };
+        let Some(ms) = port.close_request() else { return };
+        let deadline = *self.closing.entry(dev.to_owned()).or_insert(now + BYE_FLUSH_BOUND);
+        let flushed = port.queued() == 0;
+        if !flushed && now < deadline {
             return;
         }
-        self.stats.opens += 1;
-        log::info!("port {}: opened {}", w.name, path.display());
-        let port = Port::new(w.name.clone(), w.dev.clone(), FdIo { fd }, Rc::clone(&self.info));
-        self.tokens.insert(token, w.dev.clone());
-        self.ports.insert(w.dev.clone(), Slot::Open { token, port: Box::new(port) });
-        self.service(&w.dev);
+        if !flushed {
+            port.counters_mut().bye_flush_timeouts += 1;
+            log::warn!("port {}: BYE not written within {BYE_FLUSH_BOUND:?}; closing anyway", port.name());
+        }
+        let name = port.name().to_owned();
+        self.closing.remove(dev);
+        let cause = if ms == 0 { "reopen requested" } else { "close requested" };
+        self.close(dev, cause);
+        if ms == NO_REOPEN {
+            self.ports.insert(dev.to_owned(), Slot::Failed { name });
+        } else {
+            let deadline = Instant::now() + Duration::from_millis(u64::from(ms));
+            self.ports.insert(dev.to_owned(), Slot::Reopen { name, deadline });
+        }
     }
 
     fn service(&mut self, dev: &str) {
         let Some(Slot::Open { port, .. }) = self.ports.get_mut(dev) else { return };
         match port.service(&mut self.env) {
-            Ok(Health::Open) => {}
+            Ok(Health::Open) => {
+                if port.close_request().is_some() {
+                    self.check_close(dev, Instant::now());
+                }
+            }
             Ok(Health::Unplugged) => self.close(dev, "unplugged"),
             Err(e) => {
                 self.stats.io_errors += 1;
@@ -409,7 +514,8 @@ impl EventLoop {
     fn close(&mut self, dev: &str, cause: &'static str) {
         let Some(Slot::Open { token, mut port }) = self.ports.remove(dev) else { return };
         self.tokens.remove(&token);
-        let raw = port.io().fd.as_raw_fd();
+        self.closing.remove(dev);
+        let raw = port.io().raw_fd();
         if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&raw)) {
             log::debug!("port {}: deregister: {e}", port.name());
         }
@@ -417,21 +523,32 @@ impl EventLoop {
         if cause == "unplugged" {
             self.stats.unplugs += 1;
         }
+        port.counters_mut().closes += 1;
         log::info!("port {} ({}): closed ({cause}); {:?}", port.name(), port.dev(), port.counters());
+        let name = port.name().to_owned();
+        self.carry.insert(name, port.into_carry());
+        self.env.ports_open = self.ports.values().filter(|s| matches!(s, Slot::Open { .. })).count() as u64;
     }
 
     fn retry_due(&mut self, now: Instant) {
-        let due: Vec<(String, String, Duration)> = self
+        let closing: Vec<String> = self.closing.iter().filter(|(_, d)| **d <= now).map(|(k, _)| k.clone()).collect();
+        for dev in closing {
+            self.check_close(&dev, now);
+        }
+        let due: Vec<(String, String, Option<Duration>)> = self
             .ports
             .iter()
             .filter_map(|(dev, s)| match s {
-                Slot::Busy { name, delay, deadline } if *deadline <= now => Some((dev.clone(), name.clone(), *delay)),
+                Slot::Busy { name, delay, deadline } if *deadline <= now => {
+                    Some((dev.clone(), name.clone(), Some(*delay)))
+                }
+                Slot::Reopen { name, deadline } if *deadline <= now => Some((dev.clone(), name.clone(), None)),
                 _ => None,
             })
             .collect();
         for (dev, name, delay) in due {
             self.ports.remove(&dev);
-            self.try_open(&Wanted { dev, name }, Some(delay));
+            self.try_open(&Wanted { dev, name }, delay);
         }
     }
 
@@ -449,12 +566,54 @@ impl EventLoop {
                     port.decoder_stats()
                 ),
                 Slot::Busy { name, delay, .. } => log::info!("port {name} ({dev}): busy, back-off {delay:?}"),
-                Slot::Failed { name } => log::info!("port {name} ({dev}): open failed, waiting for a uevent"),
+                Slot::Failed { name } => log::info!("port {name} ({dev}): closed, waiting for a uevent"),
+                Slot::Reopen { name, deadline } => log::info!(
+                    "port {name} ({dev}): closed by command, reopening in {:?}",
+                    deadline.saturating_duration_since(Instant::now())
+                ),
             }
         }
     }
 
+    /// BYE{NO_REOPEN, "shutdown"} on every port with a session, a flush bounded by
+    /// [`BYE_FLUSH_BOUND`] (waiting on writable edges), then every port is closed.
     fn shutdown(&mut self, sig: Signal) {
+        let mut pending = 0;
+        for slot in self.ports.values_mut() {
+            if let Slot::Open { port, .. } = slot {
+                if port.say_bye(NO_REOPEN, "shutdown") {
+                    pending += 1;
+                }
+            }
+        }
+        let deadline = Instant::now() + BYE_FLUSH_BOUND;
+        let mut events = Events::with_capacity(64);
+        while pending > 0 {
+            let mut left = 0;
+            for slot in self.ports.values_mut() {
+                if let Slot::Open { port, .. } = slot {
+                    match port.flush_out() {
+                        Ok(true) => {}
+                        Ok(false) => left += 1,
+                        Err(e) => log::warn!("{}", chain(&e)),
+                    }
+                }
+            }
+            pending = left;
+            let now = Instant::now();
+            if pending == 0 || now >= deadline {
+                break;
+            }
+            if let Err(e) = self.poll.poll(&mut events, Some(deadline - now)) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    log::warn!("waiting to flush BYE: {e}");
+                    break;
+                }
+            }
+        }
+        if pending > 0 {
+            log::warn!("{pending} port(s) did not take their BYE within {BYE_FLUSH_BOUND:?}");
+        }
         let devs: Vec<String> = self.ports.keys().cloned().collect();
         for dev in devs {
             self.close(&dev, "agent exiting");

@@ -21,6 +21,10 @@ pub struct Record {
     pub event: PortEvent,
     /// What the agent observed (`"poll: POLLHUP clear"`, `"read returned 0"`, ...).
     pub cause: &'static str,
+    /// The agent's wakeup counter (returns from `epoll_wait`) when the transition was applied.
+    pub wakeups: u64,
+    /// The agent's CPU time (user + system, nanoseconds) when the transition was applied.
+    pub cpu_ns: u64,
 }
 
 /// The ring.
@@ -39,13 +43,21 @@ impl History {
     }
 
     /// Appends a record, evicting the oldest when full; returns its sequence number.
-    pub fn push(&mut self, transition: Transition, event: PortEvent, cause: &'static str) -> u64 {
+    /// `wakeups` and `cpu_ns` are the agent's counters at the transition.
+    pub fn push(
+        &mut self,
+        transition: Transition,
+        event: PortEvent,
+        cause: &'static str,
+        wakeups: u64,
+        cpu_ns: u64,
+    ) -> u64 {
         if self.records.len() == self.capacity {
             self.records.pop_front();
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.records.push_back(Record { seq, transition, event, cause });
+        self.records.push_back(Record { seq, transition, event, cause, wakeups, cpu_ns });
         seq
     }
 
@@ -89,15 +101,15 @@ mod tests {
     fn ring_evicts_oldest_and_keeps_counting() {
         let mut h = History::new(3);
         for i in 0..5 {
-            assert_eq!(h.push(t(i), PortEvent::Closed, "test"), i);
+            assert_eq!(h.push(t(i), PortEvent::Closed, "test", i * 2, i * 3), i);
         }
         assert_eq!(h.len(), 3);
         assert_eq!(h.first_seq(), 2);
         assert_eq!(h.next_seq(), 5);
         let since: Vec<u64> = h.since(0).map(|r| r.seq).collect();
         assert_eq!(since, vec![2, 3, 4]);
-        let since: Vec<u64> = h.since(4).map(|r| r.transition.at_ns).collect();
-        assert_eq!(since, vec![4]);
+        let since: Vec<(u64, u64, u64)> = h.since(4).map(|r| (r.transition.at_ns, r.wakeups, r.cpu_ns)).collect();
+        assert_eq!(since, vec![(4, 8, 12)]);
         assert_eq!(h.since(9).count(), 0);
     }
 }

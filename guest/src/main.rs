@@ -15,8 +15,9 @@ use vport_agent::{log, sys};
 #[derive(Debug, Parser)]
 #[command(name = "vport-agent", version)]
 struct Cli {
-    /// A port to serve: its name, /dev/vportNpM, or /dev/virtio-ports/NAME. Repeatable. A port
-    /// that does not exist yet is waited for.
+    /// A port to serve: its name, /dev/vportNpM, /dev/virtio-ports/NAME, or a console
+    /// /dev/hvcN (served in raw mode; it must exist at start). Repeatable. A named or vport
+    /// port that does not exist yet is waited for.
     #[arg(long = "port", value_name = "NAME|PATH")]
     ports: Vec<String>,
     /// Serve every named port (except the guest agent and spice ports).
@@ -37,12 +38,23 @@ struct Cli {
     dev_root: PathBuf,
 }
 
+/// True for a console path (`/dev/hvcN`).
+fn is_console(arg: &str) -> bool {
+    arg.strip_prefix("/dev/hvc").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The console ports named with `--port`.
+fn consoles(cli: &Cli) -> Vec<PathBuf> {
+    cli.ports.iter().filter(|p| is_console(p)).map(PathBuf::from).collect()
+}
+
 fn selector(cli: &Cli) -> anyhow::Result<Selector> {
-    let explicit = cli.ports.iter().map(|p| PortSpec::parse(p)).collect::<Result<Vec<_>, _>>()?;
+    let explicit =
+        cli.ports.iter().filter(|p| !is_console(p)).map(|p| PortSpec::parse(p)).collect::<Result<Vec<_>, _>>()?;
     let auto = match (&cli.prefix, cli.all) {
         (_, true) => AutoSelect::All,
         (Some(p), false) => AutoSelect::Prefix(p.clone()),
-        (None, false) if explicit.is_empty() => AutoSelect::Prefix(DEFAULT_PREFIX.to_owned()),
+        (None, false) if cli.ports.is_empty() => AutoSelect::Prefix(DEFAULT_PREFIX.to_owned()),
         (None, false) => AutoSelect::None,
     };
     Ok(Selector { explicit, auto })
@@ -58,7 +70,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         boot_id: sys::boot_id(),
     };
     let watching = selector.to_string();
-    let config = Config { selector, sysfs_root: cli.sysfs_root, dev_root: cli.dev_root };
+    let consoles = consoles(&cli);
+    let config = Config { selector, sysfs_root: cli.sysfs_root, dev_root: cli.dev_root, consoles };
     let mut agent = EventLoop::new(config, info)?;
     ::log::info!("vport-agent {} started: watching {watching}", env!("CARGO_PKG_VERSION"));
     agent.run()?;
@@ -112,9 +125,23 @@ mod tests {
     }
 
     #[test]
+    fn console_paths_are_consoles_not_vports() {
+        let cli = Cli::try_parse_from(["vport-agent", "--port", "/dev/hvc1", "--prefix", "org.vport."]).unwrap();
+        assert_eq!(consoles(&cli), vec![PathBuf::from("/dev/hvc1")]);
+        assert_eq!(
+            selector(&cli).unwrap(),
+            Selector { explicit: vec![], auto: AutoSelect::Prefix("org.vport.".into()) }
+        );
+        // Only a console named: no automatic selection.
+        let cli = Cli::try_parse_from(["vport-agent", "--port", "/dev/hvc0"]).unwrap();
+        assert_eq!(selector(&cli).unwrap().auto, AutoSelect::None);
+    }
+
+    #[test]
     fn bad_arguments_are_errors() {
         assert!(sel(&["--all", "--prefix", "x"]).is_err());
-        assert!(sel(&["--port", "/dev/hvc0"]).is_err());
+        assert!(sel(&["--port", "/dev/hvcx"]).is_err());
+        assert!(sel(&["--port", "/dev/tty0"]).is_err());
         assert!(sel(&["--log-level", "loud"]).is_err());
     }
 }

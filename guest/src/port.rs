@@ -20,6 +20,19 @@
 //! 4. Flush the output queue until it is empty or EAGAIN, at most [`MAX_WRITE`] bytes per call.
 //!
 //! Frames are queued whole and written in order, so short writes never interleave frames.
+//! A running SOURCE is generated lazily between steps 3 and 4: frames are added only while the
+//! queue holds less than [`SOURCE_LOW_WATER`], so an 8 MiB stream never sits in memory.
+//!
+//! # Commands (all need a READY session and the request's session id; else ERROR bad-state)
+//!
+//! - CLOSE / REOPEN: BYE is queued and [`Port::close_request`] tells the event loop, which
+//!   flushes it (bounded), closes the fd and reopens the port after the delay.
+//! - PROBE: one system call through [`PortIo::probe`]; the raw result is returned.
+//! - SIGIO: [`PortIo::set_async`]; the loop feeds each signal for this fd to [`Port::on_sigio`].
+//! - SOURCE / SINK / DATA: seeded pattern streams ([`vport_common::pattern`]).
+//! - STATS / EVENTS: counters ([`Port::stats`]) and the life-cycle ring.
+//!
+//! A session that ends aborts a running SOURCE or SINK (logged and counted).
 
 use crate::history::{History, DEFAULT_CAPACITY};
 use nix::errno::Errno;
@@ -28,6 +41,10 @@ use std::rc::Rc;
 use thiserror::Error;
 use vport_common::frame::DEFAULT_MAX_PAYLOAD;
 use vport_common::message::error_code;
+use vport_common::message::{
+    EventRecord, ProbeKind, ProbeTarget, SigioAction, SigioSample, StateCode, NO_MISMATCH, NO_REOPEN,
+};
+use vport_common::pattern::{self, StreamDigest};
 use vport_common::{Decoder, Frame, Header, Message, MessageError, MessageType, PortEvent, PortMachine, PortState};
 
 /// The most a virtio-serial write accepts per call (`port_fops_write`).
@@ -38,6 +55,18 @@ pub const QUEUE_LIMIT: usize = 8 << 20;
 pub const READ_HIGH_WATER: usize = 1 << 20;
 /// Read buffer size (the kernel hands out at most one page per read).
 const READ_BUF: usize = 16 * 1024;
+/// A running SOURCE adds frames only while less than this is queued.
+pub const SOURCE_LOW_WATER: usize = 256 * 1024;
+/// Largest DATA chunk: the payload limit minus the 8-byte offset.
+pub const MAX_CHUNK: usize = DEFAULT_MAX_PAYLOAD as usize - 8;
+/// Chunk used when a SOURCE asks for chunk 0: one frame fills one 32 KiB write.
+pub const DEFAULT_CHUNK: usize = MAX_WRITE - vport_common::frame::OVERHEAD - 8;
+/// SIGIO samples kept per port (the count keeps going).
+pub const MAX_SIGIO_SAMPLES: usize = 64;
+/// Most bytes a PROBE read takes.
+pub const MAX_PROBE_READ: usize = 64 * 1024;
+/// EVENTS records sent per reply at most (the ring is smaller anyway).
+pub const MAX_EVENT_RECORDS: usize = 1024;
 
 /// The three operations the port logic needs from a port's fd.
 pub trait PortIo {
@@ -47,19 +76,81 @@ pub trait PortIo {
     fn write(&mut self, buf: &[u8]) -> Result<usize, Errno>;
     /// The current `poll(2)` mask (timeout 0).
     fn poll_mask(&mut self) -> Result<PollFlags, Errno>;
+    /// Runs one PROBE system call (see [`ProbeKind`] and [`ProbeTarget`]) and reports its raw
+    /// result; never fails: an errno is part of the result.
+    fn probe(&mut self, kind: ProbeKind, target: ProbeTarget, arg: u32) -> ProbeOutcome;
+    /// Starts (`F_SETOWN` + `F_SETSIG` + `O_ASYNC`) or stops (clears `O_ASYNC`) SIGIO delivery
+    /// for the fd.
+    fn set_async(&mut self, on: bool) -> Result<(), Errno>;
 }
 
-/// Clock and randomness.
+/// The raw result of a PROBE system call.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProbeOutcome {
+    /// The call's return value (-1 on failure).
+    pub ret: i64,
+    /// errno when `ret == -1`, else 0.
+    pub errno: i32,
+    /// `revents` for a poll probe, else 0.
+    pub mask: u16,
+    /// Bytes a read probe returned.
+    pub data: Vec<u8>,
+}
+
+impl ProbeOutcome {
+    /// A failed call.
+    pub fn failed(errno: Errno) -> Self {
+        ProbeOutcome { ret: -1, errno: errno as i32, ..Default::default() }
+    }
+}
+
+/// Clock, randomness and the agent-wide facts a port reports.
 pub trait Env {
     /// Monotonic nanoseconds.
     fn now_ns(&mut self) -> u64;
     /// A random u64.
     fn random_u64(&mut self) -> u64;
+    /// The agent's wakeup counter (returns from `epoll_wait`).
+    fn wakeups(&mut self) -> u64;
+    /// The agent's CPU time (user + system), nanoseconds.
+    fn cpu_ns(&mut self) -> u64;
+    /// Agent-wide STATS entries (see [`Port::stats`] for the names).
+    fn agent_stats(&mut self) -> Vec<(&'static str, u64)>;
 }
 
-/// The real clock and random source.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemEnv;
+/// The real clock and random source, and the agent-wide counters the event loop keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemEnv {
+    /// Returns from `epoll_wait` (the loop increments it).
+    pub wakeups: u64,
+    /// EBUSY results of opening any port.
+    pub ebusy_total: u64,
+    /// Ports currently open.
+    pub ports_open: u64,
+    /// Plain SIGIO signals received: the real-time signal queue overflowed.
+    pub sigio_overflows: u64,
+    /// Monotonic time the agent started.
+    pub started_ns: u64,
+}
+
+impl SystemEnv {
+    /// Counters at zero, started now.
+    pub fn new() -> Self {
+        SystemEnv {
+            wakeups: 0,
+            ebusy_total: 0,
+            ports_open: 0,
+            sigio_overflows: 0,
+            started_ns: crate::sys::monotonic_ns(),
+        }
+    }
+}
+
+impl Default for SystemEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Env for SystemEnv {
     fn now_ns(&mut self) -> u64 {
@@ -67,6 +158,24 @@ impl Env for SystemEnv {
     }
     fn random_u64(&mut self) -> u64 {
         crate::sys::random_u64()
+    }
+    fn wakeups(&mut self) -> u64 {
+        self.wakeups
+    }
+    fn cpu_ns(&mut self) -> u64 {
+        crate::sys::cpu_ns()
+    }
+    fn agent_stats(&mut self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("wakeups", self.wakeups),
+            ("ebusy_total", self.ebusy_total),
+            ("rss_kib", crate::sys::rss_kib()),
+            ("uptime_ns", crate::sys::monotonic_ns().saturating_sub(self.started_ns)),
+            ("cpu_ns", crate::sys::cpu_ns()),
+            ("ports_open", self.ports_open),
+            ("pid", u64::from(std::process::id())),
+            ("sigio_overflows", self.sigio_overflows),
+        ]
     }
 }
 
@@ -134,6 +243,67 @@ pub struct Counters {
     pub queue_overflows: u64,
     /// Write calls that accepted fewer bytes than offered.
     pub short_writes: u64,
+    /// EBUSY results of opening this port (another process held it).
+    pub ebusy: u64,
+    /// Successful opens of this port.
+    pub opens: u64,
+    /// Closes of this port (command, unplug, error, exit).
+    pub closes: u64,
+    /// SOURCE or SINK streams aborted because their session ended.
+    pub stream_aborts: u64,
+    /// BYE frames not fully written within the flush bound before a close.
+    pub bye_flush_timeouts: u64,
+    /// SIGIO signals counted for this port while observation was enabled.
+    pub sigio_signals: u64,
+}
+
+/// What survives a close and reopen of a port (and an unplug and replug of the same name):
+/// the counters and the life-cycle ring.
+#[derive(Debug, Clone)]
+pub struct Carry {
+    /// Counters so far.
+    pub counters: Counters,
+    /// The ring so far.
+    pub history: History,
+}
+
+impl Default for Carry {
+    fn default() -> Self {
+        Carry { counters: Counters::default(), history: History::new(DEFAULT_CAPACITY) }
+    }
+}
+
+/// SIGIO observation of one port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SigioState {
+    /// Counting.
+    pub enabled: bool,
+    /// Signals counted since the last enable.
+    pub count: u64,
+    /// The first [`MAX_SIGIO_SAMPLES`] signals' times and masks.
+    pub samples: Vec<SigioSample>,
+}
+
+/// A SOURCE stream in progress.
+#[derive(Debug, Clone)]
+struct SourceJob {
+    session: u32,
+    seed: u64,
+    total: u64,
+    chunk: usize,
+    offset: u64,
+    digest: StreamDigest,
+}
+
+/// A SINK stream in progress.
+#[derive(Debug, Clone)]
+struct SinkJob {
+    session: u32,
+    seed: u64,
+    total: u64,
+    received: u64,
+    first_mismatch: u64,
+    digest: StreamDigest,
 }
 
 /// Whole encoded frames waiting to be written, in order.
@@ -237,11 +407,21 @@ pub struct Port<I> {
     counters: Counters,
     history: History,
     read_buf: Vec<u8>,
+    sigio: SigioState,
+    source: Option<SourceJob>,
+    sink: Option<SinkJob>,
+    /// A CLOSE/REOPEN was served: reopen after this many ms ([`NO_REOPEN`]: not at all).
+    close_request: Option<u32>,
 }
 
 impl<I: PortIo> Port<I> {
     /// A port in DISCONNECTED; call [`Port::service`] to look at it.
     pub fn new(name: String, dev: String, io: I, info: Rc<AgentInfo>) -> Self {
+        Self::with_carry(name, dev, io, info, Carry::default())
+    }
+
+    /// A port in DISCONNECTED that continues the counters and ring of an earlier open.
+    pub fn with_carry(name: String, dev: String, io: I, info: Rc<AgentInfo>, carry: Carry) -> Self {
         Port {
             name,
             dev,
@@ -251,10 +431,66 @@ impl<I: PortIo> Port<I> {
             decoder: Decoder::new(DEFAULT_MAX_PAYLOAD),
             out: OutQueue::new(QUEUE_LIMIT),
             seq: 0,
-            counters: Counters::default(),
-            history: History::new(DEFAULT_CAPACITY),
+            counters: carry.counters,
+            history: carry.history,
             read_buf: vec![0; READ_BUF],
+            sigio: SigioState::default(),
+            source: None,
+            sink: None,
+            close_request: None,
         }
+    }
+
+    /// What a later reopen of this port continues from.
+    pub fn into_carry(self) -> Carry {
+        Carry { counters: self.counters, history: self.history }
+    }
+
+    /// Mutable counters, for the facts the event loop observes (opens, EBUSY, flush bound).
+    pub fn counters_mut(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+
+    /// Set once a CLOSE or REOPEN was served: the delay before reopening in ms
+    /// ([`NO_REOPEN`]: stay closed). Frames are no longer handled once it is set.
+    pub fn close_request(&self) -> Option<u32> {
+        self.close_request
+    }
+
+    /// SIGIO observation state.
+    pub fn sigio(&self) -> &SigioState {
+        &self.sigio
+    }
+
+    /// One SIGIO for this port's fd arrived: counted, and its poll mask sampled, while
+    /// observation is enabled.
+    pub fn on_sigio(&mut self, env: &mut impl Env) {
+        if !self.sigio.enabled {
+            return;
+        }
+        self.sigio.count += 1;
+        self.counters.sigio_signals += 1;
+        if self.sigio.samples.len() < MAX_SIGIO_SAMPLES {
+            let mask = self.io.poll_mask().map(|m| m.bits() as u16).unwrap_or(0);
+            self.sigio.samples.push(SigioSample { time_ns: env.now_ns(), mask });
+        }
+    }
+
+    /// Queues BYE in the live session, if any (agent shutdown). Returns whether one was queued.
+    pub fn say_bye(&mut self, reopen_after_ms: u32, reason: &str) -> bool {
+        match self.machine.state().session() {
+            Some(session) => self.send(&Message::Bye { reopen_after_ms, reason: reason.to_owned() }, session),
+            None => false,
+        }
+    }
+
+    /// Writes queued output until the queue is empty or the port would block. Returns true
+    /// when nothing is left to write (or the port is gone).
+    pub fn flush_out(&mut self) -> Result<bool, PortError> {
+        Ok(match self.flush()? {
+            FlushEnd::Done | FlushEnd::Unplugged => true,
+            FlushEnd::Pending => false,
+        })
     }
 
     /// The port's name.
@@ -311,7 +547,14 @@ impl<I: PortIo> Port<I> {
             let mask = self.poll_mask()?;
             self.apply_mask(mask, env);
             self.process_frames(env);
-            match self.flush()? {
+            let flushed = loop {
+                self.pump_source();
+                let f = self.flush()?;
+                if f != FlushEnd::Done || self.source.is_none() {
+                    break f;
+                }
+            };
+            match flushed {
                 FlushEnd::Unplugged => return Ok(Health::Unplugged),
                 FlushEnd::Done if end == ReadEnd::Throttled => continue,
                 FlushEnd::Pending if end == ReadEnd::Throttled && self.out.len() < READ_HIGH_WATER => continue,
@@ -399,7 +642,7 @@ impl<I: PortIo> Port<I> {
     /// Handles complete frames while a session is live. Frames that arrive with no session are
     /// kept until the next poll tells whether a host is attached.
     fn process_frames(&mut self, env: &mut impl Env) {
-        while self.machine.state().session().is_some() {
+        while self.machine.state().session().is_some() && self.close_request.is_none() {
             match self.decoder.next_frame() {
                 None => break,
                 Some(Ok(frame)) => self.handle_frame(frame, env),
@@ -417,7 +660,8 @@ impl<I: PortIo> Port<I> {
         let now = env.now_ns();
         match self.machine.step(event, now) {
             Ok(t) => {
-                self.history.push(t, event, cause);
+                let (wakeups, cpu_ns) = (env.wakeups(), env.cpu_ns());
+                self.history.push(t, event, cause, wakeups, cpu_ns);
                 let session = t.to.session().or(t.from.session()).unwrap_or(0);
                 log::info!(
                     "port {}: {} -> {} session={session:#010x} ({cause})",
@@ -480,6 +724,24 @@ impl<I: PortIo> Port<I> {
     }
 
     fn end_session_buffers(&mut self) {
+        if let Some(job) = self.source.take() {
+            self.counters.stream_aborts += 1;
+            log::warn!(
+                "port {}: SOURCE aborted at {} of {} bytes: the session ended",
+                self.name,
+                job.offset,
+                job.total
+            );
+        }
+        if let Some(job) = self.sink.take() {
+            self.counters.stream_aborts += 1;
+            log::warn!(
+                "port {}: SINK aborted at {} of {} bytes: the session ended",
+                self.name,
+                job.received,
+                job.total
+            );
+        }
         self.decoder.clear();
         let dropped = self.out.clear();
         if dropped > 0 {
@@ -489,22 +751,24 @@ impl<I: PortIo> Port<I> {
     }
 
     /// Queues `msg` as one frame with header session `session` and the next sequence number.
-    fn send(&mut self, msg: &Message, session: u32) {
+    /// Returns false (logged and counted) when it could not be queued.
+    fn send(&mut self, msg: &Message, session: u32) -> bool {
         let wire = match msg.to_frame(session, self.seq).map(|f| f.encode()) {
             Ok(Ok(w)) => w,
             Ok(Err(e)) => {
                 log::error!("port {}: cannot encode {:?}: {e}", self.name, msg.kind());
-                return;
+                return false;
             }
             Err(e) => {
                 log::error!("port {}: cannot encode {:?}: {e}", self.name, msg.kind());
-                return;
+                return false;
             }
         };
         match self.out.push(&wire) {
             Ok(()) => {
                 self.seq = self.seq.wrapping_add(1);
                 self.counters.frames_out += 1;
+                true
             }
             Err(len) => {
                 self.counters.queue_overflows += 1;
@@ -515,6 +779,7 @@ impl<I: PortIo> Port<I> {
                     self.out.len(),
                     msg.kind()
                 );
+                false
             }
         }
     }
@@ -526,6 +791,169 @@ impl<I: PortIo> Port<I> {
         }
         self.counters.errors_sent += 1;
         self.send(&Message::Error { code, text }, request.session);
+    }
+
+    /// True if `h` belongs to the current session and the port is READY; otherwise answers
+    /// BAD_STATE and returns false.
+    fn require_ready(&mut self, h: &Header, kind: MessageType) -> bool {
+        let state = self.machine.state();
+        if matches!(state, PortState::Ready { session, .. } if session == h.session) {
+            return true;
+        }
+        let text = format!("{kind:?} needs a READY session, port is {}", state.name());
+        self.reply_error(h, error_code::BAD_STATE, text);
+        false
+    }
+
+    /// Adds SOURCE frames while the queue is below [`SOURCE_LOW_WATER`]; queues SOURCE_DONE at
+    /// the end of the stream.
+    fn pump_source(&mut self) {
+        while self.out.len() < SOURCE_LOW_WATER {
+            let Some(job) = self.source.as_mut() else { return };
+            let session = job.session;
+            if job.offset >= job.total {
+                let done = Message::SourceDone { bytes: job.total, digest: job.digest.digest() };
+                log::info!("port {}: SOURCE of {} bytes complete", self.name, job.total);
+                self.source = None;
+                self.send(&done, session);
+                return;
+            }
+            let n = (job.total - job.offset).min(job.chunk as u64) as usize;
+            let mut bytes = vec![0u8; n];
+            pattern::fill(job.seed, job.offset, &mut bytes);
+            job.digest.update(&bytes);
+            let offset = job.offset;
+            job.offset += n as u64;
+            if !self.send(&Message::Data { offset, bytes }, session) {
+                self.counters.stream_aborts += 1;
+                log::error!("port {}: SOURCE aborted at {offset}: DATA frame could not be queued", self.name);
+                self.source = None;
+            }
+        }
+    }
+
+    /// Counters as STATS name/value pairs. Per port: `bytes_in`, `bytes_out`, `frames_in`,
+    /// `frames_out`, `decode_errors`, `skipped_bytes` (decoder bytes outside valid frames),
+    /// `stale_frames`, `sessions`, `hello_repeats`, `illegal_transitions`, `errors_sent`,
+    /// `errors_received`, `dropped_bytes`, `short_writes`, `queue_overflows`, `ebusy` (EBUSY met
+    /// opening this port), `opens`, `closes`, `stream_aborts`, `bye_flush_timeouts`,
+    /// `sigio_signals`, `queued` (bytes waiting now). Agent-wide ([`Env::agent_stats`]):
+    /// `wakeups`, `ebusy_total`, `rss_kib`, `uptime_ns`, `cpu_ns`, `ports_open`, `pid`,
+    /// `sigio_overflows`. Counters survive a close/reopen and an unplug/replug of the same name.
+    pub fn stats(&self, env: &mut impl Env) -> Vec<(String, u64)> {
+        let c = &self.counters;
+        let d = self.decoder.stats();
+        let mut v: Vec<(String, u64)> = [
+            ("bytes_in", c.bytes_in),
+            ("bytes_out", c.bytes_out),
+            ("frames_in", c.frames_in),
+            ("frames_out", c.frames_out),
+            ("decode_errors", c.decode_errors),
+            ("skipped_bytes", d.skipped_bytes),
+            ("stale_frames", c.stale_frames),
+            ("sessions", c.sessions),
+            ("hello_repeats", c.hello_repeats),
+            ("illegal_transitions", c.illegal_transitions),
+            ("errors_sent", c.errors_sent),
+            ("errors_received", c.errors_received),
+            ("dropped_bytes", c.dropped_bytes),
+            ("short_writes", c.short_writes),
+            ("queue_overflows", c.queue_overflows),
+            ("ebusy", c.ebusy),
+            ("opens", c.opens),
+            ("closes", c.closes),
+            ("stream_aborts", c.stream_aborts),
+            ("bye_flush_timeouts", c.bye_flush_timeouts),
+            ("sigio_signals", c.sigio_signals),
+            ("queued", self.out.len() as u64),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        v.extend(env.agent_stats().into_iter().map(|(k, v)| (k.to_owned(), v)));
+        v
+    }
+
+    /// History records with `seq >= since` as EVENTS records.
+    fn event_records(&self, since: u64) -> Vec<EventRecord> {
+        self.history
+            .since(since)
+            .take(MAX_EVENT_RECORDS)
+            .map(|r| EventRecord {
+                seq: r.seq,
+                time_ns: r.transition.at_ns,
+                from: StateCode::from(&r.transition.from),
+                to: StateCode::from(&r.transition.to),
+                session: r.transition.to.session().unwrap_or(0),
+                wakeups: r.wakeups,
+                cpu_ns: r.cpu_ns,
+                cause: r.cause.to_owned(),
+            })
+            .collect()
+    }
+
+    /// CLOSE/REOPEN: BYE, then the loop closes the port (see [`Port::close_request`]).
+    fn on_close(&mut self, h: &Header, reopen_after_ms: u32, reason: &str) {
+        log::info!(
+            "port {}: {reason}: closing, reopen after {}",
+            self.name,
+            if reopen_after_ms == NO_REOPEN { "never".to_owned() } else { format!("{reopen_after_ms} ms") }
+        );
+        self.send(&Message::Bye { reopen_after_ms, reason: reason.to_owned() }, h.session);
+        self.close_request = Some(reopen_after_ms);
+    }
+
+    fn on_sigio_request(&mut self, h: &Header, action: SigioAction) {
+        let result = match action {
+            SigioAction::Query => Ok(()),
+            SigioAction::Enable => self.io.set_async(true).map(|()| {
+                self.sigio = SigioState { enabled: true, count: 0, samples: Vec::new() };
+            }),
+            SigioAction::Disable => self.io.set_async(false).map(|()| self.sigio.enabled = false),
+        };
+        if let Err(e) = result {
+            log::warn!("port {}: SIGIO {action:?} failed: {e}", self.name);
+            return self.reply_error(h, error_code::INTERNAL, format!("sigio {action:?}: fcntl failed: {e}"));
+        }
+        let s = &self.sigio;
+        let report = Message::SigioReport { enabled: s.enabled, count: s.count, samples: s.samples.clone() };
+        self.send(&report, h.session);
+    }
+
+    fn on_data(&mut self, h: &Header, offset: u64, bytes: &[u8]) {
+        let Some(job) = self.sink.as_mut() else {
+            return self.reply_error(h, error_code::BAD_STATE, "DATA outside a SINK".to_owned());
+        };
+        if offset != job.received && job.first_mismatch == NO_MISMATCH {
+            log::debug!("port {}: SINK expected offset {}, got {offset}", self.name, job.received);
+            job.first_mismatch = job.received;
+        }
+        if job.first_mismatch == NO_MISMATCH {
+            if let Some(m) = pattern::first_mismatch(job.seed, job.received, bytes) {
+                job.first_mismatch = m;
+            }
+        }
+        job.digest.update(bytes);
+        job.received += bytes.len() as u64;
+        if job.received >= job.total {
+            self.finish_sink();
+        }
+    }
+
+    fn finish_sink(&mut self) {
+        let Some(job) = self.sink.take() else { return };
+        let result = Message::SinkResult {
+            bytes: job.received,
+            digest: job.digest.digest(),
+            first_mismatch: job.first_mismatch,
+        };
+        log::info!(
+            "port {}: SINK of {} bytes complete, first mismatch {}",
+            self.name,
+            job.received,
+            if job.first_mismatch == NO_MISMATCH { "none".to_owned() } else { job.first_mismatch.to_string() }
+        );
+        self.send(&result, job.session);
     }
 
     /// Handles one frame received while a session is live. Replies carry the request's
@@ -607,13 +1035,117 @@ impl<I: PortIo> Port<I> {
                 log::warn!("port {}: host reported error {code}: {text}", self.name);
             }
             Message::Pong { .. } => log::debug!("port {}: unsolicited pong ignored", self.name),
-            Message::Hello(_) | Message::EchoReply(_) => {
+            Message::Close { reopen_after_ms } => {
+                if self.require_ready(&h, MessageType::Close) {
+                    self.on_close(&h, reopen_after_ms, "close requested");
+                }
+            }
+            Message::Reopen => {
+                if self.require_ready(&h, MessageType::Reopen) {
+                    self.on_close(&h, 0, "reopen requested");
+                }
+            }
+            Message::Probe { kind, target, arg } => {
+                if self.require_ready(&h, MessageType::Probe) {
+                    let out = self.io.probe(kind, target, arg.min(MAX_PROBE_READ as u32));
+                    if kind == ProbeKind::Read && target == ProbeTarget::OwnFd {
+                        self.counters.bytes_in += out.data.len() as u64;
+                    }
+                    log::debug!(
+                        "port {}: probe {kind:?} on {target:?}: ret {} errno {}",
+                        self.name,
+                        out.ret,
+                        out.errno
+                    );
+                    let reply = Message::ProbeResult {
+                        kind,
+                        target,
+                        ret: out.ret,
+                        errno: out.errno,
+                        mask: out.mask,
+                        data: out.data,
+                    };
+                    self.send(&reply, h.session);
+                }
+            }
+            Message::Sigio { action } => {
+                if self.require_ready(&h, MessageType::Sigio) {
+                    self.on_sigio_request(&h, action);
+                }
+            }
+            Message::Source { seed, bytes, chunk } => {
+                if !self.require_ready(&h, MessageType::Source) {
+                    return;
+                }
+                if self.source.is_some() {
+                    return self.reply_error(&h, error_code::BAD_STATE, "a SOURCE is already running".to_owned());
+                }
+                let chunk = match chunk as usize {
+                    0 => DEFAULT_CHUNK,
+                    c => c.min(MAX_CHUNK),
+                };
+                log::info!("port {}: SOURCE seed={seed:#x} bytes={bytes} chunk={chunk}", self.name);
+                self.source = Some(SourceJob {
+                    session: h.session,
+                    seed,
+                    total: bytes,
+                    chunk,
+                    offset: 0,
+                    digest: StreamDigest::new(),
+                });
+            }
+            Message::Sink { seed, bytes } => {
+                if !self.require_ready(&h, MessageType::Sink) {
+                    return;
+                }
+                if self.sink.is_some() {
+                    return self.reply_error(&h, error_code::BAD_STATE, "a SINK is already running".to_owned());
+                }
+                log::info!("port {}: SINK seed={seed:#x} bytes={bytes}", self.name);
+                self.sink = Some(SinkJob {
+                    session: h.session,
+                    seed,
+                    total: bytes,
+                    received: 0,
+                    first_mismatch: NO_MISMATCH,
+                    digest: StreamDigest::new(),
+                });
+                if bytes == 0 {
+                    self.finish_sink();
+                }
+            }
+            Message::Data { offset, bytes } => {
+                if self.require_ready(&h, MessageType::Data) {
+                    self.on_data(&h, offset, &bytes);
+                }
+            }
+            Message::Stats => {
+                if self.require_ready(&h, MessageType::Stats) {
+                    let stats = self.stats(env);
+                    self.send(&Message::StatsReply(stats), h.session);
+                }
+            }
+            Message::Events { since_seq } => {
+                if self.require_ready(&h, MessageType::Events) {
+                    let reply = Message::EventsReply {
+                        first_seq: self.history.first_seq(),
+                        next_seq: self.history.next_seq(),
+                        records: self.event_records(since_seq),
+                    };
+                    self.send(&reply, h.session);
+                }
+            }
+            Message::Hello(_)
+            | Message::EchoReply(_)
+            | Message::Bye { .. }
+            | Message::ProbeResult { .. }
+            | Message::SigioReport { .. }
+            | Message::SourceDone { .. }
+            | Message::SinkResult { .. }
+            | Message::StatsReply(_)
+            | Message::EventsReply { .. } => {
                 let text = format!("{:?} is not accepted by the agent", msg.kind());
                 self.reply_error(&h, error_code::BAD_STATE, text);
-            }
-            other => {
-                let text = format!("{:?} is not served by this agent version", other.kind());
-                self.reply_error(&h, error_code::UNKNOWN_TYPE, text);
             }
         }
     }
@@ -644,6 +1176,10 @@ mod tests {
         budget: usize,
         written: Vec<u8>,
         write_calls: Vec<usize>,
+        probes: Vec<(ProbeKind, ProbeTarget, u32)>,
+        probe_result: ProbeOutcome,
+        async_calls: Vec<bool>,
+        async_err: Option<Errno>,
     }
 
     impl Fake {
@@ -655,6 +1191,10 @@ mod tests {
                 budget: usize::MAX,
                 written: vec![],
                 write_calls: vec![],
+                probes: vec![],
+                probe_result: ProbeOutcome::default(),
+                async_calls: vec![],
+                async_err: None,
             }
         }
     }
@@ -691,6 +1231,14 @@ mod tests {
         fn poll_mask(&mut self) -> Result<PollFlags, Errno> {
             Ok(self.mask)
         }
+        fn probe(&mut self, kind: ProbeKind, target: ProbeTarget, arg: u32) -> ProbeOutcome {
+            self.probes.push((kind, target, arg));
+            self.probe_result.clone()
+        }
+        fn set_async(&mut self, on: bool) -> Result<(), Errno> {
+            self.async_calls.push(on);
+            self.async_err.map_or(Ok(()), Err)
+        }
     }
 
     /// Deterministic env: the clock advances 1000 ns per reading; randomness is a counter-seeded
@@ -698,12 +1246,22 @@ mod tests {
     struct TestEnv {
         now: u64,
         rng: u64,
+        wakeups: u64,
     }
 
     impl Env for TestEnv {
         fn now_ns(&mut self) -> u64 {
             self.now += 1000;
             self.now
+        }
+        fn wakeups(&mut self) -> u64 {
+            self.wakeups
+        }
+        fn cpu_ns(&mut self) -> u64 {
+            self.wakeups * 10
+        }
+        fn agent_stats(&mut self) -> Vec<(&'static str, u64)> {
+            vec![("wakeups", self.wakeups), ("ebusy_total", 3)]
         }
         fn random_u64(&mut self) -> u64 {
             self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -715,7 +1273,7 @@ mod tests {
     }
 
     fn env() -> TestEnv {
-        TestEnv { now: 0, rng: 7 }
+        TestEnv { now: 0, rng: 7, wakeups: 0 }
     }
 
     fn port() -> Port<Fake> {
@@ -1111,6 +1669,264 @@ mod tests {
         let sent = take_sent(&mut p);
         assert_eq!(sent.len(), n_frames);
         assert!(sent.iter().all(|(_, m)| *m == Message::EchoReply(payload.clone())));
+    }
+
+    /// Feeds one request in `session` and services the port; returns what it sent.
+    fn request(p: &mut Port<Fake>, e: &mut TestEnv, msg: &Message, session: u32) -> Vec<(Header, Message)> {
+        feed(p, &wire(msg, session, 1));
+        p.service(e).unwrap();
+        take_sent(p)
+    }
+
+    #[test]
+    fn commands_need_a_ready_session() {
+        let (mut p, mut e) = (port(), env());
+        p.io.mask = HOST;
+        p.service(&mut e).unwrap();
+        let (session, _) = expect_hello(&take_sent(&mut p));
+        let cmds = [
+            Message::Close { reopen_after_ms: 5 },
+            Message::Reopen,
+            Message::Probe { kind: ProbeKind::Lseek, target: ProbeTarget::OwnFd, arg: 0 },
+            Message::Sigio { action: SigioAction::Query },
+            Message::Source { seed: 1, bytes: 10, chunk: 0 },
+            Message::Sink { seed: 1, bytes: 10 },
+            Message::Data { offset: 0, bytes: vec![1] },
+            Message::Stats,
+            Message::Events { since_seq: 0 },
+        ];
+        for m in &cmds {
+            expect_error(&request(&mut p, &mut e, m, session), error_code::BAD_STATE);
+        }
+        assert_eq!(p.close_request(), None);
+        assert!(p.io.probes.is_empty() && p.io.async_calls.is_empty());
+        // Agent-to-host messages are refused too.
+        expect_error(&request(&mut p, &mut e, &Message::Stats, 0), error_code::BAD_STATE);
+        let bye = Message::Bye { reopen_after_ms: 0, reason: "x".into() };
+        expect_error(&request(&mut p, &mut e, &bye, session), error_code::BAD_STATE);
+    }
+
+    #[test]
+    fn close_queues_bye_in_the_session_and_stops_serving() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        p.io.budget = 0;
+        let mut bytes = wire(&Message::Close { reopen_after_ms: 1500 }, session, 1);
+        bytes.extend(wire(&Message::Ping { time_ns: 1 }, session, 2));
+        feed(&mut p, &bytes);
+        p.service(&mut e).unwrap();
+        assert_eq!(p.close_request(), Some(1500));
+        assert!(p.queued() > 0, "BYE waits for a writable port");
+        p.io.budget = usize::MAX;
+        assert!(p.flush_out().unwrap());
+        let sent = take_sent(&mut p);
+        assert_eq!(sent.len(), 1, "the PING after CLOSE is not served: {sent:?}");
+        assert_eq!(sent[0].0.session, session);
+        assert_eq!(sent[0].1, Message::Bye { reopen_after_ms: 1500, reason: "close requested".into() });
+
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        let sent = request(&mut p, &mut e, &Message::Reopen, session);
+        assert!(matches!(&sent[..], [(_, Message::Bye { reopen_after_ms: 0, .. })]), "{sent:?}");
+        assert_eq!(p.close_request(), Some(0));
+        // Shutdown BYE only with a session.
+        assert!(p.say_bye(NO_REOPEN, "shutdown"));
+        p.close(&mut e, "reopen requested");
+        assert!(!p.say_bye(NO_REOPEN, "shutdown"));
+        assert_eq!(p.state(), PortState::Disconnected);
+    }
+
+    #[test]
+    fn probe_returns_the_raw_result_of_the_call() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        p.io.probe_result = ProbeOutcome { ret: -1, errno: Errno::EBUSY as i32, mask: 0, data: vec![] };
+        let req = Message::Probe { kind: ProbeKind::Open, target: ProbeTarget::SecondFd, arg: 0 };
+        let sent = request(&mut p, &mut e, &req, session);
+        assert_eq!(
+            sent[0].1,
+            Message::ProbeResult {
+                kind: ProbeKind::Open,
+                target: ProbeTarget::SecondFd,
+                ret: -1,
+                errno: Errno::EBUSY as i32,
+                mask: 0,
+                data: vec![]
+            }
+        );
+        p.io.probe_result = ProbeOutcome { ret: 3, errno: 0, mask: 0, data: b"abc".to_vec() };
+        let req = Message::Probe { kind: ProbeKind::Read, target: ProbeTarget::OwnFd, arg: 1 << 30 };
+        let before = p.counters().bytes_in;
+        let sent = request(&mut p, &mut e, &req, session);
+        assert!(matches!(&sent[0].1, Message::ProbeResult { ret: 3, data, .. } if data == b"abc"), "{sent:?}");
+        assert_eq!(p.io.probes[1], (ProbeKind::Read, ProbeTarget::OwnFd, MAX_PROBE_READ as u32), "read size capped");
+        assert_eq!(p.counters().bytes_in - before, 3 + wire(&req, session, 1).len() as u64);
+    }
+
+    #[test]
+    fn sigio_enable_counts_samples_and_disable_stops() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        p.on_sigio(&mut e);
+        assert_eq!(p.sigio().count, 0, "not counting before enable");
+        let sent = request(&mut p, &mut e, &Message::Sigio { action: SigioAction::Enable }, session);
+        assert_eq!(sent[0].1, Message::SigioReport { enabled: true, count: 0, samples: vec![] });
+        for i in 0..70 {
+            p.io.mask = if i % 2 == 0 { HOST } else { NO_HOST };
+            p.on_sigio(&mut e);
+        }
+        p.io.mask = HOST;
+        let sent = request(&mut p, &mut e, &Message::Sigio { action: SigioAction::Query }, session);
+        let Message::SigioReport { enabled: true, count: 70, samples } = &sent[0].1 else { panic!("{sent:?}") };
+        assert_eq!(samples.len(), MAX_SIGIO_SAMPLES);
+        assert_eq!((samples[0].mask, samples[1].mask), (HOST.bits() as u16, NO_HOST.bits() as u16));
+        assert!(samples.windows(2).all(|w| w[0].time_ns < w[1].time_ns));
+        let sent = request(&mut p, &mut e, &Message::Sigio { action: SigioAction::Disable }, session);
+        assert!(matches!(sent[0].1, Message::SigioReport { enabled: false, count: 70, .. }));
+        p.on_sigio(&mut e);
+        assert_eq!(p.sigio().count, 70);
+        assert_eq!(p.io.async_calls, vec![true, false]);
+        p.io.async_err = Some(Errno::EINVAL);
+        let sent = request(&mut p, &mut e, &Message::Sigio { action: SigioAction::Enable }, session);
+        expect_error(&sent, error_code::INTERNAL);
+    }
+
+    #[test]
+    fn source_streams_the_pattern_lazily_then_reports_the_digest() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        let total = 3 * SOURCE_LOW_WATER as u64 + 123;
+        p.io.budget = 0;
+        request(&mut p, &mut e, &Message::Source { seed: 42, bytes: total, chunk: 10_000 }, session);
+        assert!(p.queued() >= SOURCE_LOW_WATER && p.queued() < SOURCE_LOW_WATER + 10_100, "lazy: {}", p.queued());
+        let mut got = 0u64;
+        let mut digest = StreamDigest::new();
+        let mut done = None;
+        let mut d = Decoder::default();
+        for _ in 0..100 {
+            p.io.budget = 100_000;
+            p.service(&mut e).unwrap();
+            d.push(&std::mem::take(&mut p.io.written));
+            for f in d.by_ref() {
+                let f = f.unwrap();
+                let (h, m) = (f.header, Message::from_frame(&f).unwrap());
+                assert_eq!(h.session, session);
+                match m {
+                    Message::Data { offset, bytes } => {
+                        assert_eq!(offset, got);
+                        assert!(bytes.len() <= 10_000);
+                        assert_eq!(pattern::first_mismatch(42, offset, &bytes), None);
+                        digest.update(&bytes);
+                        got += bytes.len() as u64;
+                    }
+                    Message::SourceDone { bytes, digest } => done = Some((bytes, digest)),
+                    other => panic!("{other:?}"),
+                }
+            }
+            if done.is_some() {
+                break;
+            }
+        }
+        assert_eq!(got, total);
+        assert_eq!(done, Some((total, digest.digest())));
+        assert_eq!(digest.digest(), pattern::pattern_digest(42, total));
+
+        // A session that ends aborts a running SOURCE.
+        p.io.budget = 0;
+        request(&mut p, &mut e, &Message::Source { seed: 1, bytes: 1 << 30, chunk: 0 }, session);
+        p.io.mask = NO_HOST;
+        p.service(&mut e).unwrap();
+        assert_eq!(p.counters().stream_aborts, 1);
+        assert_eq!(p.queued(), 0);
+    }
+
+    #[test]
+    fn sink_verifies_in_order_and_reports_the_first_mismatch() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        expect_error(
+            &request(&mut p, &mut e, &Message::Data { offset: 0, bytes: vec![0] }, session),
+            error_code::BAD_STATE,
+        );
+
+        let mut stream = vec![0u8; 50_000];
+        pattern::fill(9, 0, &mut stream);
+        assert!(request(&mut p, &mut e, &Message::Sink { seed: 9, bytes: 50_000 }, session).is_empty());
+        let mut sent = vec![];
+        for (i, c) in stream.chunks(7_000).enumerate() {
+            sent = request(&mut p, &mut e, &Message::Data { offset: (i * 7_000) as u64, bytes: c.to_vec() }, session);
+        }
+        let good = Message::SinkResult {
+            bytes: 50_000,
+            digest: pattern::pattern_digest(9, 50_000),
+            first_mismatch: NO_MISMATCH,
+        };
+        assert_eq!(sent, vec![(sent[0].0, good)]);
+
+        // A flipped byte is located exactly.
+        let mut bad = stream.clone();
+        bad[12_345] ^= 0x40;
+        request(&mut p, &mut e, &Message::Sink { seed: 9, bytes: 50_000 }, session);
+        let sent = request(&mut p, &mut e, &Message::Data { offset: 0, bytes: bad }, session);
+        assert!(matches!(sent[0].1, Message::SinkResult { bytes: 50_000, first_mismatch: 12_345, .. }), "{sent:?}");
+
+        // A gap counts as a mismatch at the expected offset.
+        request(&mut p, &mut e, &Message::Sink { seed: 9, bytes: 20_000 }, session);
+        request(&mut p, &mut e, &Message::Data { offset: 0, bytes: stream[..10_000].to_vec() }, session);
+        let sent =
+            request(&mut p, &mut e, &Message::Data { offset: 11_000, bytes: stream[11_000..21_000].to_vec() }, session);
+        assert!(matches!(sent[0].1, Message::SinkResult { first_mismatch: 10_000, .. }), "{sent:?}");
+        // A zero-byte SINK answers at once.
+        let sent = request(&mut p, &mut e, &Message::Sink { seed: 9, bytes: 0 }, session);
+        assert!(matches!(sent[0].1, Message::SinkResult { bytes: 0, first_mismatch: NO_MISMATCH, .. }));
+    }
+
+    #[test]
+    fn stats_and_events_report_counters_and_stamped_transitions() {
+        let (mut p, mut e) = (port(), env());
+        p.counters_mut().ebusy = 2;
+        e.wakeups = 5;
+        let session = ready(&mut p, &mut e);
+        e.wakeups = 9;
+        let sent = request(&mut p, &mut e, &Message::Stats, session);
+        let Message::StatsReply(pairs) = &sent[0].1 else { panic!("{sent:?}") };
+        let get = |n: &str| pairs.iter().find(|(k, _)| k == n).map(|(_, v)| *v);
+        assert_eq!(get("ebusy"), Some(2));
+        assert_eq!(get("sessions"), Some(1));
+        assert_eq!(get("frames_in"), Some(2));
+        assert_eq!(get("wakeups"), Some(9));
+        assert_eq!(get("ebusy_total"), Some(3));
+        for name in [
+            "bytes_in",
+            "bytes_out",
+            "frames_out",
+            "decode_errors",
+            "stale_frames",
+            "hello_repeats",
+            "illegal_transitions",
+            "dropped_bytes",
+            "short_writes",
+            "queue_overflows",
+            "opens",
+            "closes",
+        ] {
+            assert!(get(name).is_some(), "{name} missing");
+        }
+
+        let sent = request(&mut p, &mut e, &Message::Events { since_seq: 1 }, session);
+        let Message::EventsReply { first_seq: 0, next_seq: 2, records } = &sent[0].1 else { panic!("{sent:?}") };
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!((r.seq, r.from, r.to, r.session), (1, StateCode::Connected, StateCode::Ready, session));
+        assert_eq!((r.wakeups, r.cpu_ns, r.cause.as_str()), (5, 50, "hello ack"));
+
+        // Counters and ring survive a close and reopen.
+        p.close(&mut e, "reopen requested");
+        let carry = std::mem::replace(&mut p, port()).into_carry();
+        assert_eq!(carry.history.next_seq(), 3);
+        let p2 = Port::with_carry("org.vport.0".into(), "vport0p1".into(), Fake::new(), p.info.clone(), carry);
+        assert_eq!(p2.counters().ebusy, 2);
+        assert_eq!(p2.history().since(0).last().unwrap().transition.to, PortState::Disconnected);
     }
 
     #[test]

@@ -79,6 +79,34 @@ pub fn boot_id() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// The agent's CPU time so far (user + system, all threads), in nanoseconds, from
+/// `getrusage(RUSAGE_SELF)` (microsecond resolution; the kernel derives it from the scheduler's
+/// precise runtime). 0 if the call fails, which it cannot for `RUSAGE_SELF`.
+pub fn cpu_ns() -> u64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let tv_ns = |t: nix::sys::time::TimeVal| {
+                (t.tv_sec() as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_usec() as u64 * 1_000)
+            };
+            tv_ns(u.user_time()).saturating_add(tv_ns(u.system_time()))
+        }
+        Err(_) => 0,
+    }
+}
+
+/// The agent's resident set size in KiB (`/proc/self/statm`, second field), or 0 when /proc is
+/// not mounted.
+pub fn rss_kib() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|f| f.parse::<u64>().ok()))
+        .unwrap_or(0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { nix::libc::sysconf(nix::libc::_SC_PAGESIZE) };
+    pages.saturating_mul(u64::try_from(page).unwrap_or(4096)) / 1024
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +118,18 @@ mod tests {
         b.sort_unstable();
         b.dedup();
         assert_eq!(b.len(), a.len(), "{a:?}");
+    }
+
+    #[test]
+    fn cpu_time_and_rss_are_reported() {
+        // Burn a little CPU so the counter must have moved from zero.
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(cpu_ns() > 0);
+        assert!(rss_kib() > 0);
     }
 
     #[test]

@@ -4,12 +4,19 @@
 //! (asking for a HELLO with HELLO_REQUEST when none comes, because a reconnect can happen
 //! without an edge the agent can see), and offers request/response helpers with deadlines.
 //! Damaged bytes are counted and skipped (the decoder resynchronises); they never end the link.
+//!
+//! Typed commands (each sends one request in the session and waits for its typed reply until a
+//! deadline; an agent ERROR is [`LinkError::Agent`]): [`Link::close`], [`Link::reopen`],
+//! [`Link::probe`], [`Link::sigio`], [`Link::source`] (verified on the host against the
+//! pattern), [`Link::sink`], [`Link::stats`], [`Link::events`].
 
 use crate::chardev::Stream;
 use std::io::ErrorKind;
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use vport_common::message::Hello;
+use vport_common::frame::DEFAULT_MAX_PAYLOAD;
+use vport_common::message::{EventRecord, Hello, ProbeKind, ProbeTarget, SigioAction, SigioSample, NO_MISMATCH};
+use vport_common::pattern::{self, StreamDigest};
 use vport_common::{Decoder, Frame, Message, MessageError};
 
 /// What went wrong on a link.
@@ -92,6 +99,93 @@ pub struct Handshake {
     pub hello_at: Instant,
     /// HELLO_REQUESTs the host had to send before a HELLO came.
     pub requests_sent: u32,
+    /// Frames received before the HELLO and not part of the handshake (for example replies of
+    /// an earlier session still in flight), in arrival order.
+    pub before: Vec<Received>,
+}
+
+/// The BYE the agent sent before closing its end of the port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bye {
+    /// Delay before the agent reopens, ms ([`vport_common::message::NO_REOPEN`]: never).
+    pub reopen_after_ms: u32,
+    /// Why.
+    pub reason: String,
+    /// The session the BYE ended.
+    pub session: u32,
+}
+
+/// The raw result of a PROBE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeOutcome {
+    /// The system call's return value.
+    pub ret: i64,
+    /// errno when `ret == -1`.
+    pub errno: i32,
+    /// poll revents (Poll probes).
+    pub mask: u16,
+    /// Bytes read (Read probes).
+    pub data: Vec<u8>,
+}
+
+/// A SIGIO report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigioOutcome {
+    /// Counting.
+    pub enabled: bool,
+    /// Signals counted since the last enable.
+    pub count: u64,
+    /// The first signals' times and poll masks.
+    pub samples: Vec<SigioSample>,
+}
+
+/// The life-cycle records of a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsOutcome {
+    /// Oldest sequence number still held by the agent.
+    pub first_seq: u64,
+    /// The sequence number of the next record.
+    pub next_seq: u64,
+    /// Records, oldest first.
+    pub records: Vec<EventRecord>,
+}
+
+/// A SOURCE stream as the host received and checked it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceOutcome {
+    /// Bytes received in DATA frames.
+    pub bytes: u64,
+    /// The agent's digest (SOURCE_DONE).
+    pub digest: u64,
+    /// True when every byte matched the pattern, in order, the byte counts agree and the
+    /// host's digest equals the agent's.
+    pub verified: bool,
+    /// First stream offset that was wrong (a wrong byte, or a gap), if any.
+    pub first_mismatch: Option<u64>,
+    /// DATA frames received.
+    pub frames: u64,
+    /// From the request to SOURCE_DONE.
+    pub elapsed: Duration,
+}
+
+/// A SINK stream's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkOutcome {
+    /// Bytes the agent received.
+    pub bytes: u64,
+    /// The agent's digest of them.
+    pub digest: u64,
+    /// First wrong offset as the agent saw it, if any.
+    pub first_mismatch: Option<u64>,
+    /// True when the agent saw every byte right and its digest equals the pattern's.
+    pub verified: bool,
+    /// From the request to SINK_RESULT.
+    pub elapsed: Duration,
+}
+
+/// The value of STATS entry `name`, if present.
+pub fn stat(stats: &[(String, u64)], name: &str) -> Option<u64> {
+    stats.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
 }
 
 /// One ping round trip.
@@ -152,6 +246,12 @@ impl<S: Stream> Link<S> {
     /// The current session id (0 before the handshake).
     pub fn session(&self) -> u32 {
         self.session
+    }
+
+    /// The underlying stream, for writing raw bytes outside the framing (tests that inject
+    /// garbage or half frames).
+    pub fn stream_mut(&mut self) -> &mut S {
+        &mut self.stream
     }
 
     /// Counters of the link and of its decoder.
@@ -226,6 +326,7 @@ impl<S: Stream> Link<S> {
     pub fn handshake(&mut self, timeout: Duration, host_version: &str) -> Result<Handshake, LinkError> {
         let deadline = Instant::now() + timeout;
         let mut requests_sent = 0;
+        let mut before = Vec::new();
         self.session = 0;
         loop {
             let slice = (Instant::now() + HELLO_REQUEST_INTERVAL).min(deadline);
@@ -235,9 +336,12 @@ impl<S: Stream> Link<S> {
                     self.seq = 0;
                     let nonce = hello.nonce;
                     self.send(&Message::HelloAck { nonce, host_version: host_version.into() })?;
-                    return Ok(Handshake { hello, session: frame.header.session, hello_at: at, requests_sent });
+                    return Ok(Handshake { hello, session: frame.header.session, hello_at: at, requests_sent, before });
                 }
-                Ok(other) => log::debug!("port {}: ignoring {:?} before HELLO", self.port, other.message),
+                Ok(other) => {
+                    log::debug!("port {}: ignoring {:?} before HELLO", self.port, other.message);
+                    before.push(other);
+                }
                 Err(LinkError::Timeout { .. }) if Instant::now() < deadline => {
                     log::debug!("port {}: no HELLO yet; sending HELLO_REQUEST", self.port);
                     self.send(&Message::HelloRequest)?;
@@ -253,6 +357,20 @@ impl<S: Stream> Link<S> {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Like [`Link::handshake`], but asks for a session with HELLO_REQUEST at once instead of
+    /// after [`HELLO_REQUEST_INTERVAL`]. For a host that reconnects right after a disconnect:
+    /// on a real VM the guest sees the port's host-connected state go false and true again
+    /// before the agent runs, so the agent cannot tell a new host came and its old session
+    /// would only end at the first HELLO_REQUEST. An agent that did see the connect repeats
+    /// its pending offer instead (same session), so the request never costs a session.
+    pub fn handshake_requesting(&mut self, timeout: Duration, host_version: &str) -> Result<Handshake, LinkError> {
+        self.session = 0;
+        self.send(&Message::HelloRequest)?;
+        let mut hs = self.handshake(timeout, host_version)?;
+        hs.requests_sent += 1;
+        Ok(hs)
     }
 
     /// Waits until `deadline` for a reply accepted by `pick`, skipping repeated HELLOs of the
@@ -298,6 +416,155 @@ impl<S: Stream> Link<S> {
             _ => None,
         })?;
         Ok(bytes)
+    }
+
+    /// CLOSE: the agent answers BYE, closes the port and reopens it after `reopen_after_ms`.
+    /// After the reopen it offers a new session: call [`Link::handshake`] again.
+    pub fn close(&mut self, reopen_after_ms: u32, timeout: Duration) -> Result<Bye, LinkError> {
+        self.send(&Message::Close { reopen_after_ms })?;
+        self.await_bye(timeout)
+    }
+
+    /// REOPEN: like [`Link::close`] with no delay.
+    pub fn reopen(&mut self, timeout: Duration) -> Result<Bye, LinkError> {
+        self.send(&Message::Reopen)?;
+        self.await_bye(timeout)
+    }
+
+    fn await_bye(&mut self, timeout: Duration) -> Result<Bye, LinkError> {
+        let session = self.session;
+        let (bye, _) = self.await_reply(Instant::now() + timeout, "BYE", |m| match m {
+            Message::Bye { reopen_after_ms, reason } => {
+                Some(Bye { reopen_after_ms: *reopen_after_ms, reason: reason.clone(), session })
+            }
+            _ => None,
+        })?;
+        Ok(bye)
+    }
+
+    /// PROBE: one system call on the agent's fd or a second fd; the raw result.
+    pub fn probe(
+        &mut self,
+        kind: ProbeKind,
+        target: ProbeTarget,
+        arg: u32,
+        timeout: Duration,
+    ) -> Result<ProbeOutcome, LinkError> {
+        self.send(&Message::Probe { kind, target, arg })?;
+        let (out, _) = self.await_reply(Instant::now() + timeout, "PROBE_RESULT", |m| match m {
+            Message::ProbeResult { kind: k, target: t, ret, errno, mask, data } if *k == kind && *t == target => {
+                Some(ProbeOutcome { ret: *ret, errno: *errno, mask: *mask, data: data.clone() })
+            }
+            _ => None,
+        })?;
+        Ok(out)
+    }
+
+    /// SIGIO: enable (reset and count), disable or query SIGIO observation.
+    pub fn sigio(&mut self, action: SigioAction, timeout: Duration) -> Result<SigioOutcome, LinkError> {
+        self.send(&Message::Sigio { action })?;
+        let (out, _) = self.await_reply(Instant::now() + timeout, "SIGIO_REPORT", |m| match m {
+            Message::SigioReport { enabled, count, samples } => {
+                Some(SigioOutcome { enabled: *enabled, count: *count, samples: samples.clone() })
+            }
+            _ => None,
+        })?;
+        Ok(out)
+    }
+
+    /// STATS: the agent's counters as name/value pairs (look names up with [`stat`]).
+    pub fn agent_stats(&mut self, timeout: Duration) -> Result<Vec<(String, u64)>, LinkError> {
+        self.send(&Message::Stats)?;
+        let (pairs, _) = self.await_reply(Instant::now() + timeout, "STATS_REPLY", |m| match m {
+            Message::StatsReply(p) => Some(p.clone()),
+            _ => None,
+        })?;
+        Ok(pairs)
+    }
+
+    /// EVENTS: the port's life-cycle records with `seq >= since_seq`.
+    pub fn events(&mut self, since_seq: u64, timeout: Duration) -> Result<EventsOutcome, LinkError> {
+        self.send(&Message::Events { since_seq })?;
+        let (out, _) = self.await_reply(Instant::now() + timeout, "EVENTS_REPLY", |m| match m {
+            Message::EventsReply { first_seq, next_seq, records } => {
+                Some(EventsOutcome { first_seq: *first_seq, next_seq: *next_seq, records: records.clone() })
+            }
+            _ => None,
+        })?;
+        Ok(out)
+    }
+
+    /// SOURCE: the agent streams `bytes` bytes of the pattern of `seed` in DATA frames of at
+    /// most `chunk` bytes; each is checked against the pattern here. `timeout` bounds the wait
+    /// for each frame (not the whole stream).
+    pub fn source(&mut self, seed: u64, bytes: u64, chunk: u32, timeout: Duration) -> Result<SourceOutcome, LinkError> {
+        let started = Instant::now();
+        self.send(&Message::Source { seed, bytes, chunk })?;
+        let mut digest = StreamDigest::new();
+        let mut first_mismatch = None;
+        let mut frames = 0;
+        loop {
+            let (m, _) = self.await_reply(Instant::now() + timeout, "DATA or SOURCE_DONE", |m| match m {
+                Message::Data { .. } | Message::SourceDone { .. } => Some(m.clone()),
+                _ => None,
+            })?;
+            match m {
+                Message::Data { offset, bytes: data } => {
+                    frames += 1;
+                    let expected = digest.bytes();
+                    if first_mismatch.is_none() {
+                        first_mismatch = if offset != expected {
+                            Some(expected)
+                        } else {
+                            pattern::first_mismatch(seed, offset, &data)
+                        };
+                    }
+                    digest.update(&data);
+                }
+                Message::SourceDone { bytes: agent_bytes, digest: agent_digest } => {
+                    let got = digest.bytes();
+                    if first_mismatch.is_none() && got < bytes {
+                        first_mismatch = Some(got);
+                    }
+                    let verified = first_mismatch.is_none()
+                        && got == bytes
+                        && agent_bytes == bytes
+                        && agent_digest == digest.digest();
+                    return Ok(SourceOutcome {
+                        bytes: got,
+                        digest: agent_digest,
+                        verified,
+                        first_mismatch,
+                        frames,
+                        elapsed: started.elapsed(),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// SINK: sends `bytes` bytes of the pattern of `seed` in DATA frames of `chunk` bytes
+    /// (capped by the payload limit) and returns the agent's verdict.
+    pub fn sink(&mut self, seed: u64, bytes: u64, chunk: u32, timeout: Duration) -> Result<SinkOutcome, LinkError> {
+        let started = Instant::now();
+        self.send(&Message::Sink { seed, bytes })?;
+        let chunk = (chunk as u64).clamp(1, u64::from(DEFAULT_MAX_PAYLOAD) - 8);
+        let mut offset = 0;
+        while offset < bytes {
+            let n = (bytes - offset).min(chunk) as usize;
+            let mut data = vec![0u8; n];
+            pattern::fill(seed, offset, &mut data);
+            self.send(&Message::Data { offset, bytes: data })?;
+            offset += n as u64;
+        }
+        let ((got, digest, mismatch), _) = self.await_reply(Instant::now() + timeout, "SINK_RESULT", |m| match m {
+            Message::SinkResult { bytes, digest, first_mismatch } => Some((*bytes, *digest, *first_mismatch)),
+            _ => None,
+        })?;
+        let first_mismatch = (mismatch != NO_MISMATCH).then_some(mismatch);
+        let verified = first_mismatch.is_none() && got == bytes && digest == pattern::pattern_digest(seed, bytes);
+        Ok(SinkOutcome { bytes: got, digest, first_mismatch, verified, elapsed: started.elapsed() })
     }
 
     fn io_err(&self, source: std::io::Error) -> LinkError {
@@ -389,5 +656,122 @@ mod tests {
         });
         let err = host.echo(b"x", Duration::from_secs(5)).unwrap_err();
         assert!(matches!(err, LinkError::Agent { code: 4, .. }), "{err}");
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// A host link already in session 7, with a scripted agent that also uses session 7.
+    fn in_session(script: impl FnOnce(&mut Link<UnixStream>) + Send + 'static) -> Link<UnixStream> {
+        let mut host = agent(move |g| {
+            g.session = 7;
+            script(g)
+        });
+        host.session = 7;
+        host
+    }
+
+    fn next(g: &mut Link<UnixStream>) -> Message {
+        g.recv(Instant::now() + T, "request").unwrap().message.unwrap()
+    }
+
+    #[test]
+    fn close_reopen_probe_sigio_stats_and_events_return_typed_replies() {
+        let mut host = in_session(|g| {
+            assert_eq!(next(g), Message::Close { reopen_after_ms: 1500 });
+            g.send(&Message::Pong { ping_time_ns: 0, time_ns: 0 }).unwrap(); // skipped
+            g.send(&Message::Bye { reopen_after_ms: 1500, reason: "close requested".into() }).unwrap();
+            assert_eq!(next(g), Message::Reopen);
+            g.send(&Message::Bye { reopen_after_ms: 0, reason: "reopen requested".into() }).unwrap();
+            let Message::Probe { kind, target, .. } = next(g) else { panic!() };
+            g.send(&Message::ProbeResult { kind, target, ret: -1, errno: 16, mask: 0, data: vec![] }).unwrap();
+            assert_eq!(next(g), Message::Sigio { action: SigioAction::Enable });
+            let samples = vec![SigioSample { time_ns: 1, mask: 0x11 }];
+            g.send(&Message::SigioReport { enabled: true, count: 3, samples }).unwrap();
+            assert_eq!(next(g), Message::Stats);
+            g.send(&Message::StatsReply(vec![("ebusy".into(), 2), ("wakeups".into(), 9)])).unwrap();
+            assert_eq!(next(g), Message::Events { since_seq: 4 });
+            g.send(&Message::EventsReply { first_seq: 0, next_seq: 4, records: vec![] }).unwrap();
+        });
+        let bye = host.close(1500, T).unwrap();
+        assert_eq!(bye, Bye { reopen_after_ms: 1500, reason: "close requested".into(), session: 7 });
+        assert_eq!(host.reopen(T).unwrap().reopen_after_ms, 0);
+        let p = host.probe(ProbeKind::Open, ProbeTarget::SecondFd, 0, T).unwrap();
+        assert_eq!((p.ret, p.errno), (-1, 16));
+        let s = host.sigio(SigioAction::Enable, T).unwrap();
+        assert_eq!((s.enabled, s.count, s.samples.len()), (true, 3, 1));
+        let stats = host.agent_stats(T).unwrap();
+        assert_eq!((stat(&stats, "ebusy"), stat(&stats, "wakeups"), stat(&stats, "nope")), (Some(2), Some(9), None));
+        let ev = host.events(4, T).unwrap();
+        assert_eq!((ev.first_seq, ev.next_seq, ev.records.len()), (0, 4, 0));
+    }
+
+    #[test]
+    fn source_is_verified_on_the_host_and_a_gap_is_found() {
+        fn stream(g: &mut Link<UnixStream>, skip: Option<u64>) {
+            let Message::Source { seed, bytes, chunk } = next(g) else { panic!() };
+            let mut d = StreamDigest::new();
+            let mut off = 0;
+            while off < bytes {
+                let n = (bytes - off).min(chunk as u64) as usize;
+                let mut b = vec![0u8; n];
+                pattern::fill(seed, off, &mut b);
+                if Some(off) != skip {
+                    d.update(&b);
+                    g.send(&Message::Data { offset: off, bytes: b }).unwrap();
+                }
+                off += n as u64;
+            }
+            g.send(&Message::SourceDone { bytes, digest: d.digest() }).unwrap();
+        }
+        let mut host = in_session(|g| {
+            stream(g, None);
+            stream(g, Some(2000));
+        });
+        let ok = host.source(5, 5000, 1000, T).unwrap();
+        assert!(ok.verified, "{ok:?}");
+        assert_eq!((ok.bytes, ok.frames, ok.first_mismatch), (5000, 5, None));
+        let bad = host.source(5, 5000, 1000, T).unwrap();
+        assert!(!bad.verified);
+        assert_eq!(bad.first_mismatch, Some(2000));
+    }
+
+    #[test]
+    fn sink_sends_the_pattern_and_reads_the_verdict() {
+        let mut host = in_session(|g| {
+            let Message::Sink { seed, bytes } = next(g) else { panic!() };
+            let mut d = StreamDigest::new();
+            let mut mismatch = NO_MISMATCH;
+            while d.bytes() < bytes {
+                let Message::Data { offset, bytes: b } = next(g) else { panic!() };
+                if mismatch == NO_MISMATCH {
+                    mismatch = pattern::first_mismatch(seed, offset, &b).unwrap_or(NO_MISMATCH);
+                }
+                d.update(&b);
+            }
+            g.send(&Message::SinkResult { bytes, digest: d.digest(), first_mismatch: mismatch }).unwrap();
+            let Message::Sink { bytes, .. } = next(g) else { panic!() };
+            while d.bytes() < 10_000 + bytes {
+                let Message::Data { bytes: b, .. } = next(g) else { panic!() };
+                d.update(&b);
+            }
+            g.send(&Message::SinkResult { bytes, digest: 1, first_mismatch: 77 }).unwrap();
+        });
+        let ok = host.sink(3, 10_000, 3000, T).unwrap();
+        assert!(ok.verified, "{ok:?}");
+        let bad = host.sink(3, 100, 3000, T).unwrap();
+        assert!(!bad.verified);
+        assert_eq!(bad.first_mismatch, Some(77));
+    }
+
+    #[test]
+    fn handshake_keeps_frames_that_came_before_the_hello() {
+        let mut host = agent(|g| {
+            send_in(g, 0x55, &Message::EchoReply(b"old".to_vec()));
+            send_in(g, 0xAB, &hello(3));
+            let _ = g.recv(Instant::now() + T, "ack");
+        });
+        let hs = host.handshake(T, "test").unwrap();
+        assert_eq!(hs.before.len(), 1);
+        assert_eq!(hs.before[0].frame.header.session, 0x55);
     }
 }

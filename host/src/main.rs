@@ -9,7 +9,9 @@ use vport_host::hello::{self, HelloOptions};
 use vport_host::image::{self, kernel::KernelSource, GuestImage, ImageRequest};
 use vport_host::qemu::accel::AccelChoice;
 use vport_host::qemu::vm::install_signal_cleanup;
+use vport_host::registry;
 use vport_host::rig::{vm_config, Rig};
+use vport_host::trace_check;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -55,6 +57,45 @@ enum Command {
     /// Boot a VM, handshake with the agent, ping it, and report.
     #[command(after_help = EXIT_CODES)]
     Hello(HelloArgs),
+    /// Bridge a port of a VM started by `vport boot` to stdin/stdout (like socat).
+    #[command(after_help = EXIT_CODES)]
+    Connect(ConnectArgs),
+    /// Work with life-cycle traces (JSON lines, see docs/trace.md).
+    #[command(subcommand)]
+    Trace(TraceCommand),
+}
+
+#[derive(Subcommand)]
+enum TraceCommand {
+    /// Judge a trace: strict open/close alternation on each side, READY only from CONNECTED,
+    /// no data outside READY, no duplicate OPENED. Each violation names its record numbers.
+    #[command(
+        after_help = "Exit codes:\n  0  the trace is clean (notes, such as coalesced VSERPORT_CHANGE events, are not violations)\n  1  violations found\n  2  usage error\n  3  the file cannot be read or is not a valid trace (the message names the line)"
+    )]
+    Check {
+        /// The trace file (`-` for standard input).
+        file: PathBuf,
+        /// Print the report as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+#[command(long_about = "Bridge a port of a VM started by `vport boot` to stdin/stdout, byte for byte, like \
+`socat - UNIX-CONNECT:<socket>`. The port is found by name among the running VMs that `vport boot` \
+registered; with several candidates pass --vm PID (printed by `vport boot`). The bridge ends when QEMU \
+closes the connection; end of input half-closes it, which QEMU takes as the host leaving.")]
+struct ConnectArgs {
+    /// Port name, for example org.vport.0.
+    #[arg(required_unless_present = "socket")]
+    port: Option<String>,
+    /// QEMU pid of the VM to use when several have the port.
+    #[arg(long)]
+    vm: Option<u32>,
+    /// Connect to this chardev socket directly instead of looking the port up.
+    #[arg(long, conflicts_with_all = ["port", "vm"])]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -176,6 +217,8 @@ fn main() {
         Command::Image(ImageCommand::Build { image, json }) => cmd_image_build(&image, json, &progress),
         Command::Boot(args) => cmd_boot(args, &progress),
         Command::Hello(args) => cmd_hello(args, &progress),
+        Command::Connect(args) => cmd_connect(args),
+        Command::Trace(TraceCommand::Check { file, json }) => cmd_trace_check(&file, json),
     };
     if let Err(f) = result {
         eprintln!("vport: error: {}", f.error);
@@ -272,6 +315,18 @@ fn cmd_boot(args: BootArgs, progress: &Progress) -> Result<(), Failure> {
     progress.say("starting qemu");
     let mut rig = Rig::launch(cfg).context("cannot boot the vm").map_err(infra)?;
     rig.resume().context("cannot start the guest").map_err(infra)?;
+    let entry = registry::VmEntry {
+        pid: rig.vm.pid(),
+        dir: rig.vm.dir().to_path_buf(),
+        console_log: rig.vm.console_log(),
+        ports: rig
+            .vm
+            .ports()
+            .iter()
+            .map(|p| registry::PortEntry { name: p.name.clone(), id: p.id.clone(), socket: p.socket.clone() })
+            .collect(),
+    };
+    let _registration = registry::register(&registry::registry_dir(), &entry).map_err(infra)?;
     let ports: Vec<_> = rig
         .vm
         .ports()
@@ -288,7 +343,13 @@ fn cmd_boot(args: BootArgs, progress: &Progress) -> Result<(), Failure> {
         println!("vm running: qemu pid {}, accelerator {}", rig.vm.pid(), rig.vm.accel());
         println!("guest console log: {}", rig.vm.console_log().display());
         for p in rig.vm.ports() {
-            println!("port {} (device id {}): socat - UNIX-CONNECT:{}", p.name, p.id, p.socket.display());
+            println!(
+                "port {} (device id {}): vport connect {}   (or: socat - UNIX-CONNECT:{})",
+                p.name,
+                p.id,
+                p.name,
+                p.socket.display()
+            );
         }
         println!("Ctrl-C stops the vm.");
     }
@@ -300,4 +361,64 @@ fn cmd_boot(args: BootArgs, progress: &Progress) -> Result<(), Failure> {
     }
     let status = rig.vm.wait_exit(Duration::from_secs(10)).map_err(infra)?;
     Err(Failure { code: EXIT_FAILED, error: anyhow::anyhow!("qemu exited ({status})\n{}", rig.failure_context()) })
+}
+
+fn cmd_connect(args: ConnectArgs) -> Result<(), Failure> {
+    let (name, socket) = match (args.socket, args.port) {
+        (Some(socket), _) => (socket.display().to_string(), socket),
+        (None, Some(port)) => {
+            let entries = registry::live_entries(&registry::registry_dir(), registry::pid_alive).map_err(infra)?;
+            let (vm, p) =
+                registry::find_port(&entries, &port, args.vm).map_err(|e| Failure { code: 2, error: e.into() })?;
+            log::info!("port {port} of the vm with qemu pid {}", vm.pid);
+            (port, p.socket.clone())
+        }
+        (None, None) => unreachable_usage()?,
+    };
+    let stream = std::os::unix::net::UnixStream::connect(&socket)
+        .with_context(|| format!("cannot connect to port {name} at {}", socket.display()))
+        .map_err(infra)?;
+    let mut from_port = stream.try_clone().context("cannot clone the port connection").map_err(infra)?;
+    let mut to_port = stream;
+    // stdin -> port on a thread; end of input half-closes, which QEMU takes as the host leaving.
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        if let Err(e) = std::io::copy(&mut stdin, &mut to_port) {
+            log::warn!("writing to the port failed: {e}");
+        }
+        let _ = to_port.shutdown(std::net::Shutdown::Write);
+    });
+    let mut stdout = std::io::stdout().lock();
+    std::io::copy(&mut from_port, &mut stdout).context("reading from the port failed").map_err(infra)?;
+    stdout.flush().context("cannot write to stdout").map_err(infra)?;
+    Ok(())
+}
+
+/// clap guarantees a port or a socket; reaching here is a usage error, not a panic.
+fn unreachable_usage<T>() -> Result<T, Failure> {
+    Err(Failure { code: 2, error: anyhow::anyhow!("give a port name or --socket PATH") })
+}
+
+fn cmd_trace_check(file: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let result = if file == std::path::Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("cannot read the trace from standard input")
+            .map_err(infra)?;
+        trace_check::check_text(&text)
+            .map_err(|source| trace_check::TraceCheckError::Parse { path: file.into(), source })
+    } else {
+        trace_check::run(file)
+    };
+    let code = trace_check::exit_code(&result);
+    match (&result, json) {
+        (Ok(report), false) => print!("{}", trace_check::render_text(report)),
+        (Ok(report), true) => println!("{}", trace_check::render_json(report)),
+        (Err(e), false) => eprintln!("vport: {}", trace_check::render_error_text(e)),
+        (Err(e), true) => println!("{}", trace_check::render_error_json(e)),
+    }
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
 }

@@ -5,13 +5,15 @@
 //! [`Rig::resume`] then lets the guest boot. Dropping the rig kills QEMU and removes its
 //! directory (see [`Vm`]).
 
-use crate::chardev::{connect_unix, ChardevError};
+use crate::chardev::{connect_unix, ChardevError, Connection, Endpoint, EndpointAddr};
 use crate::image::initscript::agent_args_param;
 use crate::image::GuestImage;
 use crate::link::Link;
 use crate::qemu::vm::{PortConfig, PortInfo, Vm, VmConfig, VmError};
 use crate::qmp::{Qmp, QmpError};
+use crate::session::PortServer;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -35,6 +37,14 @@ pub enum RigError {
     /// The VM has no port of that name.
     #[error("the vm has no port named {0}")]
     NoSuchPort(String),
+    /// QEMU did not report the pty of a pty port.
+    #[error("qemu reported no pty for port {port} (chardev {chardev})")]
+    NoPty {
+        /// Port name.
+        port: String,
+        /// Chardev id.
+        chardev: String,
+    },
 }
 
 /// The VM settings for `image` with `ports`, agent arguments passed on the kernel command line.
@@ -53,8 +63,8 @@ pub fn vm_config(image: &GuestImage, ports: &[&str], agent_args: &[String]) -> V
 pub struct Rig {
     /// The QEMU process (killed on drop).
     pub vm: Vm,
-    /// The QMP session.
-    pub qmp: Qmp,
+    /// The QMP session (shared with the [`PortServer`]s of the rig).
+    pub qmp: Arc<Qmp>,
     resumed_at: Option<Instant>,
 }
 
@@ -64,9 +74,10 @@ impl Rig {
         if !cfg.extra_args.iter().any(|a| a == "-S") {
             cfg.extra_args.push("-S".into());
         }
-        let vm = Vm::start(&cfg)?;
+        let mut vm = Vm::start(&cfg)?;
         let qmp = Qmp::connect(&vm.qmp_socket(), QMP_TIMEOUT)?;
-        Ok(Rig { vm, qmp, resumed_at: None })
+        resolve_ptys(&mut vm, &qmp)?;
+        Ok(Rig { vm, qmp: Arc::new(qmp), resumed_at: None })
     }
 
     /// The port called `name`.
@@ -78,6 +89,36 @@ impl Rig {
     pub fn connect(&self, name: &str) -> Result<Link<UnixStream>, RigError> {
         let port = self.port(name)?;
         Ok(Link::new(name, connect_unix(name, &port.socket)?))
+    }
+
+    /// The host end of port `name`: an [`Endpoint`] of the kind the port was configured with
+    /// ([`crate::qemu::HostEnd`]). Each call gives an independent endpoint object; for server
+    /// kinds they share the one listener bound before QEMU started.
+    pub fn endpoint(&self, name: &str) -> Result<Box<dyn Endpoint>, RigError> {
+        let port = self.port(name)?;
+        let listener = match self.vm.listener(name) {
+            Some(l) => Some(l.try_clone().map_err(|source| ChardevError::Listen {
+                port: name.into(),
+                addr: port.endpoint.to_string(),
+                source,
+            })?),
+            None => None,
+        };
+        Ok(crate::chardev::endpoint(name, &port.endpoint, listener)?)
+    }
+
+    /// Connects port `name`'s host end (any kind) within `timeout` and returns a link over it.
+    pub fn link(&self, name: &str, timeout: Duration) -> Result<Link<Connection>, RigError> {
+        let conn = self.endpoint(name)?.connect(timeout)?;
+        Ok(Link::new(name, conn))
+    }
+
+    /// A session server for port `name` (see [`crate::session`]): its endpoint, a QMP event
+    /// subscription taken now, and the port's ids.
+    pub fn port_server(&self, name: &str) -> Result<PortServer, RigError> {
+        let port = self.port(name)?.clone();
+        let endpoint = self.endpoint(name)?;
+        Ok(PortServer::new(&port, endpoint, self.qmp.clone()))
     }
 
     /// Lets the guest run (QMP `cont`) and remembers when.
@@ -97,6 +138,30 @@ impl Rig {
     pub fn failure_context(&self) -> String {
         failure_context(&self.vm)
     }
+}
+
+/// Fills in the pty path of every pty port from `query-chardev` (`filename` `pty:/dev/pts/N`).
+fn resolve_ptys(vm: &mut Vm, qmp: &Qmp) -> Result<(), RigError> {
+    let ptys: Vec<(String, String)> = vm
+        .ports()
+        .iter()
+        .filter(|p| matches!(p.endpoint, EndpointAddr::Pty { .. }))
+        .map(|p| (p.name.clone(), p.chardev_id.clone()))
+        .collect();
+    if ptys.is_empty() {
+        return Ok(());
+    }
+    let chardevs = qmp.query_chardev()?;
+    for (name, chardev) in ptys {
+        let path = chardevs
+            .iter()
+            .find(|c| c.label == chardev)
+            .and_then(|c| c.filename.strip_prefix("pty:"))
+            .ok_or_else(|| RigError::NoPty { port: name.clone(), chardev: chardev.clone() })?;
+        log::debug!("port {name}: pty {path}");
+        vm.set_pty_path(&name, path.into());
+    }
+    Ok(())
 }
 
 /// The last lines of `vm`'s guest console and QEMU stderr, labelled.

@@ -14,6 +14,23 @@ fn agent() -> PathBuf {
     vport_host::image::resolve_agent(None).unwrap_or_else(|e| panic!("{e}: run scripts/build-agent first"))
 }
 
+/// A child process killed when the test ends, however it ends (a panicking test must not leave
+/// a `vport boot` and its QEMU running).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SIGINT lets `vport boot` kill its QEMU first.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn show(o: &Output) -> String {
     format!(
         "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -97,4 +114,95 @@ fn a_silent_agent_fails_with_the_deadline_and_the_console() {
     assert!(err.contains("no HELLO from vport-agent within"), "{}", show(&o));
     assert!(err.contains("guest console"), "{}", show(&o));
     assert!(err.contains("vport-init: modules loaded"), "the console tail shows the boot: {}", show(&o));
+}
+
+/// `vport boot` keeps a VM up and registers it; `vport connect PORT` finds it by name and
+/// bridges the port: the agent's HELLO arrives on stdout, a HELLO_ACK and a PING written to
+/// stdin get a PONG back. Ctrl-C on `vport boot` exits 130 and leaves no QEMU behind.
+#[test]
+fn boot_then_connect_bridges_the_port_to_stdio() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    use vport_common::{Decoder, Message};
+
+    let runtime = tempfile::tempdir().unwrap();
+    let mut boot = KillOnDrop(
+        vport()
+            .args(["boot", "--json"])
+            .env("VPORT_AGENT", agent())
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(boot.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let qemu_pid = info["pid"].as_u64().unwrap();
+    assert_eq!(info["ports"][0]["name"], "org.vport.0", "{info}");
+
+    let mut connect = KillOnDrop(
+        vport()
+            .args(["connect", "org.vport.0"])
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut out = connect.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut d = Decoder::default();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            d.push(&buf[..n]);
+            while let Some(Ok(f)) = d.next_frame() {
+                let _ = tx.send(f);
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let hello = loop {
+        let f = rx.recv_deadline(deadline).unwrap_or_else(|_| {
+            let console = std::fs::read_to_string(info["console_log"].as_str().unwrap_or_default()).unwrap_or_default();
+            panic!("no HELLO through vport connect within 60 s; guest console:\n{console}")
+        });
+        if let Ok(Message::Hello(h)) = Message::from_frame(&f) {
+            break (f.header.session, h);
+        }
+    };
+    let mut stdin = connect.0.stdin.take().unwrap();
+    let ack = Message::HelloAck { nonce: hello.1.nonce, host_version: "cli-test".into() };
+    stdin.write_all(&ack.to_frame(hello.0, 0).unwrap().encode().unwrap()).unwrap();
+    stdin.write_all(&Message::Ping { time_ns: 99 }.to_frame(hello.0, 1).unwrap().encode().unwrap()).unwrap();
+    let pong = loop {
+        let f = rx.recv_deadline(Instant::now() + Duration::from_secs(10)).expect("no PONG through vport connect");
+        if let Ok(m @ Message::Pong { .. }) = Message::from_frame(&f) {
+            break m;
+        }
+    };
+    assert!(matches!(pong, Message::Pong { ping_time_ns: 99, .. }), "{pong:?}");
+
+    // End of input half-closes; QEMU drops the client and the bridge ends by itself.
+    drop(stdin);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = connect.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "vport connect did not end after its input closed");
+        std::thread::park_timeout(Duration::from_millis(20));
+    };
+    assert!(status.success(), "vport connect: {status}");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(boot.0.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = boot.0.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "vport boot after Ctrl-C");
+    assert!(!std::path::Path::new(&format!("/proc/{qemu_pid}")).exists(), "qemu {qemu_pid} survived Ctrl-C");
 }

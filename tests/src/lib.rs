@@ -85,3 +85,25 @@ impl Drop for TestVm {
         }
     }
 }
+
+/// Starts a VM (paused) with `ports`, each with the host end it names (see
+/// [`vport_host::qemu::HostEnd`]); call [`TestVm::resume`] when the host side is ready.
+pub fn launch_with_ports(ports: Vec<vport_host::qemu::PortConfig>) -> TestVm {
+    let mut cfg = vm_config(guest_image(), &[], &[]);
+    cfg.ports = ports;
+    let rig = Rig::launch(cfg).unwrap_or_else(|e| panic!("cannot launch the vm: {:#}", anyhow::Error::new(e)));
+    eprintln!("e2e: qemu pid {} accelerator {}", rig.vm.pid(), rig.vm.accel());
+    TestVm { rig }
+}
+
+/// Accepts the next session on `server` within `timeout`, panicking with the VM's state if
+/// none comes.
+pub fn accept_session(
+    vm: &TestVm,
+    server: &mut vport_host::session::PortServer,
+    timeout: Duration,
+) -> vport_host::session::Session {
+    server.accept(timeout).unwrap_or_else(|e| {
+        panic!("no session on {}: {:#}\n{}", server.port(), anyhow::Error::new(e), vm.rig.failure_context())
+    })
+}

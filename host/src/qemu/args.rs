@@ -117,6 +117,15 @@ pub enum ChardevBackend {
         /// Listen port.
         port: u16,
     },
+    /// QEMU connects to a TCP listener at `host:port`, retrying every `reconnect_secs` seconds.
+    TcpClient {
+        /// Host to connect to.
+        host: String,
+        /// Port to connect to.
+        port: u16,
+        /// Reconnect interval in seconds (0: no reconnect).
+        reconnect_secs: u32,
+    },
     /// A pseudo terminal allocated by QEMU.
     Pty,
 }
@@ -143,6 +152,15 @@ pub fn chardev_args(id: &str, b: &ChardevBackend) -> Vec<OsString> {
             "socket,id=".as_ref(),
             &id,
             format!(",host={},port={port},server=on,wait=off", escape(host.as_ref()).to_string_lossy()).as_ref(),
+        ]),
+        ChardevBackend::TcpClient { host, port, reconnect_secs } => cat(&[
+            "socket,id=".as_ref(),
+            &id,
+            format!(
+                ",host={},port={port},server=off,reconnect={reconnect_secs}",
+                escape(host.as_ref()).to_string_lossy()
+            )
+            .as_ref(),
         ]),
         ChardevBackend::Pty => cat(&["pty,id=".as_ref(), &id]),
     };
@@ -283,6 +301,13 @@ mod tests {
             ["-chardev", "socket,id=c2,host=127.0.0.1,port=4444,server=on,wait=off"]
         );
         assert_eq!(s(chardev_args("c3", &ChardevBackend::Pty)), ["-chardev", "pty,id=c3"]);
+        assert_eq!(
+            s(chardev_args(
+                "c4",
+                &ChardevBackend::TcpClient { host: "127.0.0.1".into(), port: 5555, reconnect_secs: 1 }
+            )),
+            ["-chardev", "socket,id=c4,host=127.0.0.1,port=5555,server=off,reconnect=1"]
+        );
     }
 
     #[test]

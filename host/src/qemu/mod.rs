@@ -11,7 +11,7 @@ use std::process::{Child, Command};
 
 pub use accel::{Accel, AccelChoice};
 pub use args::{ChardevBackend, PortKind, PortSpec};
-pub use vm::{install_signal_cleanup, PortConfig, PortInfo, Vm, VmConfig, VmError};
+pub use vm::{install_signal_cleanup, HostEnd, PortConfig, PortInfo, Vm, VmConfig, VmError};
 
 /// Environment variable naming the QEMU binary to run.
 pub const QEMU_ENV: &str = "VPORT_QEMU";

@@ -15,6 +15,7 @@ use std::time::Duration;
 use super::accel::{self, Accel, AccelChoice};
 use super::args::{self, ChardevBackend, PortKind, PortSpec};
 use super::{FindQemuError, QemuVersion};
+use crate::chardev::{EndpointAddr, Listener};
 use crate::wait::{wait_until, WaitError};
 
 /// Device id of the virtio-serial controller (its bus is `vser0.0`).
@@ -56,21 +57,58 @@ pub enum VmError {
     /// A wait on the running VM failed.
     #[error("vm wait failed")]
     Wait(#[source] WaitError),
+    /// A port's host end could not be prepared (listener, free TCP port).
+    #[error("cannot prepare the host end of a port")]
+    Endpoint(#[from] crate::chardev::ChardevError),
 }
 
-/// One port to create. Its host end is a unix socket QEMU listens on in the VM directory.
+/// Which host end a port gets (see [`crate::chardev`] for what each means). Named from vport's
+/// side: `UnixClient` means QEMU listens and vport connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostEnd {
+    /// QEMU listens on a unix socket in the VM directory (`server=on,wait=off`); vport connects.
+    #[default]
+    UnixClient,
+    /// vport listens on a unix socket in the VM directory (bound before QEMU starts); QEMU
+    /// connects with `reconnect=<reconnect_secs>`.
+    UnixServer {
+        /// QEMU's reconnect interval in seconds (at least 1).
+        reconnect_secs: u32,
+    },
+    /// QEMU listens on a free loopback TCP port (`server=on,wait=off`); vport connects.
+    TcpClient,
+    /// vport listens on a free loopback TCP port (bound before QEMU starts); QEMU connects with
+    /// `reconnect=<reconnect_secs>`.
+    TcpServer {
+        /// QEMU's reconnect interval in seconds (at least 1).
+        reconnect_secs: u32,
+    },
+    /// `-chardev pty`; vport opens the slave.
+    Pty,
+}
+
+/// One port to create, and its host end (by default a unix socket QEMU listens on in the VM
+/// directory).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortConfig {
     /// Name the guest sees.
     pub name: String,
     /// `virtserialport` or `virtconsole`.
     pub kind: PortKind,
+    /// The host end.
+    pub host: HostEnd,
 }
 
 impl PortConfig {
-    /// A `virtserialport` called `name`.
+    /// A `virtserialport` called `name` whose host end is a unix socket QEMU listens on.
     pub fn serial(name: impl Into<String>) -> Self {
-        Self { name: name.into(), kind: PortKind::Serial }
+        Self { name: name.into(), kind: PortKind::Serial, host: HostEnd::UnixClient }
+    }
+
+    /// The same port with host end `host`.
+    pub fn with_host(mut self, host: HostEnd) -> Self {
+        self.host = host;
+        self
     }
 }
 
@@ -137,14 +175,33 @@ pub struct PortInfo {
     pub chardev_id: String,
     /// Device type.
     pub kind: PortKind,
-    /// Unix socket QEMU listens on.
+    /// Unix socket QEMU listens on ([`HostEnd::UnixClient`] ports; empty for other kinds).
     pub socket: PathBuf,
+    /// The host end.
+    pub endpoint: EndpointAddr,
+}
+
+/// A free loopback TCP port now (bind port 0, read it, release it). Another process can take
+/// it before QEMU binds it; [`Vm::start`] retries when QEMU reports the address in use.
+fn free_loopback_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Port specs for `ports` with sockets in `dir`: ids `vport-port<i>`, chardevs `vport-ch<i>`,
-/// sockets `port<i>.sock` (short, so paths stay under the 108-byte unix socket limit).
+/// sockets `port<i>.sock` (short, so paths stay under the 108-byte unix socket limit; vport's
+/// own listening sockets are `port<i>.host.sock`). TCP ports are chosen by [`plan_endpoints`].
 pub fn plan_ports(dir: &Path, ports: &[PortConfig]) -> Result<Vec<PortSpec>, VmError> {
-    let mut out: Vec<PortSpec> = Vec::new();
+    plan_endpoints(dir, ports, &mut |_| Ok(0)).map(|v| v.into_iter().map(|(s, _)| s).collect())
+}
+
+/// Like [`plan_ports`], with each port's host end; `tcp_port(i)` picks the loopback TCP port of
+/// port `i` (for TCP host ends).
+pub fn plan_endpoints(
+    dir: &Path,
+    ports: &[PortConfig],
+    tcp_port: &mut dyn FnMut(usize) -> std::io::Result<u16>,
+) -> Result<Vec<(PortSpec, EndpointAddr)>, VmError> {
+    let mut out: Vec<(PortSpec, EndpointAddr)> = Vec::new();
     for (i, p) in ports.iter().enumerate() {
         let bad = |reason| VmError::InvalidPort { name: p.name.clone(), reason };
         if p.name.is_empty() {
@@ -153,17 +210,53 @@ pub fn plan_ports(dir: &Path, ports: &[PortConfig]) -> Result<Vec<PortSpec>, VmE
         if p.name.contains('\0') {
             return Err(bad("port names must not contain NUL"));
         }
-        if out.iter().any(|o| o.name == p.name) {
+        if out.iter().any(|(o, _)| o.name == p.name) {
             return Err(bad("duplicate port name"));
         }
-        out.push(PortSpec {
+        if matches!(p.host, HostEnd::UnixServer { reconnect_secs: 0 } | HostEnd::TcpServer { reconnect_secs: 0 }) {
+            return Err(bad("a host end that qemu connects to needs reconnect_secs >= 1"));
+        }
+        let loopback = std::net::Ipv4Addr::LOCALHOST;
+        let tcp = |tcp_port: &mut dyn FnMut(usize) -> std::io::Result<u16>| {
+            tcp_port(i).map_err(|source| VmError::Io { path: dir.to_path_buf(), source })
+        };
+        let (backend, addr) = match p.host {
+            HostEnd::UnixClient => {
+                let path = dir.join(format!("port{i}.sock"));
+                (ChardevBackend::UnixServer { path: path.clone() }, EndpointAddr::UnixClient { path })
+            }
+            HostEnd::UnixServer { reconnect_secs } => {
+                let path = dir.join(format!("port{i}.host.sock"));
+                (
+                    ChardevBackend::UnixClient { path: path.clone(), reconnect_secs },
+                    EndpointAddr::UnixServer { path, reconnect_secs },
+                )
+            }
+            HostEnd::TcpClient => {
+                let port = tcp(tcp_port)?;
+                (
+                    ChardevBackend::TcpServer { host: loopback.to_string(), port },
+                    EndpointAddr::TcpClient { addr: (loopback, port).into() },
+                )
+            }
+            HostEnd::TcpServer { reconnect_secs } => {
+                let port = tcp(tcp_port)?;
+                (
+                    ChardevBackend::TcpClient { host: loopback.to_string(), port, reconnect_secs },
+                    EndpointAddr::TcpServer { addr: (loopback, port).into(), reconnect_secs },
+                )
+            }
+            HostEnd::Pty => (ChardevBackend::Pty, EndpointAddr::Pty { path: None }),
+        };
+        let spec = PortSpec {
             name: p.name.clone(),
             id: format!("vport-port{i}"),
             chardev_id: format!("vport-ch{i}"),
             kind: p.kind,
-            backend: ChardevBackend::UnixServer { path: dir.join(format!("port{i}.sock")) },
+            backend,
             nr: None,
-        });
+        };
+        out.push((spec, addr));
     }
     Ok(out)
 }
@@ -285,6 +378,7 @@ pub struct Vm {
     qemu: PathBuf,
     accel: Accel,
     ports: Vec<PortInfo>,
+    listeners: Vec<(String, Listener)>,
     args: Vec<OsString>,
     version: OnceLock<Result<QemuVersion, String>>,
 }
@@ -308,15 +402,56 @@ impl Vm {
     ///
     /// QEMU gets SIGKILL when the *thread* that called `start` exits (`PR_SET_PDEATHSIG`
     /// semantics), so start VMs from a thread that outlives them.
+    ///
+    /// Listeners of host ends QEMU connects to are bound before QEMU starts (see
+    /// [`Vm::listener`]). A [`HostEnd::TcpClient`] port gets a loopback port that was free a
+    /// moment before; if QEMU finds it taken, the start is retried (3 attempts).
     pub fn start(cfg: &VmConfig) -> Result<Vm, VmError> {
         let qemu = super::find_qemu(cfg.qemu.as_deref())?;
         let accel = accel::resolve(cfg.accel, &qemu, Some(&cfg.kernel), &cfg.cache_dir)?;
+        let tcp = cfg.ports.iter().any(|p| p.host == HostEnd::TcpClient);
+        let mut attempt = 1;
+        loop {
+            match Vm::start_once(cfg, &qemu, accel) {
+                Err(VmError::Startup { stderr_tail, .. })
+                    if tcp && attempt < 3 && stderr_tail.contains("Address already in use") =>
+                {
+                    log::debug!("qemu found a chosen tcp port taken (attempt {attempt}); retrying");
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn start_once(cfg: &VmConfig, qemu: &Path, accel: Accel) -> Result<Vm, VmError> {
+        let qemu = qemu.to_path_buf();
         let tmp = tempfile::Builder::new()
             .prefix("vport-vm-")
             .tempdir()
             .map_err(|source| VmError::Io { path: std::env::temp_dir(), source })?;
         let dir = tmp.path().to_path_buf();
-        let specs = plan_ports(&dir, &cfg.ports)?;
+        let mut tcp_listeners = std::collections::HashMap::new();
+        let planned = plan_endpoints(&dir, &cfg.ports, &mut |i| match cfg.ports[i].host {
+            HostEnd::TcpServer { .. } => {
+                let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+                let port = l.local_addr()?.port();
+                tcp_listeners.insert(i, l);
+                Ok(port)
+            }
+            _ => free_loopback_port(),
+        })?;
+        let mut listeners = Vec::new();
+        for (i, (spec, addr)) in planned.iter().enumerate() {
+            let l = match tcp_listeners.remove(&i) {
+                Some(l) => Some(Listener::Tcp(l)),
+                None => crate::chardev::bind(&spec.name, addr)?,
+            };
+            if let Some(l) = l {
+                listeners.push((spec.name.clone(), l));
+            }
+        }
+        let specs: Vec<PortSpec> = planned.iter().map(|(s, _)| s.clone()).collect();
         let args = build_args(cfg, accel, &dir, &specs);
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -336,9 +471,9 @@ impl Vm {
         let pid = child.id();
         reg.push((pid as i32, dir.clone()));
         drop(reg);
-        let ports = specs
-            .iter()
-            .map(|s| PortInfo {
+        let ports = planned
+            .into_iter()
+            .map(|(s, endpoint)| PortInfo {
                 name: s.name.clone(),
                 id: s.id.clone(),
                 chardev_id: s.chardev_id.clone(),
@@ -347,6 +482,7 @@ impl Vm {
                     ChardevBackend::UnixServer { path } => path.clone(),
                     _ => PathBuf::new(),
                 },
+                endpoint,
             })
             .collect();
         let vm = Vm {
@@ -358,12 +494,14 @@ impl Vm {
             qemu,
             accel,
             ports,
+            listeners,
             args,
             version: OnceLock::new(),
         };
         log::debug!("qemu pid {pid} ({accel}) in {}", vm.dir_path.display());
-        let sockets: Vec<PathBuf> =
-            std::iter::once(vm.qmp_socket()).chain(vm.ports.iter().map(|p| p.socket.clone())).collect();
+        let sockets: Vec<PathBuf> = std::iter::once(vm.qmp_socket())
+            .chain(vm.ports.iter().filter(|p| !p.socket.as_os_str().is_empty()).map(|p| p.socket.clone()))
+            .collect();
         let waited = wait_until(
             "qemu to create its QMP and port sockets",
             cfg.startup_timeout,
@@ -409,6 +547,21 @@ impl Vm {
     /// The port called `name`.
     pub fn port(&self, name: &str) -> Option<&PortInfo> {
         self.ports.iter().find(|p| p.name == name)
+    }
+
+    /// The listener vport bound for port `name`, if its host end is one QEMU connects to
+    /// ([`HostEnd::UnixServer`], [`HostEnd::TcpServer`]).
+    pub fn listener(&self, name: &str) -> Option<&Listener> {
+        self.listeners.iter().find(|(n, _)| n == name).map(|(_, l)| l)
+    }
+
+    /// Records the pty slave path QEMU allocated for port `name` (from QMP `query-chardev`).
+    pub fn set_pty_path(&mut self, name: &str, path: PathBuf) {
+        if let Some(p) = self.ports.iter_mut().find(|p| p.name == name) {
+            if let EndpointAddr::Pty { path: slot } = &mut p.endpoint {
+                *slot = Some(path);
+            }
+        }
     }
 
     /// Socket of the port called `name`.
@@ -538,6 +691,30 @@ mod tests {
             Err(VmError::InvalidPort { .. })
         ));
         assert!(plan_ports(Path::new("/t"), &[PortConfig::serial("")]).is_err());
+    }
+
+    #[test]
+    fn plans_each_host_end_with_the_opposite_qemu_role() {
+        let ports = [
+            PortConfig::serial("a"),
+            PortConfig::serial("b").with_host(HostEnd::UnixServer { reconnect_secs: 1 }),
+            PortConfig::serial("c").with_host(HostEnd::TcpClient),
+            PortConfig::serial("d").with_host(HostEnd::TcpServer { reconnect_secs: 2 }),
+            PortConfig::serial("e").with_host(HostEnd::Pty),
+        ];
+        let p = plan_endpoints(Path::new("/t"), &ports, &mut |i| Ok(4000 + i as u16)).unwrap();
+        assert_eq!(p[0].1, EndpointAddr::UnixClient { path: "/t/port0.sock".into() });
+        assert_eq!(p[1].0.backend, ChardevBackend::UnixClient { path: "/t/port1.host.sock".into(), reconnect_secs: 1 });
+        assert_eq!(p[2].0.backend, ChardevBackend::TcpServer { host: "127.0.0.1".into(), port: 4002 });
+        assert_eq!(p[2].1, EndpointAddr::TcpClient { addr: "127.0.0.1:4002".parse().unwrap() });
+        assert_eq!(
+            p[3].0.backend,
+            ChardevBackend::TcpClient { host: "127.0.0.1".into(), port: 4003, reconnect_secs: 2 }
+        );
+        assert_eq!(p[4], (p[4].0.clone(), EndpointAddr::Pty { path: None }));
+        assert_eq!(p[4].0.backend, ChardevBackend::Pty);
+        let bad = [PortConfig::serial("x").with_host(HostEnd::UnixServer { reconnect_secs: 0 })];
+        assert!(plan_endpoints(Path::new("/t"), &bad, &mut |_| Ok(1)).is_err());
     }
 
     #[test]
