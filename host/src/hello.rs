@@ -34,6 +34,8 @@ pub struct HelloOptions {
     pub hello_timeout: Duration,
     /// Number of pings.
     pub pings: u32,
+    /// Arguments for vport-agent (empty: the image's defaults).
+    pub agent_args: Vec<String>,
 }
 
 impl Default for HelloOptions {
@@ -45,6 +47,7 @@ impl Default for HelloOptions {
             cpus: 1,
             hello_timeout: Duration::from_secs(45),
             pings: 10,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -180,7 +183,7 @@ pub fn run(image: &GuestImage, opts: &HelloOptions, progress: &mut dyn FnMut(&st
             opts.port
         ));
     }
-    let mut cfg = vm_config(image, &[opts.port.as_str()], &[]);
+    let mut cfg = vm_config(image, &[opts.port.as_str()], &opts.agent_args);
     cfg.accel = opts.accel;
     cfg.memory_mib = opts.memory_mib;
     cfg.cpus = opts.cpus;

@@ -317,17 +317,31 @@ impl<S: Stream> Link<S> {
         }
     }
 
-    /// Waits for the agent's HELLO and acknowledges it; the link then belongs to that session.
+    /// Asks for a session and completes the handshake: sends HELLO_REQUEST at once, then
+    /// [`Link::await_hello`]. Use this on every fresh connection.
     ///
-    /// If no HELLO arrives within [`HELLO_REQUEST_INTERVAL`], a HELLO_REQUEST is sent, and again
-    /// at that interval, until `timeout`. Requests written before the agent opened the port wait
-    /// in QEMU (backpressure) and are answered then; the agent answers a request for a session
-    /// it already offered by repeating that HELLO, so requests never multiply sessions.
+    /// Why at once: on a real VM a disconnect followed quickly by a connect flips the port's
+    /// host-connected state false and true before the agent runs, so the agent cannot see the
+    /// new host, and its old session would only end at a request. An agent that did see the
+    /// connect answers by repeating its pending offer (same session), and requests written
+    /// before the agent opened the port wait in QEMU and are answered the same way, so asking
+    /// never costs a session.
     pub fn handshake(&mut self, timeout: Duration, host_version: &str) -> Result<Handshake, LinkError> {
+        self.session = 0;
+        self.send(&Message::HelloRequest)?;
+        let mut hs = self.await_hello(timeout, host_version)?;
+        hs.requests_sent += 1;
+        Ok(hs)
+    }
+
+    /// Waits for the agent's HELLO and acknowledges it; the link then belongs to that session.
+    /// Sends HELLO_REQUEST only after each [`HELLO_REQUEST_INTERVAL`] without a HELLO, for
+    /// callers that decide themselves when to ask (the session server).
+    pub fn await_hello(&mut self, timeout: Duration, host_version: &str) -> Result<Handshake, LinkError> {
         let deadline = Instant::now() + timeout;
-        let mut requests_sent = 0;
         let mut before = Vec::new();
         self.session = 0;
+        let mut requests_sent = 0;
         loop {
             let slice = (Instant::now() + HELLO_REQUEST_INTERVAL).min(deadline);
             match self.recv(slice, "HELLO") {
@@ -357,20 +371,6 @@ impl<S: Stream> Link<S> {
                 Err(e) => return Err(e),
             }
         }
-    }
-
-    /// Like [`Link::handshake`], but asks for a session with HELLO_REQUEST at once instead of
-    /// after [`HELLO_REQUEST_INTERVAL`]. For a host that reconnects right after a disconnect:
-    /// on a real VM the guest sees the port's host-connected state go false and true again
-    /// before the agent runs, so the agent cannot tell a new host came and its old session
-    /// would only end at the first HELLO_REQUEST. An agent that did see the connect repeats
-    /// its pending offer instead (same session), so the request never costs a session.
-    pub fn handshake_requesting(&mut self, timeout: Duration, host_version: &str) -> Result<Handshake, LinkError> {
-        self.session = 0;
-        self.send(&Message::HelloRequest)?;
-        let mut hs = self.handshake(timeout, host_version)?;
-        hs.requests_sent += 1;
-        Ok(hs)
     }
 
     /// Waits until `deadline` for a reply accepted by `pick`, skipping repeated HELLOs of the
@@ -609,6 +609,8 @@ mod tests {
         let mut host = agent(|g| {
             // garbage first: the decoder must resynchronise
             g.stream.write_all(b"\xF5VPR stale bytes").unwrap();
+            let r = g.recv(Instant::now() + Duration::from_secs(5), "request").unwrap();
+            assert!(matches!(r.message, Ok(Message::HelloRequest)), "the host asks at once: {:?}", r.message);
             send_in(g, 0xAB, &hello(77));
             let r = g.recv(Instant::now() + Duration::from_secs(5), "ack").unwrap();
             assert_eq!(r.frame.header.session, 0xAB);
@@ -619,22 +621,25 @@ mod tests {
             send_in(g, 0xAB, &Message::Pong { ping_time_ns: time_ns, time_ns: 2 });
         });
         let hs = host.handshake(Duration::from_secs(5), "test").unwrap();
-        assert_eq!((hs.session, hs.hello.nonce, hs.requests_sent), (0xAB, 77, 0));
+        assert_eq!((hs.session, hs.hello.nonce, hs.requests_sent), (0xAB, 77, 1));
         let p = host.ping(Duration::from_secs(5), 1234).unwrap();
         assert_eq!(p.agent_time_ns, 2, "the stale-session PONG must be dropped");
         assert_eq!(host.stats().0.stale_frames, 1);
     }
 
     #[test]
-    fn a_silent_agent_gets_hello_requests_then_the_handshake_completes() {
+    fn a_silent_agent_gets_hello_requests_again_then_the_handshake_completes() {
         let mut host = agent(|g| {
-            let r = g.recv(Instant::now() + Duration::from_secs(5), "request").unwrap();
-            assert!(matches!(r.message, Ok(Message::HelloRequest)));
+            // Ignore the first request, as an agent that has not opened the port yet would.
+            for _ in 0..2 {
+                let r = g.recv(Instant::now() + Duration::from_secs(5), "request").unwrap();
+                assert!(matches!(r.message, Ok(Message::HelloRequest)));
+            }
             send_in(g, 5, &hello(1));
             let _ = g.recv(Instant::now() + Duration::from_secs(5), "ack");
         });
         let hs = host.handshake(Duration::from_secs(5), "test").unwrap();
-        assert_eq!(hs.requests_sent, 1);
+        assert_eq!(hs.requests_sent, 2);
     }
 
     #[test]
@@ -768,7 +773,9 @@ mod tests {
         let mut host = agent(|g| {
             send_in(g, 0x55, &Message::EchoReply(b"old".to_vec()));
             send_in(g, 0xAB, &hello(3));
-            let _ = g.recv(Instant::now() + T, "ack");
+            for what in ["request", "ack"] {
+                let _ = g.recv(Instant::now() + T, what);
+            }
         });
         let hs = host.handshake(T, "test").unwrap();
         assert_eq!(hs.before.len(), 1);

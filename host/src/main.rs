@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use vport_host::hello::{self, HelloOptions};
@@ -141,6 +142,16 @@ struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     cpus: u32,
+    /// Log level of vport-agent inside the guest (its log goes to the guest console).
+    #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    agent_log_level: String,
+}
+
+impl VmArgs {
+    /// Arguments for vport-agent, passed on the kernel command line.
+    fn agent_args(&self) -> Vec<String> {
+        vec!["--log-level".into(), self.agent_log_level.clone()]
+    }
 }
 
 #[derive(Args)]
@@ -278,6 +289,7 @@ fn cmd_hello(args: HelloArgs, progress: &Progress) -> Result<(), Failure> {
         cpus: args.vm.cpus,
         hello_timeout: Duration::from_secs(args.timeout),
         pings: args.pings,
+        agent_args: args.vm.agent_args(),
     };
     let report = match hello::run(&img, &opts, &mut |m| progress.say(m)) {
         Ok(r) => r,
@@ -308,7 +320,7 @@ fn cmd_hello(args: HelloArgs, progress: &Progress) -> Result<(), Failure> {
 fn cmd_boot(args: BootArgs, progress: &Progress) -> Result<(), Failure> {
     let img = build_image(&args.image, progress)?;
     let names: Vec<&str> = args.ports.iter().map(String::as_str).collect();
-    let mut cfg = vm_config(&img, &names, &[]);
+    let mut cfg = vm_config(&img, &names, &args.vm.agent_args());
     cfg.accel = args.vm.accel;
     cfg.memory_mib = args.vm.memory;
     cfg.cpus = args.vm.cpus;
@@ -359,6 +371,13 @@ fn cmd_boot(args: BootArgs, progress: &Progress) -> Result<(), Failure> {
     while let Ok(ev) = rig.qmp.events().recv() {
         eprintln!("vport: qmp event {} {}", ev.name, ev.data);
     }
+    if vport_host::qemu::vm::interrupted() {
+        // The Ctrl-C handler killed QEMU and is about to exit 130; do not race it with our own
+        // exit code. Parking is bounded by that handler, which exits the process.
+        loop {
+            std::thread::park();
+        }
+    }
     let status = rig.vm.wait_exit(Duration::from_secs(10)).map_err(infra)?;
     Err(Failure { code: EXIT_FAILED, error: anyhow::anyhow!("qemu exited ({status})\n{}", rig.failure_context()) })
 }
@@ -388,9 +407,23 @@ fn cmd_connect(args: ConnectArgs) -> Result<(), Failure> {
         }
         let _ = to_port.shutdown(std::net::Shutdown::Write);
     });
-    let mut stdout = std::io::stdout().lock();
-    std::io::copy(&mut from_port, &mut stdout).context("reading from the port failed").map_err(infra)?;
-    stdout.flush().context("cannot write to stdout").map_err(infra)?;
+    // Raw bytes straight to fd 1: `std::io::stdout()` is line-buffered and would hold back
+    // everything after the last newline of binary data until one arrives.
+    let mut stdout = std::fs::File::from(
+        std::io::stdout().as_fd().try_clone_to_owned().context("cannot duplicate stdout").map_err(infra)?,
+    );
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from_port.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // QEMU dropping a client that had unread bytes of ours resets the connection.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => return Err(infra(anyhow::Error::new(e).context(format!("reading from port {name} failed")))),
+        };
+        stdout.write_all(&buf[..n]).context("cannot write to stdout").map_err(infra)?;
+    }
     Ok(())
 }
 

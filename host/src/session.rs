@@ -539,7 +539,8 @@ impl PortServer {
                 ServerState::Idle => match c.endpoint.connect(left) {
                     Ok(conn) => {
                         c.link = Some(Link::new(&port, conn));
-                        c.request_hello = false;
+                        // Ask at once (see `Link::handshake`): the agent may not have seen us come.
+                        c.request_hello = true;
                         c.apply(Input::HostConnected);
                     }
                     Err(ChardevError::AcceptTimeout { .. }) => {}
@@ -559,7 +560,7 @@ impl PortServer {
                         continue;
                     };
                     let sent = if request { link.send(&Message::HelloRequest) } else { Ok(()) };
-                    match sent.and_then(|()| link.handshake(left.min(HANDSHAKE_SLICE), &version)) {
+                    match sent.and_then(|()| link.await_hello(left.min(HANDSHAKE_SLICE), &version)) {
                         Ok(hs) => {
                             let id = SessionId { session: hs.session, nonce: hs.hello.nonce };
                             if c.apply(Input::Hello(id)).is_some() {
@@ -974,6 +975,7 @@ mod tests {
         let (mut srv, agents, _qmp) = server();
         let guest = std::thread::spawn(move || {
             let mut g = agent(&agents);
+            assert!(matches!(g.recv(), (0, Message::HelloRequest)), "the server asks for a session at once");
             g.hello(A);
             assert!(matches!(g.recv(), (0xA, Message::HelloAck { nonce: 1, .. })));
             g.hello(A); // repeated offer: no new session
@@ -1007,6 +1009,7 @@ mod tests {
         let (mut srv, agents, _qmp) = server();
         let guest = std::thread::spawn(move || {
             let mut g = agent(&agents);
+            assert!(matches!(g.recv(), (0, Message::HelloRequest)), "the server asks for a session at once");
             g.hello(A);
             g.recv();
             g.serve(A, |m| matches!(m, Message::Ping { time_ns: 1 }));

@@ -129,7 +129,7 @@ fn boot_then_connect_bridges_the_port_to_stdio() {
     let runtime = tempfile::tempdir().unwrap();
     let mut boot = KillOnDrop(
         vport()
-            .args(["boot", "--json"])
+            .args(["boot", "--json", "--agent-log-level", "debug"])
             .env("VPORT_AGENT", agent())
             .env("XDG_RUNTIME_DIR", runtime.path())
             .stdout(Stdio::piped())

@@ -59,7 +59,7 @@ fn fifty_sessions_never_see_poison_and_an_idle_agent_costs_nothing() {
         drop(link);
         link = vm.connect(PORT);
         hs = link
-            .handshake_requesting(vport_tests::HELLO_TIMEOUT, "vport-tests")
+            .handshake(vport_tests::HELLO_TIMEOUT, "vport-tests")
             .unwrap_or_else(|e| panic!("cycle {i}: {e}\n{}", vm.rig.failure_context()));
         if hs.before.iter().any(|r| r.frame.header.session == old_session) {
             via_request += 1;

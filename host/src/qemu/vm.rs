@@ -337,6 +337,15 @@ fn live() -> MutexGuard<'static, Vec<(i32, PathBuf)>> {
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Set by the signal handler before it kills anything.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether Ctrl-C (or SIGTERM) arrived and the cleanup of [`install_signal_cleanup`] is killing
+/// the VMs: a caller that sees QEMU exit should then leave the exit code to that handler (130).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Installs a Ctrl-C / SIGTERM / SIGHUP handler that SIGKILLs and reaps every live VM's
 /// QEMU, removes their directories and exits with status 130. Idempotent; fails if another
 /// handler was already installed with the `ctrlc` crate.
@@ -347,6 +356,8 @@ pub fn install_signal_cleanup() -> Result<(), ctrlc::Error> {
         return Ok(());
     }
     ctrlc::set_handler(|| {
+        // First, so a thread that sees QEMU go away knows why (see `interrupted`).
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
         let entries: Vec<_> = live().drain(..).collect();
         for (pid, dir) in entries {
             let pid = nix::unistd::Pid::from_raw(pid);
