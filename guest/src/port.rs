@@ -916,6 +916,7 @@ impl<I: PortIo> Port<I> {
             return self.reply_error(h, error_code::INTERNAL, format!("sigio {action:?}: fcntl failed: {e}"));
         }
         let s = &self.sigio;
+        log::debug!("port {}: SIGIO {action:?}: enabled={} count={}", self.name, s.enabled, s.count);
         let report = Message::SigioReport { enabled: s.enabled, count: s.count, samples: s.samples.clone() };
         self.send(&report, h.session);
     }

@@ -8,7 +8,9 @@ use crate::image::GuestImage;
 use crate::link::{LinkError, PingSample};
 use crate::qemu::accel::AccelChoice;
 use crate::rig::{vm_config, Rig, RigError};
+use crate::timeline::{ClockOffset, Timeline};
 use serde::Serialize;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -36,6 +38,9 @@ pub struct HelloOptions {
     pub pings: u32,
     /// Arguments for vport-agent (empty: the image's defaults).
     pub agent_args: Vec<String>,
+    /// Where to write the run's life-cycle trace (JSON lines, docs/trace.md); the trace is
+    /// recorded and checked in any case.
+    pub trace: Option<PathBuf>,
 }
 
 impl Default for HelloOptions {
@@ -48,6 +53,7 @@ impl Default for HelloOptions {
             hello_timeout: Duration::from_secs(45),
             pings: 10,
             agent_args: Vec::new(),
+            trace: None,
         }
     }
 }
@@ -107,12 +113,32 @@ pub struct HelloReport {
     pub frontend_open: bool,
     /// Whether the guest image was built by this run (`false`: from the cache).
     pub image_fresh: bool,
+    /// The run's own life-cycle trace, judged by the checker.
+    pub trace: TraceSummary,
+}
+
+/// What the checker said of the run's trace.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceSummary {
+    /// Records on the timeline (host, QMP and agent observations).
+    pub records: usize,
+    /// Broken rules, one line each (empty: clean).
+    pub violations: Vec<String>,
+    /// Notes (observations that break no rule, such as coalesced QMP events).
+    pub notes: usize,
+    /// The file the trace was written to, if any.
+    pub file: Option<PathBuf>,
 }
 
 impl HelloReport {
     /// Whether QEMU's view agrees that the guest has the port open.
     pub fn qemu_view_ok(&self) -> bool {
         self.vserport_change_open_seen && self.frontend_open
+    }
+
+    /// Whether every check of the run passed: QEMU's view and the trace checker.
+    pub fn ok(&self) -> bool {
+        self.qemu_view_ok() && self.trace.violations.is_empty()
     }
 
     /// The human-readable report.
@@ -122,7 +148,7 @@ impl HelloReport {
             "accelerator        {}\nqemu               {}\nguest kernel       {}\nagent              vport-agent {}\n\
              port               {} (device id {}, session {}, nonce {})\nboot to HELLO      {} ms{}\n\
              ping round trip    min {} us, median {} us, max {} us ({} pings)\nVSERPORT_CHANGE    open=true seen: {}\n\
-             frontend-open      {}\n",
+             frontend-open      {}\ntrace              {} records, {} violations, {} notes{}\n{}",
             self.accel,
             self.qemu_version,
             self.kernel_release,
@@ -143,6 +169,11 @@ impl HelloReport {
             self.ping.count,
             yes(self.vserport_change_open_seen),
             self.frontend_open,
+            self.trace.records,
+            self.trace.violations.len(),
+            self.trace.notes,
+            self.trace.file.as_ref().map(|f| format!(" ({})", f.display())).unwrap_or_default(),
+            self.trace.violations.iter().map(|v| format!("  {v}\n")).collect::<String>(),
         )
     }
 }
@@ -153,6 +184,9 @@ pub enum HelloError {
     /// Setting up the VM failed (QEMU, QMP, sockets): an infrastructure failure.
     #[error(transparent)]
     Rig(#[from] RigError),
+    /// The trace file could not be created.
+    #[error(transparent)]
+    Trace(#[from] crate::timeline::TimelineError),
     /// The agent did not complete the handshake or a ping in time.
     #[error("{cause}\n{context}")]
     Agent {
@@ -166,7 +200,7 @@ pub enum HelloError {
 impl HelloError {
     /// Whether the failure is of the rig (QEMU, files, sockets) rather than of the guest.
     pub fn is_infrastructure(&self) -> bool {
-        matches!(self, HelloError::Rig(_))
+        matches!(self, HelloError::Rig(_) | HelloError::Trace(_))
     }
 }
 
@@ -187,26 +221,62 @@ pub fn run(image: &GuestImage, opts: &HelloOptions, progress: &mut dyn FnMut(&st
     cfg.accel = opts.accel;
     cfg.memory_mib = opts.memory_mib;
     cfg.cpus = opts.cpus;
+    let origin = Instant::now();
+    let timeline = match &opts.trace {
+        Some(path) => Timeline::create(path, origin)?,
+        None => Timeline::new(origin),
+    };
     progress("starting qemu");
     let mut rig = Rig::launch(cfg)?;
     let qemu_version = rig.qmp.query_version().map_err(RigError::from)?.to_string();
     let port = rig.port(&opts.port)?.clone();
+    timeline.alias(&port.id, &opts.port);
+    timeline.alias(&port.chardev_id, &opts.port);
+    let events = rig.qmp.subscribe();
+    let recorder = timeline.clone();
+    // Ends when QEMU closes the QMP socket (the rig is dropped at the end of the run).
+    std::thread::spawn(move || {
+        for ev in events.iter() {
+            recorder.qmp_event(&ev);
+        }
+    });
     let mut link = rig.connect(&opts.port)?;
+    timeline.host_connect(&opts.port);
+    link.set_timeline(timeline.clone());
     progress(&format!("booting the guest ({})", rig.vm.accel()));
     let resumed = rig.resume()?;
     let agent_err = |rig: &Rig, cause| HelloError::Agent { cause, context: rig.failure_context() };
 
     let hs = link.handshake(opts.hello_timeout, HOST_VERSION).map_err(|e| agent_err(&rig, e))?;
     progress("handshake done; pinging");
-    let origin = Instant::now();
+    let ping_origin = Instant::now();
     let mut samples = Vec::new();
     for _ in 0..opts.pings.max(1) {
-        samples.push(link.ping(Duration::from_secs(10), ns_since(origin)).map_err(|e| agent_err(&rig, e))?);
+        samples.push(link.ping(Duration::from_secs(10), ns_since(ping_origin)).map_err(|e| agent_err(&rig, e))?);
     }
     // The agent opened the port before it could send HELLO, so QEMU has emitted the event
     // already; it is in the channel (QMP was connected before the guest ran).
     let (ev, _) = rig.qmp.wait_event(Duration::from_secs(2), |e| e.vserport_change() == Some((port.id.as_str(), true)));
-    let frontend_open = rig.qmp.frontend_open(&port.chardev_id).map_err(RigError::from)?.unwrap_or(false);
+    let chardevs = rig.qmp.query_chardev().map_err(RigError::from)?;
+    timeline.frontend_samples(&chardevs, Instant::now());
+    let frontend_open = chardevs.iter().any(|c| c.label == port.chardev_id && c.frontend_open);
+    // The agent's own record of the port's life cycle, mapped onto the host clock.
+    let agent_events = link.events(0, Duration::from_secs(10)).map_err(|e| agent_err(&rig, e))?;
+    if let Some(offset) = ClockOffset::from_ping_samples(timeline.origin(), &samples) {
+        timeline.agent_events(&opts.port, &agent_events.records, &offset);
+    }
+    timeline.host_disconnect(&opts.port, "vport hello done");
+    drop(link);
+    if let Err(e) = timeline.flush() {
+        log::warn!("the trace file is incomplete: {e}");
+    }
+    let check = timeline.check();
+    let trace = TraceSummary {
+        records: check.records,
+        violations: check.violations.iter().map(|v| v.to_string()).collect(),
+        notes: check.notes.len(),
+        file: opts.trace.clone(),
+    };
     let ping = RttSummary::of(&samples).unwrap_or(RttSummary { count: 0, min_us: 0, median_us: 0, max_us: 0 });
     Ok(HelloReport {
         accel: rig.vm.accel().to_string(),
@@ -224,5 +294,6 @@ pub fn run(image: &GuestImage, opts: &HelloOptions, progress: &mut dyn FnMut(&st
         vserport_change_open_seen: ev.is_some(),
         frontend_open,
         image_fresh: image.fresh,
+        trace,
     })
 }

@@ -18,3 +18,4 @@ pub mod session;
 pub mod timeline;
 pub mod trace_check;
 pub mod wait;
+pub mod watch;

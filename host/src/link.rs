@@ -11,12 +11,14 @@
 //! pattern), [`Link::sink`], [`Link::stats`], [`Link::events`].
 
 use crate::chardev::Stream;
+use crate::timeline::Timeline;
 use std::io::ErrorKind;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use vport_common::frame::DEFAULT_MAX_PAYLOAD;
 use vport_common::message::{EventRecord, Hello, ProbeKind, ProbeTarget, SigioAction, SigioSample, NO_MISMATCH};
 use vport_common::pattern::{self, StreamDigest};
+use vport_common::trace::Direction;
 use vport_common::{Decoder, Frame, Message, MessageError};
 
 /// What went wrong on a link.
@@ -222,9 +224,17 @@ pub struct Link<S: Stream> {
     seq: u32,
     stats: LinkStats,
     buf: Vec<u8>,
+    timeline: Option<Timeline>,
 }
 
 impl<S: Stream> Link<S> {
+    /// Records every message this link sends and returns on `timeline` from now on
+    /// (handshake messages as themselves, requests and replies as data; see
+    /// [`Timeline::message`]).
+    pub fn set_timeline(&mut self, timeline: Timeline) {
+        self.timeline = Some(timeline);
+    }
+
     /// A link for port `port` over `stream`, outside any session.
     pub fn new(port: &str, stream: S) -> Self {
         Link {
@@ -235,6 +245,7 @@ impl<S: Stream> Link<S> {
             seq: 0,
             stats: LinkStats::default(),
             buf: vec![0; 64 * 1024],
+            timeline: None,
         }
     }
 
@@ -266,6 +277,9 @@ impl<S: Stream> Link<S> {
             .map_err(|source| LinkError::Encode { port: self.port.clone(), source })?;
         let wire = frame.encode().map_err(|source| LinkError::Frame { port: self.port.clone(), source })?;
         self.stream.write_all(&wire).map_err(|source| self.io_err(source))?;
+        if let Some(tl) = &self.timeline {
+            tl.message(&self.port, Direction::HostToGuest, self.session, msg, wire.len() as u64);
+        }
         self.seq = self.seq.wrapping_add(1);
         self.stats.frames_out += 1;
         Ok(())
@@ -290,6 +304,10 @@ impl<S: Stream> Link<S> {
                         }
                         self.stats.frames_in += 1;
                         let message = Message::from_frame(&frame);
+                        if let (Some(tl), Ok(m)) = (&self.timeline, &message) {
+                            let wire = frame.wire_len() as u64;
+                            tl.message(&self.port, Direction::GuestToHost, frame.header.session, m, wire);
+                        }
                         return Ok(Received { frame, message, at: Instant::now() });
                     }
                     Err(e) => log::debug!("port {}: {e}", self.port),

@@ -58,6 +58,10 @@ enum Command {
     /// Boot a VM, handshake with the agent, ping it, and report.
     #[command(after_help = EXIT_CODES)]
     Hello(HelloArgs),
+    /// Boot a VM and show the life cycle of its ports live (guest open, host connected,
+    /// session state, bytes each way); commands on stdin make the guest close and reopen.
+    #[command(after_help = EXIT_CODES)]
+    Watch(WatchArgs),
     /// Bridge a port of a VM started by `vport boot` to stdin/stdout (like socat).
     #[command(after_help = EXIT_CODES)]
     Connect(ConnectArgs),
@@ -170,6 +174,29 @@ struct BootArgs {
 }
 
 #[derive(Args)]
+#[command(long_about = "Boot a VM and show the life cycle of its ports live. vport watch is the host client of \
+every port: it completes the handshake, reads continuously (so an in-band BYE or HELLO shows within \
+milliseconds), records QMP events (VSERPORT_CHANGE is rate-limited by QEMU to one per second per port), \
+and after each handshake fetches the agent's own transition records, mapped onto the host clock.\n\n\
+Output: a table on stdout, redrawn on every change (on a terminal) or appended; with --json, every \
+record of the timeline as one JSON line (the trace format of docs/trace.md; `vport trace check` judges it).\n\n\
+Commands, one per line on stdin: `close PORT [MS]` (the agent closes the port and reopens it after MS \
+milliseconds, default 1000), `reopen PORT`, `ping PORT`, `quit`. At end of input, watching goes on until \
+Ctrl-C or until QEMU exits.")]
+struct WatchArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    #[command(flatten)]
+    vm: VmArgs,
+    /// A virtio-serial port to create and watch (repeatable).
+    #[arg(long = "port", default_value = hello::DEFAULT_PORT)]
+    ports: Vec<String>,
+    /// Print every timeline record as a JSON line on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct HelloArgs {
     #[command(flatten)]
     image: ImageArgs,
@@ -184,6 +211,10 @@ struct HelloArgs {
     /// Pings to send after the handshake.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100000))]
     pings: u32,
+    /// Also write the run's life-cycle trace to FILE (JSON lines; check it with
+    /// `vport trace check FILE`). The trace is recorded and checked in any case.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -228,6 +259,7 @@ fn main() {
         Command::Image(ImageCommand::Build { image, json }) => cmd_image_build(&image, json, &progress),
         Command::Boot(args) => cmd_boot(args, &progress),
         Command::Hello(args) => cmd_hello(args, &progress),
+        Command::Watch(args) => cmd_watch(args, &progress),
         Command::Connect(args) => cmd_connect(args),
         Command::Trace(TraceCommand::Check { file, json }) => cmd_trace_check(&file, json),
     };
@@ -290,6 +322,7 @@ fn cmd_hello(args: HelloArgs, progress: &Progress) -> Result<(), Failure> {
         hello_timeout: Duration::from_secs(args.timeout),
         pings: args.pings,
         agent_args: args.vm.agent_args(),
+        trace: args.trace,
     };
     let report = match hello::run(&img, &opts, &mut |m| progress.say(m)) {
         Ok(r) => r,
@@ -311,6 +344,16 @@ fn cmd_hello(args: HelloArgs, progress: &Progress) -> Result<(), Failure> {
                 "the agent answered, but QEMU does not show the port open (VSERPORT_CHANGE seen: {}, frontend-open: {})",
                 report.vserport_change_open_seen,
                 report.frontend_open
+            ),
+        });
+    }
+    if !report.trace.violations.is_empty() {
+        return Err(Failure {
+            code: EXIT_FAILED,
+            error: anyhow::anyhow!(
+                "the run's trace breaks {} life-cycle rule(s):\n{}",
+                report.trace.violations.len(),
+                report.trace.violations.join("\n")
             ),
         });
     }
@@ -454,4 +497,77 @@ fn cmd_trace_check(file: &std::path::Path, json: bool) -> Result<(), Failure> {
         std::process::exit(code);
     }
     Ok(())
+}
+
+fn cmd_watch(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    use vport_host::timeline::Timeline;
+    use vport_host::watch;
+    let img = build_image(&args.image, progress)?;
+    let names: Vec<&str> = args.ports.iter().map(String::as_str).collect();
+    let mut cfg = vm_config(&img, &names, &args.vm.agent_args());
+    cfg.accel = args.vm.accel;
+    cfg.memory_mib = args.vm.memory;
+    cfg.cpus = args.vm.cpus;
+    progress.say("starting qemu");
+    let origin = Instant::now();
+    let mut rig = Rig::launch(cfg).context("cannot boot the vm").map_err(infra)?;
+    // Raw fd 1: every record reaches a pipe reader at once (stdout is line-buffered anyway,
+    // but a table redraw is several lines).
+    let stdout = std::fs::File::from(
+        std::io::stdout().as_fd().try_clone_to_owned().context("cannot duplicate stdout").map_err(infra)?,
+    );
+    let timeline = if args.json {
+        Timeline::with_sink(origin, stdout)
+    } else {
+        let redraw = std::io::stdout().is_terminal();
+        Timeline::with_sink(origin, watch::TableSink::new(stdout, redraw))
+    };
+    let commands = watch::start(&rig, &timeline).context("cannot watch the ports").map_err(infra)?;
+    rig.resume().context("cannot start the guest").map_err(infra)?;
+    progress.say(&format!(
+        "watching {} (commands on stdin: close PORT [MS], reopen PORT, ping PORT, quit)",
+        names.join(", ")
+    ));
+
+    let (quit_tx, quit_rx) = crossbeam_channel::bounded::<()>(1);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if line.trim().is_empty() {
+                continue;
+            }
+            match vport_host::watch::parse_command(&line) {
+                Ok(Some(cmd)) => drop(commands.send(cmd)),
+                Ok(None) => {
+                    let _ = quit_tx.send(());
+                    return;
+                }
+                Err(e) => eprintln!("vport: {e}"),
+            }
+        }
+        // End of input drops `quit_tx`: the loop below then keeps watching until Ctrl-C or
+        // until QEMU exits.
+    });
+    let mut quit_rx = quit_rx;
+    loop {
+        crossbeam_channel::select! {
+            recv(quit_rx) -> msg => match msg {
+                Ok(()) => return Ok(()),
+                Err(_) => quit_rx = crossbeam_channel::never(),
+            },
+            recv(rig.qmp.events()) -> ev => {
+                if ev.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    if vport_host::qemu::vm::interrupted() {
+        loop {
+            std::thread::park();
+        }
+    }
+    let status = rig.vm.wait_exit(Duration::from_secs(10)).map_err(infra)?;
+    Err(Failure { code: EXIT_FAILED, error: anyhow::anyhow!("qemu exited ({status})\n{}", rig.failure_context()) })
 }

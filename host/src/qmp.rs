@@ -142,6 +142,15 @@ impl std::fmt::Display for QemuVersion {
     }
 }
 
+/// The state of a migration, from `query-migrate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MigrationStatus {
+    /// `none` (no migration yet), `setup`, `active`, `completed`, `failed`, `cancelled`, ...
+    pub status: String,
+    /// QEMU's description of a failure.
+    pub error: Option<String>,
+}
+
 type Reply = Result<Value, (String, String)>;
 type Pending = Arc<Mutex<Option<HashMap<u64, Sender<Reply>>>>>;
 /// Extra event receivers (see [`Qmp::subscribe`]); `None` once the connection closed.
@@ -309,6 +318,28 @@ impl Qmp {
     /// `device_del` of device `id`.
     pub fn device_del(&self, id: &str) -> Result<(), QmpError> {
         self.execute("device_del", Some(json!({ "id": id }))).map(drop)
+    }
+
+    /// `migrate` to `uri` (for example `unix:/path` to a destination started with
+    /// `-incoming unix:/path`, or `exec:cat > FILE` to save the state). Returns at once;
+    /// follow progress with [`Qmp::query_migrate`] or the `MIGRATION` events.
+    pub fn migrate(&self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate", Some(json!({ "uri": uri }))).map(drop)
+    }
+
+    /// `migrate-incoming` on a destination started with `-incoming defer`.
+    pub fn migrate_incoming(&self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate-incoming", Some(json!({ "uri": uri }))).map(drop)
+    }
+
+    /// `query-migrate`: the migration status (`none`, `setup`, `active`, `completed`, `failed`,
+    /// ...) and, when failed, QEMU's error description.
+    pub fn query_migrate(&self) -> Result<MigrationStatus, QmpError> {
+        let reply = self.execute("query-migrate", None)?;
+        Ok(MigrationStatus {
+            status: reply.get("status").and_then(Value::as_str).unwrap_or("none").to_string(),
+            error: reply.get("error-desc").and_then(Value::as_str).map(str::to_string),
+        })
     }
 
     /// Waits up to `timeout` for an event accepted by `pred`; other events received meanwhile
@@ -529,6 +560,24 @@ mod tests {
         let err = qmp.execute_timeout("query-status", None, Duration::from_secs(30)).unwrap_err();
         assert!(matches!(err, QmpError::Disconnected { .. }), "{err}");
         assert!(sub.recv_timeout(Duration::from_secs(5)).is_err(), "subscribers see the close");
+    }
+
+    #[test]
+    fn migration_wrappers_send_the_uri_and_parse_the_status() {
+        let (_d, path) = fake_qmp(|cmd| match cmd["execute"].as_str().unwrap() {
+            "migrate" => {
+                assert_eq!(cmd["arguments"]["uri"], "unix:/tmp/m.sock");
+                vec![ok(cmd, json!({}))]
+            }
+            "query-migrate" => vec![ok(cmd, json!({"status": "failed", "error-desc": "boom"}))],
+            _ => vec![ok(cmd, json!({}))],
+        });
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        qmp.migrate("unix:/tmp/m.sock").unwrap();
+        assert_eq!(
+            qmp.query_migrate().unwrap(),
+            MigrationStatus { status: "failed".into(), error: Some("boom".into()) }
+        );
     }
 
     #[test]

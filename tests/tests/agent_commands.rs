@@ -120,24 +120,28 @@ fn every_command_works_on_a_real_port() {
         .all(|w| w[0].seq + 1 == w[1].seq && w[0].wakeups <= w[1].wakeups && w[0].cpu_ns <= w[1].cpu_ns));
 
     // SIGIO: enable, then a host disconnect and reconnect.
-    let s = link.sigio(SigioAction::Enable, REPLY_TIMEOUT).unwrap();
+    let s =
+        link.sigio(SigioAction::Enable, REPLY_TIMEOUT).unwrap_or_else(|e| panic!("sigio enable: {e}\n{}", ctx(&vm)));
     assert_eq!((s.enabled, s.count), (true, 0));
     drop(link);
     let mut link = vm.connect(PORT);
     let hs2 = vm.handshake(&mut link);
     assert_ne!(hs2.session, hs.session);
-    let s = link.sigio(SigioAction::Query, REPLY_TIMEOUT).unwrap();
+    let s = link.sigio(SigioAction::Query, REPLY_TIMEOUT).unwrap_or_else(|e| panic!("sigio query: {e}\n{}", ctx(&vm)));
     let masks: Vec<String> = s.samples.iter().map(|x| format!("{:#x}", x.mask)).collect();
     eprintln!("e2e: SIGIO after disconnect+reconnect: count {} masks {masks:?}", s.count);
     assert!(s.enabled);
     assert!(s.count >= 2, "host disconnect and connect each raise SIGIO: {}", s.count);
     assert_eq!(s.samples.len() as u64, s.count.min(64));
     assert!(s.samples.iter().all(|x| x.mask & !(POLLIN | POLLOUT | POLLHUP) == 0));
-    let s = link.sigio(SigioAction::Disable, REPLY_TIMEOUT).unwrap();
+    let s =
+        link.sigio(SigioAction::Disable, REPLY_TIMEOUT).unwrap_or_else(|e| panic!("sigio disable: {e}\n{}", ctx(&vm)));
     assert!(!s.enabled);
     let frozen = s.count;
-    link.ping(REPLY_TIMEOUT, 1).unwrap();
-    let s = link.sigio(SigioAction::Query, REPLY_TIMEOUT).unwrap();
+    link.ping(REPLY_TIMEOUT, 1).unwrap_or_else(|e| panic!("ping after disable: {e}\n{}", ctx(&vm)));
+    let s = link
+        .sigio(SigioAction::Query, REPLY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("sigio query after disable: {e}\n{}", ctx(&vm)));
     assert_eq!(s.count, frozen, "no counting after disable");
 
     // SOURCE and SINK, 8 MiB each.
