@@ -11,7 +11,7 @@
 //!
 //! 1. `poll(2)` the exact mask: POLLHUP set means no host client is attached. A host that
 //!    appeared starts a session (HELLO); a host that went away ends it.
-//! 2. Drain reads until EAGAIN or 0, handing complete frames to [`Port::handle_frame`] as they
+//! 2. Drain reads until EAGAIN or 0, handing complete frames to `Port::handle_frame` as they
 //!    arrive while a session is live. `read() == 0` means "no host", not end of file; ENODEV
 //!    means unplugged. Reading pauses while the output queue is above [`READ_HIGH_WATER`]
 //!    (backpressure to the host); the next writable edge resumes it.

@@ -120,7 +120,7 @@ struct ImageArgs {
     /// Your own bzImage instead of the Debian kernel (virtio built in, or see --kernel-modules).
     #[arg(long, env = "VPORT_KERNEL")]
     kernel: Option<PathBuf>,
-    /// The lib/modules/<release> directory that goes with --kernel.
+    /// The lib/modules/RELEASE directory that goes with --kernel.
     #[arg(long, env = "VPORT_KERNEL_MODULES", requires = "kernel")]
     kernel_modules: Option<PathBuf>,
     /// A linux-image-*.deb to take the kernel and modules from (default: the one in the cache,
