@@ -156,6 +156,16 @@ impl VmArgs {
     fn agent_args(&self) -> Vec<String> {
         vec!["--log-level".into(), self.agent_log_level.clone()]
     }
+
+    /// The VM settings for `img` with `ports` and these options.
+    fn vm_config(&self, img: &GuestImage, ports: &[String]) -> vport_host::qemu::vm::VmConfig {
+        let names: Vec<&str> = ports.iter().map(String::as_str).collect();
+        let mut cfg = vm_config(img, &names, &self.agent_args());
+        cfg.accel = self.accel;
+        cfg.memory_mib = self.memory;
+        cfg.cpus = self.cpus;
+        cfg
+    }
 }
 
 #[derive(Args)]
@@ -362,11 +372,7 @@ fn cmd_hello(args: HelloArgs, progress: &Progress) -> Result<(), Failure> {
 
 fn cmd_boot(args: BootArgs, progress: &Progress) -> Result<(), Failure> {
     let img = build_image(&args.image, progress)?;
-    let names: Vec<&str> = args.ports.iter().map(String::as_str).collect();
-    let mut cfg = vm_config(&img, &names, &args.vm.agent_args());
-    cfg.accel = args.vm.accel;
-    cfg.memory_mib = args.vm.memory;
-    cfg.cpus = args.vm.cpus;
+    let cfg = args.vm.vm_config(&img, &args.ports);
     progress.say("starting qemu");
     let mut rig = Rig::launch(cfg).context("cannot boot the vm").map_err(infra)?;
     rig.resume().context("cannot start the guest").map_err(infra)?;
@@ -414,15 +420,7 @@ fn cmd_boot(args: BootArgs, progress: &Progress) -> Result<(), Failure> {
     while let Ok(ev) = rig.qmp.events().recv() {
         eprintln!("vport: qmp event {} {}", ev.name, ev.data);
     }
-    if vport_host::qemu::vm::interrupted() {
-        // The Ctrl-C handler killed QEMU and is about to exit 130; do not race it with our own
-        // exit code. Parking is bounded by that handler, which exits the process.
-        loop {
-            std::thread::park();
-        }
-    }
-    let status = rig.vm.wait_exit(Duration::from_secs(10)).map_err(infra)?;
-    Err(Failure { code: EXIT_FAILED, error: anyhow::anyhow!("qemu exited ({status})\n{}", rig.failure_context()) })
+    qemu_gone(&rig)
 }
 
 fn cmd_connect(args: ConnectArgs) -> Result<(), Failure> {
@@ -504,11 +502,7 @@ fn cmd_watch(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
     use vport_host::timeline::Timeline;
     use vport_host::watch;
     let img = build_image(&args.image, progress)?;
-    let names: Vec<&str> = args.ports.iter().map(String::as_str).collect();
-    let mut cfg = vm_config(&img, &names, &args.vm.agent_args());
-    cfg.accel = args.vm.accel;
-    cfg.memory_mib = args.vm.memory;
-    cfg.cpus = args.vm.cpus;
+    let cfg = args.vm.vm_config(&img, &args.ports);
     progress.say("starting qemu");
     let origin = Instant::now();
     let mut rig = Rig::launch(cfg).context("cannot boot the vm").map_err(infra)?;
@@ -527,7 +521,7 @@ fn cmd_watch(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
     rig.resume().context("cannot start the guest").map_err(infra)?;
     progress.say(&format!(
         "watching {} (commands on stdin: close PORT [MS], reopen PORT, ping PORT, quit)",
-        names.join(", ")
+        args.ports.join(", ")
     ));
 
     let (quit_tx, quit_rx) = crossbeam_channel::bounded::<()>(1);
@@ -563,7 +557,15 @@ fn cmd_watch(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
             }
         }
     }
+    qemu_gone(&rig)
+}
+
+/// QEMU went away while a command kept the VM up: leave the exit to the Ctrl-C handler if that
+/// is why (it exits 130), else report how QEMU ended and what the guest said last.
+fn qemu_gone(rig: &Rig) -> Result<(), Failure> {
     if vport_host::qemu::vm::interrupted() {
+        // The handler killed QEMU and is about to exit the process; do not race it with our own
+        // exit code.
         loop {
             std::thread::park();
         }
