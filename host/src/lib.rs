@@ -56,6 +56,7 @@
 
 pub mod cache;
 pub mod chardev;
+pub mod conformance;
 pub mod hello;
 pub mod image;
 pub mod link;

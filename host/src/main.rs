@@ -68,6 +68,40 @@ enum Command {
     /// Work with life-cycle traces (JSON lines, see docs/trace.md).
     #[command(subcommand)]
     Trace(TraceCommand),
+    /// Run a test suite against real VMs.
+    #[command(subcommand)]
+    Run(RunCommand),
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    /// Check every documented behaviour of virtio-serial ports on real VMs (docs/conformance.md)
+    /// and print a matrix: case, expected, observed, PASS / FAIL / QUIRK.
+    #[command(
+        after_help = "Exit codes:\n  0  every case PASS or QUIRK (a QUIRK is the VM differing from the spec, explained)\n  1  a case FAILed or broke\n  2  usage error\n  3  infrastructure failure: a VM could not be set up (its cases are NOT RUN), or qemu/kernel/agent missing"
+    )]
+    Conformance(ConformanceArgs),
+}
+
+#[derive(Args)]
+struct ConformanceArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Accelerator: auto tries KVM once (the verdict is cached) and falls back to TCG.
+    #[arg(long, default_value = "auto", value_parser = parse_accel)]
+    accel: AccelChoice,
+    /// Run only the cases whose name contains one of these comma-separated strings.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Open/close cycles of the fast REOPEN case.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    cycles: u32,
+    /// Print the report as one JSON object on stdout instead of the matrix.
+    #[arg(long)]
+    json: bool,
+    /// Also write the report as JUnit XML to FILE.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -272,6 +306,7 @@ fn main() {
         Command::Watch(args) => cmd_watch(args, &progress),
         Command::Connect(args) => cmd_connect(args),
         Command::Trace(TraceCommand::Check { file, json }) => cmd_trace_check(&file, json),
+        Command::Run(RunCommand::Conformance(args)) => cmd_conformance(args, &progress),
     };
     if let Err(f) = result {
         eprintln!("vport: error: {}", f.error);
@@ -572,4 +607,39 @@ fn qemu_gone(rig: &Rig) -> Result<(), Failure> {
     }
     let status = rig.vm.wait_exit(Duration::from_secs(10)).map_err(infra)?;
     Err(Failure { code: EXIT_FAILED, error: anyhow::anyhow!("qemu exited ({status})\n{}", rig.failure_context()) })
+}
+
+fn cmd_conformance(args: ConformanceArgs, progress: &Progress) -> Result<(), Failure> {
+    use vport_host::conformance::{self, CaseEvent, SuiteOptions};
+    let img = build_image(&args.image, progress)?;
+    let mut opts = SuiteOptions::new(img);
+    opts.accel = args.accel;
+    opts.filter = args.filter;
+    opts.reopen_cycles = args.cycles;
+    let report = conformance::run(&opts, &mut |ev| match ev {
+        CaseEvent::GroupStarted { group } => progress.say(&format!("group {group}: booting")),
+        CaseEvent::CaseFinished(c) => progress.say(&format!("{:<7} {}", c.verdict.label(), c.name)),
+        CaseEvent::GroupFailed(e) => progress.say(&format!("group failed: {e:?}")),
+    })
+    .map_err(|e| Failure { code: 2, error: e.into() })?;
+    if let Some(path) = &args.junit {
+        std::fs::write(path, conformance::render_junit(&report))
+            .with_context(|| format!("cannot write the JUnit report {}", path.display()))
+            .map_err(infra)?;
+    }
+    if args.json {
+        println!("{}", conformance::render_json(&report));
+    } else {
+        print!("{}", conformance::render_text(&report));
+    }
+    if !report.infra_errors.is_empty() {
+        return Err(Failure {
+            code: EXIT_INFRA,
+            error: anyhow::anyhow!("{} vm(s) could not be set up", report.infra_errors.len()),
+        });
+    }
+    if !report.ok() {
+        return Err(Failure { code: EXIT_FAILED, error: anyhow::anyhow!("conformance cases failed") });
+    }
+    Ok(())
 }

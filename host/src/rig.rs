@@ -121,6 +121,27 @@ impl Rig {
         Ok(PortServer::new(&port, endpoint, self.qmp.clone()))
     }
 
+    /// Hot-plugs a `virtserialport` called `name` on controller `controller` of the running
+    /// VM: QMP `chardev-add` of a unix socket QEMU listens on (`hot-<name>.sock` in the VM
+    /// directory, no wait), then `device_add` with id `vport-hot-<name>`. The port is then
+    /// known to [`Rig::port`] / [`Rig::connect`]. Returns its description.
+    pub fn hotplug_serial_port(&mut self, name: &str, controller: usize) -> Result<PortInfo, RigError> {
+        let (chardev_id, id) = hotplug_ids(name);
+        let socket = self.vm.dir().join(format!("hot-{}.sock", self.vm.ports().len()));
+        self.qmp.execute("chardev-add", Some(hotplug_chardev_args(&chardev_id, &socket)))?;
+        self.qmp.device_add(hotplug_device_args(name, &id, &chardev_id, controller))?;
+        let info = PortInfo {
+            name: name.into(),
+            id,
+            chardev_id,
+            kind: crate::qemu::PortKind::Serial,
+            socket: socket.clone(),
+            endpoint: EndpointAddr::UnixClient { path: socket },
+        };
+        self.vm.add_port(info.clone());
+        Ok(info)
+    }
+
     /// Lets the guest run (QMP `cont`) and remembers when.
     pub fn resume(&mut self) -> Result<Instant, RigError> {
         self.qmp.cont()?;
@@ -138,6 +159,33 @@ impl Rig {
     pub fn failure_context(&self) -> String {
         failure_context(&self.vm)
     }
+}
+
+/// Chardev id and device id of a hot-plugged port called `name`.
+pub fn hotplug_ids(name: &str) -> (String, String) {
+    let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
+    (format!("vport-hotch-{safe}"), format!("vport-hot-{safe}"))
+}
+
+/// QMP `chardev-add` arguments: a unix socket chardev `id` listening on `path`, not waiting.
+pub fn hotplug_chardev_args(id: &str, path: &std::path::Path) -> serde_json::Value {
+    serde_json::json!({
+        "id": id,
+        "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": path.to_string_lossy()}},
+            "server": true, "wait": false
+        }}
+    })
+}
+
+/// QMP `device_add` arguments of a `virtserialport` `name` (device `id`, chardev `chardev`) on
+/// controller `controller` (bus `<controller id>.0`).
+pub fn hotplug_device_args(name: &str, id: &str, chardev: &str, controller: usize) -> serde_json::Value {
+    serde_json::json!({
+        "driver": "virtserialport",
+        "bus": format!("{}.0", crate::qemu::vm::controller_id(controller)),
+        "chardev": chardev, "id": id, "name": name
+    })
 }
 
 /// Fills in the pty path of every pty port from `query-chardev` (`filename` `pty:/dev/pts/N`).
@@ -177,4 +225,24 @@ pub fn failure_context(vm: &Vm) -> String {
         vm.stderr_tail(CONTEXT_LINES).trim_end(),
         n = CONTEXT_LINES,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hotplug_arguments() {
+        let (ch, id) = hotplug_ids("org.vport.hot");
+        assert_eq!((ch.as_str(), id.as_str()), ("vport-hotch-org-vport-hot", "vport-hot-org-vport-hot"));
+        let c = hotplug_chardev_args(&ch, std::path::Path::new("/t/hot-1.sock"));
+        assert_eq!(c["backend"]["type"], "socket");
+        assert_eq!(c["backend"]["data"]["addr"]["data"]["path"], "/t/hot-1.sock");
+        assert_eq!(c["backend"]["data"]["server"], true);
+        assert_eq!(c["backend"]["data"]["wait"], false);
+        let d = hotplug_device_args("org.vport.hot", &id, &ch, 1);
+        assert_eq!(d["bus"], "vser1.0");
+        assert_eq!(d["driver"], "virtserialport");
+        assert_eq!(d["name"], "org.vport.hot");
+    }
 }

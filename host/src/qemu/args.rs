@@ -95,6 +95,11 @@ pub fn virtio_serial_args(id: &str, max_ports: Option<u32>) -> Vec<OsString> {
     vec![os("-device"), os(dev)]
 }
 
+/// `-incoming <uri>`: wait for a migration stream (`exec:cat FILE`, `unix:PATH`, `tcp:...`).
+pub fn incoming_args(uri: &str) -> Vec<OsString> {
+    vec![os("-incoming"), os(uri)]
+}
+
 /// The host side of a port: which kind of QEMU chardev backs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChardevBackend {
@@ -192,6 +197,9 @@ pub struct PortSpec {
     pub backend: ChardevBackend,
     /// Fixed port number on the bus (`nr=`), or `None` to let QEMU choose.
     pub nr: Option<u32>,
+    /// Controller index (0: the first controller); informational here, [`port_args`] takes
+    /// the controller id.
+    pub controller: usize,
 }
 
 /// `-chardev` + `-device virtserialport|virtconsole` for `port` on the controller `controller_id`.
@@ -311,6 +319,12 @@ mod tests {
     }
 
     #[test]
+    fn incoming() {
+        assert_eq!(s(incoming_args("exec:cat /t/state")), ["-incoming", "exec:cat /t/state"]);
+        assert_eq!(s(incoming_args("unix:/t/mig.sock")), ["-incoming", "unix:/t/mig.sock"]);
+    }
+
+    #[test]
     fn ports() {
         let mut p = PortSpec {
             name: "org.vport.ctl".into(),
@@ -319,6 +333,7 @@ mod tests {
             kind: PortKind::Serial,
             backend: ChardevBackend::UnixServer { path: "/t/port0.sock".into() },
             nr: None,
+            controller: 0,
         };
         assert_eq!(
             s(port_args("vser0", &p)),

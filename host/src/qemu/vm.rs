@@ -62,6 +62,12 @@ pub enum VmError {
     Endpoint(#[from] crate::chardev::ChardevError),
 }
 
+/// Device id of controller `i`: [`CONTROLLER_ID`] for 0, `vser<i>` for the extra ones (bus
+/// `<id>.0`).
+pub fn controller_id(i: usize) -> String {
+    format!("vser{i}")
+}
+
 /// Which host end a port gets (see [`crate::chardev`] for what each means). Named from vport's
 /// side: `UnixClient` means QEMU listens and vport connects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -97,12 +103,21 @@ pub struct PortConfig {
     pub kind: PortKind,
     /// The host end.
     pub host: HostEnd,
+    /// Which virtio-serial controller the port sits on: 0 is [`CONTROLLER_ID`], `i > 0` the
+    /// `i`-th of [`VmConfig::extra_controllers`] (id [`controller_id`]`(i)`).
+    pub controller: usize,
 }
 
 impl PortConfig {
     /// A `virtserialport` called `name` whose host end is a unix socket QEMU listens on.
     pub fn serial(name: impl Into<String>) -> Self {
-        Self { name: name.into(), kind: PortKind::Serial, host: HostEnd::UnixClient }
+        Self { name: name.into(), kind: PortKind::Serial, host: HostEnd::UnixClient, controller: 0 }
+    }
+
+    /// The same port on controller `controller` (see [`PortConfig::controller`]).
+    pub fn on_controller(mut self, controller: usize) -> Self {
+        self.controller = controller;
+        self
     }
 
     /// The same port with host end `host`.
@@ -135,6 +150,12 @@ pub struct VmConfig {
     pub max_ports: Option<u32>,
     /// Ports, created in order.
     pub ports: Vec<PortConfig>,
+    /// Further virtio-serial controllers, each given by its `max_ports` (`None`: QEMU default);
+    /// the `i`-th (from 1) gets id [`controller_id`]`(i)`.
+    pub extra_controllers: Vec<Option<u32>>,
+    /// `-incoming <uri>`: start as a migration destination (for example `exec:cat FILE` or
+    /// `unix:PATH`). The ports and controllers must match the source's.
+    pub incoming: Option<String>,
     /// Extra raw QEMU arguments appended last.
     pub extra_args: Vec<OsString>,
     /// Deadline for QEMU to create its sockets.
@@ -157,6 +178,8 @@ impl VmConfig {
             cpus: 1,
             max_ports: None,
             ports: Vec::new(),
+            extra_controllers: Vec::new(),
+            incoming: None,
             extra_args: Vec::new(),
             startup_timeout: Duration::from_secs(30),
             cache_dir: crate::cache::cache_dir(),
@@ -201,9 +224,23 @@ pub fn plan_endpoints(
     ports: &[PortConfig],
     tcp_port: &mut dyn FnMut(usize) -> std::io::Result<u16>,
 ) -> Result<Vec<(PortSpec, EndpointAddr)>, VmError> {
+    plan_endpoints_on(dir, ports, usize::MAX, tcp_port)
+}
+
+/// Like [`plan_endpoints`] for a VM with `controllers` extra controllers (a port on a
+/// controller beyond them is an error).
+pub fn plan_endpoints_on(
+    dir: &Path,
+    ports: &[PortConfig],
+    controllers: usize,
+    tcp_port: &mut dyn FnMut(usize) -> std::io::Result<u16>,
+) -> Result<Vec<(PortSpec, EndpointAddr)>, VmError> {
     let mut out: Vec<(PortSpec, EndpointAddr)> = Vec::new();
     for (i, p) in ports.iter().enumerate() {
         let bad = |reason| VmError::InvalidPort { name: p.name.clone(), reason };
+        if p.controller > controllers {
+            return Err(bad("the port names a controller the vm does not have"));
+        }
         if p.name.is_empty() {
             return Err(bad("port names must not be empty"));
         }
@@ -255,6 +292,7 @@ pub fn plan_endpoints(
             kind: p.kind,
             backend,
             nr: None,
+            controller: p.controller,
         };
         out.push((spec, addr));
     }
@@ -270,8 +308,14 @@ pub fn build_args(cfg: &VmConfig, accel: Accel, dir: &Path, ports: &[PortSpec]) 
     a.extend(args::kernel_args(&cfg.kernel, &cfg.initrd, &cfg.cmdline));
     a.extend(args::console_args(&dir.join("console.log")));
     a.extend(args::virtio_serial_args(CONTROLLER_ID, cfg.max_ports));
+    for (i, max) in cfg.extra_controllers.iter().enumerate() {
+        a.extend(args::virtio_serial_args(&controller_id(i + 1), *max));
+    }
     for p in ports {
-        a.extend(args::port_args(CONTROLLER_ID, p));
+        a.extend(args::port_args(&controller_id(p.controller), p));
+    }
+    if let Some(uri) = &cfg.incoming {
+        a.extend(args::incoming_args(uri));
     }
     // Last, so that the QMP socket existing implies every port socket exists too.
     a.extend(args::qmp_args(&dir.join("qmp.sock")));
@@ -443,15 +487,16 @@ impl Vm {
             .map_err(|source| VmError::Io { path: std::env::temp_dir(), source })?;
         let dir = tmp.path().to_path_buf();
         let mut tcp_listeners = std::collections::HashMap::new();
-        let planned = plan_endpoints(&dir, &cfg.ports, &mut |i| match cfg.ports[i].host {
-            HostEnd::TcpServer { .. } => {
-                let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
-                let port = l.local_addr()?.port();
-                tcp_listeners.insert(i, l);
-                Ok(port)
-            }
-            _ => free_loopback_port(),
-        })?;
+        let planned =
+            plan_endpoints_on(&dir, &cfg.ports, cfg.extra_controllers.len(), &mut |i| match cfg.ports[i].host {
+                HostEnd::TcpServer { .. } => {
+                    let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+                    let port = l.local_addr()?.port();
+                    tcp_listeners.insert(i, l);
+                    Ok(port)
+                }
+                _ => free_loopback_port(),
+            })?;
         let mut listeners = Vec::new();
         for (i, (spec, addr)) in planned.iter().enumerate() {
             let l = match tcp_listeners.remove(&i) {
@@ -564,6 +609,18 @@ impl Vm {
     /// ([`HostEnd::UnixServer`], [`HostEnd::TcpServer`]).
     pub fn listener(&self, name: &str) -> Option<&Listener> {
         self.listeners.iter().find(|(n, _)| n == name).map(|(_, l)| l)
+    }
+
+    /// Records a port added at run time (hot-plug: QMP `chardev-add` + `device_add`), so that
+    /// [`Vm::port`] and the rig find it. A port of the same name is replaced.
+    pub fn add_port(&mut self, info: PortInfo) {
+        self.ports.retain(|p| p.name != info.name);
+        self.ports.push(info);
+    }
+
+    /// Forgets the port called `name` (after a hot-unplug).
+    pub fn remove_port(&mut self, name: &str) {
+        self.ports.retain(|p| p.name != name);
     }
 
     /// Records the pty slave path QEMU allocated for port `name` (from QMP `query-chardev`).
@@ -726,6 +783,32 @@ mod tests {
         assert_eq!(p[4].0.backend, ChardevBackend::Pty);
         let bad = [PortConfig::serial("x").with_host(HostEnd::UnixServer { reconnect_secs: 0 })];
         assert!(plan_endpoints(Path::new("/t"), &bad, &mut |_| Ok(1)).is_err());
+    }
+
+    #[test]
+    fn second_controller_and_incoming_args() {
+        let mut cfg = VmConfig::new("/k", "/i", "console=ttyS0");
+        cfg.ports = vec![PortConfig::serial("a"), PortConfig::serial("b").on_controller(1)];
+        cfg.extra_controllers = vec![Some(4)];
+        cfg.incoming = Some("unix:/t/mig.sock".into());
+        let specs = plan_endpoints_on(Path::new("/t"), &cfg.ports, 1, &mut |_| Ok(0))
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect::<Vec<_>>();
+        assert_eq!(specs[1].controller, 1);
+        let a: Vec<String> = build_args(&cfg, Accel::Tcg, Path::new("/t"), &specs)
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert!(a.contains(&"virtio-serial-pci,id=vser1,max_ports=4".to_string()), "{a:?}");
+        assert!(a.iter().any(|x| x.starts_with("virtserialport,bus=vser0.0,chardev=vport-ch0,")), "{a:?}");
+        assert!(a.iter().any(|x| x.starts_with("virtserialport,bus=vser1.0,chardev=vport-ch1,")), "{a:?}");
+        let i = a.iter().position(|x| x == "-incoming").unwrap();
+        assert_eq!(a[i + 1], "unix:/t/mig.sock");
+        assert_eq!(controller_id(0), CONTROLLER_ID);
+        let bad = [PortConfig::serial("c").on_controller(2)];
+        assert!(plan_endpoints_on(Path::new("/t"), &bad, 1, &mut |_| Ok(0)).is_err());
     }
 
     #[test]
