@@ -27,11 +27,12 @@
 //! most [`PUMP_SLICE`] while a call waits.
 //!
 //! ```no_run
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # let image: vport_host::image::GuestImage = todo!();
 //! use std::time::Duration;
+//! use vport_host::image::GuestImage;
 //! use vport_host::rig::{vm_config, Rig};
-//! let mut rig = Rig::launch(vm_config(&image, &["org.vport.0"], &[]))?;
+//!
+//! fn one_guest_open(image: &GuestImage) -> Result<(), Box<dyn std::error::Error>> {
+//! let mut rig = Rig::launch(vm_config(image, &["org.vport.0"], &[]))?;
 //! let mut server = rig.port_server("org.vport.0")?;
 //! rig.resume()?;
 //! let mut session = server.accept(Duration::from_secs(60))?;
@@ -39,7 +40,8 @@
 //! let _why = session.close_guest(100, Duration::from_secs(10))?; // GuestClosed
 //! assert!(session.ping(Duration::from_secs(5), 2).is_err()); // SessionError::Ended
 //! let _next = server.accept(Duration::from_secs(10))?; // after the agent reopened
-//! # Ok(()) }
+//! Ok(())
+//! }
 //! ```
 
 use crate::chardev::{ChardevError, Connection, Endpoint, EndpointEvents};
