@@ -10,12 +10,11 @@ use vport_host::wait::wait_until;
 use vport_tests::{TestVm, REPLY_TIMEOUT};
 
 const PORT: &str = "org.vport.0";
-const EBUSY: i32 = 16;
-const ESPIPE: i32 = 29;
-const EAGAIN: i32 = 11;
-const POLLIN: u16 = 0x1;
-const POLLOUT: u16 = 0x4;
-const POLLHUP: u16 = 0x10;
+use nix::libc::{EAGAIN, EBUSY, ESPIPE};
+/// poll(2) bits as the agent reports them (`revents`, a u16 on the wire).
+const POLLIN: u16 = nix::libc::POLLIN as u16;
+const POLLOUT: u16 = nix::libc::POLLOUT as u16;
+const POLLHUP: u16 = nix::libc::POLLHUP as u16;
 const STREAM: u64 = 8 << 20;
 
 fn ctx(vm: &TestVm) -> String {

@@ -14,11 +14,10 @@ use vport_common::message::{ProbeKind, ProbeTarget, SigioAction, StateCode};
 use vport_common::Message;
 
 const HOST: &str = "vport-conformance";
-const EBUSY: i32 = 16;
-const ESPIPE: i32 = 29;
-const EAGAIN: i32 = 11;
-const POLLOUT: u16 = 0x4;
-const POLLHUP: u16 = 0x10;
+use nix::libc::{EAGAIN, EBUSY, ESPIPE};
+/// poll(2) bits as the agent reports them (`revents`, a u16 on the wire).
+const POLLOUT: u16 = nix::libc::POLLOUT as u16;
+const POLLHUP: u16 = nix::libc::POLLHUP as u16;
 /// QMP rate-limits VSERPORT_CHANGE to one per second per id; a window of this length after a
 /// change is sure to contain the (possibly delayed) event.
 const EVENT_WINDOW: Duration = Duration::from_millis(2500);
