@@ -542,6 +542,7 @@ fn shared_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError
         ))
     });
     log::debug!("shared group done (boot id {boot_id}, port b link kept: {})", link_b.is_some());
+    rec.explain_errors("shared", &rig.failure_context());
     Ok(())
 }
 

@@ -260,6 +260,15 @@ impl Recorder<'_> {
         CASES.iter().any(|c| c.group == group && self.opts.selected(c.name))
     }
 
+    /// Appends `context` (normally the guest console and QEMU stderr tails) to the note of every
+    /// case of `group` that ended in ERROR, so a broken case explains itself in the report.
+    pub(crate) fn explain_errors(&mut self, group: &str, context: &str) {
+        for c in self.report.cases.iter_mut().filter(|c| c.group == group && c.verdict == Verdict::Error) {
+            c.note.push('\n');
+            c.note.push_str(context);
+        }
+    }
+
     /// Runs case `name` (if selected) and records it. A panic-free case function is expected;
     /// its `Err` becomes an ERROR verdict and the next case still runs.
     pub(crate) fn case(&mut self, name: &str, f: impl FnOnce() -> Result<Observation, CaseError>) {
