@@ -58,13 +58,17 @@ pub enum MessageType {
     Events = 0x42,
     /// Agent -> host: life-cycle history records.
     EventsReply = 0x43,
+    /// Host -> agent: a guest operation on a port the agent does not serve ([`GuestOp`]).
+    GuestOp = 0x50,
+    /// Agent -> host: a [`MessageType::GuestOp`] completed ([`GuestOpDone`]).
+    GuestOpDone = 0x51,
     /// Either way: a request could not be served.
     Error = 0x7F,
 }
 
 impl MessageType {
     /// Every type this crate knows, for exhaustive tests and documentation.
-    pub const ALL: [MessageType; 24] = [
+    pub const ALL: [MessageType; 26] = [
         MessageType::Hello,
         MessageType::HelloAck,
         MessageType::HelloRequest,
@@ -88,6 +92,8 @@ impl MessageType {
         MessageType::StatsReply,
         MessageType::Events,
         MessageType::EventsReply,
+        MessageType::GuestOp,
+        MessageType::GuestOpDone,
         MessageType::Error,
     ];
 
@@ -255,6 +261,133 @@ wire_enum!(ProbeTarget { OwnFd, SecondFd });
 wire_enum!(SigioAction { Query, Enable, Disable });
 wire_enum!(StateCode { Disconnected, Connected, Ready });
 
+/// A guest operation: one system call (or a loop of them) the agent runs inside the guest on a
+/// port it does **not** serve, so the host can observe what an ordinary guest program sees.
+///
+/// Operations on a handle run in order of arrival on a worker thread of that handle, so a
+/// blocking call (a write with no host client, a read with no data) blocks only its handle:
+/// the agent keeps serving the control port, and the completion ([`GuestOpDone`]) arrives when
+/// the call returns. Handles belong to the control session that opened them and are closed
+/// when it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestOp {
+    /// `open(path, O_RDWR | flags)`. `port` is a port name (looked up in sysfs) or a path
+    /// (`/dev/vportNpM`, `/dev/hvc0`). Done: `ret` = the new handle (> 0) or -1 and `errno`;
+    /// `data` = the device path opened.
+    Open {
+        /// Port name or absolute path.
+        port: String,
+        /// Open with `O_NONBLOCK`.
+        nonblock: bool,
+        /// Count SIGIO for this fd (`F_SETOWN` + `F_SETSIG` + `O_ASYNC`), see [`GuestOp::SigioCount`].
+        sigio: bool,
+    },
+    /// `read(2)`. With `all` false: one call of at most `bytes` (<= 64 KiB) bytes, `data` holds
+    /// what it returned. With `all` true: calls until `bytes` bytes came, a call returned 0 or
+    /// failed; `bytes`/`digest` (xxh3-64) cover everything, `data` the first 4 KiB.
+    Read {
+        /// The handle.
+        handle: u32,
+        /// Bytes wanted.
+        bytes: u64,
+        /// Keep reading until `bytes` came (or 0 / an error).
+        all: bool,
+    },
+    /// `write(2)` of `bytes` bytes of the pattern of `seed`, calling again after short writes;
+    /// done when all are written or a call failed: `bytes` written, `digest` of them, `ret` the
+    /// last call's result.
+    Write {
+        /// The handle.
+        handle: u32,
+        /// Pattern seed ([`crate::pattern`]).
+        seed: u64,
+        /// Stream length.
+        bytes: u64,
+    },
+    /// `poll(2)` on the handle: `ret` the call's result, `mask` the exact revents.
+    Poll {
+        /// The handle.
+        handle: u32,
+        /// Requested events.
+        events: u16,
+        /// poll timeout (-1 waits for ever).
+        timeout_ms: i32,
+    },
+    /// Close the handle (after the operations queued on it; a blocked one is interrupted).
+    Close {
+        /// The handle.
+        handle: u32,
+    },
+    /// Interrupt the handle's blocked operation (it completes with EINTR).
+    Cancel {
+        /// The handle.
+        handle: u32,
+    },
+    /// The port's debugfs file (`/sys/kernel/debug/virtio-ports/vportNpM`) as text in `data`.
+    Debugfs {
+        /// Port name or node (`vportNpM`).
+        port: String,
+    },
+    /// Every port in sysfs as `node name` lines in `data` (name empty when unset).
+    Sysfs,
+    /// SIGIO signals received for the handle since it was opened with `sigio`: `ret` the
+    /// count, `data` the poll mask sampled at each (u16 little-endian, first 64).
+    SigioCount {
+        /// The handle.
+        handle: u32,
+    },
+}
+
+impl GuestOp {
+    /// The handle the operation runs on, if any.
+    pub fn handle(&self) -> Option<u32> {
+        match self {
+            GuestOp::Read { handle, .. }
+            | GuestOp::Write { handle, .. }
+            | GuestOp::Poll { handle, .. }
+            | GuestOp::Close { handle }
+            | GuestOp::Cancel { handle }
+            | GuestOp::SigioCount { handle } => Some(*handle),
+            GuestOp::Open { .. } | GuestOp::Debugfs { .. } | GuestOp::Sysfs => None,
+        }
+    }
+
+    fn code(&self) -> u8 {
+        match self {
+            GuestOp::Open { .. } => 1,
+            GuestOp::Read { .. } => 2,
+            GuestOp::Write { .. } => 3,
+            GuestOp::Poll { .. } => 4,
+            GuestOp::Close { .. } => 5,
+            GuestOp::Cancel { .. } => 6,
+            GuestOp::Debugfs { .. } => 7,
+            GuestOp::Sysfs => 8,
+            GuestOp::SigioCount { .. } => 9,
+        }
+    }
+}
+
+/// The completion of a [`GuestOp`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GuestOpDone {
+    /// The request's `op_id`.
+    pub op_id: u32,
+    /// The (last) system call's return value; -1 on failure.
+    pub ret: i64,
+    /// `errno` when `ret` is -1, else 0.
+    pub errno: i32,
+    /// poll revents (POLL), else 0.
+    pub mask: u16,
+    /// Bytes moved (READ, WRITE).
+    pub bytes: u64,
+    /// xxh3-64 of the bytes moved (READ, WRITE), else 0.
+    pub digest: u64,
+    /// Time from the start of the operation to its completion, in the guest.
+    pub elapsed_ns: u64,
+    /// Operation-specific bytes (see [`GuestOp`]).
+    pub data: Vec<u8>,
+}
+
 /// One protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -396,6 +529,16 @@ pub enum Message {
         /// The records, oldest first.
         records: Vec<EventRecord>,
     },
+    /// Run a guest operation; answered with [`Message::GuestOpDone`] carrying `op_id`, or
+    /// ERROR when the request itself is refused.
+    GuestOp {
+        /// Chosen by the host; echoed in the completion.
+        op_id: u32,
+        /// The operation.
+        op: GuestOp,
+    },
+    /// A guest operation completed.
+    GuestOpDone(GuestOpDone),
     /// A request could not be served.
     Error {
         /// One of [`error_code`].
@@ -494,6 +637,8 @@ impl Message {
             Message::StatsReply(_) => MessageType::StatsReply,
             Message::Events { .. } => MessageType::Events,
             Message::EventsReply { .. } => MessageType::EventsReply,
+            Message::GuestOp { .. } => MessageType::GuestOp,
+            Message::GuestOpDone(_) => MessageType::GuestOpDone,
             Message::Error { .. } => MessageType::Error,
         }
     }
@@ -595,6 +740,47 @@ impl Message {
                     w.str("cause", &r.cause)?;
                 }
             }
+            Message::GuestOp { op_id, op } => {
+                w.u32(*op_id);
+                w.u8(op.code());
+                match op {
+                    GuestOp::Open { port, nonblock, sigio } => {
+                        w.str("port", port)?;
+                        w.u8(u8::from(*nonblock));
+                        w.u8(u8::from(*sigio));
+                    }
+                    GuestOp::Read { handle, bytes, all } => {
+                        w.u32(*handle);
+                        w.u64(*bytes);
+                        w.u8(u8::from(*all));
+                    }
+                    GuestOp::Write { handle, seed, bytes } => {
+                        w.u32(*handle);
+                        w.u64(*seed);
+                        w.u64(*bytes);
+                    }
+                    GuestOp::Poll { handle, events, timeout_ms } => {
+                        w.u32(*handle);
+                        w.u16(*events);
+                        w.u32(*timeout_ms as u32);
+                    }
+                    GuestOp::Close { handle } | GuestOp::Cancel { handle } | GuestOp::SigioCount { handle } => {
+                        w.u32(*handle)
+                    }
+                    GuestOp::Debugfs { port } => w.str("port", port)?,
+                    GuestOp::Sysfs => {}
+                }
+            }
+            Message::GuestOpDone(d) => {
+                w.u32(d.op_id);
+                w.u64(d.ret as u64);
+                w.u32(d.errno as u32);
+                w.u16(d.mask);
+                w.u64(d.bytes);
+                w.u64(d.digest);
+                w.u64(d.elapsed_ns);
+                w.out.extend_from_slice(&d.data);
+            }
             Message::Error { code, text } => {
                 w.u16(*code);
                 w.str("text", text)?;
@@ -693,6 +879,36 @@ impl Message {
                     .collect::<Result<_, MessageError>>()?;
                 Message::EventsReply { first_seq, next_seq, records }
             }
+            MessageType::GuestOp => {
+                let op_id = r.u32("op_id")?;
+                let op = match r.u8("op")? {
+                    1 => GuestOp::Open { port: r.str("port")?, nonblock: r.bool("nonblock")?, sigio: r.bool("sigio")? },
+                    2 => GuestOp::Read { handle: r.u32("handle")?, bytes: r.u64("bytes")?, all: r.bool("all")? },
+                    3 => GuestOp::Write { handle: r.u32("handle")?, seed: r.u64("seed")?, bytes: r.u64("bytes")? },
+                    4 => GuestOp::Poll {
+                        handle: r.u32("handle")?,
+                        events: r.u16("events")?,
+                        timeout_ms: r.u32("timeout_ms")? as i32,
+                    },
+                    5 => GuestOp::Close { handle: r.u32("handle")? },
+                    6 => GuestOp::Cancel { handle: r.u32("handle")? },
+                    7 => GuestOp::Debugfs { port: r.str("port")? },
+                    8 => GuestOp::Sysfs,
+                    9 => GuestOp::SigioCount { handle: r.u32("handle")? },
+                    v => return Err(MessageError::InvalidValue { kind, field: "op", value: v.into() }),
+                };
+                Message::GuestOp { op_id, op }
+            }
+            MessageType::GuestOpDone => Message::GuestOpDone(GuestOpDone {
+                op_id: r.u32("op_id")?,
+                ret: r.u64("ret")? as i64,
+                errno: r.u32("errno")? as i32,
+                mask: r.u16("mask")?,
+                bytes: r.u64("bytes")?,
+                digest: r.u64("digest")?,
+                elapsed_ns: r.u64("elapsed_ns")?,
+                data: r.rest(),
+            }),
             MessageType::Error => Message::Error { code: r.u16("code")?, text: r.str("text")? },
         };
         r.finish()?;
@@ -851,8 +1067,41 @@ mod tests {
                     cause: "poll: POLLHUP clear".into(),
                 }],
             },
+            Message::GuestOp { op_id: 1, op: GuestOp::Open { port: "other.x".into(), nonblock: true, sigio: false } },
+            Message::GuestOpDone(GuestOpDone {
+                op_id: 1,
+                ret: -1,
+                errno: 11,
+                mask: 0x4,
+                bytes: 10,
+                digest: 7,
+                elapsed_ns: 99,
+                data: b"x".to_vec(),
+            }),
             Message::Error { code: error_code::MALFORMED, text: "bad".into() },
         ]
+    }
+
+    #[test]
+    fn every_guest_op_round_trips() {
+        let ops = [
+            GuestOp::Open { port: "/dev/vport0p3".into(), nonblock: false, sigio: true },
+            GuestOp::Read { handle: 2, bytes: 64 << 20, all: true },
+            GuestOp::Write { handle: 2, seed: 9, bytes: 10 },
+            GuestOp::Poll { handle: 2, events: 0x5, timeout_ms: -1 },
+            GuestOp::Close { handle: 2 },
+            GuestOp::Cancel { handle: 2 },
+            GuestOp::Debugfs { port: "vport0p1".into() },
+            GuestOp::Sysfs,
+            GuestOp::SigioCount { handle: 3 },
+        ];
+        for (i, op) in ops.into_iter().enumerate() {
+            assert_eq!(op.code() as usize, i + 1);
+            let m = Message::GuestOp { op_id: i as u32, op };
+            assert_eq!(Message::from_frame(&m.to_frame(1, 1).unwrap()).unwrap(), m);
+        }
+        let f = Frame::new(MessageType::GuestOp as u8, 0, 0, vec![0, 0, 0, 0, 42]);
+        assert!(matches!(Message::from_frame(&f), Err(MessageError::InvalidValue { field: "op", value: 42, .. })));
     }
 
     #[test]
@@ -874,7 +1123,7 @@ mod tests {
             bytes,
             vec![
                 0x01, 0x02, 0x03, 0x04, 0x10, 0x11, 0x12, 0x13, 0x20, 0x22, 0x24, 0x25, 0x26, 0x27, 0x30, 0x31, 0x32,
-                0x34, 0x35, 0x40, 0x41, 0x42, 0x43, 0x7F
+                0x34, 0x35, 0x40, 0x41, 0x42, 0x43, 0x50, 0x51, 0x7F
             ]
         );
     }

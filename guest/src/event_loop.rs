@@ -28,6 +28,7 @@
 
 use crate::discovery::{list_sysfs, select, PortSpec, Selector, Wanted};
 use crate::fdio::FdIo;
+use crate::guest_ops::{GuestOps, GuestOpsError, Owner};
 use crate::port::{AgentInfo, Carry, Env, Health, Port, SystemEnv};
 use crate::uevent::{Action, UeventError, UeventSocket};
 use mio::unix::SourceFd;
@@ -45,6 +46,8 @@ use vport_common::message::NO_REOPEN;
 
 const SIGNAL: Token = Token(0);
 const UEVENT: Token = Token(1);
+/// Guest-op workers wake the loop with this token.
+const WAKER: Token = Token(usize::MAX);
 const FIRST_PORT_TOKEN: usize = 2;
 
 /// First EBUSY back-off.
@@ -85,6 +88,9 @@ pub enum LoopError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Guest operations could not be set up.
+    #[error(transparent)]
+    GuestOps(#[from] GuestOpsError),
     /// epoll failed.
     #[error("cannot {op} the event loop's epoll instance")]
     Poll {
@@ -170,6 +176,8 @@ pub struct EventLoop {
     closing: HashMap<String, Instant>,
     /// Node names of console ports (never rescanned).
     consoles: HashSet<String>,
+    /// Guest operations on ports the agent does not serve (GUEST_OP).
+    guest_ops: GuestOps,
 }
 
 /// `err` and its sources, joined with ": ".
@@ -203,6 +211,9 @@ impl EventLoop {
         registry
             .register(&mut SourceFd(&uevents.raw_fd()), UEVENT, Interest::READABLE)
             .map_err(|source| LoopError::Poll { op: "register the uevent socket with", source })?;
+        let waker = mio::Waker::new(registry, WAKER)
+            .map_err(|source| LoopError::Poll { op: "register the guest-op waker with", source })?;
+        let guest_ops = GuestOps::new(std::sync::Arc::new(waker), config.sysfs_root.clone(), config.dev_root.clone())?;
         Ok(EventLoop {
             config,
             info: Rc::new(info),
@@ -218,6 +229,7 @@ impl EventLoop {
             carry: HashMap::new(),
             closing: HashMap::new(),
             consoles: HashSet::new(),
+            guest_ops,
         })
     }
 
@@ -263,6 +275,7 @@ impl EventLoop {
                         }
                     }
                     UEVENT => self.handle_uevents(),
+                    WAKER => self.deliver_guest_op_completions(),
                     t => {
                         if let Some(dev) = self.tokens.get(&t).cloned() {
                             self.service(&dev);
@@ -456,6 +469,7 @@ impl EventLoop {
         });
         match port {
             Some(p) => p.on_sigio(&mut self.env),
+            None if self.guest_ops.on_sigio(fd) => {}
             None => log::debug!("SIGIO for fd {fd}, which is no open port"),
         }
     }
@@ -489,9 +503,51 @@ impl EventLoop {
         }
     }
 
+    /// Sends the completions guest-op workers reported to the control ports that asked.
+    fn deliver_guest_op_completions(&mut self) {
+        for c in self.guest_ops.completions() {
+            match self.ports.get_mut(&c.owner.dev) {
+                Some(Slot::Open { port, .. }) => {
+                    if port.send_guest_op_done(c.owner.session, c.done) {
+                        if let Err(e) = port.flush_out() {
+                            log::warn!("{}", chain(&e));
+                        }
+                    }
+                }
+                _ => log::info!("guest op {} finished after its control port {} closed", c.done.op_id, c.owner.dev),
+            }
+        }
+    }
+
+    /// Runs the guest ops `dev`'s port accepted, answers the immediate ones, and closes the
+    /// handles of control sessions that ended.
+    fn run_guest_ops(&mut self, dev: &str) {
+        if let Some(Slot::Open { port, .. }) = self.ports.get_mut(dev) {
+            let requests = port.take_guest_ops();
+            for (session, op_id, op) in requests {
+                let owner = Owner { dev: dev.to_owned(), session };
+                if let Some(done) = self.guest_ops.submit(owner, op_id, op) {
+                    port.send_guest_op_done(session, done);
+                }
+            }
+            if let Err(e) = port.flush_out() {
+                log::warn!("{}", chain(&e));
+            }
+        }
+        if self.guest_ops.open_handles() > 0 {
+            let ports = &self.ports;
+            self.guest_ops.release(
+                |o| matches!(ports.get(&o.dev), Some(Slot::Open { port, .. }) if port.session_is_ready(o.session)),
+            );
+        }
+    }
+
     fn service(&mut self, dev: &str) {
         let Some(Slot::Open { port, .. }) = self.ports.get_mut(dev) else { return };
-        match port.service(&mut self.env) {
+        let health = port.service(&mut self.env);
+        self.run_guest_ops(dev);
+        let Some(Slot::Open { port, .. }) = self.ports.get_mut(dev) else { return };
+        match health {
             Ok(Health::Open) => {
                 if port.close_request().is_some() {
                     self.check_close(dev, Instant::now());

@@ -87,10 +87,10 @@ impl FdIo {
 
 /// `F_SETSIG` from Linux `<asm-generic/fcntl.h>` (`__F_SETSIG`, 10 on every architecture
 /// Linux supports); the libc crate does not export it.
-const F_SETSIG: nix::libc::c_int = 10;
+pub(crate) const F_SETSIG: nix::libc::c_int = 10;
 
 /// `fcntl(fd, cmd, arg)` for the integer-argument commands nix does not wrap.
-fn fcntl_int(fd: RawFd, cmd: nix::libc::c_int, arg: nix::libc::c_int) -> Result<nix::libc::c_int, Errno> {
+pub(crate) fn fcntl_int(fd: RawFd, cmd: nix::libc::c_int, arg: nix::libc::c_int) -> Result<nix::libc::c_int, Errno> {
     // SAFETY: `fd` is an open descriptor owned by the caller for the duration of the call; the
     // commands used here (F_SETOWN, F_SETSIG, F_GETFL, F_SETFL) take an int argument and do not
     // touch memory.

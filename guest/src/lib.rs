@@ -12,6 +12,7 @@
 pub mod discovery;
 pub mod event_loop;
 pub mod fdio;
+pub mod guest_ops;
 pub mod history;
 pub mod log;
 pub mod port;

@@ -42,7 +42,8 @@ use thiserror::Error;
 use vport_common::frame::DEFAULT_MAX_PAYLOAD;
 use vport_common::message::error_code;
 use vport_common::message::{
-    EventRecord, ProbeKind, ProbeTarget, SigioAction, SigioSample, StateCode, NO_MISMATCH, NO_REOPEN,
+    EventRecord, GuestOp, GuestOpDone, ProbeKind, ProbeTarget, SigioAction, SigioSample, StateCode, NO_MISMATCH,
+    NO_REOPEN,
 };
 use vport_common::pattern::{self, StreamDigest};
 use vport_common::{Decoder, Frame, Header, Message, MessageError, MessageType, PortEvent, PortMachine, PortState};
@@ -412,6 +413,9 @@ pub struct Port<I> {
     sink: Option<SinkJob>,
     /// A CLOSE/REOPEN was served: reopen after this many ms ([`NO_REOPEN`]: not at all).
     close_request: Option<u32>,
+    /// GUEST_OP requests accepted in a READY session, for the event loop to run:
+    /// (session, op_id, op).
+    guest_ops: Vec<(u32, u32, GuestOp)>,
 }
 
 impl<I: PortIo> Port<I> {
@@ -438,6 +442,7 @@ impl<I: PortIo> Port<I> {
             source: None,
             sink: None,
             close_request: None,
+            guest_ops: Vec::new(),
         }
     }
 
@@ -455,6 +460,31 @@ impl<I: PortIo> Port<I> {
     /// ([`NO_REOPEN`]: stay closed). Frames are no longer handled once it is set.
     pub fn close_request(&self) -> Option<u32> {
         self.close_request
+    }
+
+    /// The GUEST_OP requests accepted since the last call: (session, op_id, op). The event loop
+    /// runs them ([`crate::guest_ops`]) and answers with [`Port::send_guest_op_done`].
+    pub fn take_guest_ops(&mut self) -> Vec<(u32, u32, GuestOp)> {
+        std::mem::take(&mut self.guest_ops)
+    }
+
+    /// Whether `session` is the port's READY session (guest-op handles live as long as it).
+    pub fn session_is_ready(&self, session: u32) -> bool {
+        matches!(self.machine.state(), PortState::Ready { session: s, .. } if s == session)
+    }
+
+    /// Queues GUEST_OP_DONE in `session` if that is still the READY session; returns whether
+    /// it was queued (a completion for an ended session is dropped and logged).
+    pub fn send_guest_op_done(&mut self, session: u32, done: GuestOpDone) -> bool {
+        if !self.session_is_ready(session) {
+            log::info!(
+                "port {}: guest op {} finished after its session {session:#010x} ended; dropped",
+                self.name,
+                done.op_id
+            );
+            return false;
+        }
+        self.send(&Message::GuestOpDone(done), session)
     }
 
     /// SIGIO observation state.
@@ -1136,7 +1166,14 @@ impl<I: PortIo> Port<I> {
                     self.send(&reply, h.session);
                 }
             }
+            Message::GuestOp { op_id, op } => {
+                if self.require_ready(&h, MessageType::GuestOp) {
+                    log::debug!("port {}: guest op {op_id}: {op:?}", self.name);
+                    self.guest_ops.push((h.session, op_id, op));
+                }
+            }
             Message::Hello(_)
+            | Message::GuestOpDone(_)
             | Message::EchoReply(_)
             | Message::Bye { .. }
             | Message::ProbeResult { .. }

@@ -16,7 +16,9 @@ use std::io::ErrorKind;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use vport_common::frame::DEFAULT_MAX_PAYLOAD;
-use vport_common::message::{EventRecord, Hello, ProbeKind, ProbeTarget, SigioAction, SigioSample, NO_MISMATCH};
+use vport_common::message::{
+    EventRecord, GuestOp, GuestOpDone, Hello, ProbeKind, ProbeTarget, SigioAction, SigioSample, NO_MISMATCH,
+};
 use vport_common::pattern::{self, StreamDigest};
 use vport_common::trace::Direction;
 use vport_common::{Decoder, Frame, Message, MessageError};
@@ -225,6 +227,10 @@ pub struct Link<S: Stream> {
     stats: LinkStats,
     buf: Vec<u8>,
     timeline: Option<Timeline>,
+    /// The op_id of the next GUEST_OP.
+    next_op_id: u32,
+    /// GUEST_OP completions received while waiting for something else.
+    guest_ops_done: std::collections::HashMap<u32, GuestOpDone>,
 }
 
 impl<S: Stream> Link<S> {
@@ -246,6 +252,8 @@ impl<S: Stream> Link<S> {
             stats: LinkStats::default(),
             buf: vec![0; 64 * 1024],
             timeline: None,
+            next_op_id: 1,
+            guest_ops_done: std::collections::HashMap::new(),
         }
     }
 
@@ -407,6 +415,12 @@ impl<S: Stream> Link<S> {
                 }
                 Ok(m) => match pick(m) {
                     Some(v) => return Ok((v, r.at)),
+                    // Kept for Link::await_guest_op: guest ops complete in any order.
+                    None if matches!(m, Message::GuestOpDone(_)) => {
+                        if let Message::GuestOpDone(d) = m {
+                            self.guest_ops_done.insert(d.op_id, d.clone());
+                        }
+                    }
                     None => log::debug!("port {}: skipping {:?} while waiting for {what}", self.port, m.kind()),
                 },
                 Err(e) => log::debug!("port {}: unparsable frame while waiting for {what}: {e}", self.port),
@@ -476,6 +490,34 @@ impl<S: Stream> Link<S> {
             _ => None,
         })?;
         Ok(out)
+    }
+
+    /// GUEST_OP: starts `op` in the guest and returns its op_id; the completion is collected
+    /// with [`Link::await_guest_op`] (other requests may be made meanwhile).
+    pub fn start_guest_op(&mut self, op: GuestOp) -> Result<u32, LinkError> {
+        let op_id = self.next_op_id;
+        self.next_op_id = self.next_op_id.wrapping_add(1).max(1);
+        self.send(&Message::GuestOp { op_id, op })?;
+        Ok(op_id)
+    }
+
+    /// Waits up to `timeout` for the completion of guest op `op_id`. A timeout is
+    /// [`LinkError::Timeout`]: the op may still complete later (ask again).
+    pub fn await_guest_op(&mut self, op_id: u32, timeout: Duration) -> Result<GuestOpDone, LinkError> {
+        if let Some(d) = self.guest_ops_done.remove(&op_id) {
+            return Ok(d);
+        }
+        let (d, _) = self.await_reply(Instant::now() + timeout, "GUEST_OP_DONE", |m| match m {
+            Message::GuestOpDone(d) if d.op_id == op_id => Some(d.clone()),
+            _ => None,
+        })?;
+        Ok(d)
+    }
+
+    /// Runs guest op `op` and waits up to `timeout` for its completion.
+    pub fn guest_op(&mut self, op: GuestOp, timeout: Duration) -> Result<GuestOpDone, LinkError> {
+        let id = self.start_guest_op(op)?;
+        self.await_guest_op(id, timeout)
     }
 
     /// SIGIO: enable (reset and count), disable or query SIGIO observation.

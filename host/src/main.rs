@@ -93,6 +93,9 @@ struct ConformanceArgs {
     /// Run only the cases whose name contains one of these comma-separated strings.
     #[arg(long)]
     filter: Option<String>,
+    /// Log level of vport-agent inside the guest (shown in an ERROR case's console tail).
+    #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    agent_log_level: String,
     /// Open/close cycles of the fast REOPEN case.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     cycles: u32,
@@ -616,6 +619,7 @@ fn cmd_conformance(args: ConformanceArgs, progress: &Progress) -> Result<(), Fai
     opts.accel = args.accel;
     opts.filter = args.filter;
     opts.reopen_cycles = args.cycles;
+    opts.agent_args = vec!["--log-level".into(), args.agent_log_level];
     let report = conformance::run(&opts, &mut |ev| match ev {
         CaseEvent::GroupStarted { group } => progress.say(&format!("group {group}: booting")),
         CaseEvent::CaseFinished(c) => progress.say(&format!("{:<7} {}", c.verdict.label(), c.name)),

@@ -91,6 +91,13 @@ impl Rig {
         Ok(Link::new(name, connect_unix(name, &port.socket)?))
     }
 
+    /// Connects to port `name`'s chardev as a plain byte stream, without framing: for cases
+    /// where an ordinary guest program, not the agent, is at the other end.
+    pub fn connect_raw(&self, name: &str) -> Result<UnixStream, RigError> {
+        let port = self.port(name)?;
+        Ok(connect_unix(name, &port.socket)?)
+    }
+
     /// The host end of port `name`: an [`Endpoint`] of the kind the port was configured with
     /// ([`crate::qemu::HostEnd`]). Each call gives an independent endpoint object; for server
     /// kinds they share the one listener bound before QEMU started.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use vport_common::message::{ProbeKind, ProbeTarget, SigioAction, StateCode};
 use vport_common::Message;
 
-const HOST: &str = "vport-conformance";
+pub(super) const HOST: &str = "vport-conformance";
 use nix::libc::{EAGAIN, EBUSY, ESPIPE};
 /// poll(2) bits as the agent reports them (`revents`, a u16 on the wire).
 const POLLOUT: u16 = nix::libc::POLLOUT as u16;
@@ -26,8 +26,12 @@ const EVENT_WINDOW: Duration = Duration::from_millis(2500);
 pub(crate) type GroupFn = fn(&SuiteOptions, &mut Recorder) -> Result<(), CaseError>;
 
 /// Groups in run order.
-pub(crate) const GROUPS: &[(&str, GroupFn)] =
-    &[("shared", shared_group), ("migration", migration_group), ("scale", scale_group)];
+pub(crate) const GROUPS: &[(&str, GroupFn)] = &[
+    ("shared", shared_group),
+    ("guest", super::guest::guest_group),
+    ("migration", migration_group),
+    ("scale", scale_group),
+];
 
 macro_rules! case {
     ($name:expr, $group:expr, $spec:expr, $expected:expr) => {
@@ -107,6 +111,96 @@ pub const CASES: &[CaseDef] = &[
         "VSERPORT_CHANGE open=false; new boot id; re-handshake on the same connection"
     ),
     case!(
+        "sysfs-name-appears",
+        "guest",
+        "/sys/class/virtio-ports/vportNpM/name set from PORT_NAME (add_port, handle_control_message)",
+        "every configured name listed, each with its node"
+    ),
+    case!(
+        "virtconsole-vport-enxio",
+        "guest",
+        "open a virtconsole port through its vport node (port_fops_open)",
+        "-1 ENXIO"
+    ),
+    case!(
+        "read-no-host-returns-0",
+        "guest",
+        "read, no data, no host client (port_fops_read)",
+        "returns 0 at once (not EOF: 'host not connected')"
+    ),
+    case!(
+        "poll-mask-no-host",
+        "guest",
+        "poll with no host client (port_fops_poll: read would not block, write would)",
+        "revents == POLLIN|POLLHUP (0x11) exactly"
+    ),
+    case!(
+        "nonblock-write-no-host-eagain",
+        "guest",
+        "O_NONBLOCK write with no host client (wait_port_writable)",
+        "-1 EAGAIN, nothing written"
+    ),
+    case!(
+        "write-no-host-blocks-10b",
+        "guest",
+        "blocking write with no host client (wait_port_writable, will_write_block)",
+        "blocks; completes when a host connects; 10 bytes intact"
+    ),
+    case!(
+        "write-no-host-blocks-64mib",
+        "guest",
+        "the same with 64 MiB (32 KiB per call, short writes)",
+        "blocks; completes when a host connects; 64 MiB intact"
+    ),
+    case!(
+        "blocking-read-returns-on-host-write",
+        "guest",
+        "blocking read, host connected, no data (port_fops_read waits)",
+        "blocks; returns the host's 100 bytes when it writes"
+    ),
+    case!(
+        "poll-masks-host-connected",
+        "guest",
+        "poll, host connected (port_fops_poll)",
+        "POLLOUT (0x4) idle; POLLIN|POLLOUT (0x5) with data pending; 0x4 after reading it"
+    ),
+    case!(
+        "poll-mask-host-closed-unread",
+        "guest",
+        "host disconnects with data unread; read after disconnect (port_fops_poll, port_fops_read)",
+        "POLLIN|POLLHUP (0x11); the data is read first, then 0; 0x11 after"
+    ),
+    case!(
+        "host-writes-before-guest-opens",
+        "guest",
+        "host data while the guest has the port closed (QEMU reads only when guest_connected)",
+        "delivered intact after the open"
+    ),
+    case!(
+        "close-discards-unread",
+        "guest",
+        "close with unread host data (port_fops_release, discard_port_data)",
+        "debugfs bytes_discarded grows by the unread bytes"
+    ),
+    case!(
+        "debugfs-counters",
+        "guest",
+        "debugfs virtio-ports/vportNpM (debugfs_show)",
+        "bytes_sent / bytes_received grow by exactly what moved; flags right"
+    ),
+    case!(
+        "guest-to-host-loss-on-disconnect",
+        "guest",
+        "host disconnects with guest data queued (virtio_serial_close, discard_vq_data)",
+        "the loss is measured: one hole, everything after it intact"
+    ),
+    case!(
+        "sigio-data-and-unplug",
+        "guest",
+        "SIGIO on a plain O_ASYNC fd (send_sigio_to_port)",
+        "a signal on host connect, on data arrival and on unplug"
+    ),
+    case!(
         "migrate-file-open-port",
         "migration",
         "migration destination: open=true for open ports once it runs (virtio-serial-bus.c post_load)",
@@ -144,33 +238,19 @@ pub const CASES: &[CaseDef] = &[
     ),
 ];
 
-/// Cases of the issue the current agent cannot drive (they need the guest-ops extension of
-/// `docs/conformance.md`): name and what it needs.
-pub const NOT_IMPLEMENTED: &[(&str, &str)] = &[
-    ("read-no-host-returns-0", "a guest read on a port with no host client"),
-    ("blocking-read-returns-on-host-write", "a blocking read on a worker thread, completed by host data"),
-    ("write-no-host-blocks-10b", "a blocking write with no host, completing on connect, 10 bytes intact"),
-    ("write-no-host-blocks-64mib", "the same with 64 MiB"),
-    ("nonblock-write-no-host-eagain", "an O_NONBLOCK write with no host client"),
-    ("host-writes-before-guest-opens", "host data sent before the guest opens, read after the open"),
-    ("close-discards-unread", "unread data at guest close and debugfs bytes_discarded"),
-    ("guest-to-host-loss-on-disconnect", "guest data queued when the host leaves: measured loss"),
-    ("poll-masks-no-host-and-pending", "poll with no host, with data pending, host closed with unread data"),
-    ("debugfs-counters", "debugfs bytes_sent / bytes_received / bytes_discarded"),
-    ("virtconsole-vport-enxio", "open of a virtconsole's vport node"),
-    ("sysfs-name-appears", "the sysfs name attribute (the agent uses it, but does not report it)"),
-    ("sigio-data-and-unplug", "SIGIO counted separately for data arrival and unplug"),
-];
-
-fn boot(opts: &SuiteOptions, ports: Vec<PortConfig>, tweak: impl FnOnce(&mut VmConfig)) -> Result<Rig, CaseError> {
-    let mut cfg = vm_config(&opts.image, &[], &[]);
+pub(super) fn boot(
+    opts: &SuiteOptions,
+    ports: Vec<PortConfig>,
+    tweak: impl FnOnce(&mut VmConfig),
+) -> Result<Rig, CaseError> {
+    let mut cfg = vm_config(&opts.image, &[], &opts.agent_args);
     cfg.accel = opts.accel;
     cfg.ports = ports;
     tweak(&mut cfg);
     Ok(Rig::launch(cfg)?)
 }
 
-fn alive(rig: &Rig) -> impl FnMut() -> Result<(), String> + '_ {
+pub(super) fn alive(rig: &Rig) -> impl FnMut() -> Result<(), String> + '_ {
     || rig.vm.check_alive()
 }
 
@@ -216,7 +296,7 @@ fn collect_vserport(rx: &Receiver<QmpEvent>, quiet: Duration, max: Duration) -> 
     }
 }
 
-fn note_versions(rec: &mut Recorder, rig: &Rig, kernel: &str) {
+pub(super) fn note_versions(rec: &mut Recorder, rig: &Rig, kernel: &str) {
     let r = &mut rec.report;
     if r.qemu_version == "unknown" {
         if let Ok(v) = rig.qmp.query_version() {
@@ -246,6 +326,7 @@ fn shared_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError
     let mut rig = boot(opts, vec![PortConfig::serial(A), PortConfig::serial(B)], |c| {
         c.extra_args.extend(["-action".into(), "reboot=reset".into()]);
     })?;
+    rec.watch_vm(&rig.vm);
     let a = rig.port(A)?.clone();
     let b = rig.port(B)?.clone();
     let mut link = rig.connect(A)?;
@@ -542,7 +623,6 @@ fn shared_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError
         ))
     });
     log::debug!("shared group done (boot id {boot_id}, port b link kept: {})", link_b.is_some());
-    rec.explain_errors("shared", &rig.failure_context());
     Ok(())
 }
 
@@ -639,6 +719,7 @@ fn migration_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseEr
         .map_err(|e| CaseError::Other(format!("migration scratch directory: {e}")))?;
     let state = scratch.path().join("state.bin");
     let mut src = boot(opts, mig_ports(), |_| {})?;
+    rec.watch_vm(&src.vm);
     let mut l = src.connect(MIG_OPEN)?;
     src.resume()?;
     let hs = l.handshake(opts.hello_timeout, HOST)?;
@@ -646,6 +727,7 @@ fn migration_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseEr
     let took = migrate(&src, &format!("exec:cat > {}", state.display()))?;
     let incoming = format!("exec:cat {}", state.display());
     let mut dst = boot(opts, mig_ports(), |c| c.incoming = Some(incoming))?;
+    rec.watch_vm(&dst.vm);
     let mut dl = dst.connect(MIG_OPEN)?;
     let st = wait_incoming(&dst)?;
     drop(l);
@@ -711,6 +793,7 @@ fn scale_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError>
         c.extra_controllers = vec![None];
         c.memory_mib = 384;
     })?;
+    rec.watch_vm(&rig.vm);
     let mut links: Vec<Link<UnixStream>> = Vec::new();
     for n in &names {
         links.push(rig.connect(n)?);

@@ -14,9 +14,10 @@
 //! Entry point: [`run`]; renderers: [`render_text`], [`render_json`], [`render_junit`].
 
 mod cases;
+mod guest;
 mod render;
 
-pub use cases::{CASES, NOT_IMPLEMENTED};
+pub use cases::CASES;
 pub use render::{render_json, render_junit, render_text};
 
 use crate::image::GuestImage;
@@ -146,6 +147,8 @@ pub struct SuiteOptions {
     pub hello_timeout: Duration,
     /// Deadline of one request on a live session.
     pub reply_timeout: Duration,
+    /// Extra vport-agent arguments (kernel command line), e.g. `--log-level debug`.
+    pub agent_args: Vec<String>,
 }
 
 impl SuiteOptions {
@@ -158,6 +161,7 @@ impl SuiteOptions {
             reopen_cycles: 1000,
             hello_timeout: Duration::from_secs(90),
             reply_timeout: Duration::from_secs(15),
+            agent_args: Vec::new(),
         }
     }
 
@@ -252,7 +256,12 @@ pub(crate) struct Recorder<'a> {
     opts: &'a SuiteOptions,
     sink: &'a mut dyn FnMut(&CaseEvent),
     pub(crate) report: SuiteReport,
+    /// Guest console and QEMU log of the group's current VM.
+    logs: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
+
+/// Guest console lines an ERROR note carries.
+const CONSOLE_LINES: usize = 60;
 
 impl Recorder<'_> {
     /// Whether any selected case is in `group`.
@@ -260,13 +269,21 @@ impl Recorder<'_> {
         CASES.iter().any(|c| c.group == group && self.opts.selected(c.name))
     }
 
-    /// Appends `context` (normally the guest console and QEMU stderr tails) to the note of every
-    /// case of `group` that ended in ERROR, so a broken case explains itself in the report.
-    pub(crate) fn explain_errors(&mut self, group: &str, context: &str) {
-        for c in self.report.cases.iter_mut().filter(|c| c.group == group && c.verdict == Verdict::Error) {
-            c.note.push('\n');
-            c.note.push_str(context);
-        }
+    /// From now on, a case that ends in ERROR carries the tails of this VM's guest console and
+    /// QEMU log, read at the moment of the error, in its note.
+    pub(crate) fn watch_vm(&mut self, vm: &crate::qemu::Vm) {
+        self.logs = Some((vm.console_log(), vm.stderr_log()));
+    }
+
+    fn error_context(&self) -> String {
+        use crate::qemu::vm::file_tail;
+        let Some((console, qemu)) = &self.logs else { return String::new() };
+        format!(
+            "\n--- last {CONSOLE_LINES} lines of the guest console ({}) ---\n{}\n--- last 10 lines of qemu's log ---\n{}",
+            console.display(),
+            file_tail(console, CONSOLE_LINES).trim_end(),
+            file_tail(qemu, 10).trim_end()
+        )
     }
 
     /// Runs case `name` (if selected) and records it. A panic-free case function is expected;
@@ -282,7 +299,7 @@ impl Recorder<'_> {
         let start = Instant::now();
         let (verdict, observed, note) = match f() {
             Ok(o) => (o.verdict, o.observed, o.note),
-            Err(e) => (Verdict::Error, String::new(), format!("case {name}: {}", chain(&e))),
+            Err(e) => (Verdict::Error, String::new(), format!("case {name}: {}{}", chain(&e), self.error_context())),
         };
         let r = CaseResult {
             name: def.name.into(),
@@ -346,6 +363,7 @@ pub fn run(opts: &SuiteOptions, progress: &mut dyn FnMut(&CaseEvent)) -> Result<
             infra_errors: Vec::new(),
             elapsed: Duration::ZERO,
         },
+        logs: None,
     };
     for (group, f) in cases::GROUPS {
         if !rec.group_selected(group) {
@@ -355,6 +373,7 @@ pub fn run(opts: &SuiteOptions, progress: &mut dyn FnMut(&CaseEvent)) -> Result<
         if let Err(e) = f(opts, &mut rec) {
             rec.group_failed(group, &e);
         }
+        rec.logs = None;
     }
     // Table order, whatever order groups ran in.
     rec.report.cases.sort_by_key(|r| CASES.iter().position(|c| c.name == r.name));
@@ -377,7 +396,6 @@ mod tests {
             assert!(cases::GROUPS.iter().any(|(g, _)| *g == c.group), "{} in unknown group {}", c.name, c.group);
             assert!(!c.spec.is_empty() && !c.expected.is_empty(), "{}", c.name);
         }
-        assert!(!NOT_IMPLEMENTED.is_empty());
     }
 
     #[test]

@@ -417,7 +417,8 @@ pub fn install_signal_cleanup() -> Result<(), ctrlc::Error> {
 }
 
 /// Last `lines` lines of the file at `path` (empty if unreadable).
-fn tail(path: &Path, lines: usize) -> String {
+/// The last `lines` lines of the text file `path` (empty when it cannot be read).
+pub fn file_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -649,12 +650,12 @@ impl Vm {
 
     /// Last `lines` lines of the console log.
     pub fn console_tail(&self, lines: usize) -> String {
-        tail(&self.console_log(), lines)
+        file_tail(&self.console_log(), lines)
     }
 
     /// Last `lines` lines of QEMU's stderr.
     pub fn stderr_tail(&self, lines: usize) -> String {
-        tail(&self.stderr_log(), lines)
+        file_tail(&self.stderr_log(), lines)
     }
 
     /// The accelerator QEMU runs with.
