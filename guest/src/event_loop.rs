@@ -534,6 +534,11 @@ impl EventLoop {
                 log::warn!("{}", chain(&e));
             }
         }
+        self.release_guest_ops();
+    }
+
+    /// Closes the guest-op handles whose control session is no longer READY.
+    fn release_guest_ops(&mut self) {
         if self.guest_ops.open_handles() > 0 {
             let ports = &self.ports;
             self.guest_ops.release(
@@ -584,6 +589,7 @@ impl EventLoop {
         let name = port.name().to_owned();
         self.carry.insert(name, port.into_carry());
         self.env.ports_open = self.ports.values().filter(|s| matches!(s, Slot::Open { .. })).count() as u64;
+        self.release_guest_ops();
     }
 
     fn retry_due(&mut self, now: Instant) {

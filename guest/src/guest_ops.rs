@@ -479,12 +479,14 @@ mod tests {
     }
 
     /// Waits (bounded) for the completion of `op_id`, blocking in mio's poll on the waker.
-    fn wait_done(poll: &mut Poll, g: &mut GuestOps, op_id: u32) -> Completion {
+    /// Completions of other ops that arrive meanwhile are kept in `seen`.
+    fn wait_done(poll: &mut Poll, g: &mut GuestOps, seen: &mut Vec<Completion>, op_id: u32) -> Completion {
         let mut events = mio::Events::with_capacity(4);
         let end = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(c) = g.completions().into_iter().find(|c| c.done.op_id == op_id) {
-                return c;
+            seen.extend(g.completions());
+            if let Some(i) = seen.iter().position(|c| c.done.op_id == op_id) {
+                return seen.remove(i);
             }
             assert!(Instant::now() < end, "no completion for op {op_id}");
             poll.poll(&mut events, Some(Duration::from_millis(500))).unwrap();
@@ -505,9 +507,10 @@ mod tests {
         assert!(g.submit(owner(), 2, GuestOp::Write { handle, seed: 5, bytes: 50_000 }).is_none());
         assert!(g.submit(owner(), 3, GuestOp::Read { handle, bytes: 50_000, all: true }).is_none());
         assert!(g.submit(owner(), 4, GuestOp::Close { handle }).is_none());
-        let w = wait_done(&mut poll, &mut g, 2);
-        let r = wait_done(&mut poll, &mut g, 3);
-        let c = wait_done(&mut poll, &mut g, 4);
+        let mut seen = Vec::new();
+        let w = wait_done(&mut poll, &mut g, &mut seen, 2);
+        let r = wait_done(&mut poll, &mut g, &mut seen, 3);
+        let c = wait_done(&mut poll, &mut g, &mut seen, 4);
         assert_eq!((w.done.bytes, w.done.digest), (50_000, pattern::pattern_digest(5, 50_000)));
         assert_eq!((r.done.bytes, r.done.digest), (50_000, pattern::pattern_digest(5, 50_000)));
         assert_eq!(r.done.data.len(), READ_ALL_DATA);
@@ -527,7 +530,7 @@ mod tests {
         let handle = g.submit(owner(), 1, GuestOp::Open { port: p, nonblock: false, sigio: false }).unwrap().ret as u32;
         let pl = g.submit(owner(), 2, GuestOp::Poll { handle, events: 0x5, timeout_ms: 0 });
         assert!(pl.is_none());
-        let pl = wait_done(&mut poll, &mut g, 2);
+        let pl = wait_done(&mut poll, &mut g, &mut Vec::new(), 2);
         assert_eq!((pl.done.ret, pl.done.mask), (1, PollFlags::POLLOUT.bits() as u16));
         assert!(g.submit(owner(), 3, GuestOp::Read { handle, bytes: 10, all: false }).is_none());
         // Cancel until the worker is inside read(): the first cancels may find it idle.

@@ -1732,6 +1732,7 @@ mod tests {
             Message::Data { offset: 0, bytes: vec![1] },
             Message::Stats,
             Message::Events { since_seq: 0 },
+            Message::GuestOp { op_id: 1, op: GuestOp::Sysfs },
         ];
         for m in &cmds {
             expect_error(&request(&mut p, &mut e, m, session), error_code::BAD_STATE);
@@ -1742,6 +1743,25 @@ mod tests {
         expect_error(&request(&mut p, &mut e, &Message::Stats, 0), error_code::BAD_STATE);
         let bye = Message::Bye { reopen_after_ms: 0, reason: "x".into() };
         expect_error(&request(&mut p, &mut e, &bye, session), error_code::BAD_STATE);
+    }
+
+    #[test]
+    fn guest_ops_are_handed_to_the_loop_and_answered_only_in_their_session() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        let op = GuestOp::Read { handle: 3, bytes: 10, all: false };
+        let sent = request(&mut p, &mut e, &Message::GuestOp { op_id: 7, op: op.clone() }, session);
+        assert!(sent.is_empty(), "the completion comes from the loop, not the port");
+        assert_eq!(p.take_guest_ops(), vec![(session, 7, op)]);
+        assert!(p.take_guest_ops().is_empty());
+        let done = GuestOpDone { op_id: 7, ret: 10, ..Default::default() };
+        assert!(p.send_guest_op_done(session, done.clone()));
+        assert!(!p.send_guest_op_done(session ^ 1, done.clone()), "another session's completion is dropped");
+        p.flush_out().unwrap();
+        let sent = take_sent(&mut p);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].0.session, session);
+        assert_eq!(sent[0].1, Message::GuestOpDone(done));
     }
 
     #[test]

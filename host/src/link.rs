@@ -285,6 +285,14 @@ impl<S: Stream> Link<S> {
             .map_err(|source| LinkError::Encode { port: self.port.clone(), source })?;
         let wire = frame.encode().map_err(|source| LinkError::Frame { port: self.port.clone(), source })?;
         self.stream.write_all(&wire).map_err(|source| self.io_err(source))?;
+        log::trace!(
+            "port {}: sent {:?} session {:#010x} seq {} ({} bytes)",
+            self.port,
+            msg.kind(),
+            self.session,
+            self.seq,
+            wire.len()
+        );
         if let Some(tl) = &self.timeline {
             tl.message(&self.port, Direction::HostToGuest, self.session, msg, wire.len() as u64);
         }
@@ -312,6 +320,13 @@ impl<S: Stream> Link<S> {
                         }
                         self.stats.frames_in += 1;
                         let message = Message::from_frame(&frame);
+                        log::trace!(
+                            "port {}: received type {:#04x} session {:#010x} seq {}",
+                            self.port,
+                            frame.header.kind,
+                            frame.header.session,
+                            frame.header.seq
+                        );
                         if let (Some(tl), Ok(m)) = (&self.timeline, &message) {
                             let wire = frame.wire_len() as u64;
                             tl.message(&self.port, Direction::GuestToHost, frame.header.session, m, wire);
@@ -336,7 +351,10 @@ impl<S: Stream> Link<S> {
                 Err(e) if e.kind() == ErrorKind::ConnectionReset => {
                     return Err(LinkError::Closed { port: self.port.clone() })
                 }
-                Ok(n) => self.decoder.push(&self.buf[..n]),
+                Ok(n) => {
+                    log::trace!("port {}: read {n} bytes", self.port);
+                    self.decoder.push(&self.buf[..n]);
+                }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
                 Err(source) => return Err(self.io_err(source)),
             }

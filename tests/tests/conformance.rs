@@ -1,5 +1,5 @@
 //! The conformance suite (`vport_host::conformance`) as one end-to-end test: every implemented
-//! case on real VMs (shared boot, migration chain, scale). Fails if any case FAILs or ERRORs,
+//! case on real VMs (shared boot, guest-side operations, migration chain, scale). Fails if any case FAILs or ERRORs,
 //! if a group cannot boot, or if a QUIRK comes without its explanation. Prints the matrix and
 //! writes JSON and JUnit XML next to the test's target directory (`target/conformance.*`).
 
@@ -22,8 +22,13 @@ fn conformance_suite() {
     let text = conformance::render_text(&report);
     println!("{text}");
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
-    let _ = std::fs::write(out.join("conformance.json"), conformance::render_json(&report));
-    let _ = std::fs::write(out.join("conformance.xml"), conformance::render_junit(&report));
+    for (file, body) in [
+        ("conformance.json", conformance::render_json(&report)),
+        ("conformance.xml", conformance::render_junit(&report)),
+    ] {
+        let path = out.join(file);
+        std::fs::write(&path, body).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    }
     assert!(!report.cases.is_empty());
     for c in &report.cases {
         assert!(c.verdict != Verdict::Quirk || !c.note.is_empty(), "QUIRK without explanation: {}", c.name);
