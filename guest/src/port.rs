@@ -130,6 +130,8 @@ pub struct SystemEnv {
     pub ports_open: u64,
     /// Plain SIGIO signals received: the real-time signal queue overflowed.
     pub sigio_overflows: u64,
+    /// Open ports found with data pending that epoll had not reported (see the event loop).
+    pub missed_wakeups: u64,
     /// Monotonic time the agent started.
     pub started_ns: u64,
 }
@@ -142,6 +144,7 @@ impl SystemEnv {
             ebusy_total: 0,
             ports_open: 0,
             sigio_overflows: 0,
+            missed_wakeups: 0,
             started_ns: crate::sys::monotonic_ns(),
         }
     }
@@ -176,6 +179,7 @@ impl Env for SystemEnv {
             ("ports_open", self.ports_open),
             ("pid", u64::from(std::process::id())),
             ("sigio_overflows", self.sigio_overflows),
+            ("missed_wakeups", self.missed_wakeups),
         ]
     }
 }
@@ -605,6 +609,17 @@ impl<I: PortIo> Port<I> {
     pub fn looks_unplugged(&mut self) -> Result<bool, PortError> {
         let mask = self.poll_mask()?;
         Ok(mask.contains(PollFlags::POLLHUP) && !mask.intersects(PollFlags::POLLIN | PollFlags::POLLOUT))
+    }
+
+    /// The port's current `poll(2)` revents (POLLIN|POLLOUT asked), `None` if poll failed.
+    pub fn peek_mask(&mut self) -> Option<PollFlags> {
+        self.io.poll_mask().ok()
+    }
+
+    /// Whether the port reads input now: not paused at [`READ_HIGH_WATER`] and not closing.
+    /// Unread input on a port that does not want it is expected, not a missed wakeup.
+    pub fn wants_input(&self) -> bool {
+        self.close_request.is_none() && self.out.len() < READ_HIGH_WATER
     }
 
     fn poll_mask(&mut self) -> Result<PollFlags, PortError> {

@@ -729,10 +729,23 @@ impl Vm {
     }
 }
 
+/// Set (to anything but empty or `0`) to keep every VM directory (guest console log, QEMU
+/// log, sockets) after the VM ends, for post-mortems; its path is logged at info level.
+pub const KEEP_DIR_ENV: &str = "VPORT_KEEP_VM_DIR";
+
+fn keep_dirs() -> bool {
+    std::env::var_os(KEEP_DIR_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
         if let Some(dir) = self.dir.take() {
+            if keep_dirs() {
+                let kept = dir.keep();
+                log::info!("vm directory kept ({KEEP_DIR_ENV}): {}", kept.display());
+                return;
+            }
             let path = dir.path().to_path_buf();
             if let Err(e) = dir.close() {
                 log::warn!("cannot remove vm directory {}: {e}", path.display());
