@@ -266,6 +266,10 @@ impl EventLoop {
                 Err(source) => return Err(LoopError::Poll { op: "wait on", source }),
             }
             let tokens: Vec<Token> = events.iter().map(|e| e.token()).collect();
+            log::trace!(
+                "wakeup: {:?}",
+                events.iter().map(|e| (e.token().0, e.is_readable(), e.is_writable())).collect::<Vec<_>>()
+            );
             self.catch_up_missed_wakeups(&tokens);
             for token in tokens {
                 match token {

@@ -649,11 +649,15 @@ impl<I: PortIo> Port<I> {
             match self.io.read(&mut self.read_buf) {
                 Ok(0) => return Ok(ReadEnd::NoHost),
                 Ok(n) => {
+                    log::trace!("port {}: read {n} bytes", self.name);
                     self.counters.bytes_in += n as u64;
                     self.decoder.push(&self.read_buf[..n]);
                     self.process_frames(env);
                 }
-                Err(Errno::EAGAIN) => return Ok(ReadEnd::WouldBlock),
+                Err(Errno::EAGAIN) => {
+                    log::trace!("port {}: read: EAGAIN", self.name);
+                    return Ok(ReadEnd::WouldBlock);
+                }
                 Err(Errno::EINTR) => {}
                 Err(Errno::ENODEV) => return Ok(ReadEnd::Unplugged),
                 Err(source) => return Err(PortError { port: self.name.clone(), op: "read", source }),
@@ -669,6 +673,7 @@ impl<I: PortIo> Port<I> {
                 // A zero-byte write of a non-empty buffer would otherwise spin; wait for an edge.
                 Ok(0) => return Ok(FlushEnd::Pending),
                 Ok(n) => {
+                    log::trace!("port {}: wrote {n} of {offered} bytes", self.name);
                     if n < offered {
                         self.counters.short_writes += 1;
                     }

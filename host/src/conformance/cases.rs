@@ -316,6 +316,26 @@ fn errno_pair(o: &crate::link::ProbeOutcome) -> String {
 // ---------------------------------------------------------------------------------------------
 // Shared VM: two ports, everything that fits one boot, reset last.
 
+/// After a case on port A ended in ERROR: asks the agent for its counters through port B. An
+/// answer shows the agent itself is alive, and `missed_wakeups` > 0 says it found data pending on
+/// a port that epoll had not reported (the wakeup through B made it look), which separates a
+/// lost wakeup in the guest from a lost message.
+fn diagnose_through_b(rec: &mut Recorder, link_b: &mut Option<Link<UnixStream>>, t: Duration) {
+    if !rec.last_errored() {
+        return;
+    }
+    let line = match link_b.as_mut().map(|b| b.agent_stats(t)) {
+        Some(Ok(stats)) => format!(
+            "diagnosis: the agent answered on port B; missed_wakeups {} (ports found with data pending and no \
+             epoll event)",
+            stat(&stats, "missed_wakeups").map_or("unknown".into(), |n| n.to_string())
+        ),
+        Some(Err(e)) => format!("diagnosis: the agent did not answer on port B either: {e}"),
+        None => "diagnosis: no session on port B to ask through".into(),
+    };
+    rec.append_to_last_note(&line);
+}
+
 fn shared_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError> {
     const A: &str = "org.vport.conf.a";
     const B: &str = "org.vport.conf.b";
@@ -380,6 +400,7 @@ fn shared_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError
         let p = link.probe(ProbeKind::Open, ProbeTarget::SecondFd, 0, t)?;
         Ok(Observation::check((p.ret, p.errno) == (-1, EBUSY), errno_pair(&p)))
     });
+    diagnose_through_b(rec, &mut link_b, t);
     rec.case("lseek-pread-pwrite-espipe", || {
         let mut seen = Vec::new();
         let mut ok = true;
@@ -390,14 +411,17 @@ fn shared_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError
         }
         Ok(Observation::check(ok, seen.join("; ")))
     });
+    diagnose_through_b(rec, &mut link_b, t);
     rec.case("nonblock-read-eagain", || {
         let p = link.probe(ProbeKind::Read, ProbeTarget::OwnFd, 64, t)?;
         Ok(Observation::check((p.ret, p.errno) == (-1, EAGAIN) && p.data.is_empty(), errno_pair(&p)))
     });
+    diagnose_through_b(rec, &mut link_b, t);
     rec.case("poll-mask-host-connected", || {
         let p = link.probe(ProbeKind::Poll, ProbeTarget::OwnFd, 0, t)?;
         Ok(Observation::check((p.ret, p.mask) == (1, POLLOUT), format!("ret {} revents {:#x}", p.ret, p.mask)))
     });
+    diagnose_through_b(rec, &mut link_b, t);
 
     rec.case("sigio-host-disconnect-connect", || {
         let s = link.sigio(SigioAction::Enable, t)?;
@@ -418,6 +442,7 @@ fn shared_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError
             ),
         ))
     });
+    diagnose_through_b(rec, &mut link_b, t);
 
     rec.case("second-host-client-queued", || {
         let mut second = rig.connect(A)?;
@@ -454,6 +479,7 @@ fn shared_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError
             ),
         ))
     });
+    diagnose_through_b(rec, &mut link_b, t);
 
     rec.case("reopen-fast-cycles", || {
         let rx = rig.qmp.subscribe();
@@ -484,6 +510,7 @@ fn shared_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError
             ),
         ))
     });
+    diagnose_through_b(rec, &mut link_b, t);
 
     rec.case("pause-host-disconnect", || {
         let old_session = link.session();

@@ -286,6 +286,19 @@ impl Recorder<'_> {
         )
     }
 
+    /// Whether the last recorded case ended in ERROR.
+    pub(crate) fn last_errored(&self) -> bool {
+        self.report.cases.last().is_some_and(|c| c.verdict == Verdict::Error)
+    }
+
+    /// Appends a line to the note of the last recorded case.
+    pub(crate) fn append_to_last_note(&mut self, line: &str) {
+        if let Some(c) = self.report.cases.last_mut() {
+            c.note.push('\n');
+            c.note.push_str(line);
+        }
+    }
+
     /// Runs case `name` (if selected) and records it. A panic-free case function is expected;
     /// its `Err` becomes an ERROR verdict and the next case still runs.
     pub(crate) fn case(&mut self, name: &str, f: impl FnOnce() -> Result<Observation, CaseError>) {
