@@ -497,13 +497,14 @@ fn shared_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError
             .map(|(_, o)| o)
             .collect();
         let dups = evs.windows(2).filter(|w| w[0] == w[1]).count();
+        let missed = stat(&link.agent_stats(t)?, "missed_wakeups").map_or("unknown".into(), |n| n.to_string());
         let seq: String = evs.iter().map(|o| if *o { 'T' } else { 'F' }).collect();
         let bound = loop_time.as_secs() as usize + 3;
         Ok(Observation::check(
             fo == Some(true) && evs.last() == Some(&true) && evs.len() <= bound,
             format!(
                 "{n} cycles in {:.1} s ({} guest opens+closes); frontend-open {fo:?}; {} VSERPORT_CHANGE events \
-                 [{seq}], {dups} repeats of the same value in a row",
+                 [{seq}], {dups} repeats of the same value in a row; agent missed_wakeups so far {missed}",
                 loop_time.as_secs_f64(),
                 2 * n,
                 evs.len()
