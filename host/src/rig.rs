@@ -85,7 +85,10 @@ impl Rig {
         self.vm.port(name).ok_or_else(|| RigError::NoSuchPort(name.into()))
     }
 
-    /// Connects a link to port `name`'s chardev.
+    /// Connects a link to port `name`'s chardev over its unix socket: the default host end
+    /// ([`crate::qemu::HostEnd::UnixClient`]), and the one the tests and the conformance suite
+    /// use. For a port configured with another host end (TCP, pty, vport listening) use
+    /// [`Rig::link`], which goes through the port's [`Endpoint`].
     pub fn connect(&self, name: &str) -> Result<Link<UnixStream>, RigError> {
         let port = self.port(name)?;
         Ok(Link::new(name, connect_unix(name, &port.socket)?))

@@ -808,8 +808,10 @@ fn migration_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseEr
 // Scale: 31 serial ports on controller 0 (max_ports 32: port 0 stays reserved for a console)
 // and 4 on a second controller.
 
-/// How long the scale case waits for every HELLO before it reconnects the silent ports.
-const SCALE_FIRST_PASS: Duration = Duration::from_secs(20);
+/// Deadline of a silent port's handshake after its host client reconnected.
+const SCALE_RECONNECT_DEADLINE: Duration = Duration::from_secs(20);
+/// How long after the first READY port of a pass the other ports are still waited for.
+const SCALE_GRACE: Duration = Duration::from_secs(5);
 
 fn scale_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError> {
     const FIRST: usize = 31;
@@ -830,28 +832,49 @@ fn scale_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError>
     rig.resume()?;
     let t0 = Instant::now();
     // Concurrently, under one deadline: a port that never answers costs the deadline once.
-    let handshake_all =
-        |links: &mut [Link<UnixStream>], idx: &[usize], timeout: Duration| -> Vec<(usize, Result<String, String>)> {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = links
-                    .iter_mut()
-                    .enumerate()
-                    .filter(|(i, _)| idx.contains(i))
-                    .map(|(i, l)| {
-                        s.spawn(move || {
-                            let r = match l.handshake(timeout, HOST) {
-                                Ok(h) => Ok(h.hello.kernel_release),
-                                Err(e) => Err(format!("{}: {e}", l.port())),
-                            };
-                            (i, r)
-                        })
+    // Each port asks (HELLO_REQUEST) once a second until it is READY, until `timeout`, or until
+    // SCALE_GRACE after the first port of this pass became READY: by then the agent runs and
+    // has opened every port, so a port still silent never got the host's PORT_OPEN.
+    let handshake_all = |links: &mut [Link<UnixStream>],
+                         idx: &[usize],
+                         timeout: Duration|
+     -> Vec<(usize, Result<String, String>)> {
+        let start = Instant::now();
+        let first_ready: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+        let first_ready = &first_ready;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = links
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| idx.contains(i))
+                .map(|(i, l)| {
+                    s.spawn(move || loop {
+                        match l.handshake(Duration::from_secs(1), HOST) {
+                            Ok(h) => {
+                                if let Ok(mut f) = first_ready.lock() {
+                                    f.get_or_insert_with(Instant::now);
+                                }
+                                return (i, Ok(h.hello.kernel_release));
+                            }
+                            Err(crate::link::LinkError::Timeout { .. }) => {
+                                let now = Instant::now();
+                                let grace_over =
+                                    first_ready.lock().ok().and_then(|f| *f).is_some_and(|t| now >= t + SCALE_GRACE);
+                                if grace_over || now >= start + timeout {
+                                    let waited = now - start;
+                                    return (i, Err(format!("{}: no HELLO within {waited:.1?}", l.port())));
+                                }
+                            }
+                            Err(e) => return (i, Err(format!("{}: {e}", l.port()))),
+                        }
                     })
-                    .collect();
-                handles.into_iter().filter_map(|h| h.join().ok()).collect()
-            })
-        };
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        })
+    };
     let all: Vec<usize> = (0..links.len()).collect();
-    let first = handshake_all(&mut links, &all, SCALE_FIRST_PASS.min(opts.hello_timeout));
+    let first = handshake_all(&mut links, &all, opts.hello_timeout);
     // QEMU sends PORT_OPEN to the guest when the guest announces a port (PORT_READY) and a host
     // client is already there; with dozens of ports announced at once the guest's control queue
     // runs out of buffers and QEMU drops those messages (send_control_msg), so the guest never
@@ -864,7 +887,7 @@ fn scale_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(), CaseError>
         let name = names[i].clone();
         // Drop the old client first: the chardev takes one client at a time.
         let _ = std::mem::replace(&mut links[i], rig.connect(&name)?);
-        second.extend(handshake_all(&mut links, &[i], SCALE_FIRST_PASS.min(opts.hello_timeout)));
+        second.extend(handshake_all(&mut links, &[i], SCALE_RECONNECT_DEADLINE.min(opts.hello_timeout)));
     }
     let outcomes: Vec<Result<String, String>> =
         first.into_iter().filter(|(_, r)| r.is_ok()).chain(second).map(|(_, r)| r).collect();
