@@ -23,7 +23,7 @@
 //! host-connected, so a session is offered as soon as it is open.
 //!
 //! The only timers are the back-off deadlines, BYE flush bounds, reopen delays and the
-//! lost-wakeup re-checks ([`RECHECK_STEPS`], armed only after traffic in a session); with none
+//! lost-wakeup re-checks ([`RECHECK_STEPS`](crate::recheck::RECHECK_STEPS), armed only after traffic in a session); with none
 //! pending the loop blocks in `epoll_wait` with no timeout, so an idle agent makes zero wakeups.
 //! Every return from `poll` is counted.
 //!
@@ -33,7 +33,7 @@
 //! POLLIN) without the edge-triggered epoll ever reporting it: a reply the host sent right
 //! after the agent wrote waited until the next data arrived (`docs/conformance.md`). Two
 //! guards: every wakeup looks at the ports epoll did not report, and a port that moved bytes in
-//! a session is looked at again after [`RECHECK_STEPS`]. A port found with input pending is
+//! a session is looked at again after [`RECHECK_STEPS`](crate::recheck::RECHECK_STEPS). A port found with input pending is
 //! confirmed with a zero-timeout `epoll_wait` (its event may be just late), then counted in
 //! STATS `missed_wakeups`, logged and served.
 
@@ -41,6 +41,7 @@ use crate::discovery::{list_sysfs, select, PortSpec, Selector, Wanted};
 use crate::fdio::FdIo;
 use crate::guest_ops::{GuestOps, GuestOpsError, Owner};
 use crate::port::{AgentInfo, Carry, Env, Health, Port, SystemEnv};
+use crate::recheck::Rechecks;
 use crate::uevent::{Action, UeventError, UeventSocket};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -67,12 +68,6 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a BYE may take to be written before the port is closed anyway.
 pub const BYE_FLUSH_BOUND: Duration = Duration::from_secs(1);
-/// When a port with a session moved bytes, it is looked at again this long after the last
-/// movement, then at the next steps, then no more: the guard against the lost wakeups seen on
-/// Linux 6.1 under TCG (data pending on the port, no epoll event; `docs/conformance.md`). It
-/// costs at most three wakeups per burst of traffic and none while idle.
-pub const RECHECK_STEPS: [Duration; 3] =
-    [Duration::from_millis(10), Duration::from_millis(100), Duration::from_millis(1000)];
 
 /// Where to look and what to serve.
 #[derive(Debug, Clone)]
@@ -195,8 +190,8 @@ pub struct EventLoop {
     consoles: HashSet<String>,
     /// Guest operations on ports the agent does not serve (GUEST_OP).
     guest_ops: GuestOps,
-    /// Lost-wakeup re-checks: node -> (deadline, index into [`RECHECK_STEPS`]).
-    rechecks: HashMap<String, (Instant, usize)>,
+    /// Lost-wakeup re-checks ([`RECHECK_STEPS`](crate::recheck::RECHECK_STEPS)).
+    rechecks: Rechecks,
 }
 
 /// `err` and its sources, joined with ": ".
@@ -249,7 +244,7 @@ impl EventLoop {
             closing: HashMap::new(),
             consoles: HashSet::new(),
             guest_ops,
-            rechecks: HashMap::new(),
+            rechecks: Rechecks::default(),
         })
     }
 
@@ -276,7 +271,7 @@ impl EventLoop {
                         _ => None,
                     })
                     .chain(self.closing.values().copied())
-                    .chain(self.rechecks.values().map(|(d, _)| *d)),
+                    .chain(self.rechecks.next_deadline()),
             );
             let res = self.poll.poll(&mut events, timeout);
             self.stats.wakeups += 1;
@@ -315,7 +310,7 @@ impl EventLoop {
 
     /// Finds the open ports epoll did not report in `tokens` that have input pending and
     /// wanted (POLLIN, host connected, not paused): all of them on any wakeup, so this costs no
-    /// wakeup of its own; the due lost-wakeup re-checks ([`RECHECK_STEPS`]) are what wake the
+    /// wakeup of its own; the due lost-wakeup re-checks ([`RECHECK_STEPS`](crate::recheck::RECHECK_STEPS)) are what wake the
     /// loop when nothing else does. Each candidate is confirmed with a zero-timeout
     /// `epoll_wait` (an event may be just late); a port still unreported then had its wakeup
     /// lost: it is counted (STATS `missed_wakeups`), logged, and added to `tokens` to be served.
@@ -325,15 +320,13 @@ impl EventLoop {
         events: &mut Events,
         now: Instant,
     ) -> Result<(), LoopError> {
-        let due: Vec<(String, usize)> =
-            self.rechecks.iter().filter(|(_, (d, _))| *d <= now).map(|(k, (_, i))| (k.clone(), *i)).collect();
-        for (dev, step) in due {
-            // The next step; serving the port re-arms from the first step if it moves bytes.
-            match RECHECK_STEPS.get(step + 1) {
-                Some(next) if self.has_session(&dev) => self.rechecks.insert(dev, (now + *next, step + 1)),
-                _ => self.rechecks.remove(&dev),
-            };
-        }
+        // Advance the due re-checks; the look below covers every port anyway. Serving a port
+        // that moves bytes restarts its schedule.
+        let ports = &self.ports;
+        self.rechecks.take_due(
+            now,
+            |dev| matches!(ports.get(dev), Some(Slot::Open { port, .. }) if port.state().session().is_some()),
+        );
         let candidates: Vec<(Token, String)> = self
             .ports
             .iter_mut()
@@ -363,10 +356,6 @@ impl EventLoop {
             }
         }
         Ok(())
-    }
-
-    fn has_session(&self, dev: &str) -> bool {
-        matches!(self.ports.get(dev), Some(Slot::Open { port, .. }) if port.state().session().is_some())
     }
 
     /// Reads pending signals; returns the terminating one, if any.
@@ -636,9 +625,9 @@ impl EventLoop {
         let after = port.counters();
         if port.state().session().is_none() {
             // No host: no reply can be on its way.
-            self.rechecks.remove(dev);
+            self.rechecks.forget(dev);
         } else if (after.bytes_in, after.bytes_out) != (before.bytes_in, before.bytes_out) {
-            self.rechecks.insert(dev.to_owned(), (Instant::now() + RECHECK_STEPS[0], 0));
+            self.rechecks.traffic(dev, Instant::now());
         }
         self.run_guest_ops(dev);
         let Some(Slot::Open { port, .. }) = self.ports.get_mut(dev) else { return };
@@ -666,7 +655,7 @@ impl EventLoop {
         let Some(Slot::Open { token, mut port }) = self.ports.remove(dev) else { return };
         self.tokens.remove(&token);
         self.closing.remove(dev);
-        self.rechecks.remove(dev);
+        self.rechecks.forget(dev);
         let raw = port.io().raw_fd();
         if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&raw)) {
             log::debug!("port {}: deregister: {e}", port.name());
