@@ -87,15 +87,36 @@ impl FdIo {
 
 /// `F_SETSIG` from Linux `<asm-generic/fcntl.h>` (`__F_SETSIG`, 10 on every architecture
 /// Linux supports); the libc crate does not export it.
-pub(crate) const F_SETSIG: nix::libc::c_int = 10;
+const F_SETSIG: nix::libc::c_int = 10;
 
 /// `fcntl(fd, cmd, arg)` for the integer-argument commands nix does not wrap.
-pub(crate) fn fcntl_int(fd: RawFd, cmd: nix::libc::c_int, arg: nix::libc::c_int) -> Result<nix::libc::c_int, Errno> {
+fn fcntl_int(fd: RawFd, cmd: nix::libc::c_int, arg: nix::libc::c_int) -> Result<nix::libc::c_int, Errno> {
     // SAFETY: `fd` is an open descriptor owned by the caller for the duration of the call; the
     // commands used here (F_SETOWN, F_SETSIG, F_GETFL, F_SETFL) take an int argument and do not
     // touch memory.
     let r = unsafe { nix::libc::fcntl(fd, cmd, arg) };
     Errno::result(r)
+}
+
+/// Turns SIGIO delivery for `fd` on (`F_SETOWN` this process, `F_SETSIG` the agent's real-time
+/// signal, `O_ASYNC`) or off (clears `O_ASYNC`). See [`crate::sigio`].
+pub fn set_async_fd(fd: RawFd, on: bool) -> Result<(), Errno> {
+    let flags = fcntl_int(fd, nix::libc::F_GETFL, 0)?;
+    if on {
+        fcntl_int(fd, nix::libc::F_SETOWN, std::process::id() as nix::libc::c_int)?;
+        fcntl_int(fd, F_SETSIG, sigio::signal_number())?;
+        fcntl_int(fd, nix::libc::F_SETFL, flags | nix::libc::O_ASYNC)?;
+    } else {
+        fcntl_int(fd, nix::libc::F_SETFL, flags & !nix::libc::O_ASYNC)?;
+    }
+    Ok(())
+}
+
+/// `poll(2)` of the single fd `fd` for `events`: the call's return value and the exact revents.
+pub fn revents(fd: BorrowedFd<'_>, events: PollFlags, timeout: PollTimeout) -> Result<(i32, PollFlags), Errno> {
+    let mut fds = [PollFd::new(fd, events)];
+    let n = nix::poll::poll(&mut fds, timeout)?;
+    Ok((n, fds[0].revents().unwrap_or(PollFlags::empty())))
 }
 
 /// Runs one probe system call on `fd`.
@@ -118,16 +139,10 @@ fn run_probe(kind: ProbeKind, fd: BorrowedFd<'_>, arg: u32) -> ProbeOutcome {
                 Err(e) => ProbeOutcome::failed(e),
             }
         }
-        ProbeKind::Poll => {
-            let mut fds = [PollFd::new(fd, PollFlags::POLLIN | PollFlags::POLLOUT)];
-            match nix::poll::poll(&mut fds, PollTimeout::ZERO) {
-                Ok(n) => {
-                    let mask = fds[0].revents().map_or(0, |r| r.bits() as u16);
-                    ProbeOutcome { ret: i64::from(n), mask, ..Default::default() }
-                }
-                Err(e) => ProbeOutcome::failed(e),
-            }
-        }
+        ProbeKind::Poll => match revents(fd, PollFlags::POLLIN | PollFlags::POLLOUT, PollTimeout::ZERO) {
+            Ok((n, mask)) => ProbeOutcome { ret: i64::from(n), mask: mask.bits() as u16, ..Default::default() },
+            Err(e) => ProbeOutcome::failed(e),
+        },
         ProbeKind::Pread => {
             let mut b = [0u8; 1];
             match nix::sys::uio::pread(fd, &mut b, 0) {
@@ -150,9 +165,7 @@ impl PortIo for FdIo {
         nix::unistd::write(&self.fd, buf)
     }
     fn poll_mask(&mut self) -> Result<PollFlags, Errno> {
-        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN | PollFlags::POLLOUT)];
-        nix::poll::poll(&mut fds, PollTimeout::ZERO)?;
-        Ok(fds[0].revents().unwrap_or(PollFlags::empty()))
+        Ok(revents(self.fd.as_fd(), PollFlags::POLLIN | PollFlags::POLLOUT, PollTimeout::ZERO)?.1)
     }
 
     /// `Open` (either target) opens the node again and closes it at once; `ret` is the new fd
@@ -178,16 +191,7 @@ impl PortIo for FdIo {
     }
 
     fn set_async(&mut self, on: bool) -> Result<(), Errno> {
-        let fd = self.fd.as_raw_fd();
-        let flags = fcntl_int(fd, nix::libc::F_GETFL, 0)?;
-        if on {
-            fcntl_int(fd, nix::libc::F_SETOWN, std::process::id() as nix::libc::c_int)?;
-            fcntl_int(fd, F_SETSIG, sigio::signal_number())?;
-            fcntl_int(fd, nix::libc::F_SETFL, flags | nix::libc::O_ASYNC)?;
-        } else {
-            fcntl_int(fd, nix::libc::F_SETFL, flags & !nix::libc::O_ASYNC)?;
-        }
-        Ok(())
+        set_async_fd(self.fd.as_raw_fd(), on)
     }
 }
 

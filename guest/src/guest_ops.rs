@@ -15,11 +15,10 @@
 //! a signal that lands just before the worker enters the call would otherwise be lost.
 
 use crate::discovery::list_sysfs;
-use crate::fdio::{fcntl_int, F_SETSIG};
-use crate::sigio;
+use crate::fdio::{revents, set_async_fd};
 use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
-use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::poll::{PollFlags, PollTimeout};
 use nix::sys::pthread::{pthread_kill, pthread_self, Pthread};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::stat::Mode;
@@ -206,11 +205,8 @@ impl GuestOps {
         // SAFETY: the handle is in the table, so its worker has not received Close and still
         // owns the open fd; the borrow ends within this call.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN | PollFlags::POLLOUT)];
-        let mask = match nix::poll::poll(&mut fds, PollTimeout::ZERO) {
-            Ok(_) => fds[0].revents().map_or(0, |r| r.bits() as u16),
-            Err(_) => 0,
-        };
+        let mask =
+            revents(fd, PollFlags::POLLIN | PollFlags::POLLOUT, PollTimeout::ZERO).map_or(0, |(_, r)| r.bits() as u16);
         if log.masks.len() < MAX_SIGIO_MASKS {
             log.masks.push(mask);
         }
@@ -256,7 +252,7 @@ impl GuestOps {
         };
         let raw_fd = fd.as_raw_fd();
         if sigio {
-            if let Err(e) = set_sigio(raw_fd) {
+            if let Err(e) = set_async_fd(raw_fd, true) {
                 return failed(op_id, e, format!("{}: cannot enable SIGIO", path.display()));
             }
         }
@@ -297,14 +293,6 @@ impl GuestOps {
             }
         }
     }
-}
-
-fn set_sigio(fd: RawFd) -> Result<(), Errno> {
-    let flags = fcntl_int(fd, nix::libc::F_GETFL, 0)?;
-    fcntl_int(fd, nix::libc::F_SETOWN, std::process::id() as nix::libc::c_int)?;
-    fcntl_int(fd, F_SETSIG, sigio::signal_number())?;
-    fcntl_int(fd, nix::libc::F_SETFL, flags | nix::libc::O_ASYNC)?;
-    Ok(())
 }
 
 /// Interrupts the worker's current call, if it is in one (see the module docs).
@@ -385,14 +373,9 @@ fn run(fd: BorrowedFd<'_>, op: GuestOp) -> GuestOpDone {
         GuestOp::Read { bytes, all: true, .. } => read_all(fd, bytes),
         GuestOp::Write { seed, bytes, .. } => write_pattern(fd, seed, bytes),
         GuestOp::Poll { events, timeout_ms, .. } => {
-            let mut fds = [PollFd::new(fd, PollFlags::from_bits_truncate(events as i16))];
             let timeout = PollTimeout::try_from(timeout_ms.max(-1)).unwrap_or(PollTimeout::NONE);
-            match nix::poll::poll(&mut fds, timeout) {
-                Ok(n) => GuestOpDone {
-                    ret: i64::from(n),
-                    mask: fds[0].revents().map_or(0, |r| r.bits() as u16),
-                    ..Default::default()
-                },
+            match revents(fd, PollFlags::from_bits_truncate(events as i16), timeout) {
+                Ok((n, mask)) => GuestOpDone { ret: i64::from(n), mask: mask.bits() as u16, ..Default::default() },
                 Err(e) => GuestOpDone { ret: -1, errno: e as i32, ..Default::default() },
             }
         }

@@ -613,7 +613,7 @@ impl<I: PortIo> Port<I> {
 
     /// The port's current `poll(2)` revents (POLLIN|POLLOUT asked), `None` if poll failed.
     pub fn peek_mask(&mut self) -> Option<PollFlags> {
-        self.io.poll_mask().ok()
+        self.poll_mask().ok()
     }
 
     /// Whether the port reads input now: not paused at [`READ_HIGH_WATER`] and not closing.

@@ -150,22 +150,33 @@ fn num(map: &BTreeMap<String, String>, key: &str) -> Result<u64, CaseError> {
         .ok_or_else(|| CaseError::Other(format!("debugfs has no numeric {key}: {map:?}")))
 }
 
+/// One `read` from the host end that waits at most until `end`: `Ok(0)` means the peer
+/// closed, a timeout is an error naming `what`.
+fn read_some(s: &mut UnixStream, buf: &mut [u8], end: Instant, what: &dyn Fn() -> String) -> Result<usize, CaseError> {
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(CaseError::Other(what()));
+        }
+        s.set_read_timeout(Some(left)).map_err(|e| CaseError::Other(format!("host socket: {e}")))?;
+        match s.read(buf) {
+            Ok(k) => return Ok(k),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(CaseError::Other(format!("host read: {e}"))),
+        }
+    }
+}
+
 /// Reads exactly `n` bytes from the host end within `timeout`.
 fn read_n(s: &mut UnixStream, n: usize, timeout: Duration) -> Result<Vec<u8>, CaseError> {
     let end = Instant::now() + timeout;
     let mut out = vec![0u8; n];
     let mut got = 0;
     while got < n {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(CaseError::Other(format!("host read {got} of {n} bytes within {timeout:?}")));
-        }
-        s.set_read_timeout(Some(left)).map_err(|e| CaseError::Other(format!("host socket: {e}")))?;
-        match s.read(&mut out[got..]) {
-            Ok(0) => return Err(CaseError::Other(format!("host end closed after {got} of {n} bytes"))),
-            Ok(k) => got += k,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(e) => return Err(CaseError::Other(format!("host read: {e}"))),
+        let what = || format!("host read {got} of {n} bytes within {timeout:?}");
+        match read_some(s, &mut out[got..], end, &what)? {
+            0 => return Err(CaseError::Other(format!("host end closed after {got} of {n} bytes"))),
+            k => got += k,
         }
     }
     Ok(out)
@@ -477,16 +488,11 @@ pub(crate) fn guest_group(opts: &SuiteOptions, rec: &mut Recorder) -> Result<(),
         let end = Instant::now() + Duration::from_secs(120);
         let mut buf = vec![0u8; 1 << 16];
         while !received.ends_with(&mark) {
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(CaseError::Other(format!("the end marker never came ({} bytes received)", received.len())));
-            }
-            s.set_read_timeout(Some(left)).map_err(|e| CaseError::Other(format!("host socket: {e}")))?;
-            match s.read(&mut buf) {
-                Ok(0) => return Err(CaseError::Other("host end closed before the end marker".into())),
-                Ok(k) => received.extend_from_slice(&buf[..k]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(e) => return Err(CaseError::Other(format!("host read: {e}"))),
+            let len = received.len();
+            let what = || format!("the end marker never came ({len} bytes received)");
+            match read_some(&mut s, &mut buf, end, &what)? {
+                0 => return Err(CaseError::Other("host end closed before the end marker".into())),
+                k => received.extend_from_slice(&buf[..k]),
             }
         }
         let done = g.finish(id, t)?;
