@@ -10,6 +10,33 @@
 //!   the rejected candidate, so a valid frame that follows garbage or stale bytes of an
 //!   earlier session is always found. Bytes that are not part of a frame and carry no magic are
 //!   skipped silently and counted in [`DecoderStats::skipped_bytes`].
+//!
+//! # Torn frames
+//!
+//! A *torn* frame has a valid header but its sender stopped before the payload was complete
+//! (a host client that left mid-frame). Its header CRC, version and length all pass, so by
+//! itself it cannot be told from a frame that is merely slow until its announced length has
+//! arrived: a decoder would swallow the next sender's bytes as that payload (up to the payload
+//! limit, 1 MiB by default) and only then find the frames after it.
+//!
+//! A decoder built with [`Decoder::with_greeting`] recovers at once: while a frame is pending,
+//! it looks inside the pending bytes for a complete, valid *greeting* frame (the type every new
+//! sender must send first; the agent uses HELLO_REQUEST: magic, valid header of that type with
+//! an empty payload, valid frame CRC, 28 bytes). When one is found, the pending frame is
+//! declared torn ([`DecodeError::Torn`]) and decoding resumes at the greeting. Each pending
+//! byte is examined once (positions where a greeting might start are kept until its 28 bytes
+//! are in), so recovery costs O(bytes) however the bytes are chunked.
+//!
+//! Limits, by design:
+//! - A new sender that does not start with a greeting is found only when the torn frame's
+//!   announced length has arrived (the frame then fails its CRC and the search resumes inside
+//!   it, as for any damage).
+//! - A payload that legitimately *contains* a complete greeting frame (an ECHO of those 28
+//!   bytes, say) is cut there if the greeting is in before the rest of the payload. Senders must
+//!   not embed greeting frames; random data matches only with the magic and two CRC-32s
+//!   (about 2^-96 per position).
+//! - Only a greeting cuts a frame: any other valid frame found inside a pending payload is
+//!   treated as payload, so nested frames of other types are safe.
 
 use crate::frame::{le16, le32, Frame, Header, DEFAULT_MAX_PAYLOAD, HEADER_LEN, MAGIC, TRAILER_LEN, VERSION};
 use thiserror::Error;
@@ -48,6 +75,47 @@ pub enum DecodeError {
         /// Stream offset of the frame.
         offset: u64,
     },
+    /// A frame with a valid header was cut off: a greeting frame (see the module docs) began
+    /// inside its payload before the payload was complete.
+    #[error(
+        "torn frame at stream offset {offset}: its header announced {announced} payload bytes, \
+         {received} came before a new greeting at stream offset {greeting_offset}"
+    )]
+    Torn {
+        /// Stream offset of the torn frame.
+        offset: u64,
+        /// The payload length its header announced.
+        announced: u32,
+        /// Payload bytes received before the greeting.
+        received: u64,
+        /// Stream offset of the greeting that cut it.
+        greeting_offset: u64,
+    },
+}
+
+impl DecodeError {
+    /// Stream offset of the rejected frame.
+    pub fn offset(&self) -> u64 {
+        match self {
+            DecodeError::BadHeaderCrc { offset }
+            | DecodeError::UnknownVersion { offset, .. }
+            | DecodeError::Oversize { offset, .. }
+            | DecodeError::BadCrc { offset }
+            | DecodeError::Torn { offset, .. } => *offset,
+        }
+    }
+
+    /// A short stable name for the kind of damage (`bad_header_crc`, `unknown_version`,
+    /// `oversize`, `bad_crc`, `torn`), for counters and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DecodeError::BadHeaderCrc { .. } => "bad_header_crc",
+            DecodeError::UnknownVersion { .. } => "unknown_version",
+            DecodeError::Oversize { .. } => "oversize",
+            DecodeError::BadCrc { .. } => "bad_crc",
+            DecodeError::Torn { .. } => "torn",
+        }
+    }
 }
 
 /// Running counters of a [`Decoder`].
@@ -61,6 +129,8 @@ pub struct DecoderStats {
     pub skipped_bytes: u64,
     /// Every byte ever pushed.
     pub bytes_in: u64,
+    /// Frames declared torn ([`DecodeError::Torn`]; also counted in `errors`).
+    pub torn: u64,
 }
 
 /// Streaming decoder; see the module documentation for its guarantees.
@@ -72,8 +142,16 @@ pub struct Decoder {
     /// Stream offset of `buf[0]`.
     base: u64,
     max_payload: u32,
+    /// The greeting type that cuts a torn frame (see the module docs), if enabled.
+    greeting: Option<u8>,
+    /// Greeting search inside the pending frame: (stream offset of the pending frame, stream
+    /// offset of the first position not yet judged).
+    scan: Option<(u64, u64)>,
     stats: DecoderStats,
 }
+
+/// Wire length of a greeting frame: a header and an empty payload.
+pub const GREETING_LEN: usize = HEADER_LEN + TRAILER_LEN;
 
 impl Default for Decoder {
     fn default() -> Self {
@@ -87,7 +165,22 @@ const COMPACT_MIN: usize = 64 * 1024;
 impl Decoder {
     /// A decoder that rejects payloads longer than `max_payload` bytes.
     pub fn new(max_payload: u32) -> Self {
-        Decoder { buf: Vec::new(), start: 0, base: 0, max_payload, stats: DecoderStats::default() }
+        Decoder {
+            buf: Vec::new(),
+            start: 0,
+            base: 0,
+            max_payload,
+            greeting: None,
+            scan: None,
+            stats: DecoderStats::default(),
+        }
+    }
+
+    /// A decoder that rejects payloads longer than `max_payload` bytes and recovers from torn
+    /// frames at a complete frame of type `greeting` with an empty payload (see the module
+    /// docs). The agent passes HELLO_REQUEST, which every new host client sends first.
+    pub fn with_greeting(max_payload: u32, greeting: u8) -> Self {
+        Decoder { greeting: Some(greeting), ..Decoder::new(max_payload) }
     }
 
     /// The payload limit.
@@ -122,6 +215,12 @@ impl Decoder {
         self.base += self.buf.len() as u64;
         self.buf.clear();
         self.start = 0;
+        self.scan = None;
+    }
+
+    /// Stream offset of the next byte to be pushed: every byte pushed so far.
+    pub fn stream_offset(&self) -> u64 {
+        self.base + self.buf.len() as u64
     }
 
     /// The next frame or error, or `None` when more bytes are needed.
@@ -155,7 +254,19 @@ impl Decoder {
         }
         let total = HEADER_LEN + len as usize + TRAILER_LEN;
         if avail < total {
-            return None;
+            return self.find_greeting(at, offset).map(|greeting_at| {
+                let err = DecodeError::Torn {
+                    offset,
+                    announced: len,
+                    received: (greeting_at - at).saturating_sub(HEADER_LEN) as u64,
+                    greeting_offset: self.base + greeting_at as u64,
+                };
+                self.skip(greeting_at - at);
+                self.stats.errors += 1;
+                self.stats.torn += 1;
+                self.scan = None;
+                Err(err)
+            });
         }
         let body = &self.buf[at..at + total - TRAILER_LEN];
         if crc32fast::hash(body) != le32(&self.buf, at + total - TRAILER_LEN) {
@@ -166,6 +277,35 @@ impl Decoder {
         self.start += total;
         self.stats.frames += 1;
         Some(Ok(Frame { header, payload }))
+    }
+
+    /// Looks for a complete greeting frame inside the pending frame at `at` (stream offset
+    /// `offset`); returns its index in `buf`. Positions are judged once: the search resumes
+    /// where it stopped, waiting at a magic whose greeting is not complete yet.
+    fn find_greeting(&mut self, at: usize, offset: u64) -> Option<usize> {
+        let kind = self.greeting?;
+        let mut from = match self.scan {
+            Some((pending, next)) if pending == offset => (next - self.base) as usize,
+            _ => at + 1,
+        };
+        let found = loop {
+            let Some(i) = find_magic(&self.buf[from..]) else {
+                // Keep the positions where a magic may still begin.
+                from = from.max(self.buf.len().saturating_sub(MAGIC.len() - 1));
+                break None;
+            };
+            let p = from + i;
+            if self.buf.len() - p < GREETING_LEN {
+                from = p;
+                break None;
+            }
+            if is_greeting(&self.buf[p..p + GREETING_LEN], kind) {
+                break Some(p);
+            }
+            from = p + 1;
+        };
+        self.scan = Some((offset, self.base + from as u64));
+        found
     }
 
     fn skip(&mut self, n: usize) {
@@ -203,6 +343,17 @@ fn find_magic(b: &[u8]) -> Option<usize> {
         from = p + 1;
     }
     None
+}
+
+/// True if `b` (exactly [`GREETING_LEN`] bytes) is a valid frame of type `kind` with an empty
+/// payload.
+fn is_greeting(b: &[u8], kind: u8) -> bool {
+    b[..MAGIC.len()] == MAGIC
+        && b[4] == VERSION
+        && b[5] == kind
+        && le32(b, 16) == 0
+        && crc32fast::hash(&b[..20]) == le32(b, 20)
+        && crc32fast::hash(&b[..HEADER_LEN]) == le32(b, HEADER_LEN)
 }
 
 /// Length of the longest suffix of `b` that is a proper prefix of [`MAGIC`].
@@ -333,6 +484,101 @@ mod tests {
         assert_eq!(d.stats().skipped_bytes, 40);
     }
 
+    const GREET: u8 = 0x03;
+
+    fn greeting() -> Vec<u8> {
+        Frame::new(GREET, 0, 0, vec![]).encode().unwrap()
+    }
+
+    #[test]
+    fn a_greeting_inside_a_pending_payload_cuts_the_torn_frame_at_once() {
+        // The old client sent half of a 4 KiB frame and left; the new one greets and asks.
+        let old = frame(0x12, 7, &[0x11; 4096]).encode().unwrap();
+        let after = frame(0x10, 1, b"ping").encode().unwrap();
+        let mut d = Decoder::with_greeting(DEFAULT_MAX_PAYLOAD, GREET);
+        d.push(&old[..2048]);
+        assert_eq!(d.next_frame(), None, "a slow frame is waited for");
+        d.push(&greeting());
+        d.push(&after);
+        assert_eq!(
+            d.next_frame(),
+            Some(Err(DecodeError::Torn { offset: 0, announced: 4096, received: 2048 - 24, greeting_offset: 2048 }))
+        );
+        assert_eq!(d.next_frame(), Some(Ok(Frame::new(GREET, 0, 0, vec![]))));
+        assert_eq!(d.next_frame(), Some(Ok(frame(0x10, 1, b"ping"))));
+        assert_eq!(d.next_frame(), None);
+        assert_eq!((d.stats().torn, d.stats().errors, d.stats().skipped_bytes), (1, 1, 2048));
+    }
+
+    #[test]
+    fn without_a_greeting_type_a_torn_frame_waits_for_its_length() {
+        let old = frame(0x12, 7, &[0x11; 4096]).encode().unwrap();
+        let mut d = Decoder::default();
+        d.push(&old[..2048]);
+        d.push(&greeting());
+        assert_eq!(d.next_frame(), None);
+    }
+
+    #[test]
+    fn a_complete_frame_carrying_a_greeting_is_delivered_whole() {
+        // Nested greeting bytes in one push: the outer frame is complete, so it wins.
+        let mut payload = b"before".to_vec();
+        payload.extend_from_slice(&greeting());
+        payload.extend_from_slice(b"after");
+        let outer = frame(0x12, 7, &payload).encode().unwrap();
+        let mut d = Decoder::with_greeting(DEFAULT_MAX_PAYLOAD, GREET);
+        d.push(&outer);
+        assert_eq!(d.next_frame(), Some(Ok(frame(0x12, 7, &payload))));
+        assert_eq!(d.next_frame(), None);
+    }
+
+    #[test]
+    fn other_frames_inside_a_pending_payload_do_not_cut_it() {
+        // A valid frame of another type inside a payload is payload, however it is chunked.
+        let inner = frame(0x10, 1, b"inner").encode().unwrap();
+        let mut payload = inner.clone();
+        payload.extend_from_slice(&[0x22; 100]);
+        let outer = frame(0x12, 7, &payload).encode().unwrap();
+        let mut d = Decoder::with_greeting(DEFAULT_MAX_PAYLOAD, GREET);
+        for b in &outer {
+            d.push(std::slice::from_ref(b));
+            if let Some(r) = d.next_frame() {
+                assert_eq!(r, Ok(frame(0x12, 7, &payload)));
+            }
+        }
+        assert_eq!(d.stats().frames, 1);
+        assert_eq!(d.stats().errors, 0);
+    }
+
+    #[test]
+    fn nested_torn_frames_are_cut_once_at_the_greeting() {
+        // Two clients left mid-frame in a row, then a third greets.
+        let a = frame(0x12, 1, &[0xAA; 1000]).encode().unwrap();
+        let b = frame(0x12, 2, &[0xBB; 1000]).encode().unwrap();
+        let mut d = Decoder::with_greeting(DEFAULT_MAX_PAYLOAD, GREET);
+        d.push(&a[..300]);
+        d.push(&b[..300]);
+        d.push(&greeting());
+        let r = d.next_frame();
+        assert!(matches!(r, Some(Err(DecodeError::Torn { offset: 0, greeting_offset: 600, .. }))), "{r:?}");
+        assert_eq!(d.next_frame(), Some(Ok(Frame::new(GREET, 0, 0, vec![]))));
+    }
+
+    #[test]
+    fn a_torn_frame_at_the_payload_limit_is_cut_and_each_byte_judged_once() {
+        // Half of a 1 MiB frame, in 4 KiB reads, then a greeting: found at once.
+        let old = frame(0x12, 7, &vec![0x5A; DEFAULT_MAX_PAYLOAD as usize]).encode().unwrap();
+        let mut d = Decoder::with_greeting(DEFAULT_MAX_PAYLOAD, GREET);
+        for c in old[..old.len() / 2].chunks(4096) {
+            d.push(c);
+            assert_eq!(d.next_frame(), None);
+        }
+        d.push(&greeting());
+        assert!(matches!(d.next_frame(), Some(Err(DecodeError::Torn { .. }))));
+        assert_eq!(d.next_frame(), Some(Ok(Frame::new(GREET, 0, 0, vec![]))));
+        assert_eq!(d.buffered(), 0);
+    }
+
     #[test]
     fn magic_split_across_pushes_is_kept() {
         let w = frame(1, 1, b"z").encode().unwrap();
@@ -371,6 +617,46 @@ mod tests {
                 }
             }
             prop_assert_eq!(out, frames);
+            prop_assert_eq!(d.buffered(), 0);
+        }
+
+        #[test]
+        fn a_torn_frame_of_any_length_and_chunking_is_cut_at_the_greeting(
+            old in arb_frame(),
+            cut in any::<prop::sample::Index>(),
+            after in proptest::collection::vec(arb_frame(), 0..4),
+            chunk in 1usize..97,
+        ) {
+            let old = old.encode().unwrap();
+            // Cut inside the payload (or at its very start), never after the last byte.
+            let keep = HEADER_LEN + cut.index(old.len() - HEADER_LEN - TRAILER_LEN + 1).min(old.len() - HEADER_LEN - 1);
+            let mut wire = old[..keep].to_vec();
+            wire.extend_from_slice(&greeting());
+            for f in &after {
+                wire.extend_from_slice(&f.encode().unwrap());
+            }
+            let mut d = Decoder::with_greeting(DEFAULT_MAX_PAYLOAD, GREET);
+            let (mut frames, mut errors) = (vec![], vec![]);
+            for c in wire.chunks(chunk) {
+                d.push(c);
+                while let Some(r) = d.next_frame() {
+                    match r {
+                        Ok(f) => frames.push(f),
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
+            let mut expected = vec![Frame::new(GREET, 0, 0, vec![])];
+            expected.extend(after);
+            prop_assert_eq!(frames, expected);
+            prop_assert_eq!(errors.len(), 1);
+            // Torn, or (when the greeting's first bytes complete the announced length before the
+            // whole greeting is in) a bad CRC, after which the search resumes inside it.
+            prop_assert!(
+                matches!(errors[0], DecodeError::Torn { offset: 0, .. } | DecodeError::BadCrc { offset: 0 }),
+                "{:?}",
+                errors[0]
+            );
             prop_assert_eq!(d.buffered(), 0);
         }
 

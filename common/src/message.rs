@@ -103,7 +103,7 @@ impl MessageType {
     }
 }
 
-/// Error codes carried by [`Message::Error`].
+/// Error codes carried by [`Message::Error`] (`docs/protocol.md`, "Errors").
 pub mod error_code {
     /// The frame's type is unknown to the receiver.
     pub const UNKNOWN_TYPE: u16 = 1;
@@ -115,6 +115,32 @@ pub mod error_code {
     pub const BAD_STATE: u16 = 4;
     /// The receiver failed while serving the request.
     pub const INTERNAL: u16 = 5;
+    /// Bytes the receiver read did not decode (damaged, foreign or torn frame, unknown
+    /// version, over the payload limit). Unsolicited: it answers no request.
+    pub const DECODE: u16 = 6;
+    /// The request exceeds one of the receiver's limits (stream length, open handles, ...).
+    pub const LIMIT: u16 = 7;
+    /// The receiver's configuration or policy refuses the request (guest operations
+    /// disabled; OPEN of something that is not a virtio-serial port).
+    pub const DENIED: u16 = 8;
+    /// The message type is valid only in the other direction (a reply sent as a request).
+    pub const WRONG_DIRECTION: u16 = 9;
+
+    /// A short name for `code` (`unknown_type`, ..., `wrong_direction`; `code_N` otherwise).
+    pub fn name(code: u16) -> std::borrow::Cow<'static, str> {
+        match code {
+            UNKNOWN_TYPE => "unknown_type".into(),
+            MALFORMED => "malformed".into(),
+            BAD_SESSION => "bad_session".into(),
+            BAD_STATE => "bad_state".into(),
+            INTERNAL => "internal".into(),
+            DECODE => "decode".into(),
+            LIMIT => "limit".into(),
+            DENIED => "denied".into(),
+            WRONG_DIRECTION => "wrong_direction".into(),
+            other => format!("code_{other}").into(),
+        }
+    }
 }
 
 /// HELLO: the agent announces a new session on a port.
@@ -539,10 +565,15 @@ pub enum Message {
     },
     /// A guest operation completed.
     GuestOpDone(GuestOpDone),
-    /// A request could not be served.
+    /// A request could not be served, or (`about_kind` 0) bytes did not decode.
     Error {
         /// One of [`error_code`].
         code: u16,
+        /// Type byte of the frame this answers; 0 when it answers no frame (decode errors).
+        about_kind: u8,
+        /// Sequence number of the frame this answers (0 when `about_kind` is 0), so a host
+        /// with several requests outstanding knows which one failed.
+        about_seq: u32,
         /// Human-readable detail.
         text: String,
     },
@@ -781,12 +812,24 @@ impl Message {
                 w.u64(d.elapsed_ns);
                 w.out.extend_from_slice(&d.data);
             }
-            Message::Error { code, text } => {
+            Message::Error { code, about_kind, about_seq, text } => {
                 w.u16(*code);
+                w.u8(*about_kind);
+                w.u32(*about_seq);
                 w.str("text", text)?;
             }
         }
         Ok(w.out)
+    }
+
+    /// An ERROR answering the frame with header `request`.
+    pub fn error_for(request: &crate::frame::Header, code: u16, text: impl Into<String>) -> Message {
+        Message::Error { code, about_kind: request.kind, about_seq: request.seq, text: text.into() }
+    }
+
+    /// An ERROR that answers no frame (`about_kind` 0), such as a decode error report.
+    pub fn error_unsolicited(code: u16, text: impl Into<String>) -> Message {
+        Message::Error { code, about_kind: 0, about_seq: 0, text: text.into() }
     }
 
     /// This message as a frame of session `session` with sequence number `seq`.
@@ -909,7 +952,12 @@ impl Message {
                 elapsed_ns: r.u64("elapsed_ns")?,
                 data: r.rest(),
             }),
-            MessageType::Error => Message::Error { code: r.u16("code")?, text: r.str("text")? },
+            MessageType::Error => Message::Error {
+                code: r.u16("code")?,
+                about_kind: r.u8("about_kind")?,
+                about_seq: r.u32("about_seq")?,
+                text: r.str("text")?,
+            },
         };
         r.finish()?;
         Ok(msg)
@@ -1078,7 +1126,7 @@ mod tests {
                 elapsed_ns: 99,
                 data: b"x".to_vec(),
             }),
-            Message::Error { code: error_code::MALFORMED, text: "bad".into() },
+            Message::Error { code: error_code::MALFORMED, about_kind: 0x12, about_seq: 7, text: "bad".into() },
         ]
     }
 
@@ -1136,7 +1184,7 @@ mod tests {
         assert_eq!(Message::from_frame(&f), Err(MessageError::TrailingBytes { kind: MessageType::Ping, extra: 1 }));
         let f = Frame::new(0x55, 0, 0, vec![]);
         assert_eq!(Message::from_frame(&f), Err(MessageError::UnknownType(0x55)));
-        let f = Frame::new(MessageType::Error as u8, 0, 0, vec![1, 0, 2, 0, 0xFF, 0xFE]);
+        let f = Frame::new(MessageType::Error as u8, 0, 0, vec![1, 0, 0x12, 7, 0, 0, 0, 2, 0, 0xFF, 0xFE]);
         assert_eq!(Message::from_frame(&f), Err(MessageError::InvalidUtf8 { kind: MessageType::Error, field: "text" }));
         let f = Frame::new(MessageType::Probe as u8, 0, 0, vec![9, 0, 0, 0, 0, 0]);
         assert_eq!(
@@ -1147,7 +1195,7 @@ mod tests {
         assert!(matches!(Message::from_frame(&f), Err(MessageError::InvalidValue { field: "enabled", .. })));
         let f = Frame::new(MessageType::StatsReply as u8, 0, 0, vec![5, 0]);
         assert!(matches!(Message::from_frame(&f), Err(MessageError::Truncated { field: "stat name", .. })));
-        let long = Message::Error { code: 1, text: "x".repeat(70_000) };
+        let long = Message::error_unsolicited(1, "x".repeat(70_000));
         assert!(matches!(long.encode_payload(), Err(MessageError::StringTooLong { len: 70_000, .. })));
     }
 

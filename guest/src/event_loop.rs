@@ -9,9 +9,16 @@
 //!     |                   ^        |  unexpected I/O error
 //!     | EBUSY             | ok     v
 //!     +------------> Busy{back-off} <-+  (retried when its deadline passes: 100 ms .. 5 s)
+//!     | EACCES / EPERM                |
+//!     +------------> Denied ----------+  (retried when inotify reports a change of the node's
+//!     |                               |   mode or owner: no wakeup until then)
 //!     | other error                   |
 //!     +------------> Failed ----------+  (retried on the next uevent naming the port)
 //! ```
+//!
+//! An open port whose service call stopped at its write budget (`Health::MoreWork`) is served
+//! again on the next turn of the loop without waiting in `epoll_wait`, after the other ports'
+//! events: a long stream on one port never starves another port, or its own input.
 //!
 //! A CLOSE/REOPEN command moves an open port through `Closing` (its BYE is flushed on writable
 //! edges, for at most [`BYE_FLUSH_BOUND`]; then it is closed anyway and the timeout counted) to
@@ -39,16 +46,18 @@
 
 use crate::discovery::{list_sysfs, select, PortSpec, Selector, Wanted};
 use crate::fdio::FdIo;
-use crate::guest_ops::{GuestOps, GuestOpsError, Owner};
+use crate::guest_ops::{GuestOps, GuestOpsError, Owner, Submitted};
+use crate::permwatch::PermWatch;
 use crate::port::{AgentInfo, Carry, Env, Health, Port, SystemEnv};
 use crate::recheck::Rechecks;
+use crate::settings::Settings;
 use crate::uevent::{Action, UeventError, UeventSocket};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -58,9 +67,11 @@ use vport_common::message::NO_REOPEN;
 
 const SIGNAL: Token = Token(0);
 const UEVENT: Token = Token(1);
+/// The inotify fd watching nodes that were not accessible.
+const PERMS: Token = Token(2);
 /// Guest-op workers wake the loop with this token.
 const WAKER: Token = Token(usize::MAX);
-const FIRST_PORT_TOKEN: usize = 2;
+const FIRST_PORT_TOKEN: usize = 3;
 
 /// First EBUSY back-off.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -80,6 +91,8 @@ pub struct Config {
     pub dev_root: PathBuf,
     /// Console ports (`/dev/hvcN`) to serve in raw mode.
     pub consoles: Vec<PathBuf>,
+    /// What hosts may make the agent do, and the bounds.
+    pub settings: Settings,
 }
 
 /// Failures that stop the agent.
@@ -103,6 +116,9 @@ pub enum LoopError {
     /// Guest operations could not be set up.
     #[error(transparent)]
     GuestOps(#[from] GuestOpsError),
+    /// The inotify instance could not be made.
+    #[error("cannot create the inotify instance that watches port permissions")]
+    Inotify(#[source] Errno),
     /// epoll failed.
     #[error("cannot {op} the event loop's epoll instance")]
     Poll {
@@ -162,6 +178,10 @@ enum Slot {
     Failed {
         name: String,
     },
+    /// Open failed with EACCES/EPERM; its node is watched ([`PermWatch`]).
+    Denied {
+        name: String,
+    },
     /// Closed by a CLOSE/REOPEN command; opened again at `deadline`.
     Reopen {
         name: String,
@@ -173,6 +193,7 @@ enum Slot {
 pub struct EventLoop {
     config: Config,
     info: Rc<AgentInfo>,
+    settings: Rc<Settings>,
     env: SystemEnv,
     poll: Poll,
     signals: SignalFd,
@@ -192,6 +213,10 @@ pub struct EventLoop {
     guest_ops: GuestOps,
     /// Lost-wakeup re-checks ([`RECHECK_STEPS`](crate::recheck::RECHECK_STEPS)).
     rechecks: Rechecks,
+    /// Nodes of ports that were not accessible, watched for a permission change.
+    perms: PermWatch,
+    /// Open ports that stopped at their write budget: served again on the next turn.
+    more_work: BTreeSet<String>,
 }
 
 /// `err` and its sources, joined with ": ".
@@ -225,13 +250,25 @@ impl EventLoop {
         registry
             .register(&mut SourceFd(&uevents.raw_fd()), UEVENT, Interest::READABLE)
             .map_err(|source| LoopError::Poll { op: "register the uevent socket with", source })?;
+        let perms = PermWatch::new().map_err(LoopError::Inotify)?;
+        registry
+            .register(&mut SourceFd(&perms.raw_fd()), PERMS, Interest::READABLE)
+            .map_err(|source| LoopError::Poll { op: "register the inotify fd with", source })?;
         let waker = mio::Waker::new(registry, WAKER)
             .map_err(|source| LoopError::Poll { op: "register the guest-op waker with", source })?;
-        let guest_ops = GuestOps::new(std::sync::Arc::new(waker), config.sysfs_root.clone(), config.dev_root.clone())?;
+        let guest_ops = GuestOps::new(
+            std::sync::Arc::new(waker),
+            config.sysfs_root.clone(),
+            config.dev_root.clone(),
+            config.settings.limits,
+        )?;
+        let mut env = SystemEnv::new();
+        env.guest_ops_allowed = config.settings.allow_guest_ops;
         Ok(EventLoop {
+            settings: Rc::new(config.settings),
             config,
             info: Rc::new(info),
-            env: SystemEnv::new(),
+            env,
             poll,
             signals,
             uevents,
@@ -245,6 +282,8 @@ impl EventLoop {
             consoles: HashSet::new(),
             guest_ops,
             rechecks: Rechecks::default(),
+            perms,
+            more_work: BTreeSet::new(),
         })
     }
 
@@ -271,7 +310,9 @@ impl EventLoop {
                         _ => None,
                     })
                     .chain(self.closing.values().copied())
-                    .chain(self.rechecks.next_deadline()),
+                    .chain(self.rechecks.next_deadline())
+                    // Ports with work left: look at events, then serve them again at once.
+                    .chain((!self.more_work.is_empty()).then_some(now)),
             );
             let res = self.poll.poll(&mut events, timeout);
             self.stats.wakeups += 1;
@@ -296,6 +337,7 @@ impl EventLoop {
                         }
                     }
                     UEVENT => self.handle_uevents(),
+                    PERMS => self.handle_permission_changes(),
                     WAKER => self.deliver_guest_op_completions(),
                     t => {
                         if let Some(dev) = self.tokens.get(&t).cloned() {
@@ -304,7 +346,22 @@ impl EventLoop {
                     }
                 }
             }
+            for dev in std::mem::take(&mut self.more_work) {
+                self.service(&dev);
+            }
             self.retry_due(Instant::now());
+        }
+    }
+
+    /// Tries again the ports whose node's mode or owner changed while they were Denied.
+    fn handle_permission_changes(&mut self) {
+        for dev in self.perms.drain() {
+            if let Some(Slot::Denied { name }) = self.ports.get(&dev) {
+                let w = Wanted { dev: dev.clone(), name: name.clone() };
+                log::info!("port {}: its node's permissions changed; opening it again", w.name);
+                self.ports.remove(&dev);
+                self.try_open(&w, None);
+            }
         }
     }
 
@@ -445,6 +502,7 @@ impl EventLoop {
                 }
                 Some(_) if !listed => {
                     self.ports.remove(&dev);
+                    self.perms.unwatch(&dev);
                 }
                 _ => {}
             }
@@ -453,7 +511,7 @@ impl EventLoop {
         for w in &selection.wanted {
             let retry = match self.ports.get(&w.dev) {
                 None => true,
-                Some(Slot::Failed { .. }) => everything || touched.contains(&w.dev),
+                Some(Slot::Failed { .. } | Slot::Denied { .. }) => everything || touched.contains(&w.dev),
                 Some(Slot::Open { .. } | Slot::Busy { .. } | Slot::Reopen { .. }) => false,
             };
             if retry {
@@ -489,6 +547,38 @@ impl EventLoop {
                 self.ports.insert(w.dev.clone(), Slot::Busy { name: w.name.clone(), delay, deadline });
                 return;
             }
+            Err(e) if matches!(e.source, Errno::EACCES | Errno::EPERM) => {
+                self.stats.open_failures += 1;
+                self.perms.unwatch(&w.dev);
+                if let Err(werr) = self.perms.watch(&w.dev, &path) {
+                    // Without a watch, a later uevent (or a rescan) is the only retry.
+                    log::warn!(
+                        "port {}: {}; cannot watch {} for a permission change ({werr}); waiting for a uevent",
+                        w.name,
+                        chain(&e),
+                        path.display()
+                    );
+                    self.ports.insert(w.dev.clone(), Slot::Failed { name: w.name.clone() });
+                    return;
+                }
+                // The mode may have changed between the open and the watch: look once more.
+                match FdIo::open_port(&path) {
+                    Ok(io) => {
+                        self.perms.unwatch(&w.dev);
+                        io
+                    }
+                    Err(_) => {
+                        log::warn!(
+                            "port {}: {}; waiting for its permissions to change (the packaged udev rule \
+                             99-vport.rules gives group vport read/write on org.vport.* nodes)",
+                            w.name,
+                            chain(&e)
+                        );
+                        self.ports.insert(w.dev.clone(), Slot::Denied { name: w.name.clone() });
+                        return;
+                    }
+                }
+            }
             Err(e) => {
                 self.stats.open_failures += 1;
                 log::warn!("port {}: {}; waiting for a uevent", w.name, chain(&e));
@@ -513,7 +603,14 @@ impl EventLoop {
         log::info!("port {name}: opened {}", io.path().display());
         let mut carry = self.carry.remove(name).unwrap_or_default();
         carry.counters.opens += 1;
-        let port = Port::with_carry(name.to_owned(), dev.to_owned(), io, Rc::clone(&self.info), carry);
+        let port = Port::with_carry(
+            name.to_owned(),
+            dev.to_owned(),
+            io,
+            Rc::clone(&self.info),
+            Rc::clone(&self.settings),
+            carry,
+        );
         self.tokens.insert(token, dev.to_owned());
         self.ports.insert(dev.to_owned(), Slot::Open { token, port: Box::new(port) });
         self.env.ports_open = self.ports.values().filter(|s| matches!(s, Slot::Open { .. })).count() as u64;
@@ -594,11 +691,16 @@ impl EventLoop {
     /// handles of control sessions that ended.
     fn run_guest_ops(&mut self, dev: &str) {
         if let Some(Slot::Open { port, .. }) = self.ports.get_mut(dev) {
-            let requests = port.take_guest_ops();
-            for (session, op_id, op) in requests {
-                let owner = Owner { dev: dev.to_owned(), session };
-                if let Some(done) = self.guest_ops.submit(owner, op_id, op) {
-                    port.send_guest_op_done(session, done);
+            for request in port.take_guest_ops() {
+                let owner = Owner { dev: dev.to_owned(), session: request.session };
+                match self.guest_ops.submit(owner, request.op_id, request.op.clone()) {
+                    Submitted::Done(done) => {
+                        port.send_guest_op_done(request.session, done);
+                    }
+                    Submitted::Queued => {}
+                    Submitted::Refused { code, text } => {
+                        port.refuse_guest_op(&request, code, text);
+                    }
                 }
             }
             if let Err(e) = port.flush_out() {
@@ -632,7 +734,10 @@ impl EventLoop {
         self.run_guest_ops(dev);
         let Some(Slot::Open { port, .. }) = self.ports.get_mut(dev) else { return };
         match health {
-            Ok(Health::Open) => {
+            Ok(h @ (Health::Open | Health::MoreWork)) => {
+                if h == Health::MoreWork {
+                    self.more_work.insert(dev.to_owned());
+                }
                 if port.close_request().is_some() {
                     self.check_close(dev, Instant::now());
                 }
@@ -655,6 +760,7 @@ impl EventLoop {
         let Some(Slot::Open { token, mut port }) = self.ports.remove(dev) else { return };
         self.tokens.remove(&token);
         self.closing.remove(dev);
+        self.more_work.remove(dev);
         self.rechecks.forget(dev);
         let raw = port.io().raw_fd();
         if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&raw)) {
@@ -709,6 +815,9 @@ impl EventLoop {
                 ),
                 Slot::Busy { name, delay, .. } => log::info!("port {name} ({dev}): busy, back-off {delay:?}"),
                 Slot::Failed { name } => log::info!("port {name} ({dev}): closed, waiting for a uevent"),
+                Slot::Denied { name } => {
+                    log::info!("port {name} ({dev}): permission denied, waiting for its node's permissions to change")
+                }
                 Slot::Reopen { name, deadline } => log::info!(
                     "port {name} ({dev}): closed by command, reopening in {:?}",
                     deadline.saturating_duration_since(Instant::now())

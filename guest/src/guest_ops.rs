@@ -14,14 +14,14 @@
 //! [`CANCEL_RETRY`] while the worker is still inside a call (for at most [`CANCEL_BOUND`]):
 //! a signal that lands just before the worker enters the call would otherwise be lost.
 
+use crate::devnode::{open_node, resolve, NodeError};
 use crate::discovery::list_sysfs;
 use crate::fdio::{revents, set_async_fd};
+use crate::settings::Limits;
 use nix::errno::Errno;
-use nix::fcntl::{open, OFlag};
 use nix::poll::{PollFlags, PollTimeout};
 use nix::sys::pthread::{pthread_kill, pthread_self, Pthread};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-use nix::sys::stat::Mode;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -30,7 +30,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use vport_common::message::{GuestOp, GuestOpDone};
+use vport_common::message::{error_code, GuestOp, GuestOpDone};
 use vport_common::pattern::{self, StreamDigest};
 
 /// The signal that interrupts a worker's blocked call.
@@ -68,8 +68,27 @@ pub struct Owner {
 pub struct Completion {
     /// Who asked.
     pub owner: Owner,
+    /// The handle it ran on.
+    pub handle: u32,
     /// The result.
     pub done: GuestOpDone,
+}
+
+/// What became of a submitted operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    /// Done at once: send this completion.
+    Done(GuestOpDone),
+    /// A worker runs it; its completion comes through [`GuestOps::completions`].
+    Queued,
+    /// Refused (nothing was run): answer the request with ERROR `code` ([`error_code::LIMIT`]
+    /// or [`error_code::DENIED`]) and `text`.
+    Refused {
+        /// The ERROR code.
+        code: u16,
+        /// Why, naming the limit or the rule.
+        text: String,
+    },
 }
 
 enum Job {
@@ -91,6 +110,8 @@ struct SigioLog {
 struct Handle {
     owner: Owner,
     raw_fd: RawFd,
+    /// Operations sent to the worker whose completion has not come back yet.
+    in_flight: usize,
     jobs: Sender<Job>,
     ctl: Arc<WorkerCtl>,
     sigio: Option<SigioLog>,
@@ -105,6 +126,7 @@ pub struct GuestOps {
     waker: Arc<mio::Waker>,
     sysfs_root: PathBuf,
     dev_root: PathBuf,
+    limits: Limits,
 }
 
 extern "C" fn on_cancel_signal(_: nix::libc::c_int) {}
@@ -116,13 +138,18 @@ fn failed(op_id: u32, e: Errno, why: String) -> GuestOpDone {
 impl GuestOps {
     /// Installs the no-op `SIGUSR2` handler (no `SA_RESTART`: blocked calls return EINTR).
     /// `waker` wakes the event loop when a worker finishes.
-    pub fn new(waker: Arc<mio::Waker>, sysfs_root: PathBuf, dev_root: PathBuf) -> Result<GuestOps, GuestOpsError> {
+    pub fn new(
+        waker: Arc<mio::Waker>,
+        sysfs_root: PathBuf,
+        dev_root: PathBuf,
+        limits: Limits,
+    ) -> Result<GuestOps, GuestOpsError> {
         let action = SigAction::new(SigHandler::Handler(on_cancel_signal), SaFlags::empty(), SigSet::empty());
         // SAFETY: the handler does nothing (async-signal-safe by construction), and it replaces
         // no handler the program relies on: SIGUSR2 is otherwise unused by the agent.
         unsafe { sigaction(CANCEL_SIGNAL, &action) }.map_err(GuestOpsError::Handler)?;
         let (done_tx, done_rx) = channel();
-        Ok(GuestOps { handles: BTreeMap::new(), next_handle: 1, done_tx, done_rx, waker, sysfs_root, dev_root })
+        Ok(GuestOps { handles: BTreeMap::new(), next_handle: 1, done_tx, done_rx, waker, sysfs_root, dev_root, limits })
     }
 
     /// Number of open handles.
@@ -130,14 +157,22 @@ impl GuestOps {
         self.handles.len()
     }
 
-    /// Starts `op` for `owner`. Returns the completion at once for operations that do not
-    /// block (OPEN, CLOSE of an unknown handle, CANCEL, DEBUGFS, SYSFS, SIGIO_COUNT, anything
-    /// on an unknown handle); `None` when a worker will report it through [`Self::completions`].
-    pub fn submit(&mut self, owner: Owner, op_id: u32, op: GuestOp) -> Option<GuestOpDone> {
+    /// Starts `op` for `owner`. Operations that do not block (OPEN, CLOSE of an unknown handle,
+    /// CANCEL, DEBUGFS, SYSFS, SIGIO_COUNT, anything on an unknown handle) are
+    /// [`Submitted::Done`] at once; the others are [`Submitted::Queued`] on their handle's
+    /// worker. An OPEN of something that is not a virtio-ports node, or over the handle limit,
+    /// and an operation over the per-handle queue limit, are [`Submitted::Refused`].
+    pub fn submit(&mut self, owner: Owner, op_id: u32, op: GuestOp) -> Submitted {
         let start = Instant::now();
         let mut done = match op {
-            GuestOp::Open { port, nonblock, sigio } => self.open(owner, op_id, &port, nonblock, sigio),
-            GuestOp::Debugfs { port } => self.debugfs(op_id, &port),
+            GuestOp::Open { port, nonblock, sigio } => match self.open(owner, op_id, &port, nonblock, sigio) {
+                Ok(done) => done,
+                Err(refused) => return refused,
+            },
+            GuestOp::Debugfs { port } => match self.debugfs(op_id, &port) {
+                Ok(done) => done,
+                Err(refused) => return refused,
+            },
             GuestOp::Sysfs => match list_sysfs(&self.sysfs_root) {
                 Ok(list) => {
                     let text: String =
@@ -169,18 +204,33 @@ impl GuestOps {
                     cancel(&h.ctl);
                     // The worker closes the fd after the operations queued before this one.
                     return match h.jobs.send(Job::Close { op_id, owner }) {
-                        Ok(()) => None,
-                        Err(_) => Some(failed(op_id, Errno::EIO, format!("handle {handle}: worker gone"))),
+                        Ok(()) => Submitted::Queued,
+                        Err(_) => Submitted::Done(failed(op_id, Errno::EIO, format!("handle {handle}: worker gone"))),
                     };
                 }
                 None => failed(op_id, Errno::EBADF, format!("no handle {handle}")),
             },
             op @ (GuestOp::Read { handle, .. } | GuestOp::Write { handle, .. } | GuestOp::Poll { handle, .. }) => {
-                match self.handles.get(&handle) {
+                let max = self.limits.max_guest_ops_per_handle;
+                match self.handles.get_mut(&handle) {
+                    Some(h) if h.in_flight >= max => {
+                        return Submitted::Refused {
+                            code: error_code::LIMIT,
+                            text: format!(
+                                "guest op {op_id}: handle {handle} already has {max} operations queued or running \
+                                 (the per-handle limit); wait for their completions"
+                            ),
+                        }
+                    }
                     Some(h) => {
                         return match h.jobs.send(Job::Op { op_id, op, owner }) {
-                            Ok(()) => None,
-                            Err(_) => Some(failed(op_id, Errno::EIO, format!("handle {handle}: worker gone"))),
+                            Ok(()) => {
+                                h.in_flight += 1;
+                                Submitted::Queued
+                            }
+                            Err(_) => {
+                                Submitted::Done(failed(op_id, Errno::EIO, format!("handle {handle}: worker gone")))
+                            }
                         }
                     }
                     None => failed(op_id, Errno::EBADF, format!("no handle {handle}")),
@@ -188,12 +238,18 @@ impl GuestOps {
             }
         };
         done.elapsed_ns = start.elapsed().as_nanos() as u64;
-        Some(done)
+        Submitted::Done(done)
     }
 
     /// The completions the workers have sent since the last call.
     pub fn completions(&mut self) -> Vec<Completion> {
-        self.done_rx.try_iter().collect()
+        let done: Vec<Completion> = self.done_rx.try_iter().collect();
+        for c in &done {
+            if let Some(h) = self.handles.get_mut(&c.handle) {
+                h.in_flight = h.in_flight.saturating_sub(1);
+            }
+        }
+        done
     }
 
     /// A SIGIO real-time signal for `fd`: counted if `fd` is a handle opened with `sigio`.
@@ -226,30 +282,41 @@ impl GuestOps {
         }
     }
 
-    fn resolve(&self, port: &str) -> Result<PathBuf, (Errno, String)> {
-        if port.starts_with('/') {
-            return Ok(PathBuf::from(port));
+    /// OPEN: `Err` is a refusal (the reference is not a port, or the session holds the most
+    /// handles allowed); a system call failure is a completion with `ret` -1.
+    fn open(
+        &mut self,
+        owner: Owner,
+        op_id: u32,
+        port: &str,
+        nonblock: bool,
+        sigio: bool,
+    ) -> Result<GuestOpDone, Submitted> {
+        let max = self.limits.max_guest_op_handles;
+        if self.handles.values().filter(|h| h.owner == owner).count() >= max {
+            return Err(Submitted::Refused {
+                code: error_code::LIMIT,
+                text: format!("guest op {op_id}: this session already holds {max} handles (the limit); close one"),
+            });
         }
-        let list = list_sysfs(&self.sysfs_root).map_err(|e| (Errno::EIO, crate::event_loop::chain(&e)))?;
-        list.iter()
-            .find(|p| p.name.as_deref() == Some(port) || p.dev == port)
-            .map(|p| self.dev_root.join(&p.dev))
-            .ok_or_else(|| (Errno::ENOENT, format!("no port named {port} in sysfs")))
+        let fd = match resolve(port, &self.sysfs_root, &self.dev_root).and_then(|node| {
+            let fd = open_node(&node, nonblock)?;
+            Ok((node, fd))
+        }) {
+            Ok(found) => found,
+            Err(NodeError::Denied(why)) => {
+                log::warn!("guest op {op_id}: OPEN refused: {why}");
+                return Err(Submitted::Refused { code: error_code::DENIED, text: format!("guest op {op_id}: {why}") });
+            }
+            Err(NodeError::NotFound(why)) => return Ok(failed(op_id, Errno::ENOENT, why)),
+            Err(NodeError::Sys { errno, what }) => return Ok(failed(op_id, errno, what)),
+        };
+        let (node, fd) = fd;
+        Ok(self.adopt(owner, op_id, fd, node.path, sigio))
     }
 
-    fn open(&mut self, owner: Owner, op_id: u32, port: &str, nonblock: bool, sigio: bool) -> GuestOpDone {
-        let path = match self.resolve(port) {
-            Ok(p) => p,
-            Err((e, why)) => return failed(op_id, e, why),
-        };
-        let mut flags = OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
-        if nonblock {
-            flags |= OFlag::O_NONBLOCK;
-        }
-        let fd = match open(&path, flags, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(e) => return failed(op_id, e, path.display().to_string()),
-        };
+    /// Makes `fd` (opened from `path`) a new handle of `owner`, with its worker thread.
+    fn adopt(&mut self, owner: Owner, op_id: u32, fd: OwnedFd, path: PathBuf, sigio: bool) -> GuestOpDone {
         let raw_fd = fd.as_raw_fd();
         if sigio {
             if let Err(e) = set_async_fd(raw_fd, true) {
@@ -263,14 +330,14 @@ impl GuestOps {
         let spawned = std::thread::Builder::new()
             .name(format!("gop-{handle}"))
             .stack_size(256 * 1024)
-            .spawn(move || worker(fd, rx, c, done, waker));
+            .spawn(move || worker(handle, fd, rx, c, done, waker));
         if let Err(e) = spawned {
             return failed(op_id, Errno::EAGAIN, format!("cannot start a worker thread: {e}"));
         }
         self.next_handle += 1;
-        log::debug!("guest op: handle {handle} is {} (nonblock {nonblock}, sigio {sigio})", path.display());
+        log::debug!("guest op: handle {handle} is {} (sigio {sigio})", path.display());
         let sigio = sigio.then(|| SigioLog { count: 0, masks: Vec::new() });
-        self.handles.insert(handle, Handle { owner, raw_fd, jobs, ctl, sigio });
+        self.handles.insert(handle, Handle { owner, raw_fd, in_flight: 0, jobs, ctl, sigio });
         GuestOpDone {
             op_id,
             ret: i64::from(handle),
@@ -279,19 +346,23 @@ impl GuestOps {
         }
     }
 
-    fn debugfs(&self, op_id: u32, port: &str) -> GuestOpDone {
-        let dev = match self.resolve(port) {
-            Ok(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            Err((e, why)) => return failed(op_id, e, why),
+    fn debugfs(&self, op_id: u32, port: &str) -> Result<GuestOpDone, Submitted> {
+        let dev = match resolve(port, &self.sysfs_root, &self.dev_root) {
+            Ok(node) => node.node,
+            Err(NodeError::Denied(why)) => {
+                return Err(Submitted::Refused { code: error_code::DENIED, text: format!("guest op {op_id}: {why}") })
+            }
+            Err(NodeError::NotFound(why)) => return Ok(failed(op_id, Errno::ENOENT, why)),
+            Err(NodeError::Sys { errno, what }) => return Ok(failed(op_id, errno, what)),
         };
         let path = self.sysfs_root.join("kernel/debug/virtio-ports").join(&dev);
-        match std::fs::read(&path) {
+        Ok(match std::fs::read(&path) {
             Ok(text) => GuestOpDone { op_id, ret: text.len() as i64, data: text, ..Default::default() },
             Err(e) => {
                 let errno = e.raw_os_error().map_or(Errno::EIO, Errno::from_raw);
                 failed(op_id, errno, path.display().to_string())
             }
-        }
+        })
     }
 }
 
@@ -319,7 +390,14 @@ fn cancel(ctl: &Arc<WorkerCtl>) {
     }
 }
 
-fn worker(fd: OwnedFd, jobs: Receiver<Job>, ctl: Arc<WorkerCtl>, done: Sender<Completion>, waker: Arc<mio::Waker>) {
+fn worker(
+    handle: u32,
+    fd: OwnedFd,
+    jobs: Receiver<Job>,
+    ctl: Arc<WorkerCtl>,
+    done: Sender<Completion>,
+    waker: Arc<mio::Waker>,
+) {
     let mut unblock = SigSet::empty();
     unblock.add(CANCEL_SIGNAL);
     if let Err(e) = unblock.thread_unblock() {
@@ -329,7 +407,7 @@ fn worker(fd: OwnedFd, jobs: Receiver<Job>, ctl: Arc<WorkerCtl>, done: Sender<Co
         *t = Some(pthread_self());
     }
     let send = |owner: Owner, d: GuestOpDone| {
-        if done.send(Completion { owner, done: d }).is_ok() {
+        if done.send(Completion { owner, handle, done: d }).is_ok() {
             if let Err(e) = waker.wake() {
                 log::error!("guest op worker: cannot wake the event loop: {e}");
             }
@@ -450,11 +528,32 @@ pub fn node_of(path: &Path) -> String {
 mod tests {
     use super::*;
     use mio::{Poll, Token};
+    use nix::sys::stat::Mode;
 
     fn ops(dir: &Path) -> (Poll, GuestOps) {
         let poll = Poll::new().unwrap();
         let waker = Arc::new(mio::Waker::new(poll.registry(), Token(9)).unwrap());
-        (poll, GuestOps::new(waker, dir.join("sys"), dir.join("dev")).unwrap())
+        (poll, GuestOps::new(waker, dir.join("sys"), dir.join("dev"), Limits::default()).unwrap())
+    }
+
+    /// A handle on `path` (a FIFO or file here: OPEN itself accepts only virtio-ports nodes,
+    /// which a unit test cannot make), as OPEN would give it.
+    fn adopt(g: &mut GuestOps, owner: Owner, op_id: u32, path: &Path, nonblock: bool) -> u32 {
+        let mut flags = nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC;
+        if nonblock {
+            flags |= nix::fcntl::OFlag::O_NONBLOCK;
+        }
+        let fd = nix::fcntl::open(path, flags, Mode::empty()).unwrap();
+        let d = g.adopt(owner, op_id, fd, path.to_owned(), false);
+        assert!(d.ret > 0, "{d:?}");
+        d.ret as u32
+    }
+
+    fn done(s: Submitted) -> GuestOpDone {
+        match s {
+            Submitted::Done(d) => d,
+            other => panic!("expected a completion at once, got {other:?}"),
+        }
     }
 
     fn owner() -> Owner {
@@ -483,13 +582,11 @@ mod tests {
         nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
         let (mut poll, mut g) = ops(dir.path());
         // O_RDWR on a fifo never blocks in open and gives a fd that reads what it writes.
-        let p = fifo.display().to_string();
-        let h = g.submit(owner(), 1, GuestOp::Open { port: p, nonblock: false, sigio: false }).unwrap();
-        assert_eq!(h.ret, 1, "{h:?}");
-        let handle = h.ret as u32;
-        assert!(g.submit(owner(), 2, GuestOp::Write { handle, seed: 5, bytes: 50_000 }).is_none());
-        assert!(g.submit(owner(), 3, GuestOp::Read { handle, bytes: 50_000, all: true }).is_none());
-        assert!(g.submit(owner(), 4, GuestOp::Close { handle }).is_none());
+        let handle = adopt(&mut g, owner(), 1, &fifo, false);
+        assert_eq!(handle, 1);
+        assert_eq!(g.submit(owner(), 2, GuestOp::Write { handle, seed: 5, bytes: 50_000 }), Submitted::Queued);
+        assert_eq!(g.submit(owner(), 3, GuestOp::Read { handle, bytes: 50_000, all: true }), Submitted::Queued);
+        assert_eq!(g.submit(owner(), 4, GuestOp::Close { handle }), Submitted::Queued);
         let mut seen = Vec::new();
         let w = wait_done(&mut poll, &mut g, &mut seen, 2);
         let r = wait_done(&mut poll, &mut g, &mut seen, 3);
@@ -499,7 +596,7 @@ mod tests {
         assert_eq!(r.done.data.len(), READ_ALL_DATA);
         assert_eq!((c.done.ret, c.owner), (0, owner()));
         assert_eq!(g.open_handles(), 0);
-        let again = g.submit(owner(), 5, GuestOp::Read { handle, bytes: 1, all: false }).unwrap();
+        let again = done(g.submit(owner(), 5, GuestOp::Read { handle, bytes: 1, all: false }));
         assert_eq!(again.errno, Errno::EBADF as i32);
     }
 
@@ -509,13 +606,12 @@ mod tests {
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
         let (mut poll, mut g) = ops(dir.path());
-        let p = fifo.display().to_string();
-        let handle = g.submit(owner(), 1, GuestOp::Open { port: p, nonblock: false, sigio: false }).unwrap().ret as u32;
+        let handle = adopt(&mut g, owner(), 1, &fifo, false);
         let pl = g.submit(owner(), 2, GuestOp::Poll { handle, events: 0x5, timeout_ms: 0 });
-        assert!(pl.is_none());
+        assert_eq!(pl, Submitted::Queued);
         let pl = wait_done(&mut poll, &mut g, &mut Vec::new(), 2);
         assert_eq!((pl.done.ret, pl.done.mask), (1, PollFlags::POLLOUT.bits() as u16));
-        assert!(g.submit(owner(), 3, GuestOp::Read { handle, bytes: 10, all: false }).is_none());
+        assert_eq!(g.submit(owner(), 3, GuestOp::Read { handle, bytes: 10, all: false }), Submitted::Queued);
         // Cancel until the worker is inside read(): the first cancels may find it idle.
         let end = Instant::now() + Duration::from_secs(10);
         let r = loop {
@@ -536,10 +632,9 @@ mod tests {
         let f = dir.path().join("f");
         std::fs::write(&f, b"x").unwrap();
         let (_poll, mut g) = ops(dir.path());
-        let p = f.display().to_string();
         let other = Owner { dev: "vport0p1".into(), session: 8 };
-        g.submit(owner(), 1, GuestOp::Open { port: p.clone(), nonblock: true, sigio: false });
-        g.submit(other.clone(), 2, GuestOp::Open { port: p, nonblock: true, sigio: false });
+        adopt(&mut g, owner(), 1, &f, true);
+        adopt(&mut g, other.clone(), 2, &f, true);
         assert_eq!(g.open_handles(), 2);
         g.release(|o| *o == other);
         assert_eq!(g.open_handles(), 1);
@@ -549,11 +644,52 @@ mod tests {
     fn unknown_ports_and_handles_are_errors_naming_them() {
         let dir = tempfile::tempdir().unwrap();
         let (_poll, mut g) = ops(dir.path());
-        let d = g.submit(owner(), 1, GuestOp::Open { port: "nope".into(), nonblock: true, sigio: false }).unwrap();
+        let d = done(g.submit(owner(), 1, GuestOp::Open { port: "nope".into(), nonblock: true, sigio: false }));
         assert_eq!((d.ret, d.errno), (-1, Errno::ENOENT as i32));
         assert!(String::from_utf8_lossy(&d.data).contains("nope"));
-        let d = g.submit(owner(), 2, GuestOp::SigioCount { handle: 3 }).unwrap();
+        let d = done(g.submit(owner(), 2, GuestOp::SigioCount { handle: 3 }));
         assert_eq!(d.errno, Errno::EBADF as i32);
         assert_eq!(node_of(Path::new("/dev/vport1p2")), "vport1p2");
+    }
+
+    #[test]
+    fn open_of_anything_but_a_port_is_refused_and_opens_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"x").unwrap();
+        let (_poll, mut g) = ops(dir.path());
+        for port in [secret.display().to_string(), "/etc/passwd".into(), "/dev/virtio-ports/../../init".into()] {
+            let r = g.submit(owner(), 1, GuestOp::Open { port: port.clone(), nonblock: true, sigio: false });
+            assert!(matches!(&r, Submitted::Refused { code: error_code::DENIED, .. }), "{port}: {r:?}");
+            let r = g.submit(owner(), 2, GuestOp::Debugfs { port: port.clone() });
+            assert!(matches!(&r, Submitted::Refused { code: error_code::DENIED, .. }), "{port}: {r:?}");
+        }
+        assert_eq!(g.open_handles(), 0);
+    }
+
+    #[test]
+    fn handles_per_session_and_operations_per_handle_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+        let (_poll, mut g) = ops(dir.path());
+        g.limits = Limits { max_guest_op_handles: 2, max_guest_ops_per_handle: 3, ..Limits::default() };
+        let handle = adopt(&mut g, owner(), 1, &fifo, false);
+        adopt(&mut g, owner(), 2, &fifo, false);
+        let r = g.submit(owner(), 3, GuestOp::Open { port: "vport0p1".into(), nonblock: true, sigio: false });
+        assert!(
+            matches!(&r, Submitted::Refused { code: error_code::LIMIT, text } if text.contains("2 handles")),
+            "{r:?}"
+        );
+        // Reads that block (nothing written to the fifo): three queue, the fourth is refused.
+        for op_id in 10..13 {
+            assert_eq!(g.submit(owner(), op_id, GuestOp::Read { handle, bytes: 1, all: false }), Submitted::Queued);
+        }
+        let r = g.submit(owner(), 13, GuestOp::Read { handle, bytes: 1, all: false });
+        assert!(matches!(&r, Submitted::Refused { code: error_code::LIMIT, .. }), "{r:?}");
+        // Another session still gets its own handles.
+        let other = Owner { dev: "vport0p1".into(), session: 8 };
+        adopt(&mut g, other, 4, &fifo, false);
+        g.release(|_| false);
     }
 }

@@ -11,14 +11,19 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod devnode;
 pub mod discovery;
 pub mod event_loop;
 pub mod fdio;
 pub mod guest_ops;
 pub mod history;
 pub mod log;
+pub mod outqueue;
+pub mod permwatch;
 pub mod port;
+pub mod ratelimit;
 pub mod recheck;
+pub mod settings;
 pub mod sigio;
 pub mod sys;
 pub mod uevent;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use vport_agent::discovery::{AutoSelect, PortSpec, Selector, DEFAULT_PREFIX};
 use vport_agent::event_loop::{Config, EventLoop};
 use vport_agent::port::AgentInfo;
+use vport_agent::settings::{Limits, Settings, DEFAULT_MAX_STREAM_BYTES};
 use vport_agent::{log, sys};
 
 /// Serves named virtio-serial ports (/dev/vportNpM) for the vport host.
@@ -36,6 +37,29 @@ struct Cli {
     /// Device directory (for tests).
     #[arg(long, value_name = "PATH", default_value = "/dev")]
     dev_root: PathBuf,
+    /// Serve GUEST_OP requests: let the host open other virtio-serial ports of this guest (and
+    /// only those: nodes listed in /sys/class/virtio-ports) and read, write and poll them. Off
+    /// by default; test VMs such as vport's conformance image turn it on. See
+    /// docs/security.md.
+    #[arg(long)]
+    allow_guest_ops: bool,
+    /// Longest SOURCE or SINK stream a host may ask for (bytes; K, M, G, T suffixes are
+    /// binary multiples).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_STREAM_BYTES, value_parser = parse_size)]
+    max_stream_bytes: u64,
+}
+
+/// Parses a byte count with an optional binary suffix (`4096`, `64M`, `16G`).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        Some((i, 'T' | 't')) => (&s[..i], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a byte count such as 1048576, 64M or 16G"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s} bytes does not fit in 64 bits"))
 }
 
 /// True for a console path (`/dev/hvcN`).
@@ -71,9 +95,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let watching = selector.to_string();
     let consoles = consoles(&cli);
-    let config = Config { selector, sysfs_root: cli.sysfs_root, dev_root: cli.dev_root, consoles };
+    let settings = Settings {
+        allow_guest_ops: cli.allow_guest_ops,
+        limits: Limits { max_stream_bytes: cli.max_stream_bytes, ..Limits::default() },
+    };
+    let config = Config { selector, sysfs_root: cli.sysfs_root, dev_root: cli.dev_root, consoles, settings };
     let mut agent = EventLoop::new(config, info)?;
-    ::log::info!("vport-agent {} started: watching {watching}", env!("CARGO_PKG_VERSION"));
+    ::log::info!(
+        "vport-agent {} started: watching {watching}; guest ops {}; uid {} gid {}",
+        env!("CARGO_PKG_VERSION"),
+        if settings.allow_guest_ops { "allowed" } else { "disabled" },
+        nix::unistd::geteuid(),
+        nix::unistd::getegid()
+    );
     agent.run()?;
     Ok(())
 }
@@ -135,6 +169,24 @@ mod tests {
         // Only a console named: no automatic selection.
         let cli = Cli::try_parse_from(["vport-agent", "--port", "/dev/hvc0"]).unwrap();
         assert_eq!(selector(&cli).unwrap().auto, AutoSelect::None);
+    }
+
+    #[test]
+    fn sizes_take_binary_suffixes_and_bad_ones_are_errors() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("16G"), Ok(16 << 30));
+        assert_eq!(parse_size("1t"), Ok(1 << 40));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn guest_ops_are_off_unless_allowed() {
+        assert!(!Cli::try_parse_from(["vport-agent"]).unwrap().allow_guest_ops);
+        assert!(Cli::try_parse_from(["vport-agent", "--allow-guest-ops"]).unwrap().allow_guest_ops);
     }
 
     #[test]

@@ -35,6 +35,9 @@
 //! A session that ends aborts a running SOURCE or SINK (logged and counted).
 
 use crate::history::{History, DEFAULT_CAPACITY};
+pub use crate::outqueue::OutQueue;
+use crate::ratelimit::ReportLimiter;
+use crate::settings::Settings;
 use nix::errno::Errno;
 use nix::poll::PollFlags;
 use std::rc::Rc;
@@ -46,7 +49,9 @@ use vport_common::message::{
     NO_REOPEN,
 };
 use vport_common::pattern::{self, StreamDigest};
-use vport_common::{Decoder, Frame, Header, Message, MessageError, MessageType, PortEvent, PortMachine, PortState};
+use vport_common::{
+    DecodeError, Decoder, Frame, Header, Message, MessageError, MessageType, PortEvent, PortMachine, PortState,
+};
 
 /// The most a virtio-serial write accepts per call (`port_fops_write`).
 pub const MAX_WRITE: usize = 32 * 1024;
@@ -132,6 +137,8 @@ pub struct SystemEnv {
     pub sigio_overflows: u64,
     /// Open ports found with data pending that epoll had not reported (see the event loop).
     pub missed_wakeups: u64,
+    /// Whether GUEST_OP requests are served (`--allow-guest-ops`).
+    pub guest_ops_allowed: bool,
     /// Monotonic time the agent started.
     pub started_ns: u64,
 }
@@ -145,6 +152,7 @@ impl SystemEnv {
             ports_open: 0,
             sigio_overflows: 0,
             missed_wakeups: 0,
+            guest_ops_allowed: false,
             started_ns: crate::sys::monotonic_ns(),
         }
     }
@@ -180,6 +188,9 @@ impl Env for SystemEnv {
             ("pid", u64::from(std::process::id())),
             ("sigio_overflows", self.sigio_overflows),
             ("missed_wakeups", self.missed_wakeups),
+            ("euid", u64::from(nix::unistd::geteuid().as_raw())),
+            ("egid", u64::from(nix::unistd::getegid().as_raw())),
+            ("guest_ops_allowed", u64::from(self.guest_ops_allowed)),
         ]
     }
 }
@@ -211,8 +222,12 @@ pub struct PortError {
 /// The port after [`Port::service`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
-    /// Still usable.
+    /// Still usable; nothing more to do until the next readiness event.
     Open,
+    /// Still usable, and it stopped at its write budget ([`crate::settings::Limits::write_budget`])
+    /// with more to write while the port could take it: serve it again soon, without waiting
+    /// for an event (none will come for work that did not block).
+    MoreWork,
     /// ENODEV: the port was hot-unplugged; close and forget it.
     Unplugged,
 }
@@ -260,6 +275,12 @@ pub struct Counters {
     pub bye_flush_timeouts: u64,
     /// SIGIO signals counted for this port while observation was enabled.
     pub sigio_signals: u64,
+    /// Torn frames cut at a new client's HELLO_REQUEST (also in `decode_errors`).
+    pub torn_frames: u64,
+    /// ERROR decode reports sent to the host (rate-limited; the rest are only counted).
+    pub decode_reports: u64,
+    /// Requests refused by a limit or the policy (ERROR limit or denied).
+    pub refusals: u64,
 }
 
 /// What survives a close and reopen of a port (and an unplug and replug of the same name):
@@ -289,6 +310,19 @@ pub struct SigioState {
     pub samples: Vec<SigioSample>,
 }
 
+/// A GUEST_OP accepted in a READY session, for the event loop to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestOpRequest {
+    /// The session it came in (its completion goes back there).
+    pub session: u32,
+    /// The request frame's sequence number (an ERROR refusing it names it).
+    pub seq: u32,
+    /// The host's id for the operation.
+    pub op_id: u32,
+    /// The operation.
+    pub op: GuestOp,
+}
+
 /// A SOURCE stream in progress.
 #[derive(Debug, Clone)]
 struct SourceJob {
@@ -311,68 +345,6 @@ struct SinkJob {
     digest: StreamDigest,
 }
 
-/// Whole encoded frames waiting to be written, in order.
-#[derive(Debug, Default)]
-pub struct OutQueue {
-    buf: Vec<u8>,
-    head: usize,
-    limit: usize,
-}
-
-impl OutQueue {
-    /// An empty queue holding at most `limit` bytes.
-    pub fn new(limit: usize) -> Self {
-        OutQueue { buf: Vec::new(), head: 0, limit }
-    }
-
-    /// Bytes waiting.
-    pub fn len(&self) -> usize {
-        self.buf.len() - self.head
-    }
-
-    /// True when nothing waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Appends a whole frame, or refuses it (nothing appended) if the queue would exceed its
-    /// limit.
-    pub fn push(&mut self, frame: &[u8]) -> Result<(), usize> {
-        if self.len() + frame.len() > self.limit {
-            return Err(frame.len());
-        }
-        if self.head > 0 && (self.head == self.buf.len() || self.head >= MAX_WRITE * 4) {
-            self.buf.drain(..self.head);
-            self.head = 0;
-        }
-        self.buf.extend_from_slice(frame);
-        Ok(())
-    }
-
-    /// Up to `max` bytes from the front.
-    pub fn front(&self, max: usize) -> &[u8] {
-        let end = self.buf.len().min(self.head + max);
-        &self.buf[self.head..end]
-    }
-
-    /// Marks `n` front bytes as written.
-    pub fn consume(&mut self, n: usize) {
-        self.head = (self.head + n).min(self.buf.len());
-        if self.head == self.buf.len() {
-            self.buf.clear();
-            self.head = 0;
-        }
-    }
-
-    /// Drops everything; returns how many bytes were dropped.
-    pub fn clear(&mut self) -> usize {
-        let n = self.len();
-        self.buf.clear();
-        self.head = 0;
-        n
-    }
-}
-
 /// How a read drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReadEnd {
@@ -393,6 +365,8 @@ enum FlushEnd {
     Done,
     /// EAGAIN with bytes left: wait for the next writable edge.
     Pending,
+    /// The write budget ran out with bytes left and no EAGAIN seen.
+    Budget,
     /// ENODEV.
     Unplugged,
 }
@@ -404,6 +378,7 @@ pub struct Port<I> {
     dev: String,
     io: I,
     info: Rc<AgentInfo>,
+    settings: Rc<Settings>,
     machine: PortMachine,
     decoder: Decoder,
     out: OutQueue,
@@ -417,26 +392,42 @@ pub struct Port<I> {
     sink: Option<SinkJob>,
     /// A CLOSE/REOPEN was served: reopen after this many ms ([`NO_REOPEN`]: not at all).
     close_request: Option<u32>,
-    /// GUEST_OP requests accepted in a READY session, for the event loop to run:
-    /// (session, op_id, op).
-    guest_ops: Vec<(u32, u32, GuestOp)>,
+    /// GUEST_OP requests accepted in a READY session, for the event loop to run.
+    guest_ops: Vec<GuestOpRequest>,
+    /// Rate limit of the decode-error reports.
+    reports: ReportLimiter,
+    /// The decoder's `skipped_bytes` already accounted for in a report (or before the session).
+    skipped_seen: u64,
 }
 
 impl<I: PortIo> Port<I> {
-    /// A port in DISCONNECTED; call [`Port::service`] to look at it.
+    /// A port in DISCONNECTED with the default [`Settings`] (guest operations off); call
+    /// [`Port::service`] to look at it.
     pub fn new(name: String, dev: String, io: I, info: Rc<AgentInfo>) -> Self {
-        Self::with_carry(name, dev, io, info, Carry::default())
+        Self::with_carry(name, dev, io, info, Rc::new(Settings::default()), Carry::default())
     }
 
-    /// A port in DISCONNECTED that continues the counters and ring of an earlier open.
-    pub fn with_carry(name: String, dev: String, io: I, info: Rc<AgentInfo>, carry: Carry) -> Self {
+    /// A port in DISCONNECTED under `settings` that continues the counters and ring of an
+    /// earlier open.
+    pub fn with_carry(
+        name: String,
+        dev: String,
+        io: I,
+        info: Rc<AgentInfo>,
+        settings: Rc<Settings>,
+        carry: Carry,
+    ) -> Self {
+        let reports = ReportLimiter::new(settings.limits.decode_reports_per_sec, 1_000_000_000);
         Port {
             name,
             dev,
             io,
             info,
+            settings,
             machine: PortMachine::new(),
-            decoder: Decoder::new(DEFAULT_MAX_PAYLOAD),
+            // A new host client always sends HELLO_REQUEST first: it cuts a frame the previous
+            // client left half-sent (`vport_common::decoder`, "Torn frames").
+            decoder: Decoder::with_greeting(DEFAULT_MAX_PAYLOAD, MessageType::HelloRequest as u8),
             out: OutQueue::new(QUEUE_LIMIT),
             seq: 0,
             counters: carry.counters,
@@ -447,6 +438,8 @@ impl<I: PortIo> Port<I> {
             sink: None,
             close_request: None,
             guest_ops: Vec::new(),
+            reports,
+            skipped_seen: 0,
         }
     }
 
@@ -466,10 +459,25 @@ impl<I: PortIo> Port<I> {
         self.close_request
     }
 
-    /// The GUEST_OP requests accepted since the last call: (session, op_id, op). The event loop
-    /// runs them ([`crate::guest_ops`]) and answers with [`Port::send_guest_op_done`].
-    pub fn take_guest_ops(&mut self) -> Vec<(u32, u32, GuestOp)> {
+    /// The GUEST_OP requests accepted since the last call. The event loop runs them
+    /// ([`crate::guest_ops`]) and answers with [`Port::send_guest_op_done`] or
+    /// [`Port::refuse_guest_op`].
+    pub fn take_guest_ops(&mut self) -> Vec<GuestOpRequest> {
         std::mem::take(&mut self.guest_ops)
+    }
+
+    /// Answers `request` with ERROR `code` (limit or denied) in its session, if that is still
+    /// the READY session; returns whether it was queued.
+    pub fn refuse_guest_op(&mut self, request: &GuestOpRequest, code: u16, text: String) -> bool {
+        if !self.session_is_ready(request.session) {
+            log::info!("port {}: refusal of guest op {} after its session ended; dropped", self.name, request.op_id);
+            return false;
+        }
+        log::info!("port {}: guest op {} refused: {text}", self.name, request.op_id);
+        self.counters.refusals += 1;
+        let header = Header { kind: MessageType::GuestOp as u8, flags: 0, session: request.session, seq: request.seq };
+        self.reply_error(&header, request.session, code, text);
+        true
     }
 
     /// Whether `session` is the port's READY session (guest-op handles live as long as it).
@@ -521,9 +529,10 @@ impl<I: PortIo> Port<I> {
     /// Writes queued output until the queue is empty or the port would block. Returns true
     /// when nothing is left to write (or the port is gone).
     pub fn flush_out(&mut self) -> Result<bool, PortError> {
-        Ok(match self.flush()? {
+        let mut unlimited = usize::MAX;
+        Ok(match self.flush(&mut unlimited)? {
             FlushEnd::Done | FlushEnd::Unplugged => true,
-            FlushEnd::Pending => false,
+            FlushEnd::Pending | FlushEnd::Budget => false,
         })
     }
 
@@ -567,8 +576,10 @@ impl<I: PortIo> Port<I> {
         &self.io
     }
 
-    /// Does everything that can be done now; see the module documentation.
+    /// Does everything that can be done now, writing at most the write budget; see the module
+    /// documentation.
     pub fn service(&mut self, env: &mut impl Env) -> Result<Health, PortError> {
+        let mut budget = self.settings.limits.write_budget;
         loop {
             let mask = self.poll_mask()?;
             self.apply_mask(mask, env);
@@ -583,13 +594,20 @@ impl<I: PortIo> Port<I> {
             self.process_frames(env);
             let flushed = loop {
                 self.pump_source();
-                let f = self.flush()?;
+                let f = self.flush(&mut budget)?;
                 if f != FlushEnd::Done || self.source.is_none() {
                     break f;
+                }
+                if budget == 0 {
+                    break FlushEnd::Budget;
                 }
             };
             match flushed {
                 FlushEnd::Unplugged => return Ok(Health::Unplugged),
+                FlushEnd::Budget => return Ok(Health::MoreWork),
+                FlushEnd::Done | FlushEnd::Pending if end == ReadEnd::Throttled && budget == 0 => {
+                    return Ok(Health::MoreWork)
+                }
                 FlushEnd::Done if end == ReadEnd::Throttled => continue,
                 FlushEnd::Pending if end == ReadEnd::Throttled && self.out.len() < READ_HIGH_WATER => continue,
                 FlushEnd::Done | FlushEnd::Pending => return Ok(Health::Open),
@@ -665,9 +683,14 @@ impl<I: PortIo> Port<I> {
         }
     }
 
-    fn flush(&mut self) -> Result<FlushEnd, PortError> {
+    /// Writes queued output until the queue is empty, the port would block, or `budget` bytes
+    /// were written (the budget is decreased by what was written).
+    fn flush(&mut self, budget: &mut usize) -> Result<FlushEnd, PortError> {
         while !self.out.is_empty() {
-            let chunk = self.out.front(MAX_WRITE);
+            if *budget == 0 {
+                return Ok(FlushEnd::Budget);
+            }
+            let chunk = self.out.front(MAX_WRITE.min(*budget));
             let offered = chunk.len();
             match self.io.write(chunk) {
                 // A zero-byte write of a non-empty buffer would otherwise spin; wait for an edge.
@@ -679,6 +702,7 @@ impl<I: PortIo> Port<I> {
                     }
                     self.out.consume(n);
                     self.counters.bytes_out += n as u64;
+                    *budget = budget.saturating_sub(n);
                 }
                 Err(Errno::EAGAIN) => return Ok(FlushEnd::Pending),
                 Err(Errno::EINTR) => {}
@@ -690,18 +714,74 @@ impl<I: PortIo> Port<I> {
     }
 
     /// Handles complete frames while a session is live. Frames that arrive with no session are
-    /// kept until the next poll tells whether a host is attached.
+    /// kept until the next poll tells whether a host is attached. Decode errors, and bytes
+    /// skipped outside any frame, are reported to the host (ERROR decode, rate-limited).
+    ///
+    /// A torn frame is reported after the HELLO_REQUEST that cut it has been handled, so the
+    /// report goes to the new session (the old one's output is dropped at that point).
     fn process_frames(&mut self, env: &mut impl Env) {
+        let mut reported = false;
+        let mut torn: Option<String> = None;
         while self.machine.state().session().is_some() && self.close_request.is_none() {
             match self.decoder.next_frame() {
                 None => break,
-                Some(Ok(frame)) => self.handle_frame(frame, env),
+                Some(Ok(frame)) => {
+                    self.report_skipped(reported, env);
+                    reported = false;
+                    self.handle_frame(frame, env);
+                    if let Some(text) = torn.take() {
+                        self.report_decode(&text, env);
+                    }
+                }
                 Some(Err(e)) => {
                     self.counters.decode_errors += 1;
                     log::debug!("port {}: {e}", self.name);
+                    if matches!(e, DecodeError::Torn { .. }) {
+                        self.counters.torn_frames += 1;
+                        torn = Some(e.to_string());
+                    } else {
+                        self.report_decode(&e.to_string(), env);
+                    }
+                    reported = true;
                 }
             }
         }
+        if let Some(text) = torn {
+            self.report_decode(&text, env);
+        }
+        if self.machine.state().session().is_some() {
+            self.report_skipped(reported, env);
+        }
+    }
+
+    /// Reports bytes the decoder skipped outside any frame since the last look, unless a decode
+    /// error just explained them (`explained`).
+    fn report_skipped(&mut self, explained: bool, env: &mut impl Env) {
+        let skipped = self.decoder.stats().skipped_bytes;
+        let new = skipped - self.skipped_seen.min(skipped);
+        self.skipped_seen = skipped;
+        if new > 0 && !explained {
+            let at = self.decoder.stream_offset() - self.decoder.buffered() as u64;
+            let text = format!(
+                "skipped {new} bytes that are not part of any frame before stream offset {at} \
+                 (a frame starts with the magic f5 56 50 52)"
+            );
+            self.report_decode(&text, env);
+        }
+    }
+
+    /// Sends ERROR decode with `text` in the current session, unless the rate limit holds it
+    /// back (then it is only counted).
+    fn report_decode(&mut self, text: &str, env: &mut impl Env) {
+        let Some(session) = self.machine.state().session() else { return };
+        let Some(held_back) = self.reports.admit(env.now_ns()) else { return };
+        let text = match held_back {
+            0 => text.to_owned(),
+            n => format!("{text} ({n} earlier reports held back by the rate limit)"),
+        };
+        self.counters.decode_reports += 1;
+        self.counters.errors_sent += 1;
+        self.send(&Message::error_unsolicited(error_code::DECODE, text), session);
     }
 
     /// Applies `event` to the state machine, recording and logging the transition, or counting
@@ -747,6 +827,18 @@ impl<I: PortIo> Port<I> {
         if self.step(event, cause, env).is_err() {
             return;
         }
+        if new_session {
+            // The old session's work ends here: its streams stop and its unsent output goes
+            // (a frame already on its way is finished, never torn). Its guest-op handles are
+            // closed by the event loop, which sees the session is no longer READY.
+            self.abort_streams();
+            let dropped = self.out.drop_unstarted();
+            if dropped > 0 {
+                self.counters.dropped_bytes += dropped as u64;
+                log::info!("port {}: dropped {dropped} unsent bytes of session {old:#010x}", self.name);
+            }
+        }
+        self.skipped_seen = self.decoder.stats().skipped_bytes;
         self.seq = 0;
         self.counters.sessions += 1;
         self.send_hello(session, nonce, env);
@@ -774,6 +866,17 @@ impl<I: PortIo> Port<I> {
     }
 
     fn end_session_buffers(&mut self) {
+        self.abort_streams();
+        self.decoder.clear();
+        let dropped = self.out.clear();
+        if dropped > 0 {
+            self.counters.dropped_bytes += dropped as u64;
+            log::info!("port {}: dropped {dropped} unsent bytes of the ended session", self.name);
+        }
+    }
+
+    /// Stops a running SOURCE and SINK (counted in `stream_aborts` and logged).
+    fn abort_streams(&mut self) {
         if let Some(job) = self.source.take() {
             self.counters.stream_aborts += 1;
             log::warn!(
@@ -791,12 +894,6 @@ impl<I: PortIo> Port<I> {
                 job.received,
                 job.total
             );
-        }
-        self.decoder.clear();
-        let dropped = self.out.clear();
-        if dropped > 0 {
-            self.counters.dropped_bytes += dropped as u64;
-            log::info!("port {}: dropped {dropped} unsent bytes of the ended session", self.name);
         }
     }
 
@@ -834,24 +931,32 @@ impl<I: PortIo> Port<I> {
         }
     }
 
-    /// Answers `request` with an ERROR, unless the request was itself an ERROR (no loops).
-    fn reply_error(&mut self, request: &Header, code: u16, text: String) {
+    /// Answers `request` with an ERROR in session `session`, unless the request was itself an
+    /// ERROR (no loops).
+    fn reply_error(&mut self, request: &Header, session: u32, code: u16, text: String) {
         if request.kind == MessageType::Error as u8 {
             return;
         }
         self.counters.errors_sent += 1;
-        self.send(&Message::Error { code, text }, request.session);
+        self.send(&Message::error_for(request, code, text), session);
     }
 
-    /// True if `h` belongs to the current session and the port is READY; otherwise answers
-    /// BAD_STATE and returns false.
+    /// True if `h` carries the READY session's id; otherwise answers BAD_STATE, saying what
+    /// is missing, and returns false. (Frames of a foreign non-zero session never get here.)
     fn require_ready(&mut self, h: &Header, kind: MessageType) -> bool {
-        let state = self.machine.state();
-        if matches!(state, PortState::Ready { session, .. } if session == h.session) {
-            return true;
-        }
-        let text = format!("{kind:?} needs a READY session, port is {}", state.name());
-        self.reply_error(h, error_code::BAD_STATE, text);
+        let text = match self.machine.state() {
+            PortState::Ready { session, .. } if session == h.session => return true,
+            PortState::Ready { session, .. } => format!(
+                "{kind:?} needs the READY session's id in its header: it carries {:#010x}, the session is \
+                 {session:#010x}",
+                h.session
+            ),
+            state => format!(
+                "{kind:?} needs a READY session: the port is {} (send HELLO_ACK with the HELLO's nonce first)",
+                state.name()
+            ),
+        };
+        self.reply_error(h, h.session, error_code::BAD_STATE, text);
         false
     }
 
@@ -915,6 +1020,10 @@ impl<I: PortIo> Port<I> {
             ("stream_aborts", c.stream_aborts),
             ("bye_flush_timeouts", c.bye_flush_timeouts),
             ("sigio_signals", c.sigio_signals),
+            ("torn_frames", c.torn_frames),
+            ("decode_reports", c.decode_reports),
+            ("decode_reports_held_back", self.reports.suppressed_total()),
+            ("refusals", c.refusals),
             ("queued", self.out.len() as u64),
         ]
         .into_iter()
@@ -963,7 +1072,12 @@ impl<I: PortIo> Port<I> {
         };
         if let Err(e) = result {
             log::warn!("port {}: SIGIO {action:?} failed: {e}", self.name);
-            return self.reply_error(h, error_code::INTERNAL, format!("sigio {action:?}: fcntl failed: {e}"));
+            return self.reply_error(
+                h,
+                h.session,
+                error_code::INTERNAL,
+                format!("sigio {action:?}: fcntl failed: {e}"),
+            );
         }
         let s = &self.sigio;
         log::debug!("port {}: SIGIO {action:?}: enabled={} count={}", self.name, s.enabled, s.count);
@@ -971,9 +1085,23 @@ impl<I: PortIo> Port<I> {
         self.send(&report, h.session);
     }
 
+    /// True if a stream of `bytes` is within the stream limit; otherwise answers ERROR limit.
+    fn within_stream_limit(&mut self, h: &Header, bytes: u64) -> bool {
+        let max = self.settings.limits.max_stream_bytes;
+        if bytes <= max {
+            return true;
+        }
+        self.counters.refusals += 1;
+        let text = format!(
+            "a stream of {bytes} bytes exceeds the agent's limit of {max} bytes (vport-agent --max-stream-bytes)"
+        );
+        self.reply_error(h, h.session, error_code::LIMIT, text);
+        false
+    }
+
     fn on_data(&mut self, h: &Header, offset: u64, bytes: &[u8]) {
         let Some(job) = self.sink.as_mut() else {
-            return self.reply_error(h, error_code::BAD_STATE, "DATA outside a SINK".to_owned());
+            return self.reply_error(h, h.session, error_code::BAD_STATE, "DATA outside a SINK".to_owned());
         };
         if offset != job.received && job.first_mismatch == NO_MISMATCH {
             log::debug!("port {}: SINK expected offset {}, got {offset}", self.name, job.received);
@@ -1025,18 +1153,20 @@ impl<I: PortIo> Port<I> {
                 h.kind,
                 h.session
             );
-            let text = format!("session {:#010x} is not the current session", h.session);
-            self.reply_error(&h, error_code::BAD_SESSION, text);
+            // Answered outside any session (0), which every host accepts: a host still in an
+            // ended session learns it has ended, and a host that used a wrong id sees the answer.
+            let text = format!("session {:#010x} is not the current session {current:#010x}", h.session);
+            self.reply_error(&h, 0, error_code::BAD_SESSION, text);
             return;
         }
         let msg = match Message::from_frame(&frame) {
             Ok(m) => m,
             Err(e @ MessageError::UnknownType(_)) => {
-                return self.reply_error(&h, error_code::UNKNOWN_TYPE, e.to_string())
+                return self.reply_error(&h, h.session, error_code::UNKNOWN_TYPE, e.to_string())
             }
             Err(e) => {
                 log::debug!("port {}: malformed frame: {e}", self.name);
-                return self.reply_error(&h, error_code::MALFORMED, e.to_string());
+                return self.reply_error(&h, h.session, error_code::MALFORMED, e.to_string());
             }
         };
         match msg {
@@ -1056,7 +1186,7 @@ impl<I: PortIo> Port<I> {
             Message::HelloAck { nonce: got, host_version } => {
                 if h.session != current {
                     let text = format!("hello ack for session {:#010x}, current is {current:#010x}", h.session);
-                    return self.reply_error(&h, error_code::BAD_SESSION, text);
+                    return self.reply_error(&h, 0, error_code::BAD_SESSION, text);
                 }
                 let mismatch = got != nonce;
                 if self.step(PortEvent::HelloAcked { nonce: got }, "hello ack", env).is_err() {
@@ -1065,7 +1195,8 @@ impl<I: PortIo> Port<I> {
                     } else {
                         (error_code::BAD_STATE, "session already ready".to_owned())
                     };
-                    return self.reply_error(&h, code, text);
+                    let session = if code == error_code::BAD_SESSION { 0 } else { current };
+                    return self.reply_error(&h, session, code, text);
                 }
                 log::info!("port {} READY session={current:#010x} host={host_version}", self.name);
             }
@@ -1074,14 +1205,11 @@ impl<I: PortIo> Port<I> {
                 self.send(&pong, h.session);
             }
             Message::Echo(bytes) => {
-                if h.session == current && matches!(state, PortState::Ready { .. }) {
+                if self.require_ready(&h, MessageType::Echo) {
                     self.send(&Message::EchoReply(bytes), h.session);
-                } else {
-                    let text = format!("echo needs a READY session, port is {}", state.name());
-                    self.reply_error(&h, error_code::BAD_STATE, text);
                 }
             }
-            Message::Error { code, text } => {
+            Message::Error { code, text, .. } => {
                 self.counters.errors_received += 1;
                 log::warn!("port {}: host reported error {code}: {text}", self.name);
             }
@@ -1129,7 +1257,15 @@ impl<I: PortIo> Port<I> {
                     return;
                 }
                 if self.source.is_some() {
-                    return self.reply_error(&h, error_code::BAD_STATE, "a SOURCE is already running".to_owned());
+                    return self.reply_error(
+                        &h,
+                        h.session,
+                        error_code::BAD_STATE,
+                        "a SOURCE is already running".into(),
+                    );
+                }
+                if !self.within_stream_limit(&h, bytes) {
+                    return;
                 }
                 let chunk = match chunk as usize {
                     0 => DEFAULT_CHUNK,
@@ -1150,7 +1286,10 @@ impl<I: PortIo> Port<I> {
                     return;
                 }
                 if self.sink.is_some() {
-                    return self.reply_error(&h, error_code::BAD_STATE, "a SINK is already running".to_owned());
+                    return self.reply_error(&h, h.session, error_code::BAD_STATE, "a SINK is already running".into());
+                }
+                if !self.within_stream_limit(&h, bytes) {
+                    return;
                 }
                 log::info!("port {}: SINK seed={seed:#x} bytes={bytes}", self.name);
                 self.sink = Some(SinkJob {
@@ -1187,9 +1326,17 @@ impl<I: PortIo> Port<I> {
                 }
             }
             Message::GuestOp { op_id, op } => {
+                if !self.settings.allow_guest_ops {
+                    self.counters.refusals += 1;
+                    let text = format!(
+                        "guest ops disabled: guest op {op_id} refused, nothing was opened (start vport-agent with \
+                         --allow-guest-ops to serve them; see docs/security.md)"
+                    );
+                    return self.reply_error(&h, h.session, error_code::DENIED, text);
+                }
                 if self.require_ready(&h, MessageType::GuestOp) {
                     log::debug!("port {}: guest op {op_id}: {op:?}", self.name);
-                    self.guest_ops.push((h.session, op_id, op));
+                    self.guest_ops.push(GuestOpRequest { session: h.session, seq: h.seq, op_id, op });
                 }
             }
             Message::Hello(_)
@@ -1202,8 +1349,8 @@ impl<I: PortIo> Port<I> {
             | Message::SinkResult { .. }
             | Message::StatsReply(_)
             | Message::EventsReply { .. } => {
-                let text = format!("{:?} is not accepted by the agent", msg.kind());
-                self.reply_error(&h, error_code::BAD_STATE, text);
+                let text = format!("{:?} is sent by the agent, never to it", msg.kind());
+                self.reply_error(&h, h.session, error_code::WRONG_DIRECTION, text);
             }
         }
     }
@@ -1212,6 +1359,7 @@ impl<I: PortIo> Port<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::Limits;
     use std::collections::VecDeque;
     use vport_common::message::Hello;
 
@@ -1334,13 +1482,26 @@ mod tests {
         TestEnv { now: 0, rng: 7, wakeups: 0 }
     }
 
+    /// A port with guest operations allowed (the default settings refuse them: see
+    /// `guest_ops_are_refused_unless_allowed`).
     fn port() -> Port<Fake> {
+        port_with(Settings { allow_guest_ops: true, ..Settings::default() })
+    }
+
+    fn port_with(settings: Settings) -> Port<Fake> {
         let info = Rc::new(AgentInfo {
             agent_version: "9.9.9".into(),
             kernel_release: "6.1.0-test".into(),
             boot_id: "boot-id".into(),
         });
-        Port::new("org.vport.0".into(), "vport0p1".into(), Fake::new(), info)
+        Port::with_carry(
+            "org.vport.0".into(),
+            "vport0p1".into(),
+            Fake::new(),
+            info,
+            Rc::new(settings),
+            Carry::default(),
+        )
     }
 
     /// Frames the port wrote since the last call, decoded.
@@ -1551,7 +1712,11 @@ mod tests {
         p.service(&mut e).unwrap();
         let sent = take_sent(&mut p);
         assert_eq!(sent.len(), 2);
-        assert_eq!(expect_error(&sent[..1], error_code::BAD_SESSION).session, stale);
+        // Answered outside any session (every host accepts session 0), naming the frame it
+        // answers and both ids.
+        assert_eq!(expect_error(&sent[..1], error_code::BAD_SESSION).session, 0);
+        assert!(matches!(&sent[0].1, Message::Error { about_kind: 0x10, about_seq: 9, text, .. }
+            if text.contains(&format!("{stale:#010x}")) && text.contains(&format!("{session:#010x}"))));
         expect_error(&sent[1..], error_code::BAD_SESSION);
         assert_eq!(p.counters().stale_frames, 2);
         assert!(matches!(p.state(), PortState::Ready { .. }));
@@ -1563,7 +1728,7 @@ mod tests {
         let session = ready(&mut p, &mut e);
         let unknown = Frame::new(0x55, session, 1, vec![]).encode().unwrap();
         let malformed = Frame::new(MessageType::Ping as u8, session, 2, vec![1, 2]).encode().unwrap();
-        let host_error = wire(&Message::Error { code: 5, text: "x".into() }, session, 3);
+        let host_error = wire(&Message::error_unsolicited(5, "x"), session, 3);
         p.io.reads.push_back(Read::Data([unknown, malformed, host_error].concat()));
         p.service(&mut e).unwrap();
         let sent = take_sent(&mut p);
@@ -1722,11 +1887,23 @@ mod tests {
         assert!(p.queued() >= READ_HIGH_WATER && p.queued() < READ_HIGH_WATER + echo.len());
         assert!(!p.io.reads.is_empty(), "reading paused");
         p.io.budget = usize::MAX;
-        p.service(&mut e).unwrap();
+        let calls = service_until_idle(&mut p, &mut e);
+        assert!(calls > 1, "1.6 MB of replies take several write budgets");
         assert!(p.io.reads.is_empty());
         let sent = take_sent(&mut p);
         assert_eq!(sent.len(), n_frames);
         assert!(sent.iter().all(|(_, m)| *m == Message::EchoReply(payload.clone())));
+    }
+
+    /// Services the port as the event loop does: again while it reports more work (bounded).
+    /// Returns the number of calls.
+    fn service_until_idle(p: &mut Port<Fake>, e: &mut TestEnv) -> usize {
+        for calls in 1..10_000 {
+            if p.service(e).unwrap() != Health::MoreWork {
+                return calls;
+            }
+        }
+        panic!("the port never ran out of work");
     }
 
     /// Feeds one request in `session` and services the port; returns what it sent.
@@ -1759,10 +1936,10 @@ mod tests {
         }
         assert_eq!(p.close_request(), None);
         assert!(p.io.probes.is_empty() && p.io.async_calls.is_empty());
-        // Agent-to-host messages are refused too.
         expect_error(&request(&mut p, &mut e, &Message::Stats, 0), error_code::BAD_STATE);
+        // Agent-to-host messages are refused in any state, as sent the wrong way.
         let bye = Message::Bye { reopen_after_ms: 0, reason: "x".into() };
-        expect_error(&request(&mut p, &mut e, &bye, session), error_code::BAD_STATE);
+        expect_error(&request(&mut p, &mut e, &bye, session), error_code::WRONG_DIRECTION);
     }
 
     #[test]
@@ -1772,7 +1949,9 @@ mod tests {
         let op = GuestOp::Read { handle: 3, bytes: 10, all: false };
         let sent = request(&mut p, &mut e, &Message::GuestOp { op_id: 7, op: op.clone() }, session);
         assert!(sent.is_empty(), "the completion comes from the loop, not the port");
-        assert_eq!(p.take_guest_ops(), vec![(session, 7, op)]);
+        let taken = p.take_guest_ops();
+        assert_eq!(taken.len(), 1);
+        assert_eq!((taken[0].session, taken[0].op_id, &taken[0].op), (session, 7, &op));
         assert!(p.take_guest_ops().is_empty());
         let done = GuestOpDone { op_id: 7, ret: 10, ..Default::default() };
         assert!(p.send_guest_op_done(session, done.clone()));
@@ -1919,6 +2098,161 @@ mod tests {
     }
 
     #[test]
+    fn guest_ops_are_refused_unless_allowed() {
+        let (mut p, mut e) = (port_with(Settings::default()), env());
+        let session = ready(&mut p, &mut e);
+        let op = GuestOp::Open { port: "/etc/passwd".into(), nonblock: true, sigio: false };
+        let sent = request(&mut p, &mut e, &Message::GuestOp { op_id: 3, op }, session);
+        expect_error(&sent, error_code::DENIED);
+        assert!(matches!(&sent[0].1, Message::Error { about_kind: 0x50, about_seq: 1, text, .. }
+            if text.contains("guest ops disabled") && text.contains("--allow-guest-ops")));
+        assert!(p.take_guest_ops().is_empty(), "nothing reaches the loop: nothing is opened");
+        assert_eq!(p.counters().refusals, 1);
+    }
+
+    #[test]
+    fn streams_over_the_limit_are_refused() {
+        let limits = Limits { max_stream_bytes: 1000, ..Limits::default() };
+        let (mut p, mut e) = (port_with(Settings { limits, ..Settings::default() }), env());
+        let session = ready(&mut p, &mut e);
+        for m in [Message::Source { seed: 1, bytes: 1001, chunk: 0 }, Message::Sink { seed: 1, bytes: 1 << 40 }] {
+            let sent = request(&mut p, &mut e, &m, session);
+            expect_error(&sent, error_code::LIMIT);
+        }
+        // At the limit is fine.
+        let sent = request(&mut p, &mut e, &Message::Source { seed: 1, bytes: 1000, chunk: 0 }, session);
+        assert!(matches!(sent.last(), Some((_, Message::SourceDone { bytes: 1000, .. }))), "{sent:?}");
+        assert_eq!(p.counters().refusals, 2);
+    }
+
+    #[test]
+    fn echo_says_exactly_what_it_lacks() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        let sent = request(&mut p, &mut e, &Message::Echo(b"x".to_vec()), 0);
+        expect_error(&sent, error_code::BAD_STATE);
+        assert!(
+            matches!(&sent[0].1, Message::Error { text, .. }
+            if text.contains("needs the READY session's id") && text.contains("0x00000000")),
+            "{sent:?}"
+        );
+        let sent = request(&mut p, &mut e, &Message::Echo(b"x".to_vec()), session);
+        assert_eq!(sent[0].1, Message::EchoReply(b"x".to_vec()));
+    }
+
+    #[test]
+    fn a_hello_request_in_ready_ends_the_old_sessions_work_at_once() {
+        let (mut p, mut e) = (port(), env());
+        let old = ready(&mut p, &mut e);
+        // A long SOURCE, and a host that takes only 1000 bytes: the queue holds a frame cut in
+        // the middle on the wire plus more unsent frames.
+        p.io.budget = 1000;
+        feed(&mut p, &wire(&Message::Source { seed: 9, bytes: 1 << 30, chunk: 0 }, old, 1));
+        p.service(&mut e).unwrap();
+        assert!(p.queued() > DEFAULT_CHUNK, "{}", p.queued());
+        let mut wire_bytes = std::mem::take(&mut p.io.written);
+        // A new client (the old one left without the agent seeing it) asks for a session.
+        p.io.budget = usize::MAX;
+        feed(&mut p, &wire(&Message::HelloRequest, 0, 0));
+        service_until_idle(&mut p, &mut e);
+        wire_bytes.extend(std::mem::take(&mut p.io.written));
+        // Whole frames only: the frame cut on the wire was finished, the rest dropped.
+        let mut d = Decoder::default();
+        d.push(&wire_bytes);
+        let frames: Vec<(Header, Message)> =
+            d.by_ref().map(|f| f.unwrap()).map(|f| (f.header, Message::from_frame(&f).unwrap())).collect();
+        assert_eq!(d.buffered(), 0, "no torn frame");
+        assert_eq!(d.stats().errors, 0);
+        let (last_h, last) = frames.last().unwrap();
+        let Message::Hello(hello) = last else { panic!("the HELLO comes last: {frames:?}") };
+        assert_ne!(last_h.session, old);
+        assert!(frames[..frames.len() - 1].iter().all(|(h, m)| h.session == old && matches!(m, Message::Data { .. })));
+        assert_eq!(frames.len(), 2, "one DATA frame (the one started) then the HELLO");
+        assert_eq!(p.counters().stream_aborts, 1);
+        assert!(p.counters().dropped_bytes > 0);
+        assert_eq!(p.state(), PortState::Connected { session: last_h.session, nonce: hello.nonce });
+        // Nothing of the old stream follows.
+        service_until_idle(&mut p, &mut e);
+        assert!(take_sent(&mut p).is_empty());
+    }
+
+    #[test]
+    fn a_hello_request_is_read_between_write_budgets_of_a_stream() {
+        let (mut p, mut e) = (port(), env());
+        let old = ready(&mut p, &mut e);
+        feed(&mut p, &wire(&Message::Source { seed: 9, bytes: 1 << 30, chunk: 0 }, old, 1));
+        assert_eq!(p.service(&mut e).unwrap(), Health::MoreWork, "a 1 GiB stream stops at the budget");
+        let first = std::mem::take(&mut p.io.written).len();
+        assert!(first <= Limits::default().write_budget + MAX_WRITE, "{first}");
+        feed(&mut p, &wire(&Message::HelloRequest, 0, 0));
+        assert_eq!(p.service(&mut e).unwrap(), Health::Open, "the request ended the stream");
+        assert!(matches!(p.state(), PortState::Connected { .. }));
+        assert_eq!(p.counters().stream_aborts, 1);
+    }
+
+    #[test]
+    fn a_torn_frame_left_by_a_client_is_cut_by_the_next_clients_hello_request() {
+        let (mut p, mut e) = (port(), env());
+        let old = ready(&mut p, &mut e);
+        let big = wire(&Message::Echo(vec![7; 4096]), old, 1);
+        feed(&mut p, &big[..2048]);
+        p.service(&mut e).unwrap();
+        assert!(take_sent(&mut p).is_empty(), "half a frame: nothing to do yet");
+        feed(&mut p, &wire(&Message::HelloRequest, 0, 0));
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        // The new session is offered, and the torn frame reported in it.
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        let (session, _) = expect_hello(&sent[..1]);
+        assert_ne!(session, old);
+        assert!(
+            matches!(&sent[1], (h, Message::Error { code: error_code::DECODE, about_kind: 0, text, .. })
+            if h.session == session && text.starts_with("torn frame at stream offset 42: its header announced 4096")),
+            "{sent:?}"
+        );
+        assert_eq!((p.counters().torn_frames, p.counters().decode_errors), (1, 1));
+    }
+
+    #[test]
+    fn decode_errors_and_garbage_are_reported_within_the_rate_limit() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        feed(&mut p, b"hello agent\n");
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        assert!(
+            matches!(&sent[..], [(h, Message::Error { code: error_code::DECODE, text, .. })]
+            if h.session == session && text.starts_with("skipped 12 bytes")),
+            "{sent:?}"
+        );
+        // 30 frames with a damaged payload: 10 reports per second at most (the test clock
+        // advances 1 us per reading), and the held-back ones are counted.
+        let mut bad = wire(&Message::Ping { time_ns: 1 }, session, 2);
+        bad[26] ^= 0xFF;
+        for _ in 0..30 {
+            feed(&mut p, &bad);
+        }
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        let reports = sent.iter().filter(|(_, m)| matches!(m, Message::Error { code: error_code::DECODE, .. })).count();
+        assert_eq!(reports, 9, "10 per window, one used by the garbage report: {sent:?}");
+        let stats = p.stats(&mut e);
+        let get = |n: &str| stats.iter().find(|(k, _)| k == n).map(|(_, v)| *v);
+        assert_eq!(get("decode_errors"), Some(30));
+        assert_eq!(get("decode_reports"), Some(10));
+        assert_eq!(get("decode_reports_held_back"), Some(21));
+        // A second later the next report says how many were held back.
+        e.now += 2_000_000_000;
+        feed(&mut p, &bad);
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        assert!(
+            matches!(&sent[..], [(_, Message::Error { text, .. })] if text.contains("(21 earlier reports held back")),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
     fn sink_verifies_in_order_and_reports_the_first_mismatch() {
         let (mut p, mut e) = (port(), env());
         let session = ready(&mut p, &mut e);
@@ -2002,7 +2336,14 @@ mod tests {
         p.close(&mut e, "reopen requested");
         let carry = std::mem::replace(&mut p, port()).into_carry();
         assert_eq!(carry.history.next_seq(), 3);
-        let p2 = Port::with_carry("org.vport.0".into(), "vport0p1".into(), Fake::new(), p.info.clone(), carry);
+        let p2 = Port::with_carry(
+            "org.vport.0".into(),
+            "vport0p1".into(),
+            Fake::new(),
+            p.info.clone(),
+            p.settings.clone(),
+            carry,
+        );
         assert_eq!(p2.counters().ebusy, 2);
         assert_eq!(p2.history().since(0).last().unwrap().transition.to, PortState::Disconnected);
     }

@@ -6,9 +6,14 @@
 //! Damaged bytes are counted and skipped (the decoder resynchronises); they never end the link.
 //!
 //! Typed commands (each sends one request in the session and waits for its typed reply until a
-//! deadline; an agent ERROR is [`LinkError::Agent`]): [`Link::close`], [`Link::reopen`],
-//! [`Link::probe`], [`Link::sigio`], [`Link::source`] (verified on the host against the
-//! pattern), [`Link::sink`], [`Link::stats`], [`Link::events`].
+//! deadline; an agent ERROR answering that request is [`LinkError::Agent`]): [`Link::close`],
+//! [`Link::reopen`], [`Link::probe`], [`Link::sigio`], [`Link::source`] (verified on the host
+//! against the pattern), [`Link::sink`], [`Link::stats`], [`Link::events`].
+//!
+//! Agent ERRORs are matched to requests by the type and sequence number they name
+//! (`about_kind`, `about_seq`): an ERROR answering another frame does not fail the request
+//! being waited for, and an unsolicited one (a decode-error report, `about_kind` 0) is kept
+//! in [`Link::agent_reports`].
 
 use crate::chardev::Stream;
 use crate::timeline::Timeline;
@@ -17,7 +22,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use vport_common::frame::DEFAULT_MAX_PAYLOAD;
 use vport_common::message::{
-    EventRecord, GuestOp, GuestOpDone, Hello, ProbeKind, ProbeTarget, SigioAction, SigioSample, NO_MISMATCH,
+    EventRecord, GuestOp, GuestOpDone, Hello, MessageType, ProbeKind, ProbeTarget, SigioAction, SigioSample,
+    NO_MISMATCH,
 };
 use vport_common::pattern::{self, StreamDigest};
 use vport_common::trace::Direction;
@@ -212,7 +218,26 @@ pub struct LinkStats {
     pub frames_in: u64,
     /// Frames of another session dropped.
     pub stale_frames: u64,
+    /// Agent ERRORs that answered no request this link waited for (unsolicited reports,
+    /// answers to frames sent raw or to requests given up on).
+    pub agent_errors: u64,
 }
+
+/// An agent ERROR this link did not hand to a waiting request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentReport {
+    /// Error code ([`vport_common::message::error_code`]).
+    pub code: u16,
+    /// Type of the frame it answers (0: none, such as a decode-error report).
+    pub about_kind: u8,
+    /// Sequence number of the frame it answers.
+    pub about_seq: u32,
+    /// The agent's text.
+    pub text: String,
+}
+
+/// Agent reports kept by a link (the oldest are dropped first).
+pub const MAX_AGENT_REPORTS: usize = 256;
 
 /// How long the host waits for a HELLO before it asks for one with HELLO_REQUEST.
 pub const HELLO_REQUEST_INTERVAL: Duration = Duration::from_secs(1);
@@ -231,6 +256,12 @@ pub struct Link<S: Stream> {
     next_op_id: u32,
     /// GUEST_OP completions received while waiting for something else.
     guest_ops_done: std::collections::HashMap<u32, GuestOpDone>,
+    /// Sequence number of each GUEST_OP request not completed yet -> its op_id.
+    guest_op_seqs: std::collections::HashMap<u32, u32>,
+    /// GUEST_OP requests the agent refused (ERROR), by op_id.
+    guest_ops_refused: std::collections::HashMap<u32, AgentReport>,
+    /// Agent ERRORs no waiting request took, newest last (at most [`MAX_AGENT_REPORTS`]).
+    reports: std::collections::VecDeque<AgentReport>,
 }
 
 impl<S: Stream> Link<S> {
@@ -254,7 +285,21 @@ impl<S: Stream> Link<S> {
             timeline: None,
             next_op_id: 1,
             guest_ops_done: std::collections::HashMap::new(),
+            guest_op_seqs: std::collections::HashMap::new(),
+            guest_ops_refused: std::collections::HashMap::new(),
+            reports: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Agent ERRORs that no waiting request took, oldest first: decode-error reports
+    /// (`about_kind` 0) and answers to frames sent without waiting.
+    pub fn agent_reports(&self) -> impl Iterator<Item = &AgentReport> {
+        self.reports.iter()
+    }
+
+    /// Takes the kept agent reports.
+    pub fn take_agent_reports(&mut self) -> Vec<AgentReport> {
+        self.reports.drain(..).collect()
     }
 
     /// The port name.
@@ -280,9 +325,15 @@ impl<S: Stream> Link<S> {
 
     /// Sends `msg` in the current session.
     pub fn send(&mut self, msg: &Message) -> Result<(), LinkError> {
-        let frame = msg
-            .to_frame(self.session, self.seq)
-            .map_err(|source| LinkError::Encode { port: self.port.clone(), source })?;
+        self.send_request(msg).map(|_| ())
+    }
+
+    /// Sends `msg` in the current session; returns the sequence number it was sent with (an
+    /// ERROR answering it names it in `about_seq`).
+    pub fn send_request(&mut self, msg: &Message) -> Result<u32, LinkError> {
+        let seq = self.seq;
+        let frame =
+            msg.to_frame(self.session, seq).map_err(|source| LinkError::Encode { port: self.port.clone(), source })?;
         let wire = frame.encode().map_err(|source| LinkError::Frame { port: self.port.clone(), source })?;
         self.stream.write_all(&wire).map_err(|source| self.io_err(source))?;
         log::trace!(
@@ -298,7 +349,7 @@ impl<S: Stream> Link<S> {
         }
         self.seq = self.seq.wrapping_add(1);
         self.stats.frames_out += 1;
-        Ok(())
+        Ok(seq)
     }
 
     /// The next frame, waiting until `deadline`. Frames of another session than the current
@@ -417,25 +468,64 @@ impl<S: Stream> Link<S> {
         }
     }
 
+    /// Files an agent ERROR that is not the answer to `request` (type, seq): a GUEST_OP
+    /// refusal under its op_id, anything else in the reports. Returns the error as the answer
+    /// to `request` when it is one.
+    fn file_error(&mut self, e: AgentReport, request: (MessageType, u32)) -> Option<LinkError> {
+        if e.about_kind == request.0 as u8 && e.about_seq == request.1 {
+            return Some(LinkError::Agent { port: self.port.clone(), code: e.code, text: e.text });
+        }
+        if e.about_kind == MessageType::GuestOp as u8 {
+            if let Some(op_id) = self.guest_op_seqs.remove(&e.about_seq) {
+                self.guest_ops_refused.insert(op_id, e);
+                return None;
+            }
+        }
+        log::debug!(
+            "port {}: agent error {} about type {:#04x} seq {}: {}",
+            self.port,
+            e.code,
+            e.about_kind,
+            e.about_seq,
+            e.text
+        );
+        self.stats.agent_errors += 1;
+        if self.reports.len() == MAX_AGENT_REPORTS {
+            self.reports.pop_front();
+        }
+        self.reports.push_back(e);
+        None
+    }
+
     /// Waits until `deadline` for a reply accepted by `pick`, skipping repeated HELLOs of the
-    /// current session and failing on an agent ERROR.
+    /// current session and failing on an agent ERROR that answers `request` (its type and
+    /// sequence number); other ERRORs are filed ([`Link::agent_reports`]).
     fn await_reply<T>(
         &mut self,
         deadline: Instant,
         what: &str,
+        request: (MessageType, u32),
         mut pick: impl FnMut(&Message) -> Option<T>,
     ) -> Result<(T, Instant), LinkError> {
         loop {
             let r = self.recv(deadline, what)?;
             match &r.message {
-                Ok(Message::Error { code, text }) => {
-                    return Err(LinkError::Agent { port: self.port.clone(), code: *code, text: text.clone() })
+                Ok(Message::Error { code, about_kind, about_seq, text }) => {
+                    let report =
+                        AgentReport { code: *code, about_kind: *about_kind, about_seq: *about_seq, text: text.clone() };
+                    if let Some(e) = self.file_error(report, request) {
+                        return Err(e);
+                    }
+                    if let Some(refused) = self.refused_guest_op(request) {
+                        return Err(refused);
+                    }
                 }
                 Ok(m) => match pick(m) {
                     Some(v) => return Ok((v, r.at)),
                     // Kept for Link::await_guest_op: guest ops complete in any order.
                     None if matches!(m, Message::GuestOpDone(_)) => {
                         if let Message::GuestOpDone(d) = m {
+                            self.guest_op_seqs.retain(|_, op| *op != d.op_id);
                             self.guest_ops_done.insert(d.op_id, d.clone());
                         }
                     }
@@ -449,8 +539,8 @@ impl<S: Stream> Link<S> {
     /// One PING/PONG round trip; `now_ns` is the host's monotonic clock sent in the PING.
     pub fn ping(&mut self, timeout: Duration, now_ns: u64) -> Result<PingSample, LinkError> {
         let sent = Instant::now();
-        self.send(&Message::Ping { time_ns: now_ns })?;
-        let (agent_time_ns, at) = self.await_reply(sent + timeout, "PONG", |m| match m {
+        let seq = self.send_request(&Message::Ping { time_ns: now_ns })?;
+        let (agent_time_ns, at) = self.await_reply(sent + timeout, "PONG", (MessageType::Ping, seq), |m| match m {
             Message::Pong { ping_time_ns, time_ns } if *ping_time_ns == now_ns => Some(*time_ns),
             _ => None,
         })?;
@@ -460,8 +550,8 @@ impl<S: Stream> Link<S> {
     /// Sends `data` in an ECHO and returns what came back.
     pub fn echo(&mut self, data: &[u8], timeout: Duration) -> Result<Vec<u8>, LinkError> {
         let sent = Instant::now();
-        self.send(&Message::Echo(data.to_vec()))?;
-        let (bytes, _) = self.await_reply(sent + timeout, "ECHO_REPLY", |m| match m {
+        let seq = self.send_request(&Message::Echo(data.to_vec()))?;
+        let (bytes, _) = self.await_reply(sent + timeout, "ECHO_REPLY", (MessageType::Echo, seq), |m| match m {
             Message::EchoReply(b) => Some(b.clone()),
             _ => None,
         })?;
@@ -471,19 +561,19 @@ impl<S: Stream> Link<S> {
     /// CLOSE: the agent answers BYE, closes the port and reopens it after `reopen_after_ms`.
     /// After the reopen it offers a new session: call [`Link::handshake`] again.
     pub fn close(&mut self, reopen_after_ms: u32, timeout: Duration) -> Result<Bye, LinkError> {
-        self.send(&Message::Close { reopen_after_ms })?;
-        self.await_bye(timeout)
+        let seq = self.send_request(&Message::Close { reopen_after_ms })?;
+        self.await_bye(timeout, (MessageType::Close, seq))
     }
 
     /// REOPEN: like [`Link::close`] with no delay.
     pub fn reopen(&mut self, timeout: Duration) -> Result<Bye, LinkError> {
-        self.send(&Message::Reopen)?;
-        self.await_bye(timeout)
+        let seq = self.send_request(&Message::Reopen)?;
+        self.await_bye(timeout, (MessageType::Reopen, seq))
     }
 
-    fn await_bye(&mut self, timeout: Duration) -> Result<Bye, LinkError> {
+    fn await_bye(&mut self, timeout: Duration, request: (MessageType, u32)) -> Result<Bye, LinkError> {
         let session = self.session;
-        let (bye, _) = self.await_reply(Instant::now() + timeout, "BYE", |m| match m {
+        let (bye, _) = self.await_reply(Instant::now() + timeout, "BYE", request, |m| match m {
             Message::Bye { reopen_after_ms, reason } => {
                 Some(Bye { reopen_after_ms: *reopen_after_ms, reason: reason.clone(), session })
             }
@@ -500,8 +590,9 @@ impl<S: Stream> Link<S> {
         arg: u32,
         timeout: Duration,
     ) -> Result<ProbeOutcome, LinkError> {
-        self.send(&Message::Probe { kind, target, arg })?;
-        let (out, _) = self.await_reply(Instant::now() + timeout, "PROBE_RESULT", |m| match m {
+        let seq = self.send_request(&Message::Probe { kind, target, arg })?;
+        let request = (MessageType::Probe, seq);
+        let (out, _) = self.await_reply(Instant::now() + timeout, "PROBE_RESULT", request, |m| match m {
             Message::ProbeResult { kind: k, target: t, ret, errno, mask, data } if *k == kind && *t == target => {
                 Some(ProbeOutcome { ret: *ret, errno: *errno, mask: *mask, data: data.clone() })
             }
@@ -515,21 +606,39 @@ impl<S: Stream> Link<S> {
     pub fn start_guest_op(&mut self, op: GuestOp) -> Result<u32, LinkError> {
         let op_id = self.next_op_id;
         self.next_op_id = self.next_op_id.wrapping_add(1).max(1);
-        self.send(&Message::GuestOp { op_id, op })?;
+        let seq = self.send_request(&Message::GuestOp { op_id, op })?;
+        self.guest_op_seqs.insert(seq, op_id);
         Ok(op_id)
     }
 
     /// Waits up to `timeout` for the completion of guest op `op_id`. A timeout is
-    /// [`LinkError::Timeout`]: the op may still complete later (ask again).
+    /// [`LinkError::Timeout`]: the op may still complete later (ask again). An op the agent
+    /// refused (guest ops disabled, not a port, over a limit) is [`LinkError::Agent`].
     pub fn await_guest_op(&mut self, op_id: u32, timeout: Duration) -> Result<GuestOpDone, LinkError> {
         if let Some(d) = self.guest_ops_done.remove(&op_id) {
             return Ok(d);
         }
-        let (d, _) = self.await_reply(Instant::now() + timeout, "GUEST_OP_DONE", |m| match m {
-            Message::GuestOpDone(d) if d.op_id == op_id => Some(d.clone()),
-            _ => None,
-        })?;
+        if let Some(e) = self.guest_ops_refused.remove(&op_id) {
+            return Err(LinkError::Agent { port: self.port.clone(), code: e.code, text: e.text });
+        }
+        let seq = self.guest_op_seqs.iter().find(|(_, op)| **op == op_id).map_or(u32::MAX, |(s, _)| *s);
+        let (d, _) =
+            self.await_reply(Instant::now() + timeout, "GUEST_OP_DONE", (MessageType::GuestOp, seq), |m| match m {
+                Message::GuestOpDone(d) if d.op_id == op_id => Some(d.clone()),
+                _ => None,
+            })?;
+        self.guest_op_seqs.remove(&seq);
         Ok(d)
+    }
+
+    /// The refusal of the guest op awaited by `request`, if it was filed meanwhile.
+    fn refused_guest_op(&mut self, request: (MessageType, u32)) -> Option<LinkError> {
+        if request.0 != MessageType::GuestOp {
+            return None;
+        }
+        let op_id = *self.guest_op_seqs.get(&request.1)?;
+        let e = self.guest_ops_refused.remove(&op_id)?;
+        Some(LinkError::Agent { port: self.port.clone(), code: e.code, text: e.text })
     }
 
     /// Runs guest op `op` and waits up to `timeout` for its completion.
@@ -540,8 +649,9 @@ impl<S: Stream> Link<S> {
 
     /// SIGIO: enable (reset and count), disable or query SIGIO observation.
     pub fn sigio(&mut self, action: SigioAction, timeout: Duration) -> Result<SigioOutcome, LinkError> {
-        self.send(&Message::Sigio { action })?;
-        let (out, _) = self.await_reply(Instant::now() + timeout, "SIGIO_REPORT", |m| match m {
+        let seq = self.send_request(&Message::Sigio { action })?;
+        let request = (MessageType::Sigio, seq);
+        let (out, _) = self.await_reply(Instant::now() + timeout, "SIGIO_REPORT", request, |m| match m {
             Message::SigioReport { enabled, count, samples } => {
                 Some(SigioOutcome { enabled: *enabled, count: *count, samples: samples.clone() })
             }
@@ -552,8 +662,9 @@ impl<S: Stream> Link<S> {
 
     /// STATS: the agent's counters as name/value pairs (look names up with [`stat`]).
     pub fn agent_stats(&mut self, timeout: Duration) -> Result<Vec<(String, u64)>, LinkError> {
-        self.send(&Message::Stats)?;
-        let (pairs, _) = self.await_reply(Instant::now() + timeout, "STATS_REPLY", |m| match m {
+        let seq = self.send_request(&Message::Stats)?;
+        let request = (MessageType::Stats, seq);
+        let (pairs, _) = self.await_reply(Instant::now() + timeout, "STATS_REPLY", request, |m| match m {
             Message::StatsReply(p) => Some(p.clone()),
             _ => None,
         })?;
@@ -562,8 +673,9 @@ impl<S: Stream> Link<S> {
 
     /// EVENTS: the port's life-cycle records with `seq >= since_seq`.
     pub fn events(&mut self, since_seq: u64, timeout: Duration) -> Result<EventsOutcome, LinkError> {
-        self.send(&Message::Events { since_seq })?;
-        let (out, _) = self.await_reply(Instant::now() + timeout, "EVENTS_REPLY", |m| match m {
+        let seq = self.send_request(&Message::Events { since_seq })?;
+        let request = (MessageType::Events, seq);
+        let (out, _) = self.await_reply(Instant::now() + timeout, "EVENTS_REPLY", request, |m| match m {
             Message::EventsReply { first_seq, next_seq, records } => {
                 Some(EventsOutcome { first_seq: *first_seq, next_seq: *next_seq, records: records.clone() })
             }
@@ -577,12 +689,13 @@ impl<S: Stream> Link<S> {
     /// for each frame (not the whole stream).
     pub fn source(&mut self, seed: u64, bytes: u64, chunk: u32, timeout: Duration) -> Result<SourceOutcome, LinkError> {
         let started = Instant::now();
-        self.send(&Message::Source { seed, bytes, chunk })?;
+        let seq = self.send_request(&Message::Source { seed, bytes, chunk })?;
+        let request = (MessageType::Source, seq);
         let mut digest = StreamDigest::new();
         let mut first_mismatch = None;
         let mut frames = 0;
         loop {
-            let (m, _) = self.await_reply(Instant::now() + timeout, "DATA or SOURCE_DONE", |m| match m {
+            let (m, _) = self.await_reply(Instant::now() + timeout, "DATA or SOURCE_DONE", request, |m| match m {
                 Message::Data { .. } | Message::SourceDone { .. } => Some(m.clone()),
                 _ => None,
             })?;
@@ -626,7 +739,8 @@ impl<S: Stream> Link<S> {
     /// (capped by the payload limit) and returns the agent's verdict.
     pub fn sink(&mut self, seed: u64, bytes: u64, chunk: u32, timeout: Duration) -> Result<SinkOutcome, LinkError> {
         let started = Instant::now();
-        self.send(&Message::Sink { seed, bytes })?;
+        let seq = self.send_request(&Message::Sink { seed, bytes })?;
+        let request = (MessageType::Sink, seq);
         let chunk = (chunk as u64).clamp(1, u64::from(DEFAULT_MAX_PAYLOAD) - 8);
         let mut offset = 0;
         while offset < bytes {
@@ -636,17 +750,23 @@ impl<S: Stream> Link<S> {
             self.send(&Message::Data { offset, bytes: data })?;
             offset += n as u64;
         }
-        let ((got, digest, mismatch), _) = self.await_reply(Instant::now() + timeout, "SINK_RESULT", |m| match m {
-            Message::SinkResult { bytes, digest, first_mismatch } => Some((*bytes, *digest, *first_mismatch)),
-            _ => None,
-        })?;
+        let ((got, digest, mismatch), _) =
+            self.await_reply(Instant::now() + timeout, "SINK_RESULT", request, |m| match m {
+                Message::SinkResult { bytes, digest, first_mismatch } => Some((*bytes, *digest, *first_mismatch)),
+                _ => None,
+            })?;
         let first_mismatch = (mismatch != NO_MISMATCH).then_some(mismatch);
         let verified = first_mismatch.is_none() && got == bytes && digest == pattern::pattern_digest(seed, bytes);
         Ok(SinkOutcome { bytes: got, digest, first_mismatch, verified, elapsed: started.elapsed() })
     }
 
+    /// A failed read or write: the peer gone (EPIPE, ECONNRESET) is [`LinkError::Closed`], as
+    /// a read of 0 is; anything else is [`LinkError::Io`].
     fn io_err(&self, source: std::io::Error) -> LinkError {
-        LinkError::Io { port: self.port.clone(), source }
+        match source.kind() {
+            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => LinkError::Closed { port: self.port.clone() },
+            _ => LinkError::Io { port: self.port.clone(), source },
+        }
     }
 }
 
@@ -732,13 +852,47 @@ mod tests {
     }
 
     #[test]
-    fn agent_error_fails_the_request() {
+    fn an_agent_error_fails_the_request_it_answers_and_others_are_filed() {
         let mut host = agent(|g| {
-            let _ = g.recv(Instant::now() + Duration::from_secs(5), "echo").unwrap();
-            send_in(g, 0, &Message::Error { code: 4, text: "not ready".into() });
+            let r = g.recv(Instant::now() + Duration::from_secs(5), "echo").unwrap();
+            // A decode-error report, an answer to some other frame, then the answer to the echo.
+            send_in(g, 0, &Message::error_unsolicited(6, "bad frame crc at stream offset 3"));
+            let other = vport_common::Header { kind: 0x40, seq: r.frame.header.seq + 7, ..r.frame.header };
+            send_in(g, 0, &Message::error_for(&other, 4, "not this one"));
+            send_in(g, 0, &Message::error_for(&r.frame.header, 4, "not ready"));
         });
         let err = host.echo(b"x", Duration::from_secs(5)).unwrap_err();
-        assert!(matches!(err, LinkError::Agent { code: 4, .. }), "{err}");
+        assert!(matches!(&err, LinkError::Agent { code: 4, text, .. } if text == "not ready"), "{err}");
+        let reports: Vec<AgentReport> = host.take_agent_reports();
+        assert_eq!(reports.len(), 2, "{reports:?}");
+        assert_eq!((reports[0].code, reports[0].about_kind), (6, 0));
+        assert_eq!((reports[1].text.as_str(), reports[1].about_kind), ("not this one", 0x40));
+        assert_eq!(host.stats().0.agent_errors, 2);
+    }
+
+    #[test]
+    fn a_refused_guest_op_fails_its_own_wait_even_while_waiting_for_another() {
+        let mut host = agent(|g| {
+            let first = g.recv(Instant::now() + Duration::from_secs(5), "op 1").unwrap();
+            let second = g.recv(Instant::now() + Duration::from_secs(5), "op 2").unwrap();
+            send_in(g, 0, &Message::error_for(&first.frame.header, 8, "guest ops disabled"));
+            let Ok(Message::GuestOp { op_id, .. }) = second.message else { panic!("{:?}", second.message) };
+            send_in(g, 0, &Message::GuestOpDone(GuestOpDone { op_id, ret: 5, ..Default::default() }));
+        });
+        let a = host.start_guest_op(GuestOp::Sysfs).unwrap();
+        let b = host.start_guest_op(GuestOp::Sysfs).unwrap();
+        assert_eq!(host.await_guest_op(b, Duration::from_secs(5)).unwrap().ret, 5);
+        let err = host.await_guest_op(a, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(err, LinkError::Agent { code: 8, .. }), "{err}");
+    }
+
+    #[test]
+    fn writing_to_a_closed_peer_is_closed_not_an_io_error() {
+        let (host_end, guest_end) = UnixStream::pair().unwrap();
+        drop(guest_end);
+        let mut host = Link::new("org.vport.gone", host_end);
+        let err = host.send(&Message::HelloRequest).unwrap_err();
+        assert!(matches!(err, LinkError::Closed { .. }), "{err}");
     }
 
     const T: Duration = Duration::from_secs(5);

@@ -433,7 +433,7 @@ impl Core {
                     Input::Bye
                 }
                 Ok(Message::Hello(h)) => Input::Hello(SessionId { session: r.frame.header.session, nonce: h.nonce }),
-                Ok(Message::Error { code: error_code::BAD_SESSION, text }) => {
+                Ok(Message::Error { code: error_code::BAD_SESSION, text, .. }) => {
                     log::debug!("port {}: agent says bad session: {text}", self.port);
                     Input::BadSession
                 }
@@ -649,10 +649,16 @@ impl Session {
 
     /// Sends `msg` in the session.
     pub fn send(&mut self, msg: &Message) -> Result<(), SessionError> {
+        self.send_request(msg).map(|_| ())
+    }
+
+    /// Sends `msg` in the session; returns its sequence number (an agent ERROR answering it
+    /// names it).
+    pub fn send_request(&mut self, msg: &Message) -> Result<u32, SessionError> {
         let mut c = self.live()?;
         let Some(link) = c.link.as_mut() else { return Err(self.ended(&c)) };
-        match link.send(msg) {
-            Ok(()) => Ok(()),
+        match link.send_request(msg) {
+            Ok(seq) => Ok(seq),
             Err(e @ (LinkError::Encode { .. } | LinkError::Frame { .. })) => {
                 Err(SessionError::Link { port: self.port.clone(), source: e })
             }
@@ -676,8 +682,8 @@ impl Session {
     }
 
     /// Sends `msg` and waits up to `timeout` for a reply accepted by `pick`; other frames are
-    /// skipped, an agent ERROR fails the request, the session's end fails it with
-    /// [`SessionError::Ended`].
+    /// skipped, an agent ERROR answering this request fails it (other ERRORs are logged), the
+    /// session's end fails it with [`SessionError::Ended`].
     pub fn request<T>(
         &mut self,
         msg: &Message,
@@ -686,14 +692,22 @@ impl Session {
         mut pick: impl FnMut(&Message) -> Option<T>,
     ) -> Result<(T, Instant), SessionError> {
         let deadline = Instant::now() + timeout;
-        self.send(msg)?;
+        let seq = self.send_request(msg)?;
+        let kind = msg.kind() as u8;
         let mut c = self.live()?;
         loop {
             match c.pump(self.generation, deadline, what) {
                 Pumped::Frame(r) => match &r.message {
-                    Ok(Message::Error { code, text }) => {
+                    Ok(Message::Error { code, text, about_kind, about_seq })
+                        if (*about_kind, *about_seq) == (kind, seq) =>
+                    {
                         return Err(SessionError::Agent { port: self.port.clone(), code: *code, text: text.clone() })
                     }
+                    Ok(Message::Error { code, text, about_kind, about_seq }) => log::warn!(
+                        "port {}: agent error {code} about type {about_kind:#04x} seq {about_seq} while waiting for \
+                         {what}: {text}",
+                        self.port
+                    ),
                     Ok(m) => match pick(m) {
                         Some(v) => return Ok((v, r.at)),
                         None => log::debug!("port {}: skipping {:?} while waiting for {what}", self.port, m.kind()),
@@ -944,9 +958,7 @@ mod tests {
                     Message::Ping { time_ns } if sess == id.session || sess == 0 => {
                         self.send(sess, &Message::Pong { ping_time_ns: time_ns, time_ns: 7 })
                     }
-                    Message::Ping { .. } => {
-                        self.send(sess, &Message::Error { code: error_code::BAD_SESSION, text: "stale".into() })
-                    }
+                    Message::Ping { .. } => self.send(0, &Message::error_unsolicited(error_code::BAD_SESSION, "stale")),
                     _ => {}
                 }
             }

@@ -56,6 +56,21 @@ impl TestVm {
         TestVm { rig }
     }
 
+    /// Starts a VM (paused) with `ports`, the agent run with `agent_args` (none: the image's
+    /// defaults) and `cmdline` appended to the kernel command line (see
+    /// [`vport_host::image::initscript`] for the `vport.*` parameters).
+    pub fn launch_with(ports: &[&str], agent_args: &[&str], cmdline: &[String]) -> TestVm {
+        let args: Vec<String> = agent_args.iter().map(|a| a.to_string()).collect();
+        let mut cfg = vm_config(guest_image(), ports, &args);
+        for p in cmdline {
+            cfg.cmdline.push(' ');
+            cfg.cmdline.push_str(p);
+        }
+        let rig = Rig::launch(cfg).unwrap_or_else(|e| panic!("cannot launch the vm: {:#}", anyhow::Error::new(e)));
+        eprintln!("e2e: qemu pid {} accelerator {}", rig.vm.pid(), rig.vm.accel());
+        TestVm { rig }
+    }
+
     /// Lets the guest run.
     pub fn resume(&mut self) {
         self.rig.resume().unwrap_or_else(|e| panic!("cannot resume the vm: {:#}", anyhow::Error::new(e)));

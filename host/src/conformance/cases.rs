@@ -238,12 +238,21 @@ pub const CASES: &[CaseDef] = &[
     ),
 ];
 
+/// The agent flag that turns guest operations on.
+pub const GUEST_OPS_FLAG: &str = "--allow-guest-ops";
+
 pub(super) fn boot(
     opts: &SuiteOptions,
     ports: Vec<PortConfig>,
     tweak: impl FnOnce(&mut VmConfig),
 ) -> Result<Rig, CaseError> {
-    let mut cfg = vm_config(&opts.image, &[], &opts.agent_args);
+    // The suite observes other ports through guest operations, which the agent refuses unless
+    // told otherwise: this image turns them on explicitly.
+    let mut args = opts.agent_args.clone();
+    if !args.iter().any(|a| a == GUEST_OPS_FLAG) {
+        args.push(GUEST_OPS_FLAG.into());
+    }
+    let mut cfg = vm_config(&opts.image, &[], &args);
     cfg.accel = opts.accel;
     cfg.ports = ports;
     tweak(&mut cfg);

@@ -10,6 +10,15 @@
 //! * `vport.init_cmd=CMD` — debugging aid: percent-decoded `CMD` runs with `sh -c` after the
 //!   modules are loaded and before the agent (for example
 //!   `vport.init_cmd=ls%20/sys/class/virtio-ports`). Build it with [`init_cmd_param`].
+//! * `vport.agent_user=UID:GID` — run the agent unprivileged, as user and group `vport` with
+//!   these ids (written to `/etc/passwd` and `/etc/group`; `start-stop-daemon -c` switches),
+//!   the way the packaged systemd unit runs it. The port nodes stay `root:root 0600` (what
+//!   devtmpfs makes) until granted:
+//! * `vport.grant=early|late` — give every `org.vport.*` node to group GID with mode 0660, as
+//!   the packaged udev rule (`guest/dist/99-vport.rules`) does: `early` before the agent
+//!   starts; `late` only once the agent has logged that it waits for a node's permissions
+//!   ([`AGENT_WAITING_FOR_PERMISSIONS`]), to exercise its EACCES path. Absent: never.
+//!   Build both with [`unprivileged_params`].
 //!
 //! Console lines printed by `/init` (all start with `vport-init: `): `modules loaded` after
 //! the insmod step, `failed to load module NAME` per failed insmod, `vport-agent exited with
@@ -19,6 +28,35 @@
 pub const MODULES_LOADED: &str = "vport-init: modules loaded";
 /// Prefix of the line printed when the agent exits (followed by the exit status).
 pub const AGENT_EXITED: &str = "vport-init: vport-agent exited with status ";
+/// What the agent logs when a port's node is not accessible yet (the `late` grant waits for
+/// it).
+pub const AGENT_WAITING_FOR_PERMISSIONS: &str = "waiting for its permissions to change";
+/// Prefix of the line `/init` prints for each node it grants to the agent's group.
+pub const GRANTED: &str = "vport-init: granted ";
+
+/// When `/init` gives the `org.vport.*` nodes to an unprivileged agent's group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// Before the agent starts (udev already ran).
+    Early,
+    /// Once the agent has logged that it waits for a node's permissions (udev late).
+    Late,
+    /// Never (the agent stays without access).
+    Never,
+}
+
+/// Kernel command line parameters running the agent as `uid:gid` with the ports granted as
+/// `grant` says (see the module docs).
+pub fn unprivileged_params(uid: u32, gid: u32, grant: Grant) -> Vec<String> {
+    let mut p = vec![format!("vport.agent_user={uid}:{gid}")];
+    match grant {
+        Grant::Early => p.push("vport.grant=early".into()),
+        Grant::Late => p.push("vport.grant=late".into()),
+        Grant::Never => {}
+    }
+    p
+}
+
 /// Arguments the agent gets when the command line has no `vport.agent_args=`.
 pub const DEFAULT_AGENT_ARGS: &[&str] = &["--log-level", "info"];
 
@@ -49,10 +87,14 @@ set -f
 have_args=0
 agent_args=
 init_cmd=
+agent_user=
+grant=
 for p in $(cat /proc/cmdline); do
     case "$p" in
         vport.agent_args=*) agent_args="${{p#vport.agent_args=}}"; have_args=1 ;;
         vport.init_cmd=*) init_cmd="${{p#vport.init_cmd=}}" ;;
+        vport.agent_user=*) agent_user="${{p#vport.agent_user=}}" ;;
+        vport.grant=*) grant="${{p#vport.grant=}}" ;;
     esac
 done
 if [ -n "$init_cmd" ]; then
@@ -70,9 +112,51 @@ else
     set -- {defaults}
 fi
 set +f
-echo "vport-init: starting vport-agent $*"
-/bin/vport-agent "$@"
-echo "{AGENT_EXITED}$?"
+# Gives every org.vport.* node to the agent's group, as guest/dist/99-vport.rules does.
+grant_ports() {{
+    for d in /sys/class/virtio-ports/*; do
+        n=$(cat "$d/name" 2>/dev/null) || continue
+        case "$n" in
+            org.vport.*) node="/dev/${{d##*/}}"
+                chgrp "$agent_gid" "$node" && chmod 0660 "$node" && echo "{GRANTED}$node ($n) to group $agent_gid" ;;
+        esac
+    done
+}}
+if [ -n "$agent_user" ]; then
+    agent_uid="${{agent_user%%:*}}"
+    agent_gid="${{agent_user##*:}}"
+    mkdir -p /etc
+    echo "root:x:0:0:root:/:/bin/sh" > /etc/passwd
+    echo "vport:x:$agent_uid:$agent_gid:vport-agent:/:/bin/false" >> /etc/passwd
+    echo "root:x:0:" > /etc/group
+    echo "vport:x:$agent_gid:" >> /etc/group
+    [ "$grant" = early ] && grant_ports
+    echo "vport-init: starting vport-agent as uid $agent_uid gid $agent_gid $*"
+    if [ "$grant" = late ]; then
+        # The agent's log passes through this loop, which grants the nodes once the agent
+        # says it waits for them: no timing guess.
+        mkfifo /agent.log
+        start-stop-daemon -S -c vport:vport -x /bin/vport-agent -- "$@" >/agent.log 2>&1 &
+        agent_pid=$!
+        granted=0
+        while IFS= read -r line; do
+            echo "$line"
+            case "$line" in
+                *"{AGENT_WAITING_FOR_PERMISSIONS}"*) [ "$granted" = 0 ] && grant_ports && granted=1 ;;
+            esac
+        done < /agent.log
+        wait "$agent_pid"
+        status=$?
+    else
+        start-stop-daemon -S -c vport:vport -x /bin/vport-agent -- "$@"
+        status=$?
+    fi
+else
+    echo "vport-init: starting vport-agent $*"
+    /bin/vport-agent "$@"
+    status=$?
+fi
+echo "{AGENT_EXITED}$status"
 poweroff -f
 exit 1
 "#
@@ -123,6 +207,7 @@ mod tests {
         assert!(pos("insmod /lib/modules/virtio_console.ko") < pos(MODULES_LOADED));
         assert!(pos(MODULES_LOADED) < pos("/bin/vport-agent \"$@\""));
         assert!(pos("/bin/vport-agent \"$@\"") < pos(AGENT_EXITED));
+        assert!(pos("start-stop-daemon -S -c vport:vport") < pos(AGENT_EXITED));
         assert!(pos(AGENT_EXITED) < pos("poweroff -f"));
         assert!(s.contains("failed to load module virtio_console"));
         assert!(s.contains("set -- --log-level info"));
@@ -140,6 +225,44 @@ mod tests {
         assert_eq!(agent_args_param(&["a b", "x,y", "50%"]), "vport.agent_args=a%20b,x%2Cy,50%25");
         assert_eq!(agent_args_param::<&str>(&[]), "vport.agent_args=");
         assert_eq!(init_cmd_param("ls /sys"), "vport.init_cmd=ls%20/sys");
+        assert_eq!(unprivileged_params(900, 901, Grant::Late), ["vport.agent_user=900:901", "vport.grant=late"]);
+        assert_eq!(unprivileged_params(1, 2, Grant::Never), ["vport.agent_user=1:2"]);
+    }
+
+    /// Runs `grant_ports` under the host busybox against a fake sysfs and dev tree (paths
+    /// rewritten into a temp dir): only org.vport.* nodes are given to the group, mode 0660.
+    #[test]
+    fn grant_gives_only_org_vport_nodes_to_the_group_under_busybox_if_present() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !std::path::Path::new("/bin/busybox").exists() {
+            println!("skipped: /bin/busybox not present");
+            return;
+        }
+        let script = init_script(&[]);
+        let start = script.find("grant_ports() {").unwrap();
+        let end = script.find("if [ -n \"$agent_user\" ]").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().display().to_string();
+        for (node, name) in [("vport0p1", "org.vport.0"), ("vport0p2", "other.port")] {
+            std::fs::create_dir_all(dir.path().join(format!("sys/class/virtio-ports/{node}"))).unwrap();
+            std::fs::write(dir.path().join(format!("sys/class/virtio-ports/{node}/name")), format!("{name}\n"))
+                .unwrap();
+            std::fs::create_dir_all(dir.path().join("dev")).unwrap();
+            let f = dir.path().join(format!("dev/{node}"));
+            std::fs::write(&f, b"").unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let body =
+            script[start..end].replace("/sys/", &format!("{root}/sys/")).replace("/dev/", &format!("{root}/dev/"));
+        let full = format!("agent_gid=4321\n{body}\ngrant_ports\n");
+        let out = std::process::Command::new("/bin/busybox").args(["sh", "-c", &full]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(GRANTED) && stdout.contains("org.vport.0"), "{stdout}");
+        let granted = std::fs::metadata(dir.path().join("dev/vport0p1")).unwrap();
+        assert_eq!((granted.gid(), granted.mode() & 0o777), (4321, 0o660));
+        let other = std::fs::metadata(dir.path().join("dev/vport0p2")).unwrap();
+        assert_eq!(other.mode() & 0o777, 0o600, "other ports are left alone");
     }
 
     /// Runs the argument-parsing part of the script under the host busybox with a fake
