@@ -323,57 +323,6 @@ pub fn build_args(cfg: &VmConfig, accel: Accel, dir: &Path, ports: &[PortSpec]) 
     a
 }
 
-/// Start-up check over QMP: connect, read the greeting, send `qmp_capabilities`, read its
-/// reply. QEMU answers commands only from its main loop, i.e. after machine set-up (the
-/// greeting alone can come earlier, from the monitor I/O thread).
-#[derive(Default)]
-struct QmpReady {
-    stream: Option<std::os::unix::net::UnixStream>,
-    buf: Vec<u8>,
-    sent: bool,
-}
-
-impl QmpReady {
-    /// One non-blocking step; `Some` once the reply arrived (the connection is then
-    /// closed; QEMU accepts the next client).
-    fn poll(&mut self, sock: &Path) -> Option<()> {
-        use std::io::{Read, Write};
-        if self.stream.is_none() {
-            let s = std::os::unix::net::UnixStream::connect(sock).ok()?;
-            s.set_nonblocking(true).ok()?;
-            self.stream = Some(s);
-            self.buf.clear();
-            self.sent = false;
-        }
-        let s = self.stream.as_mut()?;
-        let mut chunk = [0u8; 1024];
-        match s.read(&mut chunk) {
-            Ok(0) => {
-                // Closed: reconnect on the next poll.
-                self.stream = None;
-                return None;
-            }
-            Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-            Err(_) => {}
-        }
-        let lines = self.buf.iter().filter(|&&c| c == b'\n').count();
-        if lines >= 1 && !self.sent {
-            if s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").is_err() {
-                self.stream = None;
-                return None;
-            }
-            self.sent = true;
-        }
-        let text = String::from_utf8_lossy(&self.buf);
-        if self.sent && text.lines().skip(1).any(|l| l.contains("\"return\"")) {
-            log::debug!("qmp ready: {}", text.trim());
-            self.stream = None;
-            return Some(());
-        }
-        None
-    }
-}
-
 /// Live QEMU processes and their directories, for the signal handler.
 static LIVE: Mutex<Vec<(i32, PathBuf)>> = Mutex::new(Vec::new());
 
@@ -568,17 +517,8 @@ impl Vm {
         );
         // Sockets exist before the machine is set up (kernel loaded etc.); a QMP command
         // reply means QEMU's main loop runs.
-        let waited = waited.and_then(|()| {
-            let mut ready = QmpReady::default();
-            let qmp = vm.qmp_socket();
-            wait_until(
-                "qemu to answer on QMP",
-                cfg.startup_timeout,
-                Duration::from_millis(5),
-                || vm.check_alive(),
-                || ready.poll(&qmp),
-            )
-        });
+        let waited =
+            waited.and_then(|()| crate::qmp::wait_ready(&vm.qmp_socket(), cfg.startup_timeout, || vm.check_alive()));
         if let Err(source) = waited {
             let stderr_tail = vm.stderr_tail(20);
             return Err(VmError::Startup { stderr_tail, source });
