@@ -138,7 +138,25 @@ impl HelloReport {
 
     /// Whether every check of the run passed: QEMU's view and the trace checker.
     pub fn ok(&self) -> bool {
-        self.qemu_view_ok() && self.trace.violations.is_empty()
+        self.problem().is_none()
+    }
+
+    /// What failed, as an error message (`None` when [`HelloReport::ok`]).
+    pub fn problem(&self) -> Option<String> {
+        if !self.qemu_view_ok() {
+            return Some(format!(
+                "the agent answered, but QEMU does not show the port open (VSERPORT_CHANGE seen: {}, frontend-open: {})",
+                self.vserport_change_open_seen, self.frontend_open
+            ));
+        }
+        if !self.trace.violations.is_empty() {
+            return Some(format!(
+                "the run's trace breaks {} life-cycle rule(s):\n{}",
+                self.trace.violations.len(),
+                self.trace.violations.join("\n")
+            ));
+        }
+        None
     }
 
     /// The human-readable report.

@@ -5,8 +5,10 @@
 //! and owns the QEMU process, [`qmp`] is the QMP client, [`chardev`] the host ends of a port
 //! (unix, TCP, pty), [`link`] the framed typed link to the agent, [`session`] the session
 //! server, [`rig`] ties a VM, its QMP session and its ports together, [`timeline`] records
-//! every observation as a trace that [`trace_check`] judges, [`hello`] and [`watch`] are the
-//! `vport hello` and `vport watch` commands, [`registry`] lists the VMs `vport boot` keeps up.
+//! every observation as a trace that [`trace_check`] judges, [`hello`], [`watch`] and
+//! [`connect`] are the `vport hello`, `vport watch` and `vport connect` commands, [`registry`]
+//! lists the VMs `vport boot` keeps up. [`usage`] checks command-line values before anything is
+//! built, and [`exit`] is the one table of the command's exit codes.
 //!
 //! # Example: boot, handshake, ping
 //!
@@ -57,6 +59,8 @@
 pub mod cache;
 pub mod chardev;
 pub mod conformance;
+pub mod connect;
+pub mod exit;
 pub mod hello;
 pub mod image;
 pub mod link;
@@ -67,5 +71,6 @@ pub mod rig;
 pub mod session;
 pub mod timeline;
 pub mod trace_check;
+pub mod usage;
 pub mod wait;
 pub mod watch;

@@ -2,31 +2,40 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use vport_host::exit::{ExitCode, HELP as EXIT_CODES};
 use vport_host::hello::{self, HelloOptions};
 use vport_host::image::{self, kernel::KernelSource, GuestImage, ImageRequest};
 use vport_host::qemu::accel::AccelChoice;
 use vport_host::qemu::vm::install_signal_cleanup;
-use vport_host::registry;
 use vport_host::rig::{vm_config, Rig};
-use vport_host::trace_check;
+use vport_host::usage::{self, UsageError};
+use vport_host::{connect, registry, trace_check};
 
-const EXIT_CODES: &str = "\
-Exit codes:
-  0    success
-  1    the check failed: the VM ran, but the agent or the port did not behave as expected
-  2    usage error (bad arguments)
-  3    infrastructure failure: QEMU, kernel, busybox or agent binary missing, image build or
-       QEMU start failed
-  130  interrupted (Ctrl-C); QEMU is killed first";
+/// `vport connect --help`.
+const CONNECT_ABOUT: &str = "Bridge a port of a VM started by `vport boot` to stdin/stdout, byte for byte, like \
+`socat - UNIX-CONNECT:<socket>`. The port is found by name among the running VMs that `vport boot` \
+registered (`vport connect --list` shows them); with several candidates pass --vm PID (printed by `vport boot`). \
+The bridge ends when QEMU closes the connection; end of input half-closes it, which QEMU takes as the host \
+leaving.\n\nQEMU serves one client per port: a second client would wait silently in the socket's backlog. \
+vport connect asks QEMU first (query-chardev on the tools monitor of `vport boot`) and exits 4 when another \
+client holds the port; it also exits 4 when QEMU has not taken the connection within --timeout.\n\nWith \
+--socket there is no VM to ask: the check is not possible, and only the --timeout bound applies (a connection \
+the server does not take in time is reported busy, exit 4).";
 
-/// Infrastructure failure exit code.
-const EXIT_INFRA: i32 = 3;
-/// Check failure exit code.
-const EXIT_FAILED: i32 = 1;
+/// `vport watch --help`.
+const WATCH_ABOUT: &str = "Boot a VM and show the life cycle of its ports live. vport watch is the host client of \
+every port: it completes the handshake, reads continuously (so an in-band BYE or HELLO shows within \
+milliseconds), records QMP events (VSERPORT_CHANGE is rate-limited by QEMU to one per second per port), \
+and after each handshake fetches the agent's own transition records, mapped onto the host clock.\n\n\
+Output: a table on stdout, redrawn on every change (on a terminal) or appended; with --json, every \
+record of the timeline as one JSON line (the trace format of docs/trace.md; `vport trace check` judges it).\n\n\
+Commands, one per line on stdin: `close PORT [MS]` (the agent closes the port and reopens it after MS \
+milliseconds, default 1000), `reopen PORT`, `ping PORT`, `quit`. At end of input, watching goes on until \
+Ctrl-C or until QEMU exits.";
 
 #[derive(Parser)]
 #[command(
@@ -60,16 +69,16 @@ enum Command {
     Hello(HelloArgs),
     /// Boot a VM and show the life cycle of its ports live (guest open, host connected,
     /// session state, bytes each way); commands on stdin make the guest close and reopen.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, long_about = WATCH_ABOUT)]
     Watch(WatchArgs),
     /// Bridge a port of a VM started by `vport boot` to stdin/stdout (like socat).
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, long_about = CONNECT_ABOUT)]
     Connect(ConnectArgs),
     /// Work with life-cycle traces (JSON lines, see docs/trace.md).
-    #[command(subcommand)]
+    #[command(subcommand, after_help = EXIT_CODES)]
     Trace(TraceCommand),
     /// Run a test suite against real VMs.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = EXIT_CODES)]
     Run(RunCommand),
 }
 
@@ -78,7 +87,13 @@ enum RunCommand {
     /// Check every documented behaviour of virtio-serial ports on real VMs (docs/conformance.md)
     /// and print a matrix: case, expected, observed, PASS / FAIL / QUIRK.
     #[command(
-        after_help = "Exit codes:\n  0  every case PASS or QUIRK (a QUIRK is the VM differing from the spec, explained)\n  1  a case FAILed or broke\n  2  usage error\n  3  infrastructure failure: a VM could not be set up (its cases are NOT RUN), or qemu/kernel/agent missing"
+        long_about = "Check every documented behaviour of virtio-serial ports on real VMs (docs/conformance.md) \
+and print a matrix: case, expected, observed, PASS / FAIL / QUIRK. A QUIRK is the VM differing from the spec \
+in a way the suite explains; it does not fail the run. A VM group that cannot be set up marks its cases NOT RUN \
+and ends the run with exit 3.\n\n--filter and --junit are checked before anything is built: a filter that \
+selects no case, or a JUnit file that cannot be created, is a usage error (exit 2). If the JUnit file cannot be \
+written at the end, the matrix (or --json) is printed first, then the error (exit 3).",
+        after_help = EXIT_CODES
     )]
     Conformance(ConformanceArgs),
 }
@@ -90,9 +105,13 @@ struct ConformanceArgs {
     /// Accelerator: auto tries KVM once (the verdict is cached) and falls back to TCG.
     #[arg(long, default_value = "auto", value_parser = parse_accel)]
     accel: AccelChoice,
-    /// Run only the cases whose name contains one of these comma-separated strings.
+    /// Run only the cases whose name contains one of these comma-separated strings (see --list).
     #[arg(long)]
     filter: Option<String>,
+    /// Print the cases (those --filter selects) with their group and expected outcome, and exit
+    /// without booting anything.
+    #[arg(long)]
+    list: bool,
     /// Log level of vport-agent inside the guest (shown in an ERROR case's console tail).
     #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     agent_log_level: String,
@@ -111,9 +130,9 @@ struct ConformanceArgs {
 enum TraceCommand {
     /// Judge a trace: strict open/close alternation on each side, READY only from CONNECTED,
     /// no data outside READY, no duplicate OPENED. Each violation names its record numbers.
-    #[command(
-        after_help = "Exit codes:\n  0  the trace is clean (notes, such as coalesced VSERPORT_CHANGE events, are not violations)\n  1  violations found\n  2  usage error\n  3  the file cannot be read or is not a valid trace (the message names the line)"
-    )]
+    /// Notes (such as coalesced VSERPORT_CHANGE events) are not violations; a file that cannot
+    /// be read or is not a valid trace is exit 3, and the message names the line.
+    #[command(after_help = EXIT_CODES)]
     Check {
         /// The trace file (`-` for standard input).
         file: PathBuf,
@@ -124,25 +143,29 @@ enum TraceCommand {
 }
 
 #[derive(Args)]
-#[command(long_about = "Bridge a port of a VM started by `vport boot` to stdin/stdout, byte for byte, like \
-`socat - UNIX-CONNECT:<socket>`. The port is found by name among the running VMs that `vport boot` \
-registered; with several candidates pass --vm PID (printed by `vport boot`). The bridge ends when QEMU \
-closes the connection; end of input half-closes it, which QEMU takes as the host leaving.")]
 struct ConnectArgs {
     /// Port name, for example org.vport.0.
-    #[arg(required_unless_present = "socket")]
+    #[arg(required_unless_present_any = ["socket", "list"])]
     port: Option<String>,
     /// QEMU pid of the VM to use when several have the port.
     #[arg(long)]
     vm: Option<u32>,
-    /// Connect to this chardev socket directly instead of looking the port up.
+    /// Connect to this chardev socket directly instead of looking the port up (QEMU cannot be
+    /// asked whether another client holds it; see --help).
     #[arg(long, conflicts_with_all = ["port", "vm"])]
     socket: Option<PathBuf>,
+    /// Seconds to wait for QEMU to take the connection; after that the port is reported busy.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
+    /// List the ports of the running VMs started by `vport boot`, and exit.
+    #[arg(long, conflicts_with_all = ["port", "socket"])]
+    list: bool,
 }
 
 #[derive(Subcommand)]
 enum ImageCommand {
     /// Build the image, or reuse an identical one, and print where it is.
+    #[command(after_help = EXIT_CODES)]
     Build {
         #[command(flatten)]
         image: ImageArgs,
@@ -211,8 +234,8 @@ struct BootArgs {
     image: ImageArgs,
     #[command(flatten)]
     vm: VmArgs,
-    /// A virtio-serial port to create (repeatable). Names should start with org.vport. for the
-    /// agent to serve them.
+    /// A virtio-serial port to create (repeatable, each name once): A-Z a-z 0-9 . _ - only. Names
+    /// should start with org.vport. for the agent to serve them.
     #[arg(long = "port", default_value = hello::DEFAULT_PORT)]
     ports: Vec<String>,
     /// Print the VM description as one JSON object on stdout.
@@ -221,21 +244,12 @@ struct BootArgs {
 }
 
 #[derive(Args)]
-#[command(long_about = "Boot a VM and show the life cycle of its ports live. vport watch is the host client of \
-every port: it completes the handshake, reads continuously (so an in-band BYE or HELLO shows within \
-milliseconds), records QMP events (VSERPORT_CHANGE is rate-limited by QEMU to one per second per port), \
-and after each handshake fetches the agent's own transition records, mapped onto the host clock.\n\n\
-Output: a table on stdout, redrawn on every change (on a terminal) or appended; with --json, every \
-record of the timeline as one JSON line (the trace format of docs/trace.md; `vport trace check` judges it).\n\n\
-Commands, one per line on stdin: `close PORT [MS]` (the agent closes the port and reopens it after MS \
-milliseconds, default 1000), `reopen PORT`, `ping PORT`, `quit`. At end of input, watching goes on until \
-Ctrl-C or until QEMU exits.")]
 struct WatchArgs {
     #[command(flatten)]
     image: ImageArgs,
     #[command(flatten)]
     vm: VmArgs,
-    /// A virtio-serial port to create and watch (repeatable).
+    /// A virtio-serial port to create and watch (repeatable, each name once): A-Z a-z 0-9 . _ - only.
     #[arg(long = "port", default_value = hello::DEFAULT_PORT)]
     ports: Vec<String>,
     /// Print every timeline record as a JSON line on stdout instead of the table.
@@ -249,7 +263,7 @@ struct HelloArgs {
     image: ImageArgs,
     #[command(flatten)]
     vm: VmArgs,
-    /// The port to create and talk to.
+    /// The port to create and talk to: A-Z a-z 0-9 . _ - only.
     #[arg(long, default_value = hello::DEFAULT_PORT)]
     port: String,
     /// Seconds from the guest starting until the agent's HELLO must have arrived.
@@ -287,12 +301,20 @@ impl Progress {
 
 /// An error with the exit code it maps to.
 struct Failure {
-    code: i32,
+    code: ExitCode,
     error: anyhow::Error,
 }
 
 fn infra(error: impl Into<anyhow::Error>) -> Failure {
-    Failure { code: EXIT_INFRA, error: error.into() }
+    Failure { code: ExitCode::Infrastructure, error: error.into() }
+}
+
+fn failed(error: anyhow::Error) -> Failure {
+    Failure { code: ExitCode::CheckFailed, error }
+}
+
+fn usage(e: UsageError) -> Failure {
+    Failure { code: e.exit_code(), error: e.into() }
 }
 
 fn main() {
@@ -307,7 +329,7 @@ fn main() {
         Command::Boot(args) => cmd_boot(args, &progress),
         Command::Hello(args) => cmd_hello(args, &progress),
         Command::Watch(args) => cmd_watch(args, &progress),
-        Command::Connect(args) => cmd_connect(args),
+        Command::Connect(args) => cmd_connect(&args),
         Command::Trace(TraceCommand::Check { file, json }) => cmd_trace_check(&file, json),
         Command::Run(RunCommand::Conformance(args)) => cmd_conformance(args, &progress),
     };
@@ -316,7 +338,7 @@ fn main() {
         for cause in f.error.chain().skip(1) {
             eprintln!("  caused by: {cause}");
         }
-        std::process::exit(f.code);
+        f.code.exit();
     }
 }
 
@@ -361,6 +383,10 @@ fn cmd_image_build(args: &ImageArgs, json: bool, progress: &Progress) -> Result<
 }
 
 fn cmd_hello(args: HelloArgs, progress: &Progress) -> Result<(), Failure> {
+    usage::check_port_names(std::slice::from_ref(&args.port)).map_err(usage)?;
+    if let Some(path) = &args.trace {
+        usage::check_output_file("--trace", path).map_err(usage)?;
+    }
     let img = build_image(&args.image, progress)?;
     let opts = HelloOptions {
         port: args.port,
@@ -375,7 +401,7 @@ fn cmd_hello(args: HelloArgs, progress: &Progress) -> Result<(), Failure> {
     let report = match hello::run(&img, &opts, &mut |m| progress.say(m)) {
         Ok(r) => r,
         Err(e) => {
-            let code = if e.is_infrastructure() { EXIT_INFRA } else { EXIT_FAILED };
+            let code = if e.is_infrastructure() { ExitCode::Infrastructure } else { ExitCode::CheckFailed };
             return Err(Failure { code, error: anyhow::Error::new(e).context("vport hello failed") });
         }
     };
@@ -385,72 +411,27 @@ fn cmd_hello(args: HelloArgs, progress: &Progress) -> Result<(), Failure> {
     } else {
         print!("{}", report.to_text());
     }
-    if !report.qemu_view_ok() {
-        return Err(Failure {
-            code: EXIT_FAILED,
-            error: anyhow::anyhow!(
-                "the agent answered, but QEMU does not show the port open (VSERPORT_CHANGE seen: {}, frontend-open: {})",
-                report.vserport_change_open_seen,
-                report.frontend_open
-            ),
-        });
+    match report.problem() {
+        Some(problem) => Err(failed(anyhow::anyhow!(problem))),
+        None => Ok(()),
     }
-    if !report.trace.violations.is_empty() {
-        return Err(Failure {
-            code: EXIT_FAILED,
-            error: anyhow::anyhow!(
-                "the run's trace breaks {} life-cycle rule(s):\n{}",
-                report.trace.violations.len(),
-                report.trace.violations.join("\n")
-            ),
-        });
-    }
-    Ok(())
 }
 
 fn cmd_boot(args: BootArgs, progress: &Progress) -> Result<(), Failure> {
+    usage::check_port_names(&args.ports).map_err(usage)?;
     let img = build_image(&args.image, progress)?;
-    let cfg = args.vm.vm_config(&img, &args.ports);
+    let mut cfg = args.vm.vm_config(&img, &args.ports);
+    cfg.tools_qmp = true;
     progress.say("starting qemu");
     let mut rig = Rig::launch(cfg).context("cannot boot the vm").map_err(infra)?;
     rig.resume().context("cannot start the guest").map_err(infra)?;
-    let entry = registry::VmEntry {
-        pid: rig.vm.pid(),
-        dir: rig.vm.dir().to_path_buf(),
-        console_log: rig.vm.console_log(),
-        ports: rig
-            .vm
-            .ports()
-            .iter()
-            .map(|p| registry::PortEntry { name: p.name.clone(), id: p.id.clone(), socket: p.socket.clone() })
-            .collect(),
-    };
+    let entry = registry::VmEntry::of(&rig.vm);
     let _registration = registry::register(&registry::registry_dir(), &entry).map_err(infra)?;
-    let ports: Vec<_> = rig
-        .vm
-        .ports()
-        .iter()
-        .map(|p| serde_json::json!({"name": p.name, "id": p.id, "chardev": p.chardev_id, "socket": p.socket}))
-        .collect();
+    let accel = rig.vm.accel().to_string();
     if args.json {
-        let v = serde_json::json!({
-            "pid": rig.vm.pid(), "accel": rig.vm.accel().to_string(), "dir": rig.vm.dir(),
-            "console_log": rig.vm.console_log(), "ports": ports,
-        });
-        println!("{v}");
+        println!("{}", entry.to_json(&accel));
     } else {
-        println!("vm running: qemu pid {}, accelerator {}", rig.vm.pid(), rig.vm.accel());
-        println!("guest console log: {}", rig.vm.console_log().display());
-        for p in rig.vm.ports() {
-            println!(
-                "port {} (device id {}): vport connect {}   (or: socat - UNIX-CONNECT:{})",
-                p.name,
-                p.id,
-                p.name,
-                p.socket.display()
-            );
-        }
-        println!("Ctrl-C stops the vm.");
+        print!("{}", entry.render_text(&accel));
     }
     let _ = std::io::stdout().flush();
     // Print QMP events until QEMU exits (the event channel closes with the QMP socket).
@@ -461,67 +442,29 @@ fn cmd_boot(args: BootArgs, progress: &Progress) -> Result<(), Failure> {
     qemu_gone(&rig)
 }
 
-fn cmd_connect(args: ConnectArgs) -> Result<(), Failure> {
-    let (name, socket) = match (args.socket, args.port) {
-        (Some(socket), _) => (socket.display().to_string(), socket),
-        (None, Some(port)) => {
-            let entries = registry::live_entries(&registry::registry_dir(), registry::pid_alive).map_err(infra)?;
-            let (vm, p) =
-                registry::find_port(&entries, &port, args.vm).map_err(|e| Failure { code: 2, error: e.into() })?;
-            log::info!("port {port} of the vm with qemu pid {}", vm.pid);
-            (port, p.socket.clone())
-        }
-        (None, None) => unreachable_usage()?,
+fn cmd_connect(args: &ConnectArgs) -> Result<(), Failure> {
+    let connect_failure = |e: connect::ConnectError| Failure { code: e.exit_code(), error: e.into() };
+    if args.list {
+        let entries = registry::live_entries(&registry::registry_dir(), registry::pid_alive).map_err(infra)?;
+        print!("{}", registry::render_list(&entries));
+        return Ok(());
+    }
+    let target = match (&args.socket, &args.port) {
+        (Some(socket), _) => connect::Target::socket(socket),
+        (None, Some(port)) => connect::lookup(&registry::registry_dir(), port, args.vm).map_err(connect_failure)?,
+        (None, None) => return Err(usage(UsageError::MissingPort)),
     };
-    let stream = std::os::unix::net::UnixStream::connect(&socket)
-        .with_context(|| format!("cannot connect to port {name} at {}", socket.display()))
-        .map_err(infra)?;
-    let mut from_port = stream.try_clone().context("cannot clone the port connection").map_err(infra)?;
-    let mut to_port = stream;
-    // stdin -> port on a thread; end of input half-closes, which QEMU takes as the host leaving.
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        if let Err(e) = std::io::copy(&mut stdin, &mut to_port) {
-            log::warn!("writing to the port failed: {e}");
-        }
-        let _ = to_port.shutdown(std::net::Shutdown::Write);
-    });
+    let stream = connect::open(&target, Duration::from_secs(args.timeout)).map_err(connect_failure)?;
     // Raw bytes straight to fd 1: `std::io::stdout()` is line-buffered and would hold back
     // everything after the last newline of binary data until one arrives.
-    let mut stdout = std::fs::File::from(
+    let stdout = std::fs::File::from(
         std::io::stdout().as_fd().try_clone_to_owned().context("cannot duplicate stdout").map_err(infra)?,
     );
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from_port.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            // QEMU dropping a client that had unread bytes of ours resets the connection.
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => return Err(infra(anyhow::Error::new(e).context(format!("reading from port {name} failed")))),
-        };
-        stdout.write_all(&buf[..n]).context("cannot write to stdout").map_err(infra)?;
-    }
-    Ok(())
-}
-
-/// clap guarantees a port or a socket; reaching here is a usage error, not a panic.
-fn unreachable_usage<T>() -> Result<T, Failure> {
-    Err(Failure { code: 2, error: anyhow::anyhow!("give a port name or --socket PATH") })
+    connect::bridge(stream, std::io::stdin(), stdout, &target.place()).map_err(connect_failure)
 }
 
 fn cmd_trace_check(file: &std::path::Path, json: bool) -> Result<(), Failure> {
-    let result = if file == std::path::Path::new("-") {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-            .context("cannot read the trace from standard input")
-            .map_err(infra)?;
-        trace_check::check_text(&text)
-            .map_err(|source| trace_check::TraceCheckError::Parse { path: file.into(), source })
-    } else {
-        trace_check::run(file)
-    };
+    let result = trace_check::run(file);
     let code = trace_check::exit_code(&result);
     match (&result, json) {
         (Ok(report), false) => print!("{}", trace_check::render_text(report)),
@@ -529,8 +472,8 @@ fn cmd_trace_check(file: &std::path::Path, json: bool) -> Result<(), Failure> {
         (Err(e), false) => eprintln!("vport: {}", trace_check::render_error_text(e)),
         (Err(e), true) => println!("{}", trace_check::render_error_json(e)),
     }
-    if code != 0 {
-        std::process::exit(code);
+    if code != ExitCode::Success {
+        code.exit();
     }
     Ok(())
 }
@@ -539,6 +482,7 @@ fn cmd_watch(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
     use std::io::IsTerminal;
     use vport_host::timeline::Timeline;
     use vport_host::watch;
+    usage::check_port_names(&args.ports).map_err(usage)?;
     let img = build_image(&args.image, progress)?;
     let cfg = args.vm.vm_config(&img, &args.ports);
     progress.say("starting qemu");
@@ -609,11 +553,26 @@ fn qemu_gone(rig: &Rig) -> Result<(), Failure> {
         }
     }
     let status = rig.vm.wait_exit(Duration::from_secs(10)).map_err(infra)?;
-    Err(Failure { code: EXIT_FAILED, error: anyhow::anyhow!("qemu exited ({status})\n{}", rig.failure_context()) })
+    Err(failed(anyhow::anyhow!("qemu exited ({status})\n{}", rig.failure_context())))
 }
 
 fn cmd_conformance(args: ConformanceArgs, progress: &Progress) -> Result<(), Failure> {
     use vport_host::conformance::{self, CaseEvent, SuiteOptions};
+    usage::check_filter(args.filter.as_deref()).map_err(usage)?;
+    if args.list {
+        let cases = conformance::selected_cases(args.filter.as_deref());
+        if args.json {
+            println!("{}", serde_json::to_string(&cases).map_err(infra)?);
+        } else {
+            for c in cases {
+                println!("{:<36} {:<10} {}", c.name, c.group, c.expected);
+            }
+        }
+        return Ok(());
+    }
+    if let Some(path) = &args.junit {
+        usage::check_output_file("--junit", path).map_err(usage)?;
+    }
     let img = build_image(&args.image, progress)?;
     let mut opts = SuiteOptions::new(img);
     opts.accel = args.accel;
@@ -625,25 +584,26 @@ fn cmd_conformance(args: ConformanceArgs, progress: &Progress) -> Result<(), Fai
         CaseEvent::CaseFinished(c) => progress.say(&format!("{:<7} {}", c.verdict.label(), c.name)),
         CaseEvent::GroupFailed(e) => progress.say(&format!("group failed: {e:?}")),
     })
-    .map_err(|e| Failure { code: 2, error: e.into() })?;
-    if let Some(path) = &args.junit {
-        std::fs::write(path, conformance::render_junit(&report))
-            .with_context(|| format!("cannot write the JUnit report {}", path.display()))
-            .map_err(infra)?;
-    }
+    .map_err(|e| Failure { code: ExitCode::Usage, error: e.into() })?;
+    // Results first: a report file that cannot be written must not lose them.
     if args.json {
         println!("{}", conformance::render_json(&report));
     } else {
         print!("{}", conformance::render_text(&report));
     }
+    let _ = std::io::stdout().flush();
+    if let Some(path) = &args.junit {
+        std::fs::write(path, conformance::render_junit(&report))
+            .with_context(|| {
+                format!("cannot write the JUnit report {} (the results are on stdout above)", path.display())
+            })
+            .map_err(infra)?;
+    }
     if !report.infra_errors.is_empty() {
-        return Err(Failure {
-            code: EXIT_INFRA,
-            error: anyhow::anyhow!("{} vm(s) could not be set up", report.infra_errors.len()),
-        });
+        return Err(infra(anyhow::anyhow!("{} vm(s) could not be set up", report.infra_errors.len())));
     }
     if !report.ok() {
-        return Err(Failure { code: EXIT_FAILED, error: anyhow::anyhow!("conformance cases failed") });
+        return Err(failed(anyhow::anyhow!("conformance cases failed")));
     }
     Ok(())
 }

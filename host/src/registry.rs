@@ -20,6 +20,61 @@ pub struct VmEntry {
     pub console_log: PathBuf,
     /// Ports: name and chardev socket.
     pub ports: Vec<PortEntry>,
+    /// The VM's second QMP monitor, free for tools (`vport connect` asks it whether a port is
+    /// held by another client); absent in entries of older `vport boot`s.
+    #[serde(default)]
+    pub qmp_tools: Option<PathBuf>,
+}
+
+impl VmEntry {
+    /// The entry of the running VM `vm`.
+    pub fn of(vm: &crate::qemu::Vm) -> VmEntry {
+        VmEntry {
+            pid: vm.pid(),
+            dir: vm.dir().to_path_buf(),
+            console_log: vm.console_log(),
+            ports: vm
+                .ports()
+                .iter()
+                .map(|p| PortEntry {
+                    name: p.name.clone(),
+                    id: p.id.clone(),
+                    socket: p.socket.clone(),
+                    chardev: Some(p.chardev_id.clone()),
+                })
+                .collect(),
+            qmp_tools: vm.tools_qmp_socket(),
+        }
+    }
+
+    /// `vport boot --json`: the entry as one JSON object, with the accelerator.
+    pub fn to_json(&self, accel: &str) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("accel".into(), accel.into());
+        }
+        v
+    }
+
+    /// `vport boot`'s description: the VM, its tools monitor, how to reach each port.
+    pub fn render_text(&self, accel: &str) -> String {
+        let mut out = format!("vm running: qemu pid {}, accelerator {accel}\n", self.pid);
+        out.push_str(&format!("guest console log: {}\n", self.console_log.display()));
+        if let Some(q) = &self.qmp_tools {
+            out.push_str(&format!("qmp monitor for tools: {} (one client at a time)\n", q.display()));
+        }
+        for p in &self.ports {
+            out.push_str(&format!(
+                "port {} (device id {}): vport connect {}   (or: socat - UNIX-CONNECT:{})\n",
+                p.name,
+                p.id,
+                p.name,
+                p.socket.display()
+            ));
+        }
+        out.push_str("Ctrl-C stops the vm.\n");
+        out
+    }
 }
 
 /// One port of a running VM.
@@ -31,6 +86,9 @@ pub struct PortEntry {
     pub id: String,
     /// Unix socket of the port's chardev.
     pub socket: PathBuf,
+    /// QEMU chardev id (the `label` in `query-chardev`); absent in entries of older `vport boot`s.
+    #[serde(default)]
+    pub chardev: Option<String>,
 }
 
 /// Registry failures.
@@ -46,10 +104,18 @@ pub enum RegistryError {
         source: std::io::Error,
     },
     /// No running VM has a port of that name.
-    #[error("no running vm has a port named {port}: start one with `vport boot --port {port}`")]
+    #[error(
+        "no running vm{} has a port named {port:?}; {}; start a vm with it with `vport boot --port {port}`",
+        .vm.map(|pid| format!(" with qemu pid {pid}")).unwrap_or_default(),
+        known_ports(.known)
+    )]
     NoSuchPort {
         /// The port name.
         port: String,
+        /// The QEMU pid the lookup was restricted to (`--vm`).
+        vm: Option<u32>,
+        /// Every port that does exist, as `(qemu pid, port name)`.
+        known: Vec<(u32, String)>,
     },
     /// Several running VMs have a port of that name.
     #[error("{count} running vms have a port named {port} (qemu pids {pids}): choose one with --vm PID")]
@@ -128,6 +194,31 @@ pub fn live_entries(dir: &Path, alive: impl Fn(u32) -> bool) -> Result<Vec<VmEnt
     Ok(out)
 }
 
+/// `known` as a clause: "the running vms have ports a (qemu pid 1), b (qemu pid 2); `vport
+/// connect --list` lists them", or "no vm started by `vport boot` is running".
+fn known_ports(known: &[(u32, String)]) -> String {
+    if known.is_empty() {
+        return "no vm started by `vport boot` is running".into();
+    }
+    let list: Vec<String> = known.iter().map(|(pid, name)| format!("{name} (qemu pid {pid})")).collect();
+    format!("the running vms have {}; `vport connect --list` lists them", list.join(", "))
+}
+
+/// Every port of `entries`, one line each: `<name>  qemu pid <pid>  <socket>`; a line saying so
+/// when there is none.
+pub fn render_list(entries: &[VmEntry]) -> String {
+    let mut out = String::new();
+    for e in entries {
+        for p in &e.ports {
+            out.push_str(&format!("{:<24} qemu pid {:<8} {}\n", p.name, e.pid, p.socket.display()));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("no vm started by `vport boot` is running\n");
+    }
+    out
+}
+
 /// Whether process `pid` exists.
 pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -145,7 +236,11 @@ pub fn find_port<'a>(
         .filter_map(|e| e.ports.iter().find(|p| p.name == name).map(|p| (e, p)))
         .collect();
     match hits.len() {
-        0 => Err(RegistryError::NoSuchPort { port: name.into() }),
+        0 => Err(RegistryError::NoSuchPort {
+            port: name.into(),
+            vm,
+            known: entries.iter().flat_map(|e| e.ports.iter().map(|p| (e.pid, p.name.clone()))).collect(),
+        }),
         1 => Ok(hits[0]),
         count => Err(RegistryError::Ambiguous {
             port: name.into(),
@@ -166,8 +261,14 @@ mod tests {
             console_log: "/d/console.log".into(),
             ports: ports
                 .iter()
-                .map(|n| PortEntry { name: n.to_string(), id: "p".into(), socket: format!("/d/{n}.sock").into() })
+                .map(|n| PortEntry {
+                    name: n.to_string(),
+                    id: "p".into(),
+                    socket: format!("/d/{n}.sock").into(),
+                    chardev: Some(format!("ch-{n}")),
+                })
                 .collect(),
+            qmp_tools: Some("/d/qmp-tools.sock".into()),
         }
     }
 
@@ -198,6 +299,38 @@ mod tests {
         assert!(err.to_string().contains("--vm PID") && err.to_string().contains("1, 2"), "{err}");
         assert_eq!(find_port(&es, "b", Some(2)).unwrap().0.pid, 2);
         let err = find_port(&es, "c", None).unwrap_err();
-        assert!(err.to_string().contains("vport boot --port c"), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("vport boot --port c"), "{msg}");
+        assert!(msg.contains("a (qemu pid 1), b (qemu pid 1), b (qemu pid 2)") && msg.contains("--list"), "{msg}");
+        let msg = find_port(&es, "a", Some(2)).unwrap_err().to_string();
+        assert!(msg.contains("no running vm with qemu pid 2 has a port named \"a\"") && msg.contains("a (qemu pid 1)"));
+        let msg = find_port(&[], "c", None).unwrap_err().to_string();
+        assert!(msg.contains("no vm started by `vport boot` is running"), "{msg}");
+    }
+
+    #[test]
+    fn boot_describes_the_vm_as_text_and_json() {
+        let e = entry(9, &["org.vport.0"]);
+        let text = e.render_text("tcg");
+        assert!(text.contains("qemu pid 9, accelerator tcg") && text.contains("/d/qmp-tools.sock"), "{text}");
+        assert!(text.contains("vport connect org.vport.0   (or: socat - UNIX-CONNECT:/d/org.vport.0.sock)"), "{text}");
+        let v = e.to_json("kvm");
+        assert_eq!((v["pid"].as_u64(), v["accel"].as_str()), (Some(9), Some("kvm")), "{v}");
+        assert_eq!(v["ports"][0]["chardev"], "ch-org.vport.0", "{v}");
+    }
+
+    #[test]
+    fn entries_of_older_boots_still_read() {
+        let old = r#"{"pid":5,"dir":"/d","console_log":"/d/c","ports":[{"name":"a","id":"p","socket":"/d/a.sock"}]}"#;
+        let e: VmEntry = serde_json::from_str(old).unwrap();
+        assert_eq!((e.qmp_tools, e.ports[0].chardev.clone()), (None, None));
+    }
+
+    #[test]
+    fn the_list_shows_every_port_or_says_there_is_none() {
+        let text = render_list(&[entry(1, &["a", "b"])]);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.contains("qemu pid 1") && text.contains("/d/b.sock"), "{text}");
+        assert!(render_list(&[]).contains("no vm"));
     }
 }

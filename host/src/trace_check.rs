@@ -1,9 +1,9 @@
 //! `vport trace check FILE`: read a trace file, run the life-cycle checker, render the verdict
 //! as text or JSON, and map it to an exit code.
 //!
-//! Exit codes: [`EXIT_CLEAN`] (0) no violation (notes allowed), [`EXIT_VIOLATIONS`] (1) at
-//! least one violation, [`EXIT_UNREADABLE`] (3) the file cannot be read or is not a valid
-//! trace (the error names the line).
+//! Exit codes ([`exit_code`], from [`crate::exit::ExitCode`]): `Success` (0) no violation
+//! (notes allowed), `CheckFailed` (1) at least one violation, `Infrastructure` (3) the file
+//! cannot be read or is not a valid trace (the error names the line).
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -14,22 +14,16 @@
 //!     Ok(report) => print!("{}", trace_check::render_text(report)),
 //!     Err(e) => eprintln!("{}", trace_check::render_error_text(e)),
 //! }
-//! std::process::exit(trace_check::exit_code(&outcome));
+//! trace_check::exit_code(&outcome).exit();
 //! ```
 
+use crate::exit::ExitCode;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 use vport_common::checker::{check, CheckReport, PortSummary};
 use vport_common::trace::{parse_jsonl, TraceError};
-
-/// Exit code: the trace breaks no rule.
-pub const EXIT_CLEAN: i32 = 0;
-/// Exit code: the trace breaks at least one rule.
-pub const EXIT_VIOLATIONS: i32 = 1;
-/// Exit code: the file could not be read, or is not a valid trace.
-pub const EXIT_UNREADABLE: i32 = 3;
 
 /// Why a trace file could not be checked.
 #[derive(Debug, Error)]
@@ -54,9 +48,14 @@ pub enum TraceCheckError {
     },
 }
 
-/// Reads, parses and checks the trace at `path`.
+/// Reads, parses and checks the trace at `path` (`-`: standard input).
 pub fn run(path: &Path) -> Result<CheckReport, TraceCheckError> {
-    let text = std::fs::read_to_string(path).map_err(|source| TraceCheckError::Read { path: path.into(), source })?;
+    let read = |source| TraceCheckError::Read { path: path.into(), source };
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).map_err(read)?
+    } else {
+        std::fs::read_to_string(path).map_err(read)?
+    };
     let records = parse_jsonl(&text).map_err(|source| TraceCheckError::Parse { path: path.into(), source })?;
     Ok(check(&records))
 }
@@ -67,11 +66,19 @@ pub fn check_text(text: &str) -> Result<CheckReport, TraceError> {
 }
 
 /// The exit code for an outcome of [`run`].
-pub fn exit_code(outcome: &Result<CheckReport, TraceCheckError>) -> i32 {
+pub fn exit_code(outcome: &Result<CheckReport, TraceCheckError>) -> ExitCode {
     match outcome {
-        Ok(report) if report.is_clean() => EXIT_CLEAN,
-        Ok(_) => EXIT_VIOLATIONS,
-        Err(_) => EXIT_UNREADABLE,
+        Ok(report) => report_exit_code(report),
+        Err(_) => ExitCode::Infrastructure,
+    }
+}
+
+/// [`ExitCode::Success`] for a clean trace, else [`ExitCode::CheckFailed`].
+fn report_exit_code(report: &CheckReport) -> ExitCode {
+    if report.is_clean() {
+        ExitCode::Success
+    } else {
+        ExitCode::CheckFailed
     }
 }
 
@@ -153,8 +160,7 @@ pub fn render_json(report: &CheckReport) -> Value {
     let mut v = serde_json::to_value(report).unwrap_or_else(|e| json!({ "error": e.to_string() }));
     if let Some(obj) = v.as_object_mut() {
         obj.insert("clean".into(), Value::Bool(report.is_clean()));
-        let code = if report.is_clean() { EXIT_CLEAN } else { EXIT_VIOLATIONS };
-        obj.insert("exit_code".into(), json!(code));
+        obj.insert("exit_code".into(), json!(report_exit_code(report).code()));
     }
     v
 }
@@ -177,7 +183,7 @@ pub fn render_error_json(e: &TraceCheckError) -> Value {
         TraceCheckError::Read { .. } => None,
     };
     let text = render_error_text(e);
-    json!({ "error": text.strip_prefix("error: ").unwrap_or(&text), "exit_code": EXIT_UNREADABLE, "line": line })
+    json!({ "error": text.strip_prefix("error: ").unwrap_or(&text), "exit_code": ExitCode::Infrastructure.code(), "line": line })
 }
 
 #[cfg(test)]
@@ -203,7 +209,7 @@ mod tests {
         );
         let (_dir, path) = file(&text);
         let outcome = run(&path);
-        assert_eq!(exit_code(&outcome), EXIT_CLEAN);
+        assert_eq!(exit_code(&outcome), ExitCode::Success);
         let report = outcome.unwrap();
         let text = render_text(&report);
         assert_eq!(
@@ -225,7 +231,7 @@ mod tests {
         let second = r#"{"seq":1,"t_ns":2000,"port":"org.vport.0","source":"host","kind":"host_connect"}"#;
         let (_dir, path) = file(&format!("{CONNECT}\n{second}\n"));
         let outcome = run(&path);
-        assert_eq!(exit_code(&outcome), EXIT_VIOLATIONS);
+        assert_eq!(exit_code(&outcome), ExitCode::CheckFailed);
         let report = outcome.unwrap();
         let text = render_text(&report);
         assert_eq!(
@@ -244,7 +250,7 @@ mod tests {
     fn a_malformed_file_exits_3_naming_the_line() {
         let (_dir, path) = file(&format!("{CONNECT}\n{{\"seq\":1,\"kind\":\"warp\"}}\n"));
         let outcome = run(&path);
-        assert_eq!(exit_code(&outcome), EXIT_UNREADABLE);
+        assert_eq!(exit_code(&outcome), ExitCode::Infrastructure);
         let e = outcome.unwrap_err();
         let text = render_error_text(&e);
         assert!(
@@ -262,7 +268,7 @@ mod tests {
     #[test]
     fn a_missing_file_exits_3() {
         let outcome = run(Path::new("/nonexistent/trace.jsonl"));
-        assert_eq!(exit_code(&outcome), EXIT_UNREADABLE);
+        assert_eq!(exit_code(&outcome), ExitCode::Infrastructure);
         let e = outcome.unwrap_err();
         assert!(render_error_text(&e).starts_with("error: cannot read trace file /nonexistent/trace.jsonl: "));
         assert_eq!(render_error_json(&e)["line"], Value::Null);

@@ -1,44 +1,9 @@
 //! `vport` command-line behaviour: exit codes and error messages for the failures a user meets
 //! first. The silent-agent case boots a real VM.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn vport() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vport"));
-    c.env_remove("VPORT_LOG");
-    c
-}
-
-fn agent() -> PathBuf {
-    vport_host::image::resolve_agent(None).unwrap_or_else(|e| panic!("{e}: run scripts/build-agent first"))
-}
-
-/// A child process killed when the test ends, however it ends (a panicking test must not leave
-/// a `vport boot` and its QEMU running).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            // SIGINT lets `vport boot` kill its QEMU first.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.0.id() as i32),
-                nix::sys::signal::Signal::SIGINT,
-            );
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{agent, show, vport, KillOnDrop};
 
 #[test]
 fn help_documents_the_exit_codes() {
@@ -121,37 +86,16 @@ fn a_silent_agent_fails_with_the_deadline_and_the_console() {
 /// stdin get a PONG back. Ctrl-C on `vport boot` exits 130 and leaves no QEMU behind.
 #[test]
 fn boot_then_connect_bridges_the_port_to_stdio() {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::process::Stdio;
+    use std::io::{Read, Write};
     use std::time::{Duration, Instant};
     use vport_common::{Decoder, Message};
 
     let runtime = tempfile::tempdir().unwrap();
-    let mut boot = KillOnDrop(
-        vport()
-            .args(["boot", "--json", "--agent-log-level", "debug"])
-            .env("VPORT_AGENT", agent())
-            .env("XDG_RUNTIME_DIR", runtime.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(boot.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let info: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let (mut boot, info) = common::boot(runtime.path(), &["--agent-log-level", "debug"]);
     let qemu_pid = info["pid"].as_u64().unwrap();
     assert_eq!(info["ports"][0]["name"], "org.vport.0", "{info}");
 
-    let mut connect = KillOnDrop(
-        vport()
-            .args(["connect", "org.vport.0"])
-            .env("XDG_RUNTIME_DIR", runtime.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut connect = common::spawn_connect(runtime.path(), "org.vport.0");
     let (tx, rx) = crossbeam_channel::unbounded();
     let mut out = connect.0.stdout.take().unwrap();
     std::thread::spawn(move || {

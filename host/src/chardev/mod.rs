@@ -20,9 +20,11 @@
 //! connects out (`reconnect=N`) comes back within `N` seconds. A pty chardev counts as connected
 //! while the slave is open; QEMU checks that once a second while disconnected, so the guest sees
 //! a pty host attach up to one second after [`Endpoint::connect`]. Only loopback addresses are
-//! used.
+//! used. A second client of a QEMU socket chardev waits in the listen backlog with a
+//! connection that looks established; [`unix_diag::peer_accepted`] tells it apart.
 
 mod pty;
+pub mod unix_diag;
 
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{ErrorKind, Read, Write};

@@ -166,8 +166,20 @@ impl SuiteOptions {
     }
 
     fn selected(&self, name: &str) -> bool {
-        self.filter.as_deref().is_none_or(|f| f.split(',').any(|p| name.contains(p)))
+        filter_selects(self.filter.as_deref(), name)
     }
+}
+
+/// Whether `filter` (comma-separated parts; `None`: no filter) selects the case `name`: some
+/// non-empty part is contained in the name.
+fn filter_selects(filter: Option<&str>, name: &str) -> bool {
+    filter.is_none_or(|f| f.split(',').any(|p| !p.is_empty() && name.contains(p)))
+}
+
+/// The cases `filter` selects, in [`CASES`] order (every case for `None`). Empty means
+/// [`run`] would refuse the filter with [`ConformanceError::NothingSelected`].
+pub fn selected_cases(filter: Option<&str>) -> Vec<&'static CaseDef> {
+    CASES.iter().filter(|c| filter_selects(filter, c.name)).collect()
 }
 
 /// Progress reported while the suite runs.
@@ -409,6 +421,16 @@ mod tests {
             assert!(cases::GROUPS.iter().any(|(g, _)| *g == c.group), "{} in unknown group {}", c.name, c.group);
             assert!(!c.spec.is_empty() && !c.expected.is_empty(), "{}", c.name);
         }
+    }
+
+    #[test]
+    fn filters_select_by_substring_of_any_part() {
+        assert_eq!(selected_cases(None).len(), CASES.len());
+        let names = |f| selected_cases(Some(f)).iter().map(|c| c.name).collect::<Vec<_>>();
+        assert_eq!(names("second-open-ebusy"), ["second-open-ebusy"]);
+        assert_eq!(names("second-open-ebusy,lseek"), ["second-open-ebusy", "lseek-pread-pwrite-espipe"]);
+        assert!(names("nosuchcase").is_empty());
+        assert!(names("").is_empty() && names(",").is_empty(), "empty parts select nothing");
     }
 
     #[test]

@@ -53,16 +53,20 @@ pub enum ImageError {
     /// No agent binary was given and none was found at the default build locations.
     #[error("vport-agent binary not found (looked at {looked_at}): run scripts/build-agent, or pass --agent PATH / set VPORT_AGENT")]
     AgentNotFound { looked_at: String },
+    /// A binary the image needs does not exist.
+    #[error("{what} {path} not found: {hint}")]
+    MissingBinary { what: &'static str, path: PathBuf, hint: &'static str },
     /// A binary that must be static needs a dynamic loader.
     #[error("{what} {path} is dynamically linked; the initramfs has no libc: {hint}")]
     NotStatic { what: &'static str, path: PathBuf, hint: &'static str },
     /// A binary is not an ELF executable.
-    #[error("{what} {path} is not a usable x86_64 executable")]
+    #[error("{what} {path} is not a usable x86_64 executable ({problem}): {hint}")]
     BadBinary {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: elf::ElfError,
+        /// What is wrong with the file.
+        problem: elf::ElfError,
+        hint: &'static str,
     },
     /// Module selection failed.
     #[error("cannot prepare the guest kernel modules")]
@@ -159,13 +163,26 @@ pub fn resolve_agent(explicit: Option<&Path>) -> Result<PathBuf, ImageError> {
     })
 }
 
-/// Reads a binary that will run in the guest and checks it is a static ELF executable.
+/// What to do about a bad or missing agent binary.
+pub const AGENT_HINT: &str =
+    "build the static agent with scripts/build-agent (RUSTFLAGS='-C target-feature=+crt-static'), or pass --agent PATH / set VPORT_AGENT";
+/// What to do about a bad or missing busybox.
+pub const BUSYBOX_HINT: &str = "install the Debian package busybox-static (scripts/bootstrap does it), or pass --busybox PATH / set VPORT_BUSYBOX to a static busybox";
+
+/// Reads a binary that will run in the guest and checks it is a static ELF executable; errors
+/// name the file and carry `hint`, what to do about it.
 fn read_static(what: &'static str, path: &Path, hint: &'static str) -> Result<Vec<u8>, ImageError> {
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ImageError::MissingBinary { what, path: path.into(), hint })
+        }
+        Err(source) => return Err(ImageError::Io { path: path.into(), source }),
+    };
     match elf::has_interpreter(&bytes) {
         Ok(false) => Ok(bytes),
         Ok(true) => Err(ImageError::NotStatic { what, path: path.into(), hint }),
-        Err(source) => Err(ImageError::BadBinary { what, path: path.into(), source }),
+        Err(problem) => Err(ImageError::BadBinary { what, path: path.into(), problem, hint }),
     }
 }
 
@@ -222,18 +239,13 @@ impl Inputs {
 
 /// Builds the guest image for `req`, or returns the cached one when all inputs are
 /// unchanged. `progress` receives one-line human-readable status messages.
+///
+/// The agent and busybox are checked first (present, static ELF executables), so a bad one is
+/// reported before any kernel is looked for, downloaded or unpacked.
 pub fn build(req: &ImageRequest, progress: &mut dyn FnMut(&str)) -> Result<GuestImage, ImageError> {
+    let agent = read_static("vport-agent", &req.agent, AGENT_HINT)?;
+    let busybox = read_static("busybox", &req.busybox, BUSYBOX_HINT)?;
     let k = kernel::resolve(&req.kernel, &req.cache_dir, progress)?;
-    let agent = read_static(
-        "vport-agent",
-        &req.agent,
-        "build it with scripts/build-agent (RUSTFLAGS='-C target-feature=+crt-static')",
-    )?;
-    let busybox = read_static(
-        "busybox",
-        &req.busybox,
-        "install the Debian package busybox-static (scripts/bootstrap does it) or set VPORT_BUSYBOX",
-    )?;
     let kernel_bytes = std::fs::read(&k.image).map_err(io_err(&k.image))?;
     let mods = match &k.modules_dir {
         Some(d) => modules::collect(d)?,
@@ -320,7 +332,12 @@ mod tests {
         let err = read_static("vport-agent", &p, "hint").unwrap_err();
         assert!(err.to_string().contains("dynamically linked"), "{err}");
         std::fs::write(&p, b"#!/bin/sh\n").unwrap();
-        assert!(matches!(read_static("vport-agent", &p, "hint"), Err(ImageError::BadBinary { .. })));
+        let err = read_static("vport-agent", &p, "the hint").unwrap_err();
+        assert!(matches!(err, ImageError::BadBinary { .. }), "{err}");
+        assert!(err.to_string().contains("not an ELF file") && err.to_string().contains("the hint"), "{err}");
+        let err = read_static("busybox", &dir.path().join("missing"), BUSYBOX_HINT).unwrap_err();
+        assert!(matches!(err, ImageError::MissingBinary { .. }), "{err}");
+        assert!(err.to_string().contains("busybox-static"), "{err}");
     }
 
     /// Builds an image from fake inputs (no real kernel needed), checks its contents, that

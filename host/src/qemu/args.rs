@@ -77,11 +77,24 @@ pub fn console_args(log: &Path) -> Vec<OsString> {
 
 /// A QMP monitor listening on the unix socket `sock` (QEMU creates it, does not wait).
 pub fn qmp_args(sock: &Path) -> Vec<OsString> {
+    monitor_args("qmp", sock)
+}
+
+/// A QMP monitor on chardev `id` listening on the unix socket `sock`. Like every socket
+/// chardev it serves one client at a time; a VM can have several.
+pub fn monitor_args(id: &str, sock: &Path) -> Vec<OsString> {
+    let id = escape(id.as_ref());
     vec![
         os("-chardev"),
-        cat(&["socket,id=qmp,path=".as_ref(), &escape(sock.as_os_str()), ",server=on,wait=off".as_ref()]),
+        cat(&[
+            "socket,id=".as_ref(),
+            &id,
+            ",path=".as_ref(),
+            &escape(sock.as_os_str()),
+            ",server=on,wait=off".as_ref(),
+        ]),
         os("-mon"),
-        os("chardev=qmp,mode=control"),
+        cat(&["chardev=".as_ref(), &id, ",mode=control".as_ref()]),
     ]
 }
 
@@ -289,6 +302,15 @@ mod tests {
         assert_eq!(
             s(qmp_args(Path::new("/t/q,mp.sock"))),
             ["-chardev", "socket,id=qmp,path=/t/q,,mp.sock,server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
+        );
+        assert_eq!(
+            s(monitor_args("qmp-tools", Path::new("/t/qmp-tools.sock"))),
+            [
+                "-chardev",
+                "socket,id=qmp-tools,path=/t/qmp-tools.sock,server=on,wait=off",
+                "-mon",
+                "chardev=qmp-tools,mode=control"
+            ]
         );
     }
 

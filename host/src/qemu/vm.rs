@@ -20,6 +20,8 @@ use crate::wait::{wait_until, WaitError};
 
 /// Device id of the virtio-serial controller (its bus is `vser0.0`).
 pub const CONTROLLER_ID: &str = "vser0";
+/// File name (in the VM directory) of the second QMP monitor of [`VmConfig::tools_qmp`].
+pub const TOOLS_QMP_SOCKET: &str = "qmp-tools.sock";
 
 /// Why a VM could not be started or waited for.
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +160,11 @@ pub struct VmConfig {
     pub incoming: Option<String>,
     /// Extra raw QEMU arguments appended last.
     pub extra_args: Vec<OsString>,
+    /// Whether QEMU gets a second QMP monitor, [`TOOLS_QMP_SOCKET`] in the VM directory
+    /// ([`Vm::tools_qmp_socket`]), for other programs while the rig holds the first (a QMP
+    /// socket serves one client at a time): `vport boot` has one so that `vport connect` can
+    /// ask `query-chardev` whether a port is free.
+    pub tools_qmp: bool,
     /// Deadline for QEMU to create its sockets.
     pub startup_timeout: Duration,
     /// Cache directory (for the accelerator verdict).
@@ -181,6 +188,7 @@ impl VmConfig {
             extra_controllers: Vec::new(),
             incoming: None,
             extra_args: Vec::new(),
+            tools_qmp: false,
             startup_timeout: Duration::from_secs(30),
             cache_dir: crate::cache::cache_dir(),
         }
@@ -317,7 +325,10 @@ pub fn build_args(cfg: &VmConfig, accel: Accel, dir: &Path, ports: &[PortSpec]) 
     if let Some(uri) = &cfg.incoming {
         a.extend(args::incoming_args(uri));
     }
-    // Last, so that the QMP socket existing implies every port socket exists too.
+    if cfg.tools_qmp {
+        a.extend(args::monitor_args("qmp-tools", &dir.join(TOOLS_QMP_SOCKET)));
+    }
+    // Last, so that the QMP socket existing implies every other socket exists too.
     a.extend(args::qmp_args(&dir.join("qmp.sock")));
     a.extend(cfg.extra_args.iter().cloned());
     a
@@ -334,14 +345,15 @@ fn live() -> MutexGuard<'static, Vec<(i32, PathBuf)>> {
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether Ctrl-C (or SIGTERM) arrived and the cleanup of [`install_signal_cleanup`] is killing
-/// the VMs: a caller that sees QEMU exit should then leave the exit code to that handler (130).
+/// the VMs: a caller that sees QEMU exit should then leave the exit code to that handler
+/// ([`crate::exit::ExitCode::Interrupted`]).
 pub fn interrupted() -> bool {
     INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Installs a Ctrl-C / SIGTERM / SIGHUP handler that SIGKILLs and reaps every live VM's
-/// QEMU, removes their directories and exits with status 130. Idempotent; fails if another
-/// handler was already installed with the `ctrlc` crate.
+/// QEMU, removes their directories and exits with [`crate::exit::ExitCode::Interrupted`]
+/// (130). Idempotent; fails if another handler was already installed with the `ctrlc` crate.
 pub fn install_signal_cleanup() -> Result<(), ctrlc::Error> {
     static INSTALLED: Mutex<bool> = Mutex::new(false);
     let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
@@ -359,7 +371,7 @@ pub fn install_signal_cleanup() -> Result<(), ctrlc::Error> {
             let _ = std::fs::remove_dir_all(&dir);
         }
         eprintln!("vport: interrupted, killed qemu");
-        std::process::exit(130);
+        crate::exit::ExitCode::Interrupted.exit();
     })?;
     *installed = true;
     Ok(())
@@ -385,6 +397,7 @@ pub struct Vm {
     ports: Vec<PortInfo>,
     listeners: Vec<(String, Listener)>,
     args: Vec<OsString>,
+    tools_qmp: bool,
     version: OnceLock<Result<QemuVersion, String>>,
 }
 
@@ -502,6 +515,7 @@ impl Vm {
             ports,
             listeners,
             args,
+            tools_qmp: cfg.tools_qmp,
             version: OnceLock::new(),
         };
         log::debug!("qemu pid {pid} ({accel}) in {}", vm.dir_path.display());
@@ -534,6 +548,11 @@ impl Vm {
     /// QMP socket path.
     pub fn qmp_socket(&self) -> PathBuf {
         self.dir_path.join("qmp.sock")
+    }
+
+    /// The socket of the second QMP monitor, if the VM has one ([`VmConfig::tools_qmp`]).
+    pub fn tools_qmp_socket(&self) -> Option<PathBuf> {
+        self.tools_qmp.then(|| self.dir_path.join(TOOLS_QMP_SOCKET))
     }
 
     /// All ports, in configuration order.
@@ -770,6 +789,7 @@ mod tests {
         let mut cfg = VmConfig::new("/k", "/i", "console=ttyS0");
         cfg.ports = vec![PortConfig::serial("p")];
         cfg.max_ports = Some(2);
+        cfg.tools_qmp = true;
         let specs = plan_ports(Path::new("/t"), &cfg.ports).unwrap();
         let a: Vec<String> = build_args(&cfg, Accel::Tcg, Path::new("/t"), &specs)
             .into_iter()
@@ -778,6 +798,7 @@ mod tests {
         let pos = |s: &str| a.iter().position(|x| x.starts_with(s)).unwrap_or_else(|| panic!("{s} not in {a:?}"));
         assert!(pos("virtio-serial-pci,id=vser0,max_ports=2") < pos("virtserialport,bus=vser0.0"));
         assert!(pos("virtserialport") < pos("socket,id=qmp"));
+        assert!(pos("socket,id=qmp-tools,path=/t/qmp-tools.sock") < pos("socket,id=qmp,path=/t/qmp.sock"));
         assert!(a.contains(&"file,id=console,path=/t/console.log".to_string()));
         assert_eq!(&a[..4], ["-machine", "pc", "-accel", "tcg"]);
     }
