@@ -131,6 +131,8 @@ pub struct DecoderStats {
     pub bytes_in: u64,
     /// Frames declared torn ([`DecodeError::Torn`]; also counted in `errors`).
     pub torn: u64,
+    /// Stream offset just past the last byte skipped (0 before any skip).
+    pub last_skip_end: u64,
 }
 
 /// Streaming decoder; see the module documentation for its guarantees.
@@ -213,6 +215,9 @@ impl Decoder {
     pub fn clear(&mut self) {
         self.stats.skipped_bytes += self.buffered() as u64;
         self.base += self.buf.len() as u64;
+        if self.buffered() > 0 {
+            self.stats.last_skip_end = self.base;
+        }
         self.buf.clear();
         self.start = 0;
         self.scan = None;
@@ -311,6 +316,9 @@ impl Decoder {
     fn skip(&mut self, n: usize) {
         self.start += n;
         self.stats.skipped_bytes += n as u64;
+        if n > 0 {
+            self.stats.last_skip_end = self.base + self.start as u64;
+        }
     }
 
     /// Rejects the candidate at `start`: resume the search one byte later.
@@ -590,6 +598,7 @@ mod tests {
         d.push(&w[2..]);
         assert_eq!(d.next_frame(), Some(Ok(frame(1, 1, b"z"))));
         assert_eq!(d.stats().skipped_bytes, 7);
+        assert_eq!(d.stats().last_skip_end, 7, "the garbage ended where the frame began");
     }
 
     fn arb_frame() -> impl Strategy<Value = Frame> {

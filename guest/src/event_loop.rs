@@ -692,6 +692,11 @@ impl EventLoop {
     fn run_guest_ops(&mut self, dev: &str) {
         if let Some(Slot::Open { port, .. }) = self.ports.get_mut(dev) {
             for request in port.take_guest_ops() {
+                if !port.session_is_ready(request.session) {
+                    // A HELLO_REQUEST read in the same batch ended the session that asked.
+                    log::info!("guest op {}: its session ended before it ran; dropped", request.op_id);
+                    continue;
+                }
                 let owner = Owner { dev: dev.to_owned(), session: request.session };
                 match self.guest_ops.submit(owner, request.op_id, request.op.clone()) {
                     Submitted::Done(done) => {

@@ -99,6 +99,9 @@ enum Job {
 /// What the loop knows about a worker: whether it is inside a call, and its thread.
 struct WorkerCtl {
     busy: AtomicBool,
+    /// The handle's session ended: operations still queued are not run (they complete with
+    /// ECANCELED) and the fd is closed.
+    released: AtomicBool,
     thread: Mutex<Option<Pthread>>,
 }
 
@@ -276,6 +279,7 @@ impl GuestOps {
         for k in dead {
             if let Some(h) = self.handles.remove(&k) {
                 log::info!("guest op handle {k}: its control session {:#010x} ended; closing it", h.owner.session);
+                h.ctl.released.store(true, Ordering::SeqCst);
                 cancel(&h.ctl);
                 let _ = h.jobs.send(Job::Close { op_id: 0, owner: h.owner });
             }
@@ -324,7 +328,11 @@ impl GuestOps {
             }
         }
         let handle = self.next_handle;
-        let ctl = Arc::new(WorkerCtl { busy: AtomicBool::new(false), thread: Mutex::new(None) });
+        let ctl = Arc::new(WorkerCtl {
+            busy: AtomicBool::new(false),
+            released: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        });
         let (jobs, rx) = channel();
         let (c, done, waker) = (Arc::clone(&ctl), self.done_tx.clone(), Arc::clone(&self.waker));
         let spawned = std::thread::Builder::new()
@@ -415,6 +423,10 @@ fn worker(
     };
     for job in jobs {
         match job {
+            Job::Op { op_id, owner, .. } if ctl.released.load(Ordering::SeqCst) => {
+                let why = "not run: the session that asked for it ended".to_owned();
+                send(owner, failed(op_id, Errno::ECANCELED, why));
+            }
             Job::Op { op_id, op, owner } => {
                 let start = Instant::now();
                 ctl.busy.store(true, Ordering::SeqCst);
@@ -505,6 +517,11 @@ fn write_pattern(fd: BorrowedFd<'_>, seed: u64, total: u64) -> GuestOpDone {
         let n = ((total - off) as usize).min(MAX_IO);
         pattern::fill(seed, off, &mut buf[..n]);
         match nix::unistd::write(fd, &buf[..n]) {
+            // A write that takes nothing would loop for ever: report it as the result.
+            Ok(0) => {
+                ret = 0;
+                break;
+            }
             Ok(k) => {
                 ret = k as i64;
                 dg.update(&buf[..k]);
@@ -624,6 +641,29 @@ mod tests {
             poll.poll(&mut events, Some(Duration::from_millis(50))).unwrap();
         };
         assert_eq!((r.done.ret, r.done.errno), (-1, Errno::EINTR as i32));
+    }
+
+    #[test]
+    fn operations_queued_on_a_released_handle_are_not_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+        let (mut poll, mut g) = ops(dir.path());
+        let handle = adopt(&mut g, owner(), 1, &fifo, false);
+        // A read that blocks (nothing in the fifo), then a write and a read queued behind it.
+        assert_eq!(g.submit(owner(), 2, GuestOp::Read { handle, bytes: 1, all: false }), Submitted::Queued);
+        assert_eq!(g.submit(owner(), 3, GuestOp::Write { handle, seed: 1, bytes: 100 }), Submitted::Queued);
+        assert_eq!(g.submit(owner(), 4, GuestOp::Read { handle, bytes: 100, all: false }), Submitted::Queued);
+        g.release(|_| false);
+        let mut seen = Vec::new();
+        let blocked = wait_done(&mut poll, &mut g, &mut seen, 2);
+        // Interrupted in the call, or not started yet when the release came.
+        let errno = blocked.done.errno;
+        assert!(errno == Errno::EINTR as i32 || errno == Errno::ECANCELED as i32, "{:?}", blocked.done);
+        for op in [3, 4] {
+            let c = wait_done(&mut poll, &mut g, &mut seen, op);
+            assert_eq!((c.done.ret, c.done.errno), (-1, Errno::ECANCELED as i32), "op {op}: {:?}", c.done);
+        }
     }
 
     #[test]

@@ -279,6 +279,11 @@ pub struct Counters {
     pub torn_frames: u64,
     /// ERROR decode reports sent to the host (rate-limited; the rest are only counted).
     pub decode_reports: u64,
+    /// ERROR decode reports held back by the rate limit.
+    pub decode_reports_held_back: u64,
+    /// Bytes the decoder skipped outside valid frames on earlier opens of this port (the
+    /// current open's are in its decoder).
+    pub skipped_bytes_before: u64,
     /// Requests refused by a limit or the policy (ERROR limit or denied).
     pub refusals: u64,
 }
@@ -354,6 +359,10 @@ enum ReadEnd {
     NoHost,
     /// Stopped because the output queue is above the high-water mark.
     Throttled,
+    /// Stopped at the read budget with input maybe left.
+    Budget,
+    /// Not read: a CLOSE or REOPEN was served, the port closes once its BYE is out.
+    Closing,
     /// ENODEV.
     Unplugged,
 }
@@ -398,6 +407,11 @@ pub struct Port<I> {
     reports: ReportLimiter,
     /// The decoder's `skipped_bytes` already accounted for in a report (or before the session).
     skipped_seen: u64,
+    /// A decode error was reported in this service call: the bytes skipped after it are the
+    /// rest of the damaged frame, explained by that report.
+    damage_reported: bool,
+    /// BYE was queued: the session's last frame; nothing more is queued after it.
+    bye_queued: bool,
 }
 
 impl<I: PortIo> Port<I> {
@@ -440,12 +454,16 @@ impl<I: PortIo> Port<I> {
             guest_ops: Vec::new(),
             reports,
             skipped_seen: 0,
+            damage_reported: false,
+            bye_queued: false,
         }
     }
 
     /// What a later reopen of this port continues from.
     pub fn into_carry(self) -> Carry {
-        Carry { counters: self.counters, history: self.history }
+        let mut counters = self.counters;
+        counters.skipped_bytes_before += self.decoder.stats().skipped_bytes;
+        Carry { counters, history: self.history }
     }
 
     /// Mutable counters, for the facts the event loop observes (opens, EBUSY, flush bound).
@@ -580,18 +598,21 @@ impl<I: PortIo> Port<I> {
     /// documentation.
     pub fn service(&mut self, env: &mut impl Env) -> Result<Health, PortError> {
         let mut budget = self.settings.limits.write_budget;
+        let mut read_budget = self.settings.limits.read_budget;
         loop {
             let mask = self.poll_mask()?;
             self.apply_mask(mask, env);
-            let end = self.drain_reads(env)?;
+            let end = self.drain_reads(&mut read_budget, env)?;
             match end {
                 ReadEnd::Unplugged => return Ok(Health::Unplugged),
                 ReadEnd::NoHost => self.host_gone(env, "read returned 0"),
-                ReadEnd::WouldBlock | ReadEnd::Throttled => {}
+                ReadEnd::WouldBlock | ReadEnd::Throttled | ReadEnd::Budget | ReadEnd::Closing => {}
             }
             let mask = self.poll_mask()?;
             self.apply_mask(mask, env);
             self.process_frames(env);
+            self.report_skipped(env);
+            self.damage_reported = false;
             let flushed = loop {
                 self.pump_source();
                 let f = self.flush(&mut budget)?;
@@ -605,6 +626,7 @@ impl<I: PortIo> Port<I> {
             match flushed {
                 FlushEnd::Unplugged => return Ok(Health::Unplugged),
                 FlushEnd::Budget => return Ok(Health::MoreWork),
+                FlushEnd::Done | FlushEnd::Pending if end == ReadEnd::Budget => return Ok(Health::MoreWork),
                 FlushEnd::Done | FlushEnd::Pending if end == ReadEnd::Throttled && budget == 0 => {
                     return Ok(Health::MoreWork)
                 }
@@ -659,14 +681,24 @@ impl<I: PortIo> Port<I> {
         }
     }
 
-    fn drain_reads(&mut self, env: &mut impl Env) -> Result<ReadEnd, PortError> {
+    /// Reads until EAGAIN, 0 or an error, handing frames over as they complete; stops early
+    /// at the output high-water mark, when `budget` bytes were read (decreased by what was
+    /// read), or once a CLOSE was served.
+    fn drain_reads(&mut self, budget: &mut usize, env: &mut impl Env) -> Result<ReadEnd, PortError> {
         loop {
+            if self.close_request.is_some() {
+                return Ok(ReadEnd::Closing);
+            }
             if self.out.len() >= READ_HIGH_WATER {
                 return Ok(ReadEnd::Throttled);
+            }
+            if *budget == 0 {
+                return Ok(ReadEnd::Budget);
             }
             match self.io.read(&mut self.read_buf) {
                 Ok(0) => return Ok(ReadEnd::NoHost),
                 Ok(n) => {
+                    *budget = budget.saturating_sub(n);
                     log::trace!("port {}: read {n} bytes", self.name);
                     self.counters.bytes_in += n as u64;
                     self.decoder.push(&self.read_buf[..n]);
@@ -720,14 +752,14 @@ impl<I: PortIo> Port<I> {
     /// A torn frame is reported after the HELLO_REQUEST that cut it has been handled, so the
     /// report goes to the new session (the old one's output is dropped at that point).
     fn process_frames(&mut self, env: &mut impl Env) {
-        let mut reported = false;
         let mut torn: Option<String> = None;
         while self.machine.state().session().is_some() && self.close_request.is_none() {
             match self.decoder.next_frame() {
                 None => break,
                 Some(Ok(frame)) => {
-                    self.report_skipped(reported, env);
-                    reported = false;
+                    // Garbage before a frame is reported before the frame's own answer.
+                    self.report_skipped(env);
+                    self.damage_reported = false;
                     self.handle_frame(frame, env);
                     if let Some(text) = torn.take() {
                         self.report_decode(&text, env);
@@ -742,29 +774,27 @@ impl<I: PortIo> Port<I> {
                     } else {
                         self.report_decode(&e.to_string(), env);
                     }
-                    reported = true;
+                    // The rejected frame's bytes are skipped from here on: this error explains them.
+                    self.damage_reported = true;
                 }
             }
         }
         if let Some(text) = torn {
             self.report_decode(&text, env);
         }
-        if self.machine.state().session().is_some() {
-            self.report_skipped(reported, env);
-        }
     }
 
-    /// Reports bytes the decoder skipped outside any frame since the last look, unless a decode
-    /// error just explained them (`explained`).
-    fn report_skipped(&mut self, explained: bool, env: &mut impl Env) {
-        let skipped = self.decoder.stats().skipped_bytes;
-        let new = skipped - self.skipped_seen.min(skipped);
-        self.skipped_seen = skipped;
-        if new > 0 && !explained {
-            let at = self.decoder.stream_offset() - self.decoder.buffered() as u64;
+    /// Reports the bytes the decoder skipped outside any frame since the last look (and that
+    /// no decode error explained) as one ERROR decode: a burst of garbage gets one report.
+    fn report_skipped(&mut self, env: &mut impl Env) {
+        let stats = self.decoder.stats();
+        let new = stats.skipped_bytes.saturating_sub(self.skipped_seen);
+        self.skipped_seen = stats.skipped_bytes;
+        if new > 0 && !self.damage_reported && self.machine.state().session().is_some() {
             let text = format!(
-                "skipped {new} bytes that are not part of any frame before stream offset {at} \
-                 (a frame starts with the magic f5 56 50 52)"
+                "skipped {new} bytes that are not part of any frame, the last just before stream offset {} \
+                 (a frame starts with the magic f5 56 50 52)",
+                stats.last_skip_end
             );
             self.report_decode(&text, env);
         }
@@ -774,7 +804,10 @@ impl<I: PortIo> Port<I> {
     /// back (then it is only counted).
     fn report_decode(&mut self, text: &str, env: &mut impl Env) {
         let Some(session) = self.machine.state().session() else { return };
-        let Some(held_back) = self.reports.admit(env.now_ns()) else { return };
+        let Some(held_back) = self.reports.admit(env.now_ns()) else {
+            self.counters.decode_reports_held_back += 1;
+            return;
+        };
         let text = match held_back {
             0 => text.to_owned(),
             n => format!("{text} ({n} earlier reports held back by the rate limit)"),
@@ -900,6 +933,12 @@ impl<I: PortIo> Port<I> {
     /// Queues `msg` as one frame with header session `session` and the next sequence number.
     /// Returns false (logged and counted) when it could not be queued.
     fn send(&mut self, msg: &Message, session: u32) -> bool {
+        if self.bye_queued {
+            // BYE ends the session on the wire: a late reply (a guest-op completion, a second
+            // BYE at shutdown) is dropped, never sent after it.
+            log::debug!("port {}: {:?} after BYE dropped", self.name, msg.kind());
+            return false;
+        }
         let wire = match msg.to_frame(session, self.seq).map(|f| f.encode()) {
             Ok(Ok(w)) => w,
             Ok(Err(e)) => {
@@ -915,6 +954,7 @@ impl<I: PortIo> Port<I> {
             Ok(()) => {
                 self.seq = self.seq.wrapping_add(1);
                 self.counters.frames_out += 1;
+                self.bye_queued = msg.kind() == MessageType::Bye;
                 true
             }
             Err(len) => {
@@ -1004,7 +1044,7 @@ impl<I: PortIo> Port<I> {
             ("frames_in", c.frames_in),
             ("frames_out", c.frames_out),
             ("decode_errors", c.decode_errors),
-            ("skipped_bytes", d.skipped_bytes),
+            ("skipped_bytes", c.skipped_bytes_before + d.skipped_bytes),
             ("stale_frames", c.stale_frames),
             ("sessions", c.sessions),
             ("hello_repeats", c.hello_repeats),
@@ -1022,7 +1062,7 @@ impl<I: PortIo> Port<I> {
             ("sigio_signals", c.sigio_signals),
             ("torn_frames", c.torn_frames),
             ("decode_reports", c.decode_reports),
-            ("decode_reports_held_back", self.reports.suppressed_total()),
+            ("decode_reports_held_back", c.decode_reports_held_back),
             ("refusals", c.refusals),
             ("queued", self.out.len() as u64),
         ]
@@ -1051,8 +1091,20 @@ impl<I: PortIo> Port<I> {
             .collect()
     }
 
-    /// CLOSE/REOPEN: BYE, then the loop closes the port (see [`Port::close_request`]).
+    /// CLOSE/REOPEN: BYE, then the loop closes the port (see [`Port::close_request`]). A
+    /// running stream stops here (nothing is added after the BYE); a delay over the limit is
+    /// refused (ERROR limit), so no host can keep the port closed for long.
     fn on_close(&mut self, h: &Header, reopen_after_ms: u32, reason: &str) {
+        let max = self.settings.limits.max_reopen_delay_ms;
+        if reopen_after_ms > max {
+            self.counters.refusals += 1;
+            let text = format!(
+                "a reopen delay of {reopen_after_ms} ms exceeds the agent's limit of {max} ms (a host may not keep \
+                 the port closed longer)"
+            );
+            return self.reply_error(h, h.session, error_code::LIMIT, text);
+        }
+        self.abort_streams();
         log::info!(
             "port {}: {reason}: closing, reopen after {}",
             self.name,
@@ -1883,7 +1935,7 @@ mod tests {
         for _ in 0..n_frames {
             feed(&mut p, &echo);
         }
-        p.service(&mut e).unwrap();
+        service_until_idle(&mut p, &mut e);
         assert!(p.queued() >= READ_HIGH_WATER && p.queued() < READ_HIGH_WATER + echo.len());
         assert!(!p.io.reads.is_empty(), "reading paused");
         p.io.budget = usize::MAX;
@@ -1986,11 +2038,50 @@ mod tests {
         let sent = request(&mut p, &mut e, &Message::Reopen, session);
         assert!(matches!(&sent[..], [(_, Message::Bye { reopen_after_ms: 0, .. })]), "{sent:?}");
         assert_eq!(p.close_request(), Some(0));
-        // Shutdown BYE only with a session.
-        assert!(p.say_bye(NO_REOPEN, "shutdown"));
-        p.close(&mut e, "reopen requested");
+        // A shutdown while that BYE is pending sends no second BYE: nothing follows a BYE.
         assert!(!p.say_bye(NO_REOPEN, "shutdown"));
+        p.close(&mut e, "reopen requested");
         assert_eq!(p.state(), PortState::Disconnected);
+
+        // Shutdown BYE only with a session.
+        let (mut p, mut e) = (port(), env());
+        assert!(!p.say_bye(NO_REOPEN, "shutdown"), "no session, no BYE");
+        ready(&mut p, &mut e);
+        assert!(p.say_bye(NO_REOPEN, "shutdown"));
+        assert!(!p.say_bye(NO_REOPEN, "shutdown"), "one BYE per session");
+    }
+
+    #[test]
+    fn close_stops_a_running_stream_and_nothing_follows_the_bye() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        p.io.budget = 0;
+        let mut bytes = wire(&Message::Source { seed: 1, bytes: 1 << 30, chunk: 0 }, session, 1);
+        bytes.extend(wire(&Message::Close { reopen_after_ms: 10 }, session, 2));
+        feed(&mut p, &bytes);
+        p.service(&mut e).unwrap();
+        let queued = p.queued();
+        // A late guest-op completion is not queued after the BYE either.
+        assert!(!p.send_guest_op_done(session, GuestOpDone { op_id: 1, ..Default::default() }));
+        p.io.budget = usize::MAX;
+        service_until_idle(&mut p, &mut e);
+        assert_eq!(p.queued(), 0);
+        let sent = take_sent(&mut p);
+        assert!(matches!(sent.last(), Some((_, Message::Bye { .. }))), "BYE is the last frame: {sent:?}");
+        assert!(sent.len() * DEFAULT_CHUNK <= queued + DEFAULT_CHUNK, "the stream stopped at CLOSE");
+        assert_eq!(p.counters().stream_aborts, 1);
+    }
+
+    #[test]
+    fn a_reopen_delay_over_the_limit_is_refused() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        for ms in [60_001, NO_REOPEN] {
+            expect_error(&request(&mut p, &mut e, &Message::Close { reopen_after_ms: ms }, session), error_code::LIMIT);
+        }
+        assert_eq!(p.close_request(), None, "the port stays open");
+        let sent = request(&mut p, &mut e, &Message::Close { reopen_after_ms: 60_000 }, session);
+        assert!(matches!(&sent[..], [(_, Message::Bye { reopen_after_ms: 60_000, .. })]), "{sent:?}");
     }
 
     #[test]

@@ -16,6 +16,12 @@ pub struct Limits {
     /// Bytes one port writes in one service call before the event loop serves the others and
     /// the port's own input again (a stream never starves a HELLO_REQUEST or another port).
     pub write_budget: usize,
+    /// Bytes one port reads in one service call before the event loop serves the others (input
+    /// that needs no answer, such as SINK data, never starves another port).
+    pub read_budget: usize,
+    /// Longest delay a CLOSE may ask before the agent reopens the port, in ms; longer (and
+    /// "never") is refused with ERROR limit, so no host can keep a port closed.
+    pub max_reopen_delay_ms: u32,
 }
 
 /// The default stream limit: 16 GiB.
@@ -29,6 +35,8 @@ impl Default for Limits {
             max_guest_ops_per_handle: 64,
             decode_reports_per_sec: 10,
             write_budget: 256 * 1024,
+            read_budget: 1024 * 1024,
+            max_reopen_delay_ms: 60_000,
         }
     }
 }

@@ -14,8 +14,10 @@ use vport_tests::{TestVm, REPLY_TIMEOUT};
 
 const PORT: &str = "org.vport.0";
 
-/// A fresh connection with a handshake and an echo: the agent serves.
-fn fresh(vm: &TestVm, after: &str) -> Link<UnixStream> {
+/// Leaves `old` (QEMU serves one client at a time: the next one waits until this one is gone),
+/// then makes a fresh connection with a handshake and an echo: the agent serves.
+fn fresh(vm: &TestVm, old: Link<UnixStream>, after: &str) -> Link<UnixStream> {
+    drop(old);
     let started = Instant::now();
     let mut link = vm.connect(PORT);
     let hs = vm.handshake(&mut link);
@@ -81,21 +83,21 @@ fn hostile_bytes_are_survived_answered_and_the_agent_keeps_serving() {
     }
     raw(&mut link, &junk);
     decode_report(&vm, &mut link, "64 KiB of random bytes", "skipped");
-    link = fresh(&vm, "64 KiB of random bytes");
+    link = fresh(&vm, link, "64 KiB of random bytes");
 
     // 2. A wrong header CRC.
     let mut w = ping(&link);
     w[20] ^= 0xFF;
     raw(&mut link, &w);
     decode_report(&vm, &mut link, "a wrong header crc", "bad header crc");
-    link = fresh(&vm, "a wrong header crc");
+    link = fresh(&vm, link, "a wrong header crc");
 
     // 3. A wrong frame CRC.
     let mut w = ping(&link);
     w[HEADER_LEN] ^= 0xFF;
     raw(&mut link, &w);
     decode_report(&vm, &mut link, "a wrong frame crc", "bad frame crc");
-    link = fresh(&vm, "a wrong frame crc");
+    link = fresh(&vm, link, "a wrong frame crc");
 
     // 4. A length over the agent's limit (1 MiB): refused from the header alone.
     let mut w = ping(&link);
@@ -103,7 +105,7 @@ fn hostile_bytes_are_survived_answered_and_the_agent_keeps_serving() {
     fix_header_crc(&mut w);
     raw(&mut link, &w[..HEADER_LEN]);
     decode_report(&vm, &mut link, "a length over the limit", "exceeds the limit of 1048576");
-    link = fresh(&vm, "a length over the limit");
+    link = fresh(&vm, link, "a length over the limit");
 
     // 5. An unknown version.
     let mut w = ping(&link);
@@ -111,19 +113,19 @@ fn hostile_bytes_are_survived_answered_and_the_agent_keeps_serving() {
     fix_header_crc(&mut w);
     raw(&mut link, &w);
     decode_report(&vm, &mut link, "an unknown version", "unknown protocol version 2");
-    link = fresh(&vm, "an unknown version");
+    link = fresh(&vm, link, "an unknown version");
 
     // 6. An unknown type.
     let w = Frame::new(0x66, link.session(), 5, vec![1, 2]).encode().unwrap();
     raw(&mut link, &w);
     expect_error(&vm, &mut link, "an unknown type", |code, about| code == error_code::UNKNOWN_TYPE && about == 0x66);
-    link = fresh(&vm, "an unknown type");
+    link = fresh(&vm, link, "an unknown type");
 
     // 7. A malformed payload (a PING of 3 bytes instead of 8).
     let w = Frame::new(MessageType::Ping as u8, link.session(), 6, vec![1, 2, 3]).encode().unwrap();
     raw(&mut link, &w);
     expect_error(&vm, &mut link, "a malformed payload", |code, about| code == error_code::MALFORMED && about == 0x10);
-    link = fresh(&vm, "a malformed payload");
+    link = fresh(&vm, link, "a malformed payload");
 
     // 8. Another session's id: answered outside any session (0), which every host accepts.
     let other = link.session() ^ 0x5A5A_5A5A;
@@ -134,24 +136,24 @@ fn hostile_bytes_are_survived_answered_and_the_agent_keeps_serving() {
     });
     assert_eq!(session, 0);
     assert!(text.contains(&format!("{other:#010x}")), "{text}");
-    link = fresh(&vm, "another session's id");
+    link = fresh(&vm, link, "another session's id");
 
     // 9. Requests before the handshake, on a new connection.
-    drop(link);
-    let mut early = vm.connect(PORT);
+    let mut early = {
+        drop(link);
+        vm.connect(PORT)
+    };
     for m in [Message::Stats, Message::Echo(b"early".to_vec())] {
         raw(&mut early, &m.to_frame(0, 1).unwrap().encode().unwrap());
         let what = format!("{:?} before the handshake", m.kind());
         expect_error(&vm, &mut early, &what, |code, about| code == error_code::BAD_STATE && about == m.kind() as u8);
     }
-    drop(early);
-    link = fresh(&vm, "requests before the handshake");
+    link = fresh(&vm, early, "requests before the handshake");
 
     // 10. A truncated frame, then the client leaves.
     let w = Message::Echo(vec![0xAB; 64 * 1024]).to_frame(link.session(), 8).unwrap().encode().unwrap();
     raw(&mut link, &w[..w.len() / 2]);
-    drop(link);
-    let mut link = fresh(&vm, "a truncated frame then disconnect");
+    let mut link = fresh(&vm, link, "a truncated frame then disconnect");
 
     let stats = link.agent_stats(REPLY_TIMEOUT).unwrap();
     eprintln!(
