@@ -845,6 +845,7 @@ fn op(h: &mut Harness, input: &mut Input) {
             let kind = input.u8();
             let n = usize::from(input.u16());
             let payload = input.bytes(n).to_vec();
+            // At most 64 KiB of payload: an encode failure is a finding in the encoder.
             h.feed(Frame::new(kind, session, u32::from(sel), payload).encode().expect("a 64 KiB frame encodes"));
         }
         ops::REQUEST => {

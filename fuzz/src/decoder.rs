@@ -344,6 +344,7 @@ pub fn build_stream(input: &mut Input) -> Vec<u8> {
                 out.extend(f);
             }
             5 => {
+                // Empty and 64 KiB payloads are within the format: expect cannot fail.
                 let mut h = Frame::new(input.u8(), 0, 0, Vec::new()).encode().expect("empty frame encodes");
                 h.truncate(HEADER_LEN);
                 h[16..20].copy_from_slice(&input.u32().to_le_bytes());
