@@ -169,7 +169,8 @@ pub const NO_MISMATCH: u64 = u64::MAX;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum ProbeKind {
-    /// `open(path, O_RDWR|O_NONBLOCK)` of the port's node (closed again at once on success):
+    /// `open(path, O_RDWR|O_NONBLOCK|O_CLOEXEC|O_NOCTTY)` of the port's node (closed again at
+    /// once on success):
     /// EBUSY is expected while the agent holds the port.
     Open = 1,
     /// `lseek(fd, 0, SEEK_CUR)`: ESPIPE expected.
@@ -181,7 +182,7 @@ pub enum ProbeKind {
     Poll = 4,
     /// `pread(fd, buf, 1, 0)`: ESPIPE expected.
     Pread = 5,
-    /// `pwrite(fd, "", 0, 0)` with one byte: ESPIPE expected.
+    /// `pwrite(fd, "p", 1, 0)`: one byte at offset 0; ESPIPE expected.
     Pwrite = 6,
 }
 
@@ -191,7 +192,8 @@ pub enum ProbeKind {
 pub enum ProbeTarget {
     /// The fd the agent serves the port on.
     OwnFd = 0,
-    /// A second fd, opened for the probe (`O_RDWR|O_NONBLOCK`) and closed after it; if that
+    /// A second fd, opened for the probe (`O_RDWR|O_NONBLOCK|O_CLOEXEC|O_NOCTTY`) and closed
+    /// after it; if that
     /// open fails, the result is the open's.
     SecondFd = 1,
 }
@@ -297,11 +299,13 @@ wire_enum!(StateCode { Disconnected, Connected, Ready });
 /// when it ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestOp {
-    /// `open(path, O_RDWR | flags)`. `port` is a port name (looked up in sysfs) or a path
-    /// (`/dev/vportNpM`, `/dev/hvc0`). Done: `ret` = the new handle (> 0) or -1 and `errno`;
-    /// `data` = the device path opened.
+    /// `open(node, O_RDWR|O_CLOEXEC|O_NOCTTY|O_NOFOLLOW [|O_NONBLOCK])` of a virtio-serial port
+    /// node. `port` is a port reference: a sysfs port name, a node name `vportNpM`,
+    /// `/dev/vportNpM` or `/dev/virtio-ports/NAME`, always resolved through sysfs (anything else
+    /// is refused with ERROR denied; see `docs/security.md`). Done: `ret` = the new handle (> 0)
+    /// or -1 and `errno` (ENOENT: no such port in sysfs); `data` = the device path opened.
     Open {
-        /// Port name or absolute path.
+        /// Port reference (see above).
         port: String,
         /// Open with `O_NONBLOCK`.
         nonblock: bool,
@@ -449,7 +453,7 @@ pub enum Message {
     Bye {
         /// When the agent will reopen the port, or [`NO_REOPEN`].
         reopen_after_ms: u32,
-        /// Why (`close command`, `reopen command`, `shutdown`).
+        /// Why (`close requested`, `reopen requested`, `shutdown`).
         reason: String,
     },
     /// Close the port and reopen it after `reopen_after_ms` (answered with BYE).

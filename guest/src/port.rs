@@ -1032,9 +1032,12 @@ impl<I: PortIo> Port<I> {
     /// `stale_frames`, `sessions`, `hello_repeats`, `illegal_transitions`, `errors_sent`,
     /// `errors_received`, `dropped_bytes`, `short_writes`, `queue_overflows`, `ebusy` (EBUSY met
     /// opening this port), `opens`, `closes`, `stream_aborts`, `bye_flush_timeouts`,
-    /// `sigio_signals`, `queued` (bytes waiting now). Agent-wide ([`Env::agent_stats`]):
-    /// `wakeups`, `ebusy_total`, `rss_kib`, `uptime_ns`, `cpu_ns`, `ports_open`, `pid`,
-    /// `sigio_overflows`. Counters survive a close/reopen and an unplug/replug of the same name.
+    /// `sigio_signals`, `torn_frames`, `decode_reports`, `decode_reports_held_back`,
+    /// `refusals` (ERROR limit or denied sent), `queued` (bytes waiting now). Agent-wide
+    /// ([`Env::agent_stats`]): `wakeups`, `ebusy_total`, `rss_kib`, `uptime_ns`, `cpu_ns`,
+    /// `ports_open`, `pid`, `sigio_overflows`, `missed_wakeups`, `euid`, `egid`,
+    /// `guest_ops_allowed`. Counters survive a close/reopen and an unplug/replug of the same
+    /// name (`queued` is the present).
     pub fn stats(&self, env: &mut impl Env) -> Vec<(String, u64)> {
         let c = &self.counters;
         let d = self.decoder.stats();

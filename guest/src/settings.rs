@@ -34,8 +34,8 @@ impl Default for Limits {
             max_guest_op_handles: 16,
             max_guest_ops_per_handle: 64,
             decode_reports_per_sec: 10,
-            write_budget: 256 * 1024,
-            read_budget: 1024 * 1024,
+            write_budget: 64 * 1024,
+            read_budget: 256 * 1024,
             max_reopen_delay_ms: 60_000,
         }
     }
