@@ -224,9 +224,10 @@ pub struct PortError {
 pub enum Health {
     /// Still usable; nothing more to do until the next readiness event.
     Open,
-    /// Still usable, and it stopped at its write budget ([`crate::settings::Limits::write_budget`])
-    /// with more to write while the port could take it: serve it again soon, without waiting
-    /// for an event (none will come for work that did not block).
+    /// Still usable, and it stopped at its write or read budget
+    /// ([`crate::settings::Limits::write_budget`], [`crate::settings::Limits::read_budget`])
+    /// with more to do: serve it again soon, without waiting for an event (none will come for
+    /// work that did not block).
     MoreWork,
     /// ENODEV: the port was hot-unplugged; close and forget it.
     Unplugged,

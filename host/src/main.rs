@@ -209,12 +209,21 @@ struct VmArgs {
     /// Log level of vport-agent inside the guest (its log goes to the guest console).
     #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     agent_log_level: String,
+    /// Start vport-agent with --allow-guest-ops: a host client may then open the guest's other
+    /// virtio-serial ports through the agent (GUEST_OP). Off by default, as in the agent
+    /// (docs/security.md).
+    #[arg(long)]
+    allow_guest_ops: bool,
 }
 
 impl VmArgs {
     /// Arguments for vport-agent, passed on the kernel command line.
     fn agent_args(&self) -> Vec<String> {
-        vec!["--log-level".into(), self.agent_log_level.clone()]
+        let mut args = vec!["--log-level".into(), self.agent_log_level.clone()];
+        if self.allow_guest_ops {
+            args.push("--allow-guest-ops".into());
+        }
+        args
     }
 
     /// The VM settings for `img` with `ports` and these options.
@@ -606,4 +615,26 @@ fn cmd_conformance(args: ConformanceArgs, progress: &Progress) -> Result<(), Fai
         return Err(failed(anyhow::anyhow!("conformance cases failed")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boot_args(args: &[&str]) -> BootArgs {
+        match Cli::try_parse_from(std::iter::once("vport").chain(["boot"]).chain(args.iter().copied())) {
+            Ok(Cli { command: Command::Boot(b), .. }) => b,
+            Ok(_) => panic!("not the boot command"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn guest_ops_reach_the_agent_only_when_asked_for() {
+        assert_eq!(boot_args(&[]).vm.agent_args(), ["--log-level", "info"]);
+        assert_eq!(
+            boot_args(&["--allow-guest-ops", "--agent-log-level", "debug"]).vm.agent_args(),
+            ["--log-level", "debug", "--allow-guest-ops"]
+        );
+    }
 }
