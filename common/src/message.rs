@@ -160,8 +160,11 @@ pub struct Hello {
     pub agent_time_ns: u64,
 }
 
-/// `Bye::reopen_after_ms` value meaning "not reopening".
+/// `Bye::reopen_after_ms` value meaning "not reopening" (sent only at the agent's shutdown).
 pub const NO_REOPEN: u32 = u32::MAX;
+/// The longest `reopen_after_ms` a CLOSE may ask of vport-agent (its default limit): longer is
+/// refused with ERROR limit, so no host can keep a port closed.
+pub const MAX_REOPEN_DELAY_MS: u32 = 60_000;
 /// `SinkResult::first_mismatch` value meaning "every byte matched".
 pub const NO_MISMATCH: u64 = u64::MAX;
 

@@ -16,9 +16,10 @@
 //!     +------------> Failed ----------+  (retried on the next uevent naming the port)
 //! ```
 //!
-//! An open port whose service call stopped at its write budget (`Health::MoreWork`) is served
-//! again on the next turn of the loop without waiting in `epoll_wait`, after the other ports'
-//! events: a long stream on one port never starves another port, or its own input.
+//! An open port whose service call stopped at its write or read budget (`Health::MoreWork`) is
+//! served again on the next turn of the loop without waiting in `epoll_wait`, after the other
+//! ports' events: a long stream or a flood of input on one port never starves another port,
+//! and a stream never starves its own port's input.
 //!
 //! A CLOSE/REOPEN command moves an open port through `Closing` (its BYE is flushed on writable
 //! edges, for at most [`BYE_FLUSH_BOUND`]; then it is closed anyway and the timeout counted) to
@@ -215,7 +216,7 @@ pub struct EventLoop {
     rechecks: Rechecks,
     /// Nodes of ports that were not accessible, watched for a permission change.
     perms: PermWatch,
-    /// Open ports that stopped at their write budget: served again on the next turn.
+    /// Open ports that stopped at their write or read budget: served again on the next turn.
     more_work: BTreeSet<String>,
 }
 
@@ -530,6 +531,9 @@ impl EventLoop {
 
     fn try_open(&mut self, w: &Wanted, prev_delay: Option<Duration>) {
         let path = self.config.dev_root.join(&w.dev);
+        // Whatever brought this attempt (a uevent, a back-off), a wait for permissions ends here;
+        // an EACCES below starts a new one.
+        self.perms.unwatch(&w.dev);
         let io = match FdIo::open_port(&path) {
             Ok(io) => io,
             Err(e) if e.source == Errno::EBUSY => {
@@ -660,15 +664,12 @@ impl EventLoop {
             log::warn!("port {}: BYE not written within {BYE_FLUSH_BOUND:?}; closing anyway", port.name());
         }
         let name = port.name().to_owned();
+        let cause = port.close_cause();
         self.closing.remove(dev);
-        let cause = if ms == 0 { "reopen requested" } else { "close requested" };
         self.close(dev, cause);
-        if ms == NO_REOPEN {
-            self.ports.insert(dev.to_owned(), Slot::Failed { name });
-        } else {
-            let deadline = Instant::now() + Duration::from_millis(u64::from(ms));
-            self.ports.insert(dev.to_owned(), Slot::Reopen { name, deadline });
-        }
+        // The delay is bounded by the agent's limit (a longer CLOSE was refused).
+        let deadline = Instant::now() + Duration::from_millis(u64::from(ms));
+        self.ports.insert(dev.to_owned(), Slot::Reopen { name, deadline });
     }
 
     /// Sends the completions guest-op workers reported to the control ports that asked.

@@ -423,13 +423,17 @@ fn worker(
     };
     for job in jobs {
         match job {
-            Job::Op { op_id, owner, .. } if ctl.released.load(Ordering::SeqCst) => {
-                let why = "not run: the session that asked for it ended".to_owned();
-                send(owner, failed(op_id, Errno::ECANCELED, why));
-            }
             Job::Op { op_id, op, owner } => {
                 let start = Instant::now();
+                // Busy first, then the release check: a release either sees the worker busy
+                // (and interrupts the call) or is seen here (and the op does not run).
                 ctl.busy.store(true, Ordering::SeqCst);
+                if ctl.released.load(Ordering::SeqCst) {
+                    ctl.busy.store(false, Ordering::SeqCst);
+                    let why = "not run: the session that asked for it ended".to_owned();
+                    send(owner, failed(op_id, Errno::ECANCELED, why));
+                    continue;
+                }
                 let mut d = run(fd.as_fd(), op);
                 ctl.busy.store(false, Ordering::SeqCst);
                 d.op_id = op_id;

@@ -6,22 +6,34 @@
 //! # How a port is serviced
 //!
 //! The event loop calls [`Port::service`] after registering the port and after every readiness
-//! event on it. Registration is edge-triggered, so one call does everything that is possible
-//! now, in this order:
+//! event on it. Registration is edge-triggered, so one call does what is possible now, within
+//! the port's budgets ([`crate::settings::Limits`]), in this order:
 //!
 //! 1. `poll(2)` the exact mask: POLLHUP set means no host client is attached. A host that
 //!    appeared starts a session (HELLO); a host that went away ends it.
 //! 2. Drain reads until EAGAIN or 0, handing complete frames to `Port::handle_frame` as they
 //!    arrive while a session is live. `read() == 0` means "no host", not end of file; ENODEV
 //!    means unplugged. Reading pauses while the output queue is above [`READ_HIGH_WATER`]
-//!    (backpressure to the host); the next writable edge resumes it.
+//!    (backpressure to the host; the next writable edge resumes it), stops at the read budget,
+//!    and stops for good once a CLOSE was served.
 //! 3. `poll(2)` again (the host may have come or gone while reading), then handle frames that
-//!    were buffered while no session was live.
-//! 4. Flush the output queue until it is empty or EAGAIN, at most [`MAX_WRITE`] bytes per call.
+//!    were buffered while no session was live; report the garbage skipped (ERROR decode).
+//! 4. Flush the output queue until it is empty, EAGAIN, or the write budget is spent, at most
+//!    [`MAX_WRITE`] bytes per call.
 //!
-//! Frames are queued whole and written in order, so short writes never interleave frames.
-//! A running SOURCE is generated lazily between steps 3 and 4: frames are added only while the
-//! queue holds less than [`SOURCE_LOW_WATER`], so an 8 MiB stream never sits in memory.
+//! A call that stopped at a budget returns [`Health::MoreWork`]: the loop calls again after
+//! serving the other ports. Frames are queued whole and written in order, so short writes never
+//! interleave frames. A running SOURCE is generated lazily between steps 3 and 4: frames are
+//! added only while the queue holds less than [`SOURCE_LOW_WATER`], so a long stream never sits
+//! in memory.
+//!
+//! # Safety rules every path keeps
+//!
+//! - BYE is the last frame of its session: nothing is queued after it.
+//! - A HELLO_REQUEST in READY ends the old session's work (streams, unsent output, guest-op
+//!   handles) before the new HELLO; a frame already on the wire is finished, never torn.
+//! - Decode errors and garbage are reported to the host (ERROR decode), at most
+//!   [`crate::settings::Limits::decode_reports_per_sec`] per second.
 //!
 //! # Commands (all need a READY session and the request's session id; else ERROR bad-state)
 //!
@@ -287,6 +299,8 @@ pub struct Counters {
     pub skipped_bytes_before: u64,
     /// Requests refused by a limit or the policy (ERROR limit or denied).
     pub refusals: u64,
+    /// Frames not queued because the session's BYE was already queued (late replies).
+    pub after_bye_dropped: u64,
 }
 
 /// What survives a close and reopen of a port (and an unplug and replug of the same name):
@@ -402,6 +416,8 @@ pub struct Port<I> {
     sink: Option<SinkJob>,
     /// A CLOSE/REOPEN was served: reopen after this many ms ([`NO_REOPEN`]: not at all).
     close_request: Option<u32>,
+    /// Why the port closes once `close_request` is set (`close requested`, `reopen requested`).
+    close_cause: &'static str,
     /// GUEST_OP requests accepted in a READY session, for the event loop to run.
     guest_ops: Vec<GuestOpRequest>,
     /// Rate limit of the decode-error reports.
@@ -452,6 +468,7 @@ impl<I: PortIo> Port<I> {
             source: None,
             sink: None,
             close_request: None,
+            close_cause: "close requested",
             guest_ops: Vec::new(),
             reports,
             skipped_seen: 0,
@@ -476,6 +493,11 @@ impl<I: PortIo> Port<I> {
     /// ([`NO_REOPEN`]: stay closed). Frames are no longer handled once it is set.
     pub fn close_request(&self) -> Option<u32> {
         self.close_request
+    }
+
+    /// Why the port closes (the life-cycle cause and BYE reason of the served CLOSE/REOPEN).
+    pub fn close_cause(&self) -> &'static str {
+        self.close_cause
     }
 
     /// The GUEST_OP requests accepted since the last call. The event loop runs them
@@ -769,6 +791,15 @@ impl<I: PortIo> Port<I> {
                 Some(Err(e)) => {
                     self.counters.decode_errors += 1;
                     log::debug!("port {}: {e}", self.name);
+                    // Garbage before the damaged frame is reported first; the bytes of the
+                    // frame itself (skipped from its magic on) are the error's.
+                    // (After an earlier error in this turn, the bytes between are its frame's.)
+                    let stats = self.decoder.stats();
+                    let damage = stats.last_skip_end.saturating_sub(e.offset());
+                    if !self.damage_reported {
+                        self.report_garbage(stats.skipped_bytes.saturating_sub(damage), e.offset(), env);
+                    }
+                    self.skipped_seen = stats.skipped_bytes;
                     if matches!(e, DecodeError::Torn { .. }) {
                         self.counters.torn_frames += 1;
                         torn = Some(e.to_string());
@@ -789,13 +820,22 @@ impl<I: PortIo> Port<I> {
     /// no decode error explained) as one ERROR decode: a burst of garbage gets one report.
     fn report_skipped(&mut self, env: &mut impl Env) {
         let stats = self.decoder.stats();
-        let new = stats.skipped_bytes.saturating_sub(self.skipped_seen);
+        if self.damage_reported {
+            self.skipped_seen = stats.skipped_bytes;
+            return;
+        }
+        self.report_garbage(stats.skipped_bytes, stats.last_skip_end, env);
         self.skipped_seen = stats.skipped_bytes;
-        if new > 0 && !self.damage_reported && self.machine.state().session().is_some() {
+    }
+
+    /// Reports the bytes skipped since the last look when the decoder's count is `skipped`,
+    /// the last of them just before stream offset `end`.
+    fn report_garbage(&mut self, skipped: u64, end: u64, env: &mut impl Env) {
+        let new = skipped.saturating_sub(self.skipped_seen);
+        if new > 0 && self.machine.state().session().is_some() {
             let text = format!(
-                "skipped {new} bytes that are not part of any frame, the last just before stream offset {} \
-                 (a frame starts with the magic f5 56 50 52)",
-                stats.last_skip_end
+                "skipped {new} bytes that are not part of any frame, the last just before stream offset {end} \
+                 (a frame starts with the magic f5 56 50 52)"
             );
             self.report_decode(&text, env);
         }
@@ -937,6 +977,7 @@ impl<I: PortIo> Port<I> {
         if self.bye_queued {
             // BYE ends the session on the wire: a late reply (a guest-op completion, a second
             // BYE at shutdown) is dropped, never sent after it.
+            self.counters.after_bye_dropped += 1;
             log::debug!("port {}: {:?} after BYE dropped", self.name, msg.kind());
             return false;
         }
@@ -1034,7 +1075,8 @@ impl<I: PortIo> Port<I> {
     /// `errors_received`, `dropped_bytes`, `short_writes`, `queue_overflows`, `ebusy` (EBUSY met
     /// opening this port), `opens`, `closes`, `stream_aborts`, `bye_flush_timeouts`,
     /// `sigio_signals`, `torn_frames`, `decode_reports`, `decode_reports_held_back`,
-    /// `refusals` (ERROR limit or denied sent), `queued` (bytes waiting now). Agent-wide
+    /// `refusals` (ERROR limit or denied), `after_bye_dropped` (late replies not sent after a
+    /// BYE), `queued` (bytes waiting now). Agent-wide
     /// ([`Env::agent_stats`]): `wakeups`, `ebusy_total`, `rss_kib`, `uptime_ns`, `cpu_ns`,
     /// `ports_open`, `pid`, `sigio_overflows`, `missed_wakeups`, `euid`, `egid`,
     /// `guest_ops_allowed`. Counters survive a close/reopen and an unplug/replug of the same
@@ -1068,6 +1110,7 @@ impl<I: PortIo> Port<I> {
             ("decode_reports", c.decode_reports),
             ("decode_reports_held_back", c.decode_reports_held_back),
             ("refusals", c.refusals),
+            ("after_bye_dropped", c.after_bye_dropped),
             ("queued", self.out.len() as u64),
         ]
         .into_iter()
@@ -1098,7 +1141,7 @@ impl<I: PortIo> Port<I> {
     /// CLOSE/REOPEN: BYE, then the loop closes the port (see [`Port::close_request`]). A
     /// running stream stops here (nothing is added after the BYE); a delay over the limit is
     /// refused (ERROR limit), so no host can keep the port closed for long.
-    fn on_close(&mut self, h: &Header, reopen_after_ms: u32, reason: &str) {
+    fn on_close(&mut self, h: &Header, reopen_after_ms: u32, reason: &'static str) {
         let max = self.settings.limits.max_reopen_delay_ms;
         if reopen_after_ms > max {
             self.counters.refusals += 1;
@@ -1116,6 +1159,7 @@ impl<I: PortIo> Port<I> {
         );
         self.send(&Message::Bye { reopen_after_ms, reason: reason.to_owned() }, h.session);
         self.close_request = Some(reopen_after_ms);
+        self.close_cause = reason;
     }
 
     fn on_sigio_request(&mut self, h: &Header, action: SigioAction) {
@@ -2345,6 +2389,103 @@ mod tests {
             matches!(&sent[..], [(_, Message::Error { text, .. })] if text.contains("(21 earlier reports held back")),
             "{sent:?}"
         );
+    }
+
+    #[test]
+    fn a_burst_of_garbage_gets_one_report_naming_where_it_ended() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        let start = p.decoder.stream_offset();
+        // 20 KiB of garbage in five reads, then a PING: one report, the garbage ending where the
+        // PING begins, then the PONG.
+        let mut bytes = vec![b'x'; 20 * 1024];
+        bytes.extend(wire(&Message::Ping { time_ns: 5 }, session, 2));
+        feed(&mut p, &bytes);
+        p.service(&mut e).unwrap();
+        let sent = take_sent(&mut p);
+        let want = format!(
+            "skipped 20480 bytes that are not part of any frame, the last just before stream offset {}",
+            start + 20480
+        );
+        assert!(
+            matches!(&sent[..], [(_, Message::Error { code: error_code::DECODE, text, .. }), (_, Message::Pong { .. })]
+            if text.starts_with(&want)),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
+    fn garbage_before_a_damaged_frame_is_reported_before_the_frame() {
+        let (mut p, mut e) = (port(), env());
+        let session = ready(&mut p, &mut e);
+        let start = p.decoder.stream_offset();
+        let mut bytes = b"hello agent\n".to_vec();
+        let mut bad = wire(&Message::Ping { time_ns: 1 }, session, 2);
+        bad[30] ^= 0xFF; // the payload: a bad frame crc
+        bytes.extend(&bad);
+        feed(&mut p, &bytes);
+        p.service(&mut e).unwrap();
+        let texts: Vec<String> = take_sent(&mut p)
+            .into_iter()
+            .map(|(_, m)| match m {
+                Message::Error { code: error_code::DECODE, text, .. } => text,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(texts.len(), 2, "{texts:?}");
+        assert!(
+            texts[0].starts_with(&format!(
+                "skipped 12 bytes that are not part of any frame, the last just before stream offset {}",
+                start + 12
+            )),
+            "{texts:?}"
+        );
+        assert_eq!(texts[1], format!("bad frame crc at stream offset {}", start + 12));
+    }
+
+    #[test]
+    fn reading_stops_at_the_read_budget_and_goes_on_at_the_next_turn() {
+        let limits = Limits { read_budget: 10 * 1024, ..Limits::default() };
+        let (mut p, mut e) = (port_with(Settings { limits, ..Settings::default() }), env());
+        let session = ready(&mut p, &mut e);
+        // 64 KiB of SINK data that needs no answer: a flood no output queue would stop.
+        feed(&mut p, &wire(&Message::Sink { seed: 4, bytes: 60_000 }, session, 1));
+        let mut data = vec![0u8; 60_000];
+        pattern::fill(4, 0, &mut data);
+        feed(&mut p, &wire(&Message::Data { offset: 0, bytes: data }, session, 2));
+        let before = p.counters().bytes_in;
+        assert_eq!(p.service(&mut e).unwrap(), Health::MoreWork);
+        let taken = p.counters().bytes_in - before;
+        // The read that crosses the budget is the last one of the turn.
+        assert!(taken <= (10 * 1024 + READ_BUF) as u64, "{taken} bytes read in one turn");
+        let calls = service_until_idle(&mut p, &mut e);
+        assert!(calls >= 4, "{calls}");
+        let sent = take_sent(&mut p);
+        assert!(
+            matches!(&sent[..], [(_, Message::SinkResult { bytes: 60_000, first_mismatch: NO_MISMATCH, .. })]),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
+    fn skipped_bytes_and_held_back_reports_survive_a_reopen() {
+        let (mut p, mut e) = (port(), env());
+        ready(&mut p, &mut e);
+        feed(&mut p, b"garbage!");
+        p.service(&mut e).unwrap();
+        let get =
+            |p: &Port<Fake>, e: &mut TestEnv, n: &str| p.stats(e).into_iter().find(|(k, _)| k == n).map(|(_, v)| v);
+        assert_eq!(get(&p, &mut e, "skipped_bytes"), Some(8));
+        let carry = p.into_carry();
+        let p2 = Port::with_carry(
+            "org.vport.0".into(),
+            "vport0p1".into(),
+            Fake::new(),
+            Rc::new(AgentInfo { agent_version: "x".into(), kernel_release: "k".into(), boot_id: "b".into() }),
+            Rc::new(Settings::default()),
+            carry,
+        );
+        assert_eq!(get(&p2, &mut e, "skipped_bytes"), Some(8));
     }
 
     #[test]

@@ -36,7 +36,7 @@ impl Default for Limits {
             decode_reports_per_sec: 10,
             write_budget: 64 * 1024,
             read_budget: 256 * 1024,
-            max_reopen_delay_ms: 60_000,
+            max_reopen_delay_ms: vport_common::message::MAX_REOPEN_DELAY_MS,
         }
     }
 }

@@ -744,16 +744,46 @@ impl Session {
     /// Asks the agent to close the port (CLOSE, reopening after `reopen_after_ms`) and waits up
     /// to `timeout` for the session's end (normally [`EndReason::GuestClosed`] on the BYE).
     pub fn close_guest(&mut self, reopen_after_ms: u32, timeout: Duration) -> Result<EndReason, SessionError> {
-        self.send(&Message::Close { reopen_after_ms })?;
-        self.wait_end(timeout)
+        self.request_end(&Message::Close { reopen_after_ms }, timeout)
     }
 
     /// Asks the agent to close the port and reopen it at once (REOPEN) and waits up to `timeout`
     /// for the session's end (normally [`EndReason::GuestClosed`] on the BYE); the reopened
     /// port's session comes from the next [`PortServer::accept`].
     pub fn reopen_guest(&mut self, timeout: Duration) -> Result<EndReason, SessionError> {
-        self.send(&Message::Reopen)?;
-        self.wait_end(timeout)
+        self.request_end(&Message::Reopen, timeout)
+    }
+
+    /// Sends `msg` and waits up to `timeout` for the session's end; an agent ERROR answering
+    /// `msg` (a refused CLOSE) is [`SessionError::Agent`].
+    fn request_end(&mut self, msg: &Message, timeout: Duration) -> Result<EndReason, SessionError> {
+        let seq = self.send_request(msg)?;
+        let kind = msg.kind() as u8;
+        let deadline = Instant::now() + timeout;
+        let mut c = lock(&self.core);
+        loop {
+            if let Some(r) = c.end_of(self.generation) {
+                return Ok(r);
+            }
+            match c.pump(self.generation, deadline, "end of the session") {
+                Pumped::Frame(r) => match &r.message {
+                    Ok(Message::Error { code, text, about_kind, about_seq })
+                        if (*about_kind, *about_seq) == (kind, seq) =>
+                    {
+                        return Err(SessionError::Agent { port: self.port.clone(), code: *code, text: text.clone() })
+                    }
+                    other => log::debug!("port {}: discarding {other:?} while waiting for the end", self.port),
+                },
+                Pumped::Ended => {}
+                Pumped::Timeout => {
+                    return Err(SessionError::Timeout {
+                        port: self.port.clone(),
+                        what: "end of the session".into(),
+                        timeout,
+                    })
+                }
+            }
+        }
     }
 
     /// Waits up to `timeout` for the session to end and returns why; frames read meanwhile are
@@ -936,11 +966,15 @@ mod tests {
             self.send(id.session, &Message::Hello(h));
         }
         fn recv(&mut self) -> (u32, Message) {
+            let (h, m) = self.recv_frame();
+            (h.session, m)
+        }
+        fn recv_frame(&mut self) -> (vport_common::Header, Message) {
             let mut buf = [0u8; 4096];
             loop {
                 if let Some(f) = self.dec.next_frame() {
                     let f = f.unwrap();
-                    return (f.header.session, Message::from_frame(&f).unwrap());
+                    return (f.header, Message::from_frame(&f).unwrap());
                 }
                 let n = self.s.read(&mut buf).unwrap();
                 assert!(n > 0, "host closed");
@@ -1016,6 +1050,32 @@ mod tests {
         let whats: Vec<_> = srv.endpoint_events().history().iter().map(|e| e.what).collect();
         assert_eq!(whats, [EndpointEventKind::Connected, EndpointEventKind::ClosedByHost]);
         assert_eq!(srv.state(), Idle);
+    }
+
+    #[test]
+    fn a_refused_close_is_an_agent_error_not_a_timeout() {
+        let (mut srv, agents, _qmp) = server();
+        let guest = std::thread::spawn(move || {
+            let mut g = agent(&agents);
+            g.recv();
+            g.hello(A);
+            g.recv();
+            loop {
+                let (h, m) = g.recv_frame();
+                if matches!(m, Message::Close { .. }) {
+                    g.send(A.session, &Message::error_for(&h, error_code::LIMIT, "a reopen delay of 70000 ms exceeds"));
+                    break;
+                }
+            }
+            g.serve(A, |_| false);
+        });
+        let mut s1 = srv.accept(T).unwrap();
+        let err = s1.close_guest(70_000, T).unwrap_err();
+        assert!(matches!(err, SessionError::Agent { code: error_code::LIMIT, .. }), "{err}");
+        assert_eq!(s1.end_reason(), None, "the session goes on");
+        drop(s1);
+        drop(srv);
+        let _ = guest.join();
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crossbeam_channel::{Receiver, Sender};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use vport_common::message::MAX_REOPEN_DELAY_MS;
 use vport_common::Message;
 
 /// How long a watcher blocks in one read before it looks at its command channel.
@@ -82,7 +83,7 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<(), WatchErr
 
 /// A command line that is not a command.
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("unknown command {0:?}: use `close PORT [MS]`, `reopen PORT`, `ping PORT` or `quit`")]
+#[error("bad command {0:?}: use `close PORT [MS]`, `reopen PORT`, `ping PORT` or `quit`")]
 pub struct ParseCommandError(pub String);
 
 /// Parses one line of input; `Ok(None)` for `quit` (and for end of input, by the caller).
@@ -92,7 +93,13 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, ParseCommandError> {
     match words.as_slice() {
         ["quit"] | ["exit"] => Ok(None),
         ["close", port] => Ok(Some(Command::Close { port: port.to_string(), ms: 1000 })),
-        ["close", port, ms] => Ok(Some(Command::Close { port: port.to_string(), ms: ms.parse().map_err(|_| bad())? })),
+        ["close", port, ms] => match ms.parse::<u32>() {
+            Ok(ms) if ms <= MAX_REOPEN_DELAY_MS => Ok(Some(Command::Close { port: port.to_string(), ms })),
+            _ => Err(ParseCommandError(format!(
+                "{}: the delay must be a whole number of milliseconds up to {MAX_REOPEN_DELAY_MS} (the agent's limit)",
+                line.trim()
+            ))),
+        },
         ["reopen", port] => Ok(Some(Command::Reopen { port: port.to_string() })),
         ["ping", port] => Ok(Some(Command::Ping { port: port.to_string() })),
         _ => Err(bad()),
@@ -220,6 +227,9 @@ mod tests {
         let err = parse_command("close p soon").unwrap_err();
         assert!(err.to_string().contains("close PORT [MS]"), "{err}");
         assert!(parse_command("teleport").is_err());
+        assert_eq!(parse_command("close p 60000"), Ok(Some(Command::Close { port: "p".into(), ms: 60_000 })));
+        let err = parse_command("close p 60001").unwrap_err();
+        assert!(err.to_string().contains("up to 60000 (the agent's limit)"), "{err}");
     }
 }
 

@@ -1,7 +1,7 @@
 //! Least privilege on a real VM: the agent runs as its own uid/gid (as the packaged systemd
 //! unit runs it), finds its port before the node is given to its group (root:root 0600, what
 //! devtmpfs makes), and takes the port as soon as `/init` grants it, the way the packaged udev
-//! rule does: no retry timer, no uevent, only the inotify watch on the node.
+//! rule does: no retry timer, no uevent, only the inotify watch on the node's directory.
 
 use vport_host::image::initscript::{unprivileged_params, Grant, AGENT_WAITING_FOR_PERMISSIONS, GRANTED};
 use vport_host::link::stat;
