@@ -672,15 +672,14 @@ impl EventLoop {
         self.ports.insert(dev.to_owned(), Slot::Reopen { name, deadline });
     }
 
-    /// Sends the completions guest-op workers reported to the control ports that asked.
+    /// Queues the completions guest-op workers reported on the control ports that asked; the
+    /// next turn of the loop writes them (within the port's write budget, like all output).
     fn deliver_guest_op_completions(&mut self) {
         for c in self.guest_ops.completions() {
             match self.ports.get_mut(&c.owner.dev) {
                 Some(Slot::Open { port, .. }) => {
                     if port.send_guest_op_done(c.owner.session, c.done) {
-                        if let Err(e) = port.flush_out() {
-                            log::warn!("{}", chain(&e));
-                        }
+                        self.more_work.insert(c.owner.dev.clone());
                     }
                 }
                 _ => log::info!("guest op {} finished after its control port {} closed", c.done.op_id, c.owner.dev),
@@ -688,11 +687,16 @@ impl EventLoop {
         }
     }
 
-    /// Runs the guest ops `dev`'s port accepted, answers the immediate ones, and closes the
-    /// handles of control sessions that ended.
+    /// Runs the guest ops `dev`'s port accepted, queues the immediate answers (written on the
+    /// next turn, within the write budget), and closes the handles of control sessions that
+    /// ended.
     fn run_guest_ops(&mut self, dev: &str) {
         if let Some(Slot::Open { port, .. }) = self.ports.get_mut(dev) {
-            for request in port.take_guest_ops() {
+            let requests = port.take_guest_ops();
+            if !requests.is_empty() {
+                self.more_work.insert(dev.to_owned());
+            }
+            for request in requests {
                 if !port.session_is_ready(request.session) {
                     // A HELLO_REQUEST read in the same batch ended the session that asked.
                     log::info!("guest op {}: its session ended before it ran; dropped", request.op_id);
@@ -708,9 +712,6 @@ impl EventLoop {
                         port.refuse_guest_op(&request, code, text);
                     }
                 }
-            }
-            if let Err(e) = port.flush_out() {
-                log::warn!("{}", chain(&e));
             }
         }
         self.release_guest_ops();
