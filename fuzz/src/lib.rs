@@ -16,6 +16,7 @@ pub mod agent_port;
 pub mod decoder;
 pub mod input;
 pub mod message;
+pub mod qmp;
 pub mod trace;
 
 /// Whether the check named `name` is switched off by `VPORT_FUZZ_ALLOW` (a comma-separated list

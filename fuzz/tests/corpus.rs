@@ -37,3 +37,8 @@ fn agent_port_corpus() {
 fn trace_corpus() {
     replay("trace", vport_fuzz::trace::run);
 }
+
+#[test]
+fn qmp_corpus() {
+    replay("qmp", vport_fuzz::qmp::run);
+}
