@@ -137,16 +137,23 @@ impl Harness {
                     Mode::Unplugged => {}
                 }
             }
+            let after = self.port.counters();
             if let Ok(Health::MoreWork) = health {
-                let after = self.port.counters();
                 assert!(
                     (after.bytes_in, after.bytes_out) != (before.bytes_in, before.bytes_out),
                     "service answered MoreWork but moved no byte: the event loop would spin [more-work-progress]"
                 );
             }
+            let budget = self.settings.limits.write_budget as u64;
+            assert!(
+                after.bytes_out - before.bytes_out <= budget,
+                "one service call wrote {} bytes, over the write budget of {budget} [write-budget]",
+                after.bytes_out - before.bytes_out
+            );
             self.note_session();
-            self.run_guest_ops();
-            if !self.after_service(health) {
+            // Answers queued for guest ops are written by the next turn, as in the loop.
+            let answered = self.run_guest_ops();
+            if !self.after_service(health) && !answered {
                 return;
             }
         }
@@ -155,9 +162,7 @@ impl Harness {
     /// The event loop's part after one `service` call; returns whether to call `service` again
     /// at once (`MoreWork` on a port that stays open).
     fn after_service(&mut self, health: Result<Health, vport_agent::port::PortError>) -> bool {
-        let flushed = self.port.flush_out();
         match health {
-            Ok(Health::Open | Health::MoreWork) if flushed.is_err() => self.reopen("i/o error"),
             Ok(h @ (Health::Open | Health::MoreWork)) if self.port.close_request().is_some() => {
                 // The loop closes once BYE (and what was queued before it) is written, or after
                 // its flush bound: here, the third service step.
@@ -181,9 +186,12 @@ impl Harness {
 
     /// The guest ops the port accepted, as the event loop's `run_guest_ops` does: dropped if
     /// their session ended, else even op ids complete at once and odd ones later (completed or
-    /// refused by a script step).
-    fn run_guest_ops(&mut self) {
-        for r in self.port.take_guest_ops() {
+    /// refused by a script step). Returns whether any was taken (the loop then serves the port
+    /// again on its next turn).
+    fn run_guest_ops(&mut self) -> bool {
+        let taken = self.port.take_guest_ops();
+        let any = !taken.is_empty();
+        for r in taken {
             assert!(
                 self.settings.allow_guest_ops,
                 "guest op {} handed to the event loop with guest ops off [guest-ops-off]",
@@ -198,6 +206,7 @@ impl Harness {
                 self.deferred.push(r);
             }
         }
+        any
     }
 
     pub fn complete(&mut self, session: u32, op_id: u32) {
@@ -219,7 +228,8 @@ impl Harness {
                 self.complete(r.session, r.op_id);
             }
         }
-        let _ = self.port.flush_out();
+        // The loop writes them on its next turn of this port.
+        self.service();
     }
 
     /// Agent shutdown: BYE in the live session (not a second one), flush, close, open again.

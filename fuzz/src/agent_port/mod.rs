@@ -114,7 +114,7 @@ fn settings(first: u8, input: &mut Input) -> Settings {
 }
 
 /// Counters as a list, to check that none goes down (a new counter belongs here).
-fn counter_list(c: &Counters) -> [(&'static str, u64); 25] {
+fn counter_list(c: &Counters) -> [(&'static str, u64); 26] {
     [
         ("bytes_in", c.bytes_in),
         ("bytes_out", c.bytes_out),
@@ -141,6 +141,7 @@ fn counter_list(c: &Counters) -> [(&'static str, u64); 25] {
         ("decode_reports_held_back", c.decode_reports_held_back),
         ("skipped_bytes_before", c.skipped_bytes_before),
         ("refusals", c.refusals),
+        ("after_bye_dropped", c.after_bye_dropped),
     ]
 }
 
