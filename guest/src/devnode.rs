@@ -99,7 +99,7 @@ pub fn parse_reference(reference: &str) -> Result<PortRef, NodeError> {
 pub fn resolve(reference: &str, sysfs_root: &Path, dev_root: &Path) -> Result<PortNode, NodeError> {
     let wanted = parse_reference(reference)?;
     let listing =
-        list_sysfs(sysfs_root).map_err(|e| NodeError::Sys { errno: Errno::EIO, what: crate::event_loop::chain(&e) })?;
+        list_sysfs(sysfs_root).map_err(|e| NodeError::Sys { errno: Errno::EIO, what: crate::log::chain(&e) })?;
     let found = listing.iter().find(|p| match &wanted {
         PortRef::Name(n) => p.name.as_deref() == Some(n.as_str()),
         PortRef::Node(d) => p.dev == *d,

@@ -48,6 +48,7 @@
 use crate::discovery::{list_sysfs, select, PortSpec, Selector, Wanted};
 use crate::fdio::FdIo;
 use crate::guest_ops::{GuestOps, GuestOpsError, Owner, Submitted};
+pub use crate::log::chain;
 use crate::permwatch::PermWatch;
 use crate::port::{AgentInfo, Carry, Env, Health, Port, SystemEnv};
 use crate::recheck::Rechecks;
@@ -218,18 +219,6 @@ pub struct EventLoop {
     perms: PermWatch,
     /// Open ports that stopped at their write or read budget: served again on the next turn.
     more_work: BTreeSet<String>,
-}
-
-/// `err` and its sources, joined with ": ".
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
 }
 
 impl EventLoop {

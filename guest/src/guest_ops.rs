@@ -182,7 +182,7 @@ impl GuestOps {
                         list.iter().map(|p| format!("{} {}\n", p.dev, p.name.as_deref().unwrap_or(""))).collect();
                     GuestOpDone { op_id, ret: list.len() as i64, data: text.into_bytes(), ..Default::default() }
                 }
-                Err(e) => failed(op_id, Errno::EIO, crate::event_loop::chain(&e)),
+                Err(e) => failed(op_id, Errno::EIO, crate::log::chain(&e)),
             },
             GuestOp::SigioCount { handle } => match self.handles.get(&handle) {
                 Some(Handle { sigio: Some(log), .. }) => GuestOpDone {

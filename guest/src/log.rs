@@ -103,6 +103,18 @@ pub fn init(level: LevelFilter) -> Result<(), SetLoggerError> {
     Ok(())
 }
 
+/// `err` and its sources, joined with ": " (for log lines and error texts sent to the host).
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
