@@ -7,8 +7,11 @@
 //! server, [`rig`] ties a VM, its QMP session and its ports together, [`timeline`] records
 //! every observation as a trace that [`trace_check`] judges, [`hello`], [`watch`] and
 //! [`connect`] are the `vport hello`, `vport watch` and `vport connect` commands, [`registry`]
-//! lists the VMs `vport boot` keeps up. [`usage`] checks command-line values before anything is
-//! built, and [`exit`] is the one table of the command's exit codes.
+//! lists the VMs `vport boot` keeps up. [`conformance`] is the conformance suite, which reports
+//! through [`report`]'s typed run events (rendered as text, JSON and JUnit). [`command`] holds
+//! the bodies of the `vport` commands (the binary only parses, dispatches and exits), [`usage`]
+//! checks command-line values before anything is built, and [`exit`] is the one table of the
+//! command's exit codes.
 //!
 //! # Example: boot, handshake, ping
 //!
@@ -58,6 +61,7 @@
 
 pub mod cache;
 pub mod chardev;
+pub mod command;
 pub mod conformance;
 pub mod connect;
 pub mod exit;
@@ -67,6 +71,7 @@ pub mod link;
 pub mod qemu;
 pub mod qmp;
 pub mod registry;
+pub mod report;
 pub mod rig;
 pub mod session;
 pub mod timeline;

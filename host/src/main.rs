@@ -1,19 +1,25 @@
-//! `vport`: the command-line face of the vport host rig.
+//! `vport`: the command-line face of the vport host rig. It parses the arguments, calls the
+//! command's body in the library ([`vport_host::command`]), and exits with the code the
+//! outcome maps to in the one table ([`vport_host::exit`]).
 
-use anyhow::{Context, Result};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use vport_host::command::boot::{BootCommand, VmSettings};
+use vport_host::command::conformance::ConformanceCommand;
+use vport_host::command::connect::ConnectCommand;
+use vport_host::command::hello::HelloCommand;
+use vport_host::command::image::ImageChoice;
+use vport_host::command::{self, CommandError, Progress};
 use vport_host::exit::{ExitCode, HELP as EXIT_CODES};
 use vport_host::hello::{self, HelloOptions};
-use vport_host::image::{self, kernel::KernelSource, GuestImage, ImageRequest};
+use vport_host::image::GuestImage;
 use vport_host::qemu::accel::AccelChoice;
 use vport_host::qemu::vm::install_signal_cleanup;
-use vport_host::rig::{vm_config, Rig};
+use vport_host::rig::Rig;
 use vport_host::usage::{self, UsageError};
-use vport_host::{connect, registry, trace_check};
 
 /// `vport connect --help`.
 const CONNECT_ABOUT: &str = "Bridge a port of a VM started by `vport boot` to stdin/stdout, byte for byte, like \
@@ -195,6 +201,18 @@ struct ImageArgs {
     busybox: Option<PathBuf>,
 }
 
+impl ImageArgs {
+    fn choice(&self) -> ImageChoice {
+        ImageChoice {
+            kernel: self.kernel.clone(),
+            kernel_modules: self.kernel_modules.clone(),
+            kernel_deb: self.kernel_deb.clone(),
+            agent: self.agent.clone(),
+            busybox: self.busybox.clone(),
+        }
+    }
+}
+
 #[derive(Args, Clone)]
 struct VmArgs {
     /// Accelerator: auto tries KVM once (the verdict is cached) and falls back to TCG.
@@ -221,19 +239,18 @@ impl VmArgs {
     fn agent_args(&self) -> Vec<String> {
         let mut args = vec!["--log-level".into(), self.agent_log_level.clone()];
         if self.allow_guest_ops {
-            args.push("--allow-guest-ops".into());
+            args.push(vport_host::conformance::GUEST_OPS_FLAG.into());
         }
         args
     }
 
+    fn settings(&self) -> VmSettings {
+        VmSettings { accel: self.accel, memory_mib: self.memory, cpus: self.cpus, agent_args: self.agent_args() }
+    }
+
     /// The VM settings for `img` with `ports` and these options.
     fn vm_config(&self, img: &GuestImage, ports: &[String]) -> vport_host::qemu::vm::VmConfig {
-        let names: Vec<&str> = ports.iter().map(String::as_str).collect();
-        let mut cfg = vm_config(img, &names, &self.agent_args());
-        cfg.accel = self.accel;
-        cfg.memory_mib = self.memory;
-        cfg.cpus = self.cpus;
-        cfg
+        self.settings().vm_config(img, ports)
     }
 }
 
@@ -294,36 +311,25 @@ fn parse_accel(s: &str) -> Result<AccelChoice, String> {
     s.parse::<AccelChoice>().map_err(|e| e.to_string())
 }
 
-/// Progress lines on stderr with the time since start.
-struct Progress {
-    start: Instant,
-    quiet: bool,
+/// An error with the exit code it maps to; `error` is `None` when the command has shown its
+/// outcome itself.
+struct Failure {
+    code: ExitCode,
+    error: Option<anyhow::Error>,
 }
 
-impl Progress {
-    fn say(&self, msg: &str) {
-        if !self.quiet {
-            eprintln!("vport [{:5.1}s] {msg}", self.start.elapsed().as_secs_f64());
-        }
+impl From<CommandError> for Failure {
+    fn from(e: CommandError) -> Failure {
+        Failure { code: e.exit_code(), error: e.needs_message().then(|| e.into()) }
     }
 }
 
-/// An error with the exit code it maps to.
-struct Failure {
-    code: ExitCode,
-    error: anyhow::Error,
-}
-
 fn infra(error: impl Into<anyhow::Error>) -> Failure {
-    Failure { code: ExitCode::Infrastructure, error: error.into() }
-}
-
-fn failed(error: anyhow::Error) -> Failure {
-    Failure { code: ExitCode::CheckFailed, error }
+    Failure { code: ExitCode::Infrastructure, error: Some(error.into()) }
 }
 
 fn usage(e: UsageError) -> Failure {
-    Failure { code: e.exit_code(), error: e.into() }
+    CommandError::from(e).into()
 }
 
 fn main() {
@@ -332,159 +338,76 @@ fn main() {
     if let Err(e) = install_signal_cleanup() {
         log::warn!("cannot install the Ctrl-C handler ({e}); an interrupted run may leave qemu behind");
     }
-    let progress = Progress { start: Instant::now(), quiet: false };
-    let result = match cli.command {
-        Command::Image(ImageCommand::Build { image, json }) => cmd_image_build(&image, json, &progress),
-        Command::Boot(args) => cmd_boot(args, &progress),
-        Command::Hello(args) => cmd_hello(args, &progress),
-        Command::Watch(args) => cmd_watch(args, &progress),
-        Command::Connect(args) => cmd_connect(&args),
-        Command::Trace(TraceCommand::Check { file, json }) => cmd_trace_check(&file, json),
-        Command::Run(RunCommand::Conformance(args)) => cmd_conformance(args, &progress),
-    };
-    if let Err(f) = result {
-        eprintln!("vport: error: {}", f.error);
-        for cause in f.error.chain().skip(1) {
-            eprintln!("  caused by: {cause}");
+    let progress = Progress::new(false);
+    let mut out = std::io::stdout();
+    let result: Result<(), Failure> = match cli.command {
+        Command::Image(ImageCommand::Build { image, json }) => {
+            command::image::build(&image.choice(), json, &mut out, &progress).map_err(Failure::from)
         }
-        f.code.exit();
-    }
+        Command::Boot(args) => {
+            let cmd =
+                BootCommand { image: args.image.choice(), vm: args.vm.settings(), ports: args.ports, json: args.json };
+            command::boot::boot(&cmd, &mut out, &progress).map_err(Failure::from)
+        }
+        Command::Hello(args) => {
+            let opts = HelloOptions {
+                port: args.port,
+                accel: args.vm.accel,
+                memory_mib: args.vm.memory,
+                cpus: args.vm.cpus,
+                hello_timeout: Duration::from_secs(args.timeout),
+                pings: args.pings,
+                agent_args: args.vm.agent_args(),
+                trace: args.trace,
+            };
+            let cmd = HelloCommand { image: args.image.choice(), hello: opts, json: args.json };
+            command::hello::hello(cmd, &mut out, &progress).map_err(Failure::from)
+        }
+        Command::Watch(args) => cmd_watch(args, &progress),
+        Command::Connect(args) => {
+            let cmd = ConnectCommand {
+                port: args.port,
+                vm: args.vm,
+                socket: args.socket,
+                timeout: Duration::from_secs(args.timeout),
+                list: args.list,
+            };
+            command::connect::connect(&cmd).map_err(Failure::from)
+        }
+        Command::Trace(TraceCommand::Check { file, json }) => {
+            command::trace::check(&file, json, &mut out).map_err(Failure::from)
+        }
+        Command::Run(RunCommand::Conformance(args)) => {
+            let cmd = ConformanceCommand {
+                image: args.image.choice(),
+                accel: args.accel,
+                filter: args.filter,
+                list: args.list,
+                agent_log_level: args.agent_log_level,
+                cycles: args.cycles,
+                json: args.json,
+                junit: args.junit,
+            };
+            command::conformance::conformance(cmd, &mut out, &progress).map_err(Failure::from)
+        }
+    };
+    let code = match result {
+        Ok(()) => ExitCode::Success,
+        Err(f) => {
+            if let Some(error) = f.error {
+                eprintln!("vport: error: {error}");
+                for cause in error.chain().skip(1) {
+                    eprintln!("  caused by: {cause}");
+                }
+            }
+            f.code
+        }
+    };
+    code.exit();
 }
 
 fn build_image(args: &ImageArgs, progress: &Progress) -> Result<GuestImage, Failure> {
-    let agent = image::resolve_agent(args.agent.as_deref()).map_err(infra)?;
-    let req = ImageRequest {
-        kernel: KernelSource::from_args(args.kernel.clone(), args.kernel_modules.clone(), args.kernel_deb.clone()),
-        agent,
-        busybox: args.busybox.clone().unwrap_or_else(image::default_busybox),
-        cache_dir: vport_host::cache::cache_dir(),
-    };
-    progress.say("preparing the guest image");
-    let img = image::build(&req, &mut |m| progress.say(m)).map_err(infra)?;
-    progress.say(&format!(
-        "guest image {} (kernel {}){}",
-        img.dir.display(),
-        img.kernel_release,
-        if img.fresh { "" } else { ", from the cache" }
-    ));
-    Ok(img)
-}
-
-fn cmd_image_build(args: &ImageArgs, json: bool, progress: &Progress) -> Result<(), Failure> {
-    let img = build_image(args, progress)?;
-    let out = serde_json::json!({
-        "dir": img.dir, "kernel": img.kernel, "initramfs": img.initramfs, "kernel_release": img.kernel_release,
-        "modules": img.modules, "cmdline": img.cmdline, "fresh": img.fresh, "key": img.key,
-    });
-    if json {
-        println!("{out}");
-    } else {
-        println!(
-            "kernel      {}\ninitramfs   {}\nrelease     {}\nmodules     {}\ncmdline     {}",
-            img.kernel.display(),
-            img.initramfs.display(),
-            img.kernel_release,
-            img.modules.join(" "),
-            img.cmdline
-        );
-    }
-    Ok(())
-}
-
-fn cmd_hello(args: HelloArgs, progress: &Progress) -> Result<(), Failure> {
-    usage::check_port_names(std::slice::from_ref(&args.port)).map_err(usage)?;
-    if let Some(path) = &args.trace {
-        usage::check_output_file("--trace", path).map_err(usage)?;
-    }
-    let img = build_image(&args.image, progress)?;
-    let opts = HelloOptions {
-        port: args.port,
-        accel: args.vm.accel,
-        memory_mib: args.vm.memory,
-        cpus: args.vm.cpus,
-        hello_timeout: Duration::from_secs(args.timeout),
-        pings: args.pings,
-        agent_args: args.vm.agent_args(),
-        trace: args.trace,
-    };
-    let report = match hello::run(&img, &opts, &mut |m| progress.say(m)) {
-        Ok(r) => r,
-        Err(e) => {
-            let code = if e.is_infrastructure() { ExitCode::Infrastructure } else { ExitCode::CheckFailed };
-            return Err(Failure { code, error: anyhow::Error::new(e).context("vport hello failed") });
-        }
-    };
-    if args.json {
-        let v = serde_json::to_string(&report).map_err(infra)?;
-        println!("{v}");
-    } else {
-        print!("{}", report.to_text());
-    }
-    match report.problem() {
-        Some(problem) => Err(failed(anyhow::anyhow!(problem))),
-        None => Ok(()),
-    }
-}
-
-fn cmd_boot(args: BootArgs, progress: &Progress) -> Result<(), Failure> {
-    usage::check_port_names(&args.ports).map_err(usage)?;
-    let img = build_image(&args.image, progress)?;
-    let mut cfg = args.vm.vm_config(&img, &args.ports);
-    cfg.tools_qmp = true;
-    progress.say("starting qemu");
-    let mut rig = Rig::launch(cfg).context("cannot boot the vm").map_err(infra)?;
-    rig.resume().context("cannot start the guest").map_err(infra)?;
-    let entry = registry::VmEntry::of(&rig.vm);
-    let _registration = registry::register(&registry::registry_dir(), &entry).map_err(infra)?;
-    let accel = rig.vm.accel().to_string();
-    if args.json {
-        println!("{}", entry.to_json(&accel));
-    } else {
-        print!("{}", entry.render_text(&accel));
-    }
-    let _ = std::io::stdout().flush();
-    // Print QMP events until QEMU exits (the event channel closes with the QMP socket).
-    // Ctrl-C is handled by the signal handler: it kills QEMU and exits 130.
-    while let Ok(ev) = rig.qmp.events().recv() {
-        eprintln!("vport: qmp event {} {}", ev.name, ev.data);
-    }
-    qemu_gone(&rig)
-}
-
-fn cmd_connect(args: &ConnectArgs) -> Result<(), Failure> {
-    let connect_failure = |e: connect::ConnectError| Failure { code: e.exit_code(), error: e.into() };
-    if args.list {
-        let entries = registry::live_entries(&registry::registry_dir(), registry::pid_alive).map_err(infra)?;
-        print!("{}", registry::render_list(&entries));
-        return Ok(());
-    }
-    let target = match (&args.socket, &args.port) {
-        (Some(socket), _) => connect::Target::socket(socket),
-        (None, Some(port)) => connect::lookup(&registry::registry_dir(), port, args.vm).map_err(connect_failure)?,
-        (None, None) => return Err(usage(UsageError::MissingPort)),
-    };
-    let stream = connect::open(&target, Duration::from_secs(args.timeout)).map_err(connect_failure)?;
-    // Raw bytes straight to fd 1: `std::io::stdout()` is line-buffered and would hold back
-    // everything after the last newline of binary data until one arrives.
-    let stdout = std::fs::File::from(
-        std::io::stdout().as_fd().try_clone_to_owned().context("cannot duplicate stdout").map_err(infra)?,
-    );
-    connect::bridge(stream, std::io::stdin(), stdout, &target.place()).map_err(connect_failure)
-}
-
-fn cmd_trace_check(file: &std::path::Path, json: bool) -> Result<(), Failure> {
-    let result = trace_check::run(file);
-    let code = trace_check::exit_code(&result);
-    match (&result, json) {
-        (Ok(report), false) => print!("{}", trace_check::render_text(report)),
-        (Ok(report), true) => println!("{}", trace_check::render_json(report)),
-        (Err(e), false) => eprintln!("vport: {}", trace_check::render_error_text(e)),
-        (Err(e), true) => println!("{}", trace_check::render_error_json(e)),
-    }
-    if code != ExitCode::Success {
-        code.exit();
-    }
-    Ok(())
+    Ok(command::image::prepare(&args.choice(), progress)?)
 }
 
 fn cmd_watch(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
@@ -551,70 +474,9 @@ fn cmd_watch(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
     qemu_gone(&rig)
 }
 
-/// QEMU went away while a command kept the VM up: leave the exit to the Ctrl-C handler if that
-/// is why (it exits 130), else report how QEMU ended and what the guest said last.
+/// QEMU went away while `watch` kept the VM up ([`command::boot::qemu_gone`]).
 fn qemu_gone(rig: &Rig) -> Result<(), Failure> {
-    if vport_host::qemu::vm::interrupted() {
-        // The handler killed QEMU and is about to exit the process; do not race it with our own
-        // exit code.
-        loop {
-            std::thread::park();
-        }
-    }
-    let status = rig.vm.wait_exit(Duration::from_secs(10)).map_err(infra)?;
-    Err(failed(anyhow::anyhow!("qemu exited ({status})\n{}", rig.failure_context())))
-}
-
-fn cmd_conformance(args: ConformanceArgs, progress: &Progress) -> Result<(), Failure> {
-    use vport_host::conformance::{self, CaseEvent, SuiteOptions};
-    usage::check_filter(args.filter.as_deref()).map_err(usage)?;
-    if args.list {
-        let cases = conformance::selected_cases(args.filter.as_deref());
-        if args.json {
-            println!("{}", serde_json::to_string(&cases).map_err(infra)?);
-        } else {
-            for c in cases {
-                println!("{:<36} {:<10} {}", c.name, c.group, c.expected);
-            }
-        }
-        return Ok(());
-    }
-    if let Some(path) = &args.junit {
-        usage::check_output_file("--junit", path).map_err(usage)?;
-    }
-    let img = build_image(&args.image, progress)?;
-    let mut opts = SuiteOptions::new(img);
-    opts.accel = args.accel;
-    opts.filter = args.filter;
-    opts.reopen_cycles = args.cycles;
-    opts.agent_args = vec!["--log-level".into(), args.agent_log_level];
-    let report = conformance::run(&opts, &mut |ev| match ev {
-        CaseEvent::GroupStarted { group } => progress.say(&format!("group {group}: booting")),
-        CaseEvent::CaseFinished(c) => progress.say(&format!("{:<7} {}", c.verdict.label(), c.name)),
-        CaseEvent::GroupFailed(e) => progress.say(&format!("group failed: {e:?}")),
-    })
-    .map_err(|e| Failure { code: ExitCode::Usage, error: e.into() })?;
-    // Results first: a report file that cannot be written must not lose them.
-    if args.json {
-        println!("{}", conformance::render_json(&report));
-    } else {
-        print!("{}", conformance::render_text(&report));
-    }
-    let _ = std::io::stdout().flush();
-    if let Some(path) = &args.junit {
-        std::fs::write(path, conformance::render_junit(&report))
-            .with_context(|| {
-                format!("cannot write the JUnit report {} (the results are on stdout above)", path.display())
-            })
-            .map_err(infra)?;
-    }
-    if !report.infra_errors.is_empty() {
-        return Err(infra(anyhow::anyhow!("{} vm(s) could not be set up", report.infra_errors.len())));
-    }
-    if !report.ok() {
-        return Err(failed(anyhow::anyhow!("conformance cases failed")));
-    }
-    Ok(())
+    Ok(command::boot::qemu_gone(rig)?)
 }
 
 #[cfg(test)]

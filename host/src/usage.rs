@@ -136,7 +136,7 @@ pub fn check_output_file(option: &'static str, path: &Path) -> Result<(), UsageE
 pub fn check_filter(filter: Option<&str>) -> Result<(), UsageError> {
     let Some(f) = filter else { return Ok(()) };
     if crate::conformance::selected_cases(Some(f)).is_empty() {
-        let names = crate::conformance::CASES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ");
+        let names = crate::conformance::all_cases().iter().map(|c| c.name).collect::<Vec<_>>().join(", ");
         return Err(UsageError::NoCaseSelected { filter: f.into(), names });
     }
     Ok(())

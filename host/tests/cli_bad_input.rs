@@ -150,7 +150,7 @@ fn a_filter_matching_no_case_lists_the_cases_before_any_vm() {
     assert_code(&o, ExitCode::Usage);
     let err = stderr(&o);
     assert!(err.contains("\"nosuchcase\" matches no conformance case"), "{}", show(&o));
-    for name in vport_host::conformance::CASES.iter().map(|c| c.name) {
+    for name in vport_host::conformance::all_cases().iter().map(|c| c.name) {
         assert!(err.contains(name), "the message lists {name}: {}", show(&o));
     }
     assert!(err.contains("vport run conformance --list"), "{}", show(&o));

@@ -1,0 +1,84 @@
+//! `vport run conformance`: the suite on real VMs, progress on stderr while it runs, the
+//! matrix (or JSON) on stdout, optionally JUnit XML to a file.
+
+use super::image::{prepare, ImageChoice};
+use super::{stdout_err, CommandError, Progress};
+use crate::conformance::{self, SuiteOptions};
+use crate::exit::ExitCode;
+use crate::qemu::AccelChoice;
+use crate::report::{human, json, junit};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// What `vport run conformance` is asked for.
+#[derive(Debug, Clone)]
+pub struct ConformanceCommand {
+    /// The image.
+    pub image: ImageChoice,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// Only the cases whose name contains one of these comma-separated strings.
+    pub filter: Option<String>,
+    /// Only list the selected cases.
+    pub list: bool,
+    /// vport-agent's log level.
+    pub agent_log_level: String,
+    /// Open/close cycles of the REOPEN case.
+    pub cycles: u32,
+    /// The report as JSON instead of the matrix.
+    pub json: bool,
+    /// Also write the report as JUnit XML here.
+    pub junit: Option<PathBuf>,
+}
+
+/// `vport run conformance`. Values on the command line are checked before anything is built
+/// (a filter that selects nothing, a JUnit file that cannot be created: usage errors). The
+/// results are on `out` before a JUnit file that cannot be written is reported.
+pub fn conformance(cmd: ConformanceCommand, out: &mut dyn Write, progress: &Progress) -> Result<(), CommandError> {
+    crate::usage::check_filter(cmd.filter.as_deref())?;
+    if cmd.list {
+        let cases = conformance::selected_cases(cmd.filter.as_deref());
+        if cmd.json {
+            writeln!(out, "{}", serde_json::to_string(&cases)?).map_err(stdout_err)?;
+        } else {
+            for c in cases {
+                writeln!(out, "{:<36} {:<10} {}", c.name, c.group, c.expected).map_err(stdout_err)?;
+            }
+        }
+        return Ok(());
+    }
+    if let Some(path) = &cmd.junit {
+        crate::usage::check_output_file("--junit", path)?;
+    }
+    let img = prepare(&cmd.image, progress)?;
+    let mut opts = SuiteOptions::new(img);
+    opts.accel = cmd.accel;
+    opts.filter = cmd.filter;
+    opts.reopen_cycles = cmd.cycles;
+    opts.agent_args = vec!["--log-level".into(), cmd.agent_log_level];
+    let report = conformance::run(&opts, &mut |ev| {
+        if let Some(line) = human::progress_line(ev) {
+            progress.say(&line);
+        }
+    })?;
+    // Results first: a report file that cannot be written must not lose them.
+    if cmd.json {
+        writeln!(out, "{}", json::render_json(&report)).map_err(stdout_err)?;
+    } else {
+        write!(out, "{}", human::render_text(&report)).map_err(stdout_err)?;
+    }
+    out.flush().map_err(stdout_err)?;
+    if let Some(path) = cmd.junit {
+        if let Err(source) = std::fs::write(&path, junit::render_junit(&report)) {
+            return Err(CommandError::Report { what: "JUnit", path, source });
+        }
+    }
+    match report.exit_code() {
+        ExitCode::Success => Ok(()),
+        code @ ExitCode::Infrastructure => Err(CommandError::Suite {
+            code,
+            message: format!("{} vm(s) could not be set up", report.infra_errors.len()),
+        }),
+        code => Err(CommandError::Suite { code, message: "conformance cases failed".into() }),
+    }
+}

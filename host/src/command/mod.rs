@@ -1,0 +1,158 @@
+//! The bodies of the `vport` commands: the binary parses its arguments into the option types
+//! here, calls one function, and exits with [`CommandError::exit_code`] (one table:
+//! [`crate::exit::ExitCode`]). Results go to the `out` writer (stdout), progress and
+//! diagnostics to stderr.
+
+pub mod boot;
+pub mod conformance;
+pub mod connect;
+pub mod hello;
+pub mod image;
+pub mod trace;
+
+use crate::exit::ExitCode;
+use std::path::PathBuf;
+use std::time::Instant;
+use thiserror::Error;
+
+/// Progress lines on stderr with the time since the command started.
+#[derive(Debug)]
+pub struct Progress {
+    start: Instant,
+    quiet: bool,
+}
+
+impl Progress {
+    /// Progress from now on, shown unless `quiet`.
+    pub fn new(quiet: bool) -> Progress {
+        Progress { start: Instant::now(), quiet }
+    }
+
+    /// Writes `vport [  1.2s] <msg>` to stderr.
+    pub fn say(&self, msg: &str) {
+        if !self.quiet {
+            eprintln!("vport [{:5.1}s] {msg}", self.start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Why a command did not succeed. Each variant maps to one exit code ([`CommandError::exit_code`]).
+#[derive(Debug, Error)]
+pub enum CommandError {
+    /// A bad value on the command line, found before anything was built.
+    #[error(transparent)]
+    Usage(#[from] crate::usage::UsageError),
+    /// The guest image could not be prepared.
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    /// The VM could not be started or driven.
+    #[error("{what}")]
+    Rig {
+        /// What could not be done.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: crate::rig::RigError,
+    },
+    /// Waiting for QEMU to exit failed.
+    #[error(transparent)]
+    Vm(#[from] crate::qemu::vm::VmError),
+    /// The `vport boot` registry could not be read or written.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    /// `vport connect` could not bridge the port.
+    #[error(transparent)]
+    Connect(#[from] crate::connect::ConnectError),
+    /// `vport hello` failed.
+    #[error("vport hello failed")]
+    Hello(#[source] crate::hello::HelloError),
+    /// The conformance suite could not start.
+    #[error(transparent)]
+    Conformance(#[from] crate::conformance::ConformanceError),
+    /// A check failed (the VM ran, but did not behave as expected).
+    #[error("{0}")]
+    CheckFailed(String),
+    /// A suite ran and did not succeed; `code` is its report's exit code.
+    #[error("{message}")]
+    Suite {
+        /// The report's exit code ([`crate::report::RunReport::exit_code`]).
+        code: ExitCode,
+        /// What went wrong, in one line.
+        message: String,
+    },
+    /// A report file could not be written at the end (the results are on stdout).
+    #[error("cannot write the {what} report {} (the results are on stdout above)", path.display())]
+    Report {
+        /// Which report (`JUnit`).
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing the results to stdout failed.
+    #[error("cannot write to stdout")]
+    Stdout(#[source] std::io::Error),
+    /// A result could not be serialised.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// The command already reported its outcome (on stdout or stderr); only the exit code is
+    /// left to give.
+    #[error("exit {}", .0.code())]
+    Reported(ExitCode),
+}
+
+impl CommandError {
+    /// The exit code, from the one table.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            CommandError::Usage(e) => e.exit_code(),
+            CommandError::Connect(e) => e.exit_code(),
+            CommandError::Conformance(e) => e.exit_code(),
+            CommandError::Hello(e) if e.is_infrastructure() => ExitCode::Infrastructure,
+            CommandError::Hello(_) | CommandError::CheckFailed(_) => ExitCode::CheckFailed,
+            CommandError::Suite { code, .. } | CommandError::Reported(code) => *code,
+            CommandError::Image(_)
+            | CommandError::Rig { .. }
+            | CommandError::Vm(_)
+            | CommandError::Registry(_)
+            | CommandError::Report { .. }
+            | CommandError::Stdout(_)
+            | CommandError::Json(_) => ExitCode::Infrastructure,
+        }
+    }
+
+    /// Whether the error still has to be shown (`false` for [`CommandError::Reported`]).
+    pub fn needs_message(&self) -> bool {
+        !matches!(self, CommandError::Reported(_))
+    }
+}
+
+/// Maps a stdout write error.
+pub(crate) fn stdout_err(e: std::io::Error) -> CommandError {
+    CommandError::Stdout(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_a_code_of_the_table() {
+        assert_eq!(CommandError::CheckFailed("x".into()).exit_code(), ExitCode::CheckFailed);
+        assert_eq!(CommandError::Reported(ExitCode::Infrastructure).exit_code(), ExitCode::Infrastructure);
+        assert!(!CommandError::Reported(ExitCode::CheckFailed).needs_message());
+        let usage = crate::usage::check_filter(Some("nosuchcase")).unwrap_err();
+        assert_eq!(CommandError::from(usage).exit_code(), ExitCode::Usage);
+        let suite = CommandError::Suite { code: ExitCode::CheckFailed, message: "cases failed".into() };
+        assert_eq!((suite.exit_code(), suite.to_string().as_str()), (ExitCode::CheckFailed, "cases failed"));
+        let report = CommandError::Report {
+            what: "JUnit",
+            path: "/dev/full".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert_eq!(report.exit_code(), ExitCode::Infrastructure);
+        assert!(report.to_string().starts_with("cannot write the JUnit report /dev/full"), "{report}");
+    }
+}
