@@ -210,4 +210,17 @@ mod tests {
         assert_eq!(q.drop_unstarted(), 100 * 1000);
         assert_eq!(q.len(), 990);
     }
+
+    #[test]
+    fn queue_overflow_is_counted_not_silent() {
+        let mut q = OutQueue::new(10);
+        assert_eq!(q.push(&[1; 6]), Ok(()));
+        assert_eq!(q.push(&[2; 6]), Err(6));
+        assert_eq!(q.front(4), &[1; 4]);
+        q.consume(4);
+        assert_eq!(q.push(&[3; 8]), Ok(()));
+        assert_eq!(q.len(), 10);
+        assert_eq!(q.front(100), &[1, 1, 3, 3, 3, 3, 3, 3, 3, 3]);
+        assert_eq!(q.clear(), 10);
+    }
 }

@@ -1,0 +1,191 @@
+//! Tests of [`crate::guest_ops`] on FIFOs and files (OPEN itself accepts only virtio-ports
+//! nodes, which a unit test cannot make: handles are adopted as OPEN would make them).
+
+use super::*;
+use mio::{Poll, Token};
+use nix::sys::stat::Mode;
+use std::time::Duration;
+use vport_common::pattern;
+
+fn ops(dir: &Path) -> (Poll, GuestOps) {
+    let poll = Poll::new().unwrap();
+    let waker = Arc::new(mio::Waker::new(poll.registry(), Token(9)).unwrap());
+    (poll, GuestOps::new(waker, dir.join("sys"), dir.join("dev"), Limits::default()).unwrap())
+}
+
+/// A handle on `path` (a FIFO or file here: OPEN itself accepts only virtio-ports nodes,
+/// which a unit test cannot make), as OPEN would give it.
+fn adopt(g: &mut GuestOps, owner: Owner, op_id: u32, path: &Path, nonblock: bool) -> u32 {
+    let mut flags = nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC;
+    if nonblock {
+        flags |= nix::fcntl::OFlag::O_NONBLOCK;
+    }
+    let fd = nix::fcntl::open(path, flags, Mode::empty()).unwrap();
+    let d = g.adopt(owner, op_id, fd, path.to_owned(), false);
+    assert!(d.ret > 0, "{d:?}");
+    d.ret as u32
+}
+
+fn done(s: Submitted) -> GuestOpDone {
+    match s {
+        Submitted::Done(d) => d,
+        other => panic!("expected a completion at once, got {other:?}"),
+    }
+}
+
+fn owner() -> Owner {
+    Owner { dev: "vport0p1".into(), session: 7 }
+}
+
+/// Waits (bounded) for the completion of `op_id`, blocking in mio's poll on the waker.
+/// Completions of other ops that arrive meanwhile are kept in `seen`.
+fn wait_done(poll: &mut Poll, g: &mut GuestOps, seen: &mut Vec<Completion>, op_id: u32) -> Completion {
+    let mut events = mio::Events::with_capacity(4);
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        seen.extend(g.completions());
+        if let Some(i) = seen.iter().position(|c| c.done.op_id == op_id) {
+            return seen.remove(i);
+        }
+        assert!(Instant::now() < end, "no completion for op {op_id}");
+        poll.poll(&mut events, Some(Duration::from_millis(500))).unwrap();
+    }
+}
+
+#[test]
+fn a_fifo_carries_a_pattern_write_to_a_read_all_and_close_completes_after_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+    let (mut poll, mut g) = ops(dir.path());
+    // O_RDWR on a fifo never blocks in open and gives a fd that reads what it writes.
+    let handle = adopt(&mut g, owner(), 1, &fifo, false);
+    assert_eq!(handle, 1);
+    assert_eq!(g.submit(owner(), 2, GuestOp::Write { handle, seed: 5, bytes: 50_000 }), Submitted::Queued);
+    assert_eq!(g.submit(owner(), 3, GuestOp::Read { handle, bytes: 50_000, all: true }), Submitted::Queued);
+    assert_eq!(g.submit(owner(), 4, GuestOp::Close { handle }), Submitted::Queued);
+    let mut seen = Vec::new();
+    let w = wait_done(&mut poll, &mut g, &mut seen, 2);
+    let r = wait_done(&mut poll, &mut g, &mut seen, 3);
+    let c = wait_done(&mut poll, &mut g, &mut seen, 4);
+    assert_eq!((w.done.bytes, w.done.digest), (50_000, pattern::pattern_digest(5, 50_000)));
+    assert_eq!((r.done.bytes, r.done.digest), (50_000, pattern::pattern_digest(5, 50_000)));
+    assert_eq!(r.done.data.len(), READ_ALL_DATA);
+    assert_eq!((c.done.ret, c.owner), (0, owner()));
+    assert_eq!(g.open_handles(), 0);
+    let again = done(g.submit(owner(), 5, GuestOp::Read { handle, bytes: 1, all: false }));
+    assert_eq!(again.errno, Errno::EBADF as i32);
+}
+
+#[test]
+fn a_blocked_read_is_cancelled_with_eintr_and_poll_reports_exact_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+    let (mut poll, mut g) = ops(dir.path());
+    let handle = adopt(&mut g, owner(), 1, &fifo, false);
+    let pl = g.submit(owner(), 2, GuestOp::Poll { handle, events: 0x5, timeout_ms: 0 });
+    assert_eq!(pl, Submitted::Queued);
+    let pl = wait_done(&mut poll, &mut g, &mut Vec::new(), 2);
+    assert_eq!((pl.done.ret, pl.done.mask), (1, PollFlags::POLLOUT.bits() as u16));
+    assert_eq!(g.submit(owner(), 3, GuestOp::Read { handle, bytes: 10, all: false }), Submitted::Queued);
+    // Cancel until the worker is inside read(): the first cancels may find it idle.
+    let end = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        g.submit(owner(), 4, GuestOp::Cancel { handle });
+        if let Some(c) = g.completions().into_iter().find(|c| c.done.op_id == 3) {
+            break c;
+        }
+        assert!(Instant::now() < end, "the blocked read was never interrupted");
+        let mut events = mio::Events::with_capacity(4);
+        poll.poll(&mut events, Some(Duration::from_millis(50))).unwrap();
+    };
+    assert_eq!((r.done.ret, r.done.errno), (-1, Errno::EINTR as i32));
+}
+
+#[test]
+fn operations_queued_on_a_released_handle_are_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+    let (mut poll, mut g) = ops(dir.path());
+    let handle = adopt(&mut g, owner(), 1, &fifo, false);
+    // A read that blocks (nothing in the fifo), then a write and a read queued behind it.
+    assert_eq!(g.submit(owner(), 2, GuestOp::Read { handle, bytes: 1, all: false }), Submitted::Queued);
+    assert_eq!(g.submit(owner(), 3, GuestOp::Write { handle, seed: 1, bytes: 100 }), Submitted::Queued);
+    assert_eq!(g.submit(owner(), 4, GuestOp::Read { handle, bytes: 100, all: false }), Submitted::Queued);
+    g.release(|_| false);
+    let mut seen = Vec::new();
+    let blocked = wait_done(&mut poll, &mut g, &mut seen, 2);
+    // Interrupted in the call, or not started yet when the release came.
+    let errno = blocked.done.errno;
+    assert!(errno == Errno::EINTR as i32 || errno == Errno::ECANCELED as i32, "{:?}", blocked.done);
+    for op in [3, 4] {
+        let c = wait_done(&mut poll, &mut g, &mut seen, op);
+        assert_eq!((c.done.ret, c.done.errno), (-1, Errno::ECANCELED as i32), "op {op}: {:?}", c.done);
+    }
+}
+
+#[test]
+fn release_closes_the_handles_of_ended_sessions_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("f");
+    std::fs::write(&f, b"x").unwrap();
+    let (_poll, mut g) = ops(dir.path());
+    let other = Owner { dev: "vport0p1".into(), session: 8 };
+    adopt(&mut g, owner(), 1, &f, true);
+    adopt(&mut g, other.clone(), 2, &f, true);
+    assert_eq!(g.open_handles(), 2);
+    g.release(|o| *o == other);
+    assert_eq!(g.open_handles(), 1);
+}
+
+#[test]
+fn unknown_ports_and_handles_are_errors_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_poll, mut g) = ops(dir.path());
+    let d = done(g.submit(owner(), 1, GuestOp::Open { port: "nope".into(), nonblock: true, sigio: false }));
+    assert_eq!((d.ret, d.errno), (-1, Errno::ENOENT as i32));
+    assert!(String::from_utf8_lossy(&d.data).contains("nope"));
+    let d = done(g.submit(owner(), 2, GuestOp::SigioCount { handle: 3 }));
+    assert_eq!(d.errno, Errno::EBADF as i32);
+    assert_eq!(node_of(Path::new("/dev/vport1p2")), "vport1p2");
+}
+
+#[test]
+fn open_of_anything_but_a_port_is_refused_and_opens_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, b"x").unwrap();
+    let (_poll, mut g) = ops(dir.path());
+    for port in [secret.display().to_string(), "/etc/passwd".into(), "/dev/virtio-ports/../../init".into()] {
+        let r = g.submit(owner(), 1, GuestOp::Open { port: port.clone(), nonblock: true, sigio: false });
+        assert!(matches!(&r, Submitted::Refused { code: error_code::DENIED, .. }), "{port}: {r:?}");
+        let r = g.submit(owner(), 2, GuestOp::Debugfs { port: port.clone() });
+        assert!(matches!(&r, Submitted::Refused { code: error_code::DENIED, .. }), "{port}: {r:?}");
+    }
+    assert_eq!(g.open_handles(), 0);
+}
+
+#[test]
+fn handles_per_session_and_operations_per_handle_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+    let (_poll, mut g) = ops(dir.path());
+    g.limits = Limits { max_guest_op_handles: 2, max_guest_ops_per_handle: 3, ..Limits::default() };
+    let handle = adopt(&mut g, owner(), 1, &fifo, false);
+    adopt(&mut g, owner(), 2, &fifo, false);
+    let r = g.submit(owner(), 3, GuestOp::Open { port: "vport0p1".into(), nonblock: true, sigio: false });
+    assert!(matches!(&r, Submitted::Refused { code: error_code::LIMIT, text } if text.contains("2 handles")), "{r:?}");
+    // Reads that block (nothing written to the fifo): three queue, the fourth is refused.
+    for op_id in 10..13 {
+        assert_eq!(g.submit(owner(), op_id, GuestOp::Read { handle, bytes: 1, all: false }), Submitted::Queued);
+    }
+    let r = g.submit(owner(), 13, GuestOp::Read { handle, bytes: 1, all: false });
+    assert!(matches!(&r, Submitted::Refused { code: error_code::LIMIT, .. }), "{r:?}");
+    // Another session still gets its own handles.
+    let other = Owner { dev: "vport0p1".into(), session: 8 };
+    adopt(&mut g, other, 4, &fifo, false);
+    g.release(|_| false);
+}

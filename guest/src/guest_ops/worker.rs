@@ -1,0 +1,255 @@
+//! The worker side of guest operations: one thread per handle runs that handle's jobs in
+//! order ([`worker`]), sends each completion over a channel and wakes the event loop; a blocked
+//! call is interrupted with [`CANCEL_SIGNAL`] ([`cancel`]; see [`crate::guest_ops`] for why the
+//! signal is repeated).
+
+use crate::fdio::revents;
+use nix::errno::Errno;
+use nix::poll::{PollFlags, PollTimeout};
+use nix::sys::pthread::{pthread_kill, pthread_self, Pthread};
+use nix::sys::signal::{SigSet, Signal};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vport_common::message::{GuestOp, GuestOpDone};
+use vport_common::pattern::{self, StreamDigest};
+
+/// The signal that interrupts a worker's blocked call.
+pub const CANCEL_SIGNAL: Signal = Signal::SIGUSR2;
+/// Interval between cancel signals while the worker is still in a call.
+pub const CANCEL_RETRY: Duration = Duration::from_millis(10);
+/// How long a cancel keeps signalling.
+pub const CANCEL_BOUND: Duration = Duration::from_secs(1);
+/// Largest single READ (`all` false) and the buffer of the loops.
+pub const MAX_IO: usize = 64 * 1024;
+/// Bytes of a READ `all` returned in `data`.
+pub const READ_ALL_DATA: usize = 4096;
+
+/// Who asked: the control port (node name) and its session. Completions go back there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    /// Node name of the control port (`vportNpM`).
+    pub dev: String,
+    /// The session the request came in.
+    pub session: u32,
+}
+
+/// A finished operation for the loop to send.
+#[derive(Debug)]
+pub struct Completion {
+    /// Who asked.
+    pub owner: Owner,
+    /// The handle it ran on.
+    pub handle: u32,
+    /// The result.
+    pub done: GuestOpDone,
+}
+
+/// What the loop sends a handle's worker.
+pub(super) enum Job {
+    /// Run READ, WRITE or POLL for `owner`.
+    Op { op_id: u32, op: GuestOp, owner: Owner },
+    /// Close the fd (after the jobs before it) and end the thread.
+    Close { op_id: u32, owner: Owner },
+}
+
+/// What the loop knows about a worker: whether it is inside a call, and its thread.
+pub(super) struct WorkerCtl {
+    busy: AtomicBool,
+    /// The handle's session ended: operations still queued are not run (they complete with
+    /// ECANCELED) and the fd is closed.
+    released: AtomicBool,
+    thread: Mutex<Option<Pthread>>,
+}
+
+impl WorkerCtl {
+    /// A worker not started yet: idle, not released.
+    pub(super) fn new() -> Self {
+        WorkerCtl { busy: AtomicBool::new(false), released: AtomicBool::new(false), thread: Mutex::new(None) }
+    }
+
+    /// Whether the worker is inside a call now.
+    pub(super) fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::SeqCst)
+    }
+
+    /// The handle's session ended: the jobs still queued are not run.
+    pub(super) fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A failed call: `ret` -1, `errno` `e`, and `why` as the data.
+pub(super) fn failed(op_id: u32, e: Errno, why: String) -> GuestOpDone {
+    GuestOpDone { op_id, ret: -1, errno: e as i32, data: why.into_bytes(), ..Default::default() }
+}
+
+/// Interrupts the worker's current call, if it is in one (see [`crate::guest_ops`]).
+pub(super) fn cancel(ctl: &Arc<WorkerCtl>) {
+    if !ctl.busy.load(Ordering::SeqCst) {
+        return;
+    }
+    let Ok(guard) = ctl.thread.lock() else { return };
+    let Some(thread) = *guard else { return };
+    drop(guard);
+    let ctl = Arc::clone(ctl);
+    let spawned = std::thread::Builder::new().name("gop-cancel".into()).stack_size(64 * 1024).spawn(move || {
+        let end = Instant::now() + CANCEL_BOUND;
+        // Repeated on purpose: see `crate::guest_ops` (no signal can be lost this way).
+        while ctl.busy.load(Ordering::SeqCst) && Instant::now() < end {
+            if pthread_kill(thread, CANCEL_SIGNAL).is_err() {
+                return;
+            }
+            std::thread::sleep(CANCEL_RETRY);
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("guest op: cannot start the cancel thread: {e}");
+    }
+}
+
+/// The thread of one handle: runs its jobs in order until Close (or the loop drops the
+/// sender), each completion sent on `done` with a wake of the loop.
+pub(super) fn worker(
+    handle: u32,
+    fd: OwnedFd,
+    jobs: Receiver<Job>,
+    ctl: Arc<WorkerCtl>,
+    done: Sender<Completion>,
+    waker: Arc<mio::Waker>,
+) {
+    let mut unblock = SigSet::empty();
+    unblock.add(CANCEL_SIGNAL);
+    if let Err(e) = unblock.thread_unblock() {
+        log::warn!("guest op worker: cannot unblock {CANCEL_SIGNAL}: {e}; its calls cannot be cancelled");
+    }
+    if let Ok(mut t) = ctl.thread.lock() {
+        *t = Some(pthread_self());
+    }
+    let send = |owner: Owner, d: GuestOpDone| {
+        if done.send(Completion { owner, handle, done: d }).is_ok() {
+            if let Err(e) = waker.wake() {
+                log::error!("guest op worker: cannot wake the event loop: {e}");
+            }
+        }
+    };
+    for job in jobs {
+        match job {
+            Job::Op { op_id, op, owner } => {
+                let start = Instant::now();
+                // Busy first, then the release check: a release either sees the worker busy
+                // (and interrupts the call) or is seen here (and the op does not run).
+                ctl.busy.store(true, Ordering::SeqCst);
+                if ctl.released.load(Ordering::SeqCst) {
+                    ctl.busy.store(false, Ordering::SeqCst);
+                    let why = "not run: the session that asked for it ended".to_owned();
+                    send(owner, failed(op_id, Errno::ECANCELED, why));
+                    continue;
+                }
+                let mut d = run(fd.as_fd(), op);
+                ctl.busy.store(false, Ordering::SeqCst);
+                d.op_id = op_id;
+                d.elapsed_ns = start.elapsed().as_nanos() as u64;
+                send(owner, d);
+            }
+            Job::Close { op_id, owner } => {
+                drop(fd);
+                send(owner, GuestOpDone { op_id, ..Default::default() });
+                return;
+            }
+        }
+    }
+}
+
+/// Runs READ, WRITE or POLL on `fd` (the worker fills in `op_id` and `elapsed_ns`).
+fn run(fd: BorrowedFd<'_>, op: GuestOp) -> GuestOpDone {
+    match op {
+        GuestOp::Read { bytes, all: false, .. } => {
+            let mut buf = vec![0u8; (bytes as usize).min(MAX_IO)];
+            match nix::unistd::read(fd, &mut buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    let mut dg = StreamDigest::new();
+                    dg.update(&buf);
+                    GuestOpDone { ret: n as i64, bytes: n as u64, digest: dg.digest(), data: buf, ..Default::default() }
+                }
+                Err(e) => GuestOpDone { ret: -1, errno: e as i32, ..Default::default() },
+            }
+        }
+        GuestOp::Read { bytes, all: true, .. } => read_all(fd, bytes),
+        GuestOp::Write { seed, bytes, .. } => write_pattern(fd, seed, bytes),
+        GuestOp::Poll { events, timeout_ms, .. } => {
+            let timeout = PollTimeout::try_from(timeout_ms.max(-1)).unwrap_or(PollTimeout::NONE);
+            match revents(fd, PollFlags::from_bits_truncate(events as i16), timeout) {
+                Ok((n, mask)) => GuestOpDone { ret: i64::from(n), mask: mask.bits() as u16, ..Default::default() },
+                Err(e) => GuestOpDone { ret: -1, errno: e as i32, ..Default::default() },
+            }
+        }
+        other => GuestOpDone {
+            ret: -1,
+            errno: Errno::EINVAL as i32,
+            data: format!("{other:?} does not run on a worker").into_bytes(),
+            ..Default::default()
+        },
+    }
+}
+
+fn read_all(fd: BorrowedFd<'_>, want: u64) -> GuestOpDone {
+    let mut buf = vec![0u8; MAX_IO];
+    let mut dg = StreamDigest::new();
+    let mut head = Vec::new();
+    let mut ret = 0i64;
+    let mut errno = 0;
+    while dg.bytes() < want {
+        let n = ((want - dg.bytes()) as usize).min(MAX_IO);
+        match nix::unistd::read(fd, &mut buf[..n]) {
+            Ok(0) => {
+                ret = 0;
+                break;
+            }
+            Ok(k) => {
+                ret = k as i64;
+                dg.update(&buf[..k]);
+                let room = READ_ALL_DATA.saturating_sub(head.len());
+                head.extend_from_slice(&buf[..k.min(room)]);
+            }
+            Err(e) => {
+                ret = -1;
+                errno = e as i32;
+                break;
+            }
+        }
+    }
+    GuestOpDone { ret, errno, bytes: dg.bytes(), digest: dg.digest(), data: head, ..Default::default() }
+}
+
+fn write_pattern(fd: BorrowedFd<'_>, seed: u64, total: u64) -> GuestOpDone {
+    let mut buf = vec![0u8; MAX_IO];
+    let mut dg = StreamDigest::new();
+    let mut ret = 0i64;
+    let mut errno = 0;
+    while dg.bytes() < total {
+        let off = dg.bytes();
+        let n = ((total - off) as usize).min(MAX_IO);
+        pattern::fill(seed, off, &mut buf[..n]);
+        match nix::unistd::write(fd, &buf[..n]) {
+            // A write that takes nothing would loop for ever: report it as the result.
+            Ok(0) => {
+                ret = 0;
+                break;
+            }
+            Ok(k) => {
+                ret = k as i64;
+                dg.update(&buf[..k]);
+            }
+            Err(e) => {
+                ret = -1;
+                errno = e as i32;
+                break;
+            }
+        }
+    }
+    GuestOpDone { ret, errno, bytes: dg.bytes(), digest: dg.digest(), ..Default::default() }
+}
