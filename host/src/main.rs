@@ -17,7 +17,7 @@ use vport_host::exit::{ExitCode, HELP as EXIT_CODES};
 use vport_host::hello::{self, HelloOptions};
 use vport_host::image::GuestImage;
 use vport_host::qemu::accel::AccelChoice;
-use vport_host::qemu::vm::install_signal_cleanup;
+use vport_host::qemu::install_signal_cleanup;
 use vport_host::rig::Rig;
 use vport_host::usage::{self, UsageError};
 
@@ -249,7 +249,7 @@ impl VmArgs {
     }
 
     /// The VM settings for `img` with `ports` and these options.
-    fn vm_config(&self, img: &GuestImage, ports: &[String]) -> vport_host::qemu::vm::VmConfig {
+    fn vm_config(&self, img: &GuestImage, ports: &[String]) -> vport_host::qemu::VmConfig {
         self.settings().vm_config(img, ports)
     }
 }

@@ -9,7 +9,7 @@ use crate::chardev::{connect_unix, ChardevError, Connection, Endpoint, EndpointA
 use crate::image::initscript::agent_args_param;
 use crate::image::GuestImage;
 use crate::link::Link;
-use crate::qemu::vm::{PortConfig, PortInfo, Vm, VmConfig, VmError};
+use crate::qemu::{PortConfig, PortInfo, Vm, VmConfig, VmError};
 use crate::qmp::{Qmp, QmpError};
 use crate::session::PortServer;
 use std::os::unix::net::UnixStream;
@@ -193,7 +193,7 @@ pub fn hotplug_chardev_args(id: &str, path: &std::path::Path) -> serde_json::Val
 pub fn hotplug_device_args(name: &str, id: &str, chardev: &str, controller: usize) -> serde_json::Value {
     serde_json::json!({
         "driver": "virtserialport",
-        "bus": format!("{}.0", crate::qemu::vm::controller_id(controller)),
+        "bus": format!("{}.0", crate::qemu::controller_id(controller)),
         "chardev": chardev, "id": id, "name": name
     })
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 use vport_host::image::initscript::{agent_args_param, init_cmd_param, AGENT_EXITED, MODULES_LOADED};
-use vport_host::qemu::vm::{PortConfig, Vm, VmConfig};
+use vport_host::qemu::{PortConfig, Vm, VmConfig};
 use vport_host::rig::failure_context;
 use vport_host::wait::wait_until;
 use vport_tests::guest_image;

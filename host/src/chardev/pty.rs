@@ -43,7 +43,7 @@ impl PtyStream {
 impl Read for PtyStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if let Some(t) = self.read_timeout {
-            if !super::wait_readable(self.file.as_fd(), t)? {
+            if !super::stream::wait_readable(self.file.as_fd(), t)? {
                 return Err(ErrorKind::WouldBlock.into());
             }
         }

@@ -78,7 +78,7 @@ pub fn boot(cmd: &BootCommand, out: &mut dyn Write, progress: &Progress) -> Resu
 /// QEMU went away while a command kept the VM up: leave the exit to the Ctrl-C handler if that
 /// is why (it exits 130), else report how QEMU ended and what the guest said last.
 pub fn qemu_gone(rig: &Rig) -> Result<(), CommandError> {
-    if crate::qemu::vm::interrupted() {
+    if crate::qemu::interrupted() {
         // The handler killed QEMU and is about to exit the process; do not race it with our own
         // exit code.
         loop {

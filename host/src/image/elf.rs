@@ -1,6 +1,7 @@
 //! Just enough ELF64 little-endian parsing for the image builder: "is this executable
-//! statically linked?" (no `PT_INTERP` program header) and "which modules does this kernel
-//! module depend on?" (the `depends=` entry of its `.modinfo` section).
+//! statically linked?" (no `PT_INTERP` program header) and "what does this kernel module's
+//! `.modinfo` section say?" (its `key=value` entries). What the entries mean to the module
+//! loader is [`super::modules`]' business.
 
 /// Why an ELF file could not be inspected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -95,23 +96,17 @@ fn section<'a>(bytes: &'a [u8], name: &str) -> Result<Option<&'a [u8]>, ElfError
     Ok(None)
 }
 
-/// The module names listed in the `depends=` entry of a kernel module's `.modinfo` section
-/// (empty when the module depends on nothing or has no such entry). Names are normalised
-/// with [`super::modules::normalize_name`].
-pub fn modinfo_depends(ko: &[u8]) -> Result<Vec<String>, ElfError> {
-    let Some(modinfo) = section(ko, ".modinfo")? else {
-        return Ok(Vec::new());
+/// The value of the first `key=` entry of a kernel module's `.modinfo` section (a list of
+/// NUL-terminated `key=value` strings), lossily decoded as UTF-8; `None` when the module has no
+/// such entry or no `.modinfo` section.
+pub fn modinfo(ko: &[u8], key: &str) -> Result<Option<String>, ElfError> {
+    let Some(section) = section(ko, ".modinfo")? else {
+        return Ok(None);
     };
-    for entry in modinfo.split(|&c| c == 0) {
-        if let Some(v) = entry.strip_prefix(b"depends=") {
-            return Ok(String::from_utf8_lossy(v)
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(super::modules::normalize_name)
-                .collect());
-        }
-    }
-    Ok(Vec::new())
+    Ok(section.split(|&c| c == 0).find_map(|entry| {
+        let value = entry.strip_prefix(key.as_bytes())?.strip_prefix(b"=")?;
+        Some(String::from_utf8_lossy(value).into_owned())
+    }))
 }
 
 #[cfg(test)]
@@ -171,13 +166,17 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn reads_modinfo_depends() {
+    fn reads_modinfo_entries() {
         let ko = fake_elf(&[], ".modinfo", b"license=GPL\0depends=virtio,virtio-ring\0name=x\0");
-        assert_eq!(modinfo_depends(&ko).unwrap(), vec!["virtio", "virtio_ring"]);
-        let none = fake_elf(&[], ".modinfo", b"license=GPL\0depends=\0");
-        assert!(modinfo_depends(&none).unwrap().is_empty());
+        assert_eq!(modinfo(&ko, "depends").unwrap().as_deref(), Some("virtio,virtio-ring"));
+        assert_eq!(modinfo(&ko, "name").unwrap().as_deref(), Some("x"));
+        assert_eq!(modinfo(&ko, "dep").unwrap(), None, "a key is matched whole");
+        assert_eq!(modinfo(&ko, "vermagic").unwrap(), None);
+        let empty = fake_elf(&[], ".modinfo", b"license=GPL\0depends=\0");
+        assert_eq!(modinfo(&empty, "depends").unwrap().as_deref(), Some(""));
         let other = fake_elf(&[], ".text", b"depends=virtio\0");
-        assert!(modinfo_depends(&other).unwrap().is_empty());
+        assert_eq!(modinfo(&other, "depends").unwrap(), None);
+        assert_eq!(modinfo(b"MZ", "depends"), Err(ElfError::NotElf));
     }
 
     #[test]

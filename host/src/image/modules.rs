@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::elf::{modinfo, ElfError};
+
 /// Modules the guest must have (unless built into the kernel), PCI transport first.
 pub const REQUIRED_MODULES: &[&str] = &["virtio_pci", "virtio_console"];
 /// Modules loaded when the kernel has them (virtio-mmio for a future `microvm` machine).
@@ -35,7 +37,7 @@ pub enum ModuleError {
     Elf {
         path: PathBuf,
         #[source]
-        source: super::elf::ElfError,
+        source: ElfError,
     },
     /// A compressed module could not be decompressed with the external tool.
     #[error("cannot decompress {path} with `{tool}` ({hint})")]
@@ -47,6 +49,13 @@ pub fn normalize_name(name_or_path: &str) -> String {
     let base = name_or_path.rsplit('/').next().unwrap_or(name_or_path);
     let base = ["", ".xz", ".zst", ".gz"].iter().find_map(|c| base.strip_suffix(&format!(".ko{c}"))).unwrap_or(base);
     base.replace('-', "_")
+}
+
+/// The normalised names of the modules a kernel module depends on, from the `depends=` entry of
+/// its `.modinfo` section (empty when it depends on nothing or has no such entry).
+pub fn modinfo_depends(ko: &[u8]) -> Result<Vec<String>, ElfError> {
+    let depends = modinfo(ko, "depends")?.unwrap_or_default();
+    Ok(depends.split(',').filter(|s| !s.is_empty()).map(normalize_name).collect())
 }
 
 /// Module dependency graph: module name → names it depends on, and module name → file path
@@ -215,8 +224,7 @@ pub fn collect(dir: &Path) -> Result<Vec<LoadedModule>, ModuleError> {
             let Some(rel) = index.get(&name) else { continue };
             let path = dir.join(rel);
             let bytes = read_module(&path)?;
-            let deps = super::elf::modinfo_depends(&bytes)
-                .map_err(|source| ModuleError::Elf { path: path.clone(), source })?;
+            let deps = modinfo_depends(&bytes).map_err(|source| ModuleError::Elf { path: path.clone(), source })?;
             todo.extend(deps.iter().cloned());
             g.deps.insert(name.clone(), deps);
             g.paths.insert(name.clone(), rel.clone());
@@ -319,6 +327,18 @@ kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/driv
     fn detects_cycles() {
         let g = parse_modules_dep("a.ko: b.ko\nb.ko: c.ko\nc.ko: a.ko\n");
         assert!(matches!(load_order(&g, &BTreeSet::new(), &["a"]), Err(ModuleError::Cycle(_))));
+    }
+
+    #[test]
+    fn reads_normalised_dependencies_from_modinfo() {
+        use crate::image::elf::tests::fake_elf;
+        let ko = fake_elf(&[], ".modinfo", b"license=GPL\0depends=virtio,virtio-ring\0name=x\0");
+        assert_eq!(modinfo_depends(&ko).unwrap(), vec!["virtio", "virtio_ring"]);
+        let none = fake_elf(&[], ".modinfo", b"license=GPL\0depends=\0");
+        assert!(modinfo_depends(&none).unwrap().is_empty());
+        let other = fake_elf(&[], ".text", b"depends=virtio\0");
+        assert!(modinfo_depends(&other).unwrap().is_empty());
+        assert_eq!(modinfo_depends(b"#!/bin/sh\n"), Err(ElfError::NotElf));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! QEMU command-line fragments, one small pure function per concern.
+//! QEMU command-line fragments, one small pure function per concern (no I/O; each one
+//! unit-tested below). [`super::plan::build_args`] puts a VM's together.
 //!
 //! Option values are escaped with [`escape`] (QEMU splits options on `,`; a literal comma
 //! is written `,,`).
@@ -237,8 +238,8 @@ pub fn port_args(controller_id: &str, port: &PortSpec) -> Vec<OsString> {
     v
 }
 
-/// Arguments of the KVM probe: boot `bios` (see [`super::accel::probe_bios`]) under `accel`
-/// with an `isa-debug-exit` device at port 0xf4.
+/// Arguments of the KVM probe: boot the probe firmware `bios` under `accel` with an
+/// `isa-debug-exit` device at port 0xf4 (the port the firmware writes to).
 pub fn probe_args(bios: &Path, accel: Accel) -> Vec<OsString> {
     let mut v = vec![os("-accel"), os(accel.as_str()), os("-machine"), os("pc")];
     v.extend(base_args());

@@ -2,7 +2,7 @@
 //! connection is handed, in turn, to a script that may misbehave at will.
 
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -98,6 +98,15 @@ impl Peer {
     /// Waits up to `d`, or less if the server is dropped (pacing, not synchronisation).
     pub(super) fn pause(&mut self, d: Duration) {
         let _ = self.stop.recv_timeout(d);
+    }
+
+    /// Whether the client closes the connection within [`SCRIPT_WAIT`] (whatever it sends
+    /// before is read and dropped).
+    pub(super) fn sees_close(&mut self) -> bool {
+        if self.reader.get_ref().set_read_timeout(Some(SCRIPT_WAIT)).is_err() {
+            return false;
+        }
+        self.reader.read_to_end(&mut Vec::new()).is_ok()
     }
 
     /// Keeps the connection open and silent, reading nothing, until the server is dropped.

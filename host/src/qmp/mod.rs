@@ -37,15 +37,20 @@
 //! - **No panic, no hang.** The reader never panics on input; should it end for any reason,
 //!   including a bug, every waiter still wakes with [`QmpError::Disconnected`].
 //!
-//! [`wait_ready`], the start-up check of `Vm::start` (on its own short connection), keeps the
-//! same bounds. The pure parts, [`parse_message`] and [`LineSplitter`], do no I/O and are the
-//! entry points for fuzzing.
+//! [`wait_ready`], the start-up check of `Vm::start`, is a [`Qmp::connect_while`] on a short
+//! connection of its own, retried while the socket refuses or drops connections: the same
+//! client, with the same bounds. A [`Qmp`] closes its connection when dropped.
+//!
+//! The pure parts, [`parse_message`] and [`LineSplitter`], do no I/O and are the entry points
+//! for fuzzing. The typed commands (`query-chardev`, `migrate`, ...) are in `commands.rs`.
 
+mod commands;
 mod lines;
 mod parse;
 mod reader;
 mod ready;
 
+pub use commands::{ChardevInfo, MigrationStatus, QemuVersion};
 pub use lines::{LineSplitter, LineTooLong, MAX_LINE_BYTES};
 pub use parse::{parse_message, ErrorReply, EventMessage, Incoming, QmpParseError, ReplyMessage};
 pub use reader::{QmpStats, EVENT_BACKLOG};
@@ -53,7 +58,6 @@ pub use ready::wait_ready;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use reader::Shared;
-use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::io::{ErrorKind, Write};
 use std::net::Shutdown;
@@ -118,6 +122,15 @@ pub enum QmpError {
         command: String,
         /// Why the connection ended.
         reason: ConnectionEnd,
+    },
+    /// The liveness check of [`Qmp::connect_while`] failed while the command waited for its
+    /// reply (for example QEMU exited).
+    #[error("gave up on qmp command {command}: {reason}")]
+    Abandoned {
+        /// The command.
+        command: String,
+        /// What the liveness check said.
+        reason: String,
     },
     /// A reply did not have the expected shape.
     #[error("unexpected reply to qmp command {command}: {reply}")]
@@ -191,6 +204,27 @@ pub enum GreetingError {
         /// `an event` or `a command reply`.
         got: &'static str,
     },
+    /// The liveness check of [`Qmp::connect_while`] failed first (for example QEMU exited).
+    #[error("gave up: {reason}")]
+    Abandoned {
+        /// What the liveness check said.
+        reason: String,
+    },
+}
+
+/// How often [`Qmp::connect_while`] asks its liveness check while it waits.
+pub const ALIVE_STEP: Duration = Duration::from_millis(20);
+
+/// A liveness check asked between waiting steps: `Err(reason)` once the server can no longer
+/// answer (for example QEMU exited). `None`: no check, the wait ends only at its deadline.
+pub(crate) type Alive<'a> = Option<&'a mut dyn FnMut() -> Result<(), String>>;
+
+/// `alive` for one wait, leaving it usable for the next.
+fn reborrow<'s>(alive: &'s mut Alive<'_>) -> Alive<'s> {
+    match alive {
+        Some(alive) => Some(&mut **alive),
+        None => None,
+    }
 }
 
 /// A QMP event with the time it was received.
@@ -216,50 +250,6 @@ impl QmpEvent {
     }
 }
 
-/// One row of `query-chardev`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ChardevInfo {
-    /// Chardev id.
-    pub label: String,
-    /// Backend description, for example `unix:/tmp/x.sock,server=on`.
-    pub filename: String,
-    /// Whether the frontend (the guest side) has it open.
-    pub frontend_open: bool,
-}
-
-/// QEMU version from `query-version`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct QemuVersion {
-    /// Major.
-    pub major: u64,
-    /// Minor.
-    pub minor: u64,
-    /// Micro.
-    pub micro: u64,
-    /// Package string, for example `Debian 1:7.2+dfsg-7+deb12u18`.
-    pub package: String,
-}
-
-impl std::fmt::Display for QemuVersion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)?;
-        match self.package.trim() {
-            "" => Ok(()),
-            p if p.starts_with('(') => write!(f, " {p}"),
-            p => write!(f, " ({p})"),
-        }
-    }
-}
-
-/// The state of a migration, from `query-migrate`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct MigrationStatus {
-    /// `none` (no migration yet), `setup`, `active`, `completed`, `failed`, `cancelled`, ...
-    pub status: String,
-    /// QEMU's description of a failure.
-    pub error: Option<String>,
-}
-
 /// A connected QMP session (capabilities negotiated). See the module docs for what it
 /// guarantees when the server misbehaves.
 pub struct Qmp {
@@ -272,19 +262,37 @@ pub struct Qmp {
 }
 
 impl Qmp {
-    /// Connects, reads the greeting and negotiates capabilities, each within `timeout`.
+    /// Connects, reads the greeting and negotiates capabilities, all within `timeout`, which is
+    /// also the default deadline of later commands ([`Qmp::timeout`]).
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        Qmp::open(path, timeout, None)
+    }
+
+    /// Like [`Qmp::connect`], and asks `alive` every [`ALIVE_STEP`] while it waits for the
+    /// greeting and for the reply to `qmp_capabilities`: its `Err` ends the wait at once
+    /// ([`GreetingError::Abandoned`], [`QmpError::Abandoned`]). For a server that may still be
+    /// starting or may have died, such as a QEMU just spawned ([`wait_ready`]).
+    pub fn connect_while(
+        path: &Path,
+        timeout: Duration,
+        mut alive: impl FnMut() -> Result<(), String>,
+    ) -> Result<Qmp, QmpError> {
+        Qmp::open(path, timeout, Some(&mut alive))
+    }
+
+    fn open(path: &Path, timeout: Duration, mut alive: Alive<'_>) -> Result<Qmp, QmpError> {
+        let deadline = deadline_after(timeout);
         let connect_err = |source| QmpError::Connect { path: path.into(), source };
         let mut stream = UnixStream::connect(path).map_err(connect_err)?;
         let mut lines = LineSplitter::new(MAX_LINE_BYTES);
-        let greeting = reader::read_greeting(&mut stream, &mut lines, timeout)
+        let greeting = reader::read_greeting(&mut stream, &mut lines, deadline, timeout, reborrow(&mut alive))
             .map_err(|problem| QmpError::Greeting { path: path.into(), problem })?;
         log::debug!("qmp <- greeting {greeting}");
         stream.set_read_timeout(None).map_err(connect_err)?;
         let read_half = stream.try_clone().map_err(connect_err)?;
         let (shared, events) = reader::spawn(read_half, lines).map_err(connect_err)?;
         let qmp = Qmp { writer: Mutex::new(stream), shared, next_id: AtomicU64::new(1), events, timeout };
-        qmp.execute("qmp_capabilities", None)?;
+        qmp.execute_while("qmp_capabilities", None, deadline, timeout, alive)?;
         Ok(qmp)
     }
 
@@ -317,7 +325,19 @@ impl Qmp {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
-        let deadline = deadline_after(timeout);
+        self.execute_while(command, arguments, deadline_after(timeout), timeout, None)
+    }
+
+    /// Runs `command` before `deadline` (`timeout` after the start of the caller's wait, as
+    /// errors report it), asking `alive` every [`ALIVE_STEP`] while the reply is awaited.
+    fn execute_while(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        deadline: Instant,
+        timeout: Duration,
+        mut alive: Alive<'_>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.shared.expect(id, tx).map_err(|reason| QmpError::Disconnected { command: command.into(), reason })?;
@@ -334,18 +354,30 @@ impl Qmp {
             self.shared.forget(id);
             return Err(e);
         }
-        let outcome = match rx.recv_deadline(deadline) {
-            Ok(outcome) => outcome,
-            Err(RecvTimeoutError::Timeout) => {
-                self.shared.forget(id);
-                // The reply may have come between the deadline and `forget`.
-                match rx.try_recv() {
-                    Ok(outcome) => outcome,
-                    Err(_) => return Err(QmpError::Timeout { command: command.into(), timeout }),
+        let outcome = loop {
+            let step_end = match alive {
+                Some(_) => deadline.min(Instant::now() + ALIVE_STEP),
+                None => deadline,
+            };
+            match rx.recv_deadline(step_end) {
+                Ok(outcome) => break outcome,
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                    if let Some(Err(reason)) = alive.as_mut().map(|alive| alive()) {
+                        self.shared.forget(id);
+                        return Err(QmpError::Abandoned { command: command.into(), reason });
+                    }
                 }
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(QmpError::Disconnected { command: command.into(), reason: self.shared.end() })
+                Err(RecvTimeoutError::Timeout) => {
+                    self.shared.forget(id);
+                    // The reply may have come between the deadline and `forget`.
+                    match rx.try_recv() {
+                        Ok(outcome) => break outcome,
+                        Err(_) => return Err(QmpError::Timeout { command: command.into(), timeout }),
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(QmpError::Disconnected { command: command.into(), reason: self.shared.end() })
+                }
             }
         };
         outcome.map_err(|e| QmpError::Command {
@@ -391,82 +423,6 @@ impl Qmp {
         Err(failure)
     }
 
-    /// `query-chardev`.
-    pub fn query_chardev(&self) -> Result<Vec<ChardevInfo>, QmpError> {
-        let reply = self.execute("query-chardev", None)?;
-        parse_chardevs(&reply)
-            .ok_or_else(|| QmpError::Unexpected { command: "query-chardev".into(), reply: reply.to_string() })
-    }
-
-    /// `frontend-open` of the chardev `label`, or `None` if QEMU has no such chardev.
-    pub fn frontend_open(&self, label: &str) -> Result<Option<bool>, QmpError> {
-        Ok(self.query_chardev()?.into_iter().find(|c| c.label == label).map(|c| c.frontend_open))
-    }
-
-    /// `query-version`.
-    pub fn query_version(&self) -> Result<QemuVersion, QmpError> {
-        let reply = self.execute("query-version", None)?;
-        parse_version(&reply)
-            .ok_or_else(|| QmpError::Unexpected { command: "query-version".into(), reply: reply.to_string() })
-    }
-
-    /// `query-status`: the run state (`running`, `paused`, `prelaunch`, ...).
-    pub fn query_status(&self) -> Result<String, QmpError> {
-        let reply = self.execute("query-status", None)?;
-        reply
-            .get("status")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| QmpError::Unexpected { command: "query-status".into(), reply: reply.to_string() })
-    }
-
-    /// `cont`: run a VM started paused (`-S`) or stopped.
-    pub fn cont(&self) -> Result<(), QmpError> {
-        self.execute("cont", None).map(drop)
-    }
-
-    /// `stop`: pause the VM.
-    pub fn stop(&self) -> Result<(), QmpError> {
-        self.execute("stop", None).map(drop)
-    }
-
-    /// `system_reset`.
-    pub fn system_reset(&self) -> Result<(), QmpError> {
-        self.execute("system_reset", None).map(drop)
-    }
-
-    /// `device_add` with the given properties (`driver`, `id`, ...).
-    pub fn device_add(&self, props: Value) -> Result<(), QmpError> {
-        self.execute("device_add", Some(props)).map(drop)
-    }
-
-    /// `device_del` of device `id`.
-    pub fn device_del(&self, id: &str) -> Result<(), QmpError> {
-        self.execute("device_del", Some(json!({ "id": id }))).map(drop)
-    }
-
-    /// `migrate` to `uri` (for example `unix:/path` to a destination started with
-    /// `-incoming unix:/path`, or `exec:cat > FILE` to save the state). Returns at once;
-    /// follow progress with [`Qmp::query_migrate`] or the `MIGRATION` events.
-    pub fn migrate(&self, uri: &str) -> Result<(), QmpError> {
-        self.execute("migrate", Some(json!({ "uri": uri }))).map(drop)
-    }
-
-    /// `migrate-incoming` on a destination started with `-incoming defer`.
-    pub fn migrate_incoming(&self, uri: &str) -> Result<(), QmpError> {
-        self.execute("migrate-incoming", Some(json!({ "uri": uri }))).map(drop)
-    }
-
-    /// `query-migrate`: the migration status (`none`, `setup`, `active`, `completed`, `failed`,
-    /// ...) and, when failed, QEMU's error description.
-    pub fn query_migrate(&self) -> Result<MigrationStatus, QmpError> {
-        let reply = self.execute("query-migrate", None)?;
-        Ok(MigrationStatus {
-            status: reply.get("status").and_then(Value::as_str).unwrap_or("none").to_string(),
-            error: reply.get("error-desc").and_then(Value::as_str).map(str::to_string),
-        })
-    }
-
     /// Waits up to `timeout` for an event accepted by `pred`; other events received meanwhile
     /// are returned too, in order, so the caller can record them.
     pub fn wait_event(
@@ -487,33 +443,20 @@ impl Qmp {
     }
 }
 
+impl Drop for Qmp {
+    /// Closes the connection (both directions, so the reader thread ends too): QEMU serves one
+    /// QMP client at a time on a socket, and this frees it for the next.
+    fn drop(&mut self) {
+        let w = self.writer.get_mut().unwrap_or_else(|e| e.into_inner());
+        // Errors only mean the socket is gone already.
+        let _ = w.shutdown(Shutdown::Both);
+    }
+}
+
 /// `timeout` from now; a timeout beyond a year counts as a year (no overflow panic on
 /// `Duration::MAX`).
 fn deadline_after(timeout: Duration) -> Instant {
     Instant::now() + timeout.min(Duration::from_secs(365 * 24 * 3600))
-}
-
-fn parse_chardevs(v: &Value) -> Option<Vec<ChardevInfo>> {
-    v.as_array()?
-        .iter()
-        .map(|c| {
-            Some(ChardevInfo {
-                label: c.get("label")?.as_str()?.to_string(),
-                filename: c.get("filename")?.as_str()?.to_string(),
-                frontend_open: c.get("frontend-open")?.as_bool()?,
-            })
-        })
-        .collect()
-}
-
-fn parse_version(v: &Value) -> Option<QemuVersion> {
-    let q = v.get("qemu")?;
-    Some(QemuVersion {
-        major: q.get("major")?.as_u64()?,
-        minor: q.get("minor")?.as_u64()?,
-        micro: q.get("micro")?.as_u64()?,
-        package: v.get("package").and_then(Value::as_str).unwrap_or("").to_string(),
-    })
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! the commands (who waits for which reply, who subscribed to events, why the connection
 //! ended, counters).
 
-use super::{parse_message, ConnectionEnd, ErrorReply, GreetingError, Incoming, LineSplitter, QmpEvent};
+use super::{
+    parse_message, Alive, ConnectionEnd, ErrorReply, GreetingError, Incoming, LineSplitter, QmpEvent, ALIVE_STEP,
+};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 use std::borrow::Cow;
@@ -103,14 +105,16 @@ impl Shared {
     }
 }
 
-/// Reads the greeting line, within `timeout` for the whole line. Bytes after it stay in
-/// `lines`.
+/// Reads the greeting line, the whole line before `deadline` (`timeout` after the start of the
+/// caller's wait, as errors report it), asking `alive` (if any) every [`ALIVE_STEP`]. Bytes
+/// after it stay in `lines`.
 pub(super) fn read_greeting(
     stream: &mut UnixStream,
     lines: &mut LineSplitter,
+    deadline: Instant,
     timeout: Duration,
+    mut alive: Alive<'_>,
 ) -> Result<Value, GreetingError> {
-    let deadline = super::deadline_after(timeout);
     let mut chunk = [0u8; 4096];
     loop {
         if let Some(line) = lines.next_line() {
@@ -126,7 +130,11 @@ pub(super) fn read_greeting(
         if left.is_zero() {
             return Err(GreetingError::Timeout { timeout });
         }
-        stream.set_read_timeout(Some(left)).map_err(|e| GreetingError::Lost(read_end(&e)))?;
+        if let Some(Err(reason)) = alive.as_mut().map(|alive| alive()) {
+            return Err(GreetingError::Abandoned { reason });
+        }
+        let step = if alive.is_some() { left.min(ALIVE_STEP) } else { left };
+        stream.set_read_timeout(Some(step)).map_err(|e| GreetingError::Lost(read_end(&e)))?;
         match stream.read(&mut chunk) {
             Ok(0) => return Err(GreetingError::Lost(end_of_stream(lines.partial()))),
             Ok(n) => lines.push(&chunk[..n]),

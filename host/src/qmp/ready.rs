@@ -3,165 +3,84 @@
 //! monitor I/O thread), so a reply to `qmp_capabilities` means the machine is set up and, for
 //! example, the kernel was loaded.
 //!
-//! The check uses its own short-lived connection and closes it when done, so QMP is free for
-//! the caller afterwards (QEMU serves one QMP client at a time on a socket). Reads are bounded
-//! ([`MAX_LINE_BYTES`] a line, 64 KiB a step) and the whole check has one deadline; whatever
-//! the server sends, it fails with a [`WaitError`], never a panic.
+//! The check is the QMP client itself: a [`Qmp::connect_while`] (greeting, then
+//! `qmp_capabilities`), retried while the socket is not there yet, refuses connections or drops
+//! them. The connection is closed when the check is done, so QMP is free for the caller
+//! afterwards (QEMU serves one QMP client at a time on a socket). The whole check has one
+//! deadline and keeps the client's bounds ([`MAX_LINE_BYTES`](super::MAX_LINE_BYTES) a line);
+//! whatever the server sends, it fails with a [`WaitError`], never a panic.
 
-use super::{parse_message, Incoming, LineSplitter, LineTooLong, QmpParseError, MAX_LINE_BYTES};
+use super::{ConnectionEnd, GreetingError, Qmp, QmpError};
 use crate::wait::{wait_until, WaitError};
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::cell::RefCell;
 use std::path::Path;
-use std::time::Duration;
-use thiserror::Error;
+use std::time::{Duration, Instant};
 
 /// What the check waits for, as [`WaitError`]s name it.
 const WHAT: &str = "qemu to answer on QMP";
-/// The longest a single step blocks in a read before the deadline and the liveness check are
-/// looked at again.
-const STEP: Duration = Duration::from_millis(20);
-/// The id of the check's `qmp_capabilities`.
-const ID: u64 = 1;
+/// The pause between two connection attempts.
+const RETRY: Duration = Duration::from_millis(5);
 
 /// Waits up to `timeout` until the QMP server on `sock` has sent its greeting and answered
 /// `qmp_capabilities`, reconnecting while the socket refuses or closes connections. `alive` is
-/// checked between steps (normally "QEMU still runs"); its `Err` ends the wait at once.
+/// checked between attempts and, during one, while the client waits (normally "QEMU still
+/// runs"); its `Err` ends the wait at once.
 ///
 /// Errors: [`WaitError::Timeout`] at the deadline; [`WaitError::Aborted`] when `alive` fails or
 /// at once when the server cannot be a working QMP server: a first line that is not a
-/// greeting, a line over [`MAX_LINE_BYTES`], or an error reply to `qmp_capabilities`. Lines
-/// between the greeting and the reply that are not the reply (events, garbage) are skipped.
+/// greeting, a line over [`MAX_LINE_BYTES`](super::MAX_LINE_BYTES), or an error reply to
+/// `qmp_capabilities`. Lines between the greeting and the reply that are not the reply (events,
+/// garbage) are skipped.
 pub fn wait_ready(sock: &Path, timeout: Duration, alive: impl FnMut() -> Result<(), String>) -> Result<(), WaitError> {
-    let mut check = Check::default();
-    wait_until(WHAT, timeout, Duration::from_millis(5), alive, || check.step(sock)).and_then(|verdict| {
-        verdict.map_err(|e| WaitError::Aborted { what: WHAT.into(), reason: format!("qmp at {}: {e}", sock.display()) })
-    })
+    let deadline = Instant::now() + timeout;
+    // Asked by `wait_until` between attempts and by the client during one, never at once.
+    let alive = RefCell::new(alive);
+    let ask = || (alive.borrow_mut())();
+    let attempt = || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // The connection closes as the client is dropped, freeing QMP for the caller.
+        judge(sock, Qmp::connect_while(sock, left, ask).map(drop))
+    };
+    wait_until(WHAT, timeout, RETRY, ask, attempt)
+        .and_then(|verdict| verdict.map_err(|reason| WaitError::Aborted { what: WHAT.into(), reason }))
 }
 
-/// Why the server cannot be a working QMP server.
-#[derive(Debug, Error)]
-enum NotQmp {
-    #[error("the first line is {0}")]
-    BadFirstLine(QmpParseError),
-    #[error("the first line is {0}, not a greeting")]
-    NotAGreeting(&'static str),
-    #[error("the server sent {0}")]
-    TooLong(LineTooLong),
-    #[error("qmp_capabilities failed: {class}: {desc}")]
-    Refused { class: String, desc: String },
-}
-
-#[derive(Default)]
-struct Check {
-    conn: Option<Conn>,
-}
-
-struct Conn {
-    stream: UnixStream,
-    lines: LineSplitter,
-    greeted: bool,
-}
-
-/// What a connection's lines say so far.
-enum Verdict {
-    NotYet,
-    Reconnect,
-    Done(Result<(), NotQmp>),
-}
-
-impl Check {
-    /// One step: connect if needed, read once (blocking at most [`STEP`]), judge the lines.
-    /// `None` while the answer is still to come.
-    fn step(&mut self, sock: &Path) -> Option<Result<(), NotQmp>> {
-        if self.conn.is_none() {
-            // Not there or not listening yet: the next step tries again.
-            let stream = UnixStream::connect(sock).ok()?;
-            stream.set_read_timeout(Some(STEP)).ok()?;
-            stream.set_write_timeout(Some(STEP)).ok()?;
-            self.conn = Some(Conn { stream, lines: LineSplitter::new(MAX_LINE_BYTES), greeted: false });
+/// What one attempt on `sock` says: `None` to try again (the socket is not there or not
+/// listening yet, or the connection was lost; at the deadline `wait_until` gives up),
+/// `Some(Err(reason))` when the liveness check failed or the server cannot be a working QMP
+/// server.
+fn judge(sock: &Path, attempt: Result<(), QmpError>) -> Option<Result<(), String>> {
+    let lost = |end: &ConnectionEnd| !matches!(end, ConnectionEnd::LineTooLong { .. });
+    match attempt {
+        Ok(()) => Some(Ok(())),
+        Err(QmpError::Connect { source, .. }) => {
+            log::debug!("qmp ready check: cannot connect yet ({source})");
+            None
         }
-        let conn = self.conn.as_mut()?;
-        let verdict = conn.read().unwrap_or_else(|| conn.judge());
-        match verdict {
-            Verdict::NotYet => None,
-            Verdict::Reconnect => {
-                self.conn = None;
-                None
-            }
-            Verdict::Done(v) => {
-                // Closing the connection frees QMP for the caller.
-                self.conn = None;
-                Some(v)
-            }
+        Err(QmpError::Greeting { problem: GreetingError::Timeout { .. }, .. }) | Err(QmpError::Timeout { .. }) => None,
+        Err(QmpError::Greeting { problem: GreetingError::Lost(end), .. }) if lost(&end) => {
+            log::debug!("qmp ready check: {end}; reconnecting");
+            None
         }
-    }
-}
-
-impl Conn {
-    /// Reads what is there; `Some(Reconnect)` when the connection is gone.
-    fn read(&mut self) -> Option<Verdict> {
-        let mut chunk = vec![0u8; 64 * 1024];
-        match self.stream.read(&mut chunk) {
-            Ok(0) => {
-                log::debug!("qmp ready check: the server closed the connection; reconnecting");
-                Some(Verdict::Reconnect)
-            }
-            Ok(n) => {
-                self.lines.push(&chunk[..n]);
-                None
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => None,
-            Err(e) => {
-                log::debug!("qmp ready check: read failed ({e}); reconnecting");
-                Some(Verdict::Reconnect)
-            }
+        Err(QmpError::Disconnected { reason, .. }) if lost(&reason) => {
+            log::debug!("qmp ready check: {reason}; reconnecting");
+            None
         }
-    }
-
-    /// Judges the complete lines received so far, sending `qmp_capabilities` after the greeting.
-    fn judge(&mut self) -> Verdict {
-        while let Some(line) = self.lines.next_line() {
-            let line = match line {
-                Ok(line) => line,
-                Err(e) => return Verdict::Done(Err(NotQmp::TooLong(e))),
-            };
-            let message = parse_message(&line);
-            if !self.greeted {
-                match message {
-                    Ok(Incoming::Greeting(_)) => {}
-                    Ok(Incoming::Event(_)) => return Verdict::Done(Err(NotQmp::NotAGreeting("an event"))),
-                    Ok(Incoming::Reply(_)) => return Verdict::Done(Err(NotQmp::NotAGreeting("a command reply"))),
-                    Err(e) => return Verdict::Done(Err(NotQmp::BadFirstLine(e))),
-                }
-                let cmd = format!("{{\"execute\":\"qmp_capabilities\",\"id\":{ID}}}\n");
-                if let Err(e) = self.stream.write_all(cmd.as_bytes()) {
-                    log::debug!("qmp ready check: cannot send qmp_capabilities ({e}); reconnecting");
-                    return Verdict::Reconnect;
-                }
-                self.greeted = true;
-                continue;
-            }
-            match message {
-                Ok(Incoming::Reply(r)) if r.numeric_id() == Some(ID) => {
-                    log::debug!("qmp ready check: answered {:?}", r.outcome);
-                    let missing = || super::MISSING.to_string();
-                    return Verdict::Done(r.outcome.map(drop).map_err(|e| NotQmp::Refused {
-                        class: e.class.unwrap_or_else(missing),
-                        desc: e.desc.unwrap_or_else(missing),
-                    }));
-                }
-                Ok(other) => log::debug!("qmp ready check: skipping {other:?}"),
-                Err(e) => log::debug!("qmp ready check: skipping a line that is not a QMP message ({e})"),
-            }
+        Err(QmpError::Send { source, .. }) => {
+            log::debug!("qmp ready check: cannot send qmp_capabilities ({source}); reconnecting");
+            None
         }
-        Verdict::NotYet
+        Err(QmpError::Abandoned { reason, .. })
+        | Err(QmpError::Greeting { problem: GreetingError::Abandoned { reason }, .. }) => Some(Err(reason)),
+        Err(QmpError::Greeting { problem, .. }) => Some(Err(format!("qmp at {}: {problem}", sock.display()))),
+        Err(e) => Some(Err(format!("qmp at {}: {e}", sock.display()))),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::fake::{FakeQmp, Peer, GREETING};
+    use super::super::MAX_LINE_BYTES;
     use super::*;
     use serde_json::{json, Value};
     use std::time::Instant;
@@ -195,7 +114,7 @@ mod tests {
         let (r, _) = check(MARGIN, |p| {
             p.line(GREETING);
             let cmd = p.command().unwrap_or(Value::Null);
-            assert_eq!(cmd, json!({"execute": "qmp_capabilities", "id": ID}));
+            assert_eq!(cmd, json!({"execute": "qmp_capabilities", "id": 1}));
             p.line(r#"{"event": "RESUME"}"#);
             p.send(b"\xff garbage\n");
             p.line(r#"{"return": {}, "id": 2}"#); // not ours
@@ -264,5 +183,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = wait_ready(&dir.path().join("none.sock"), Duration::from_secs(60), || Err("qemu exited".into()));
         assert!(aborted(r).contains("qemu exited"));
+    }
+
+    #[test]
+    fn the_check_closes_its_connection_so_qmp_is_free_afterwards() {
+        let (tx, closed) = crossbeam_channel::unbounded();
+        let (r, _) = check(MARGIN, move |p| {
+            p.negotiate();
+            let _ = tx.send(p.sees_close());
+        });
+        r.unwrap();
+        assert_eq!(closed.recv_timeout(MARGIN), Ok(true), "the server still has the check as its client");
+    }
+
+    #[test]
+    fn a_liveness_check_that_fails_during_an_attempt_ends_it_at_once() {
+        let silent: fn(&mut Peer) = |p| p.hold();
+        let greets: fn(&mut Peer) = |p| {
+            p.line(GREETING);
+            p.hold();
+        };
+        for (what, script) in [("greeting", silent), ("reply", greets)] {
+            let fake = FakeQmp::start(script);
+            let mut asked = 0;
+            let started = Instant::now();
+            let r = wait_ready(&fake.path, Duration::from_secs(60), || {
+                asked += 1;
+                if asked > 3 {
+                    Err("qemu exited".into())
+                } else {
+                    Ok(())
+                }
+            });
+            assert_eq!(aborted(r), "qemu exited", "waiting for the {what}");
+            assert!(started.elapsed() < MARGIN, "waiting for the {what}: {:?}", started.elapsed());
+        }
     }
 }

@@ -406,6 +406,22 @@ fn a_server_that_never_answers_capabilities_fails_connect_at_the_deadline() {
 }
 
 #[test]
+fn connect_has_one_deadline_for_the_greeting_and_the_capabilities_reply() {
+    // A greeting late within the deadline leaves only the rest of it for the reply.
+    let timeout = Duration::from_secs(2);
+    let fake = FakeQmp::start(|p| {
+        p.pause(Duration::from_millis(1500));
+        p.line(GREETING);
+        p.hold();
+    });
+    let path = fake.path.clone();
+    let (r, took) = returns_within(timeout + MARGIN, move || Qmp::connect(&path, timeout).map(drop));
+    assert!(matches!(&r, Err(QmpError::Timeout { command, .. }) if command == "qmp_capabilities"), "{r:?}");
+    // Each phase with a deadline of its own would take 3.5 s.
+    assert!(took >= timeout && took < Duration::from_secs(3), "{took:?}");
+}
+
+#[test]
 fn a_deadline_of_duration_max_is_taken_as_far_away_not_an_overflow() {
     let (_f, qmp) = connected(|p| {
         reply_with(p, "1");

@@ -1,0 +1,151 @@
+//! The typed QMP commands vport sends (`query-chardev`, `query-version`, `cont`, `device_add`,
+//! `migrate`, ...) and the shapes of their replies, on top of [`Qmp::execute`].
+
+use super::{Qmp, QmpError};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// One row of `query-chardev`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChardevInfo {
+    /// Chardev id.
+    pub label: String,
+    /// Backend description, for example `unix:/tmp/x.sock,server=on`.
+    pub filename: String,
+    /// Whether the frontend (the guest side) has it open.
+    pub frontend_open: bool,
+}
+
+/// QEMU version from `query-version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QemuVersion {
+    /// Major.
+    pub major: u64,
+    /// Minor.
+    pub minor: u64,
+    /// Micro.
+    pub micro: u64,
+    /// Package string, for example `Debian 1:7.2+dfsg-7+deb12u18`.
+    pub package: String,
+}
+
+impl std::fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)?;
+        match self.package.trim() {
+            "" => Ok(()),
+            p if p.starts_with('(') => write!(f, " {p}"),
+            p => write!(f, " ({p})"),
+        }
+    }
+}
+
+/// The state of a migration, from `query-migrate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MigrationStatus {
+    /// `none` (no migration yet), `setup`, `active`, `completed`, `failed`, `cancelled`, ...
+    pub status: String,
+    /// QEMU's description of a failure.
+    pub error: Option<String>,
+}
+
+impl Qmp {
+    /// `query-chardev`.
+    pub fn query_chardev(&self) -> Result<Vec<ChardevInfo>, QmpError> {
+        let reply = self.execute("query-chardev", None)?;
+        parse_chardevs(&reply)
+            .ok_or_else(|| QmpError::Unexpected { command: "query-chardev".into(), reply: reply.to_string() })
+    }
+
+    /// `frontend-open` of the chardev `label`, or `None` if QEMU has no such chardev.
+    pub fn frontend_open(&self, label: &str) -> Result<Option<bool>, QmpError> {
+        Ok(self.query_chardev()?.into_iter().find(|c| c.label == label).map(|c| c.frontend_open))
+    }
+
+    /// `query-version`.
+    pub fn query_version(&self) -> Result<QemuVersion, QmpError> {
+        let reply = self.execute("query-version", None)?;
+        parse_version(&reply)
+            .ok_or_else(|| QmpError::Unexpected { command: "query-version".into(), reply: reply.to_string() })
+    }
+
+    /// `query-status`: the run state (`running`, `paused`, `prelaunch`, ...).
+    pub fn query_status(&self) -> Result<String, QmpError> {
+        let reply = self.execute("query-status", None)?;
+        reply
+            .get("status")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| QmpError::Unexpected { command: "query-status".into(), reply: reply.to_string() })
+    }
+
+    /// `cont`: run a VM started paused (`-S`) or stopped.
+    pub fn cont(&self) -> Result<(), QmpError> {
+        self.execute("cont", None).map(drop)
+    }
+
+    /// `stop`: pause the VM.
+    pub fn stop(&self) -> Result<(), QmpError> {
+        self.execute("stop", None).map(drop)
+    }
+
+    /// `system_reset`.
+    pub fn system_reset(&self) -> Result<(), QmpError> {
+        self.execute("system_reset", None).map(drop)
+    }
+
+    /// `device_add` with the given properties (`driver`, `id`, ...).
+    pub fn device_add(&self, props: Value) -> Result<(), QmpError> {
+        self.execute("device_add", Some(props)).map(drop)
+    }
+
+    /// `device_del` of device `id`.
+    pub fn device_del(&self, id: &str) -> Result<(), QmpError> {
+        self.execute("device_del", Some(json!({ "id": id }))).map(drop)
+    }
+
+    /// `migrate` to `uri` (for example `unix:/path` to a destination started with
+    /// `-incoming unix:/path`, or `exec:cat > FILE` to save the state). Returns at once;
+    /// follow progress with [`Qmp::query_migrate`] or the `MIGRATION` events.
+    pub fn migrate(&self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate", Some(json!({ "uri": uri }))).map(drop)
+    }
+
+    /// `migrate-incoming` on a destination started with `-incoming defer`.
+    pub fn migrate_incoming(&self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate-incoming", Some(json!({ "uri": uri }))).map(drop)
+    }
+
+    /// `query-migrate`: the migration status (`none`, `setup`, `active`, `completed`, `failed`,
+    /// ...) and, when failed, QEMU's error description.
+    pub fn query_migrate(&self) -> Result<MigrationStatus, QmpError> {
+        let reply = self.execute("query-migrate", None)?;
+        Ok(MigrationStatus {
+            status: reply.get("status").and_then(Value::as_str).unwrap_or("none").to_string(),
+            error: reply.get("error-desc").and_then(Value::as_str).map(str::to_string),
+        })
+    }
+}
+
+fn parse_chardevs(v: &Value) -> Option<Vec<ChardevInfo>> {
+    v.as_array()?
+        .iter()
+        .map(|c| {
+            Some(ChardevInfo {
+                label: c.get("label")?.as_str()?.to_string(),
+                filename: c.get("filename")?.as_str()?.to_string(),
+                frontend_open: c.get("frontend-open")?.as_bool()?,
+            })
+        })
+        .collect()
+}
+
+fn parse_version(v: &Value) -> Option<QemuVersion> {
+    let q = v.get("qemu")?;
+    Some(QemuVersion {
+        major: q.get("major")?.as_u64()?,
+        minor: q.get("minor")?.as_u64()?,
+        micro: q.get("micro")?.as_u64()?,
+        package: v.get("package").and_then(Value::as_str).unwrap_or("").to_string(),
+    })
+}
