@@ -4,8 +4,13 @@
 //! - [`decoder`]: a streaming decoder that accepts arbitrary chunks and resynchronises on the
 //!   next magic after any damage.
 //! - [`message`]: the typed messages carried in frames.
-//! - [`lifecycle`]: the three-state port life cycle (DISCONNECTED, CONNECTED, READY) with typed
-//!   errors for illegal transitions.
+//! - [`phase`]: the three phases of a port's session (DISCONNECTED, CONNECTED, READY), named
+//!   and numbered in one place for the port machine, the wire and the trace.
+//! - [`lifecycle`]: the port's life-cycle machine over those phases, with typed errors for
+//!   illegal transitions.
+//! - [`server`]: the host's session server for one port, as a machine of the same kind.
+//! - [`trace`]: the trace format; [`replay`] folds a trace into per-port state, which
+//!   [`checker`] judges and `vport watch` renders.
 //!
 //! Nothing here performs I/O or reads a clock: time is passed in as arguments, so every part is
 //! unit-tested and fuzzed without a VM.
@@ -39,9 +44,13 @@ pub mod frame;
 pub mod lifecycle;
 pub mod message;
 pub mod pattern;
+pub mod phase;
+pub mod replay;
+pub mod server;
 pub mod trace;
 
 pub use decoder::{DecodeError, Decoder, DecoderStats};
 pub use frame::{Frame, FrameError, Header};
 pub use lifecycle::{PortEvent, PortMachine, PortState, Transition, TransitionError};
 pub use message::{Message, MessageError, MessageType};
+pub use phase::Phase;

@@ -14,10 +14,14 @@
 //! - CONNECTED (connected but not ready): a host client is attached and a session was offered
 //!   with HELLO; the handshake is pending.
 //! - READY (connected and ready): HELLO_ACK with the session's nonce arrived; data may flow.
+//!
+//! [`PortState`] is a [`Phase`] with the session's data; [`PortState::phase`] drops the data.
 
+use crate::phase::Phase;
 use thiserror::Error;
 
-/// One of the three states of a port's session.
+/// One of the three states of a port's session: its [`Phase`] and, once a host client is
+/// attached, the session's id and nonce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PortState {
     /// No host client is attached.
@@ -39,13 +43,18 @@ pub enum PortState {
 }
 
 impl PortState {
-    /// The state's name as written in traces and logs.
-    pub fn name(&self) -> &'static str {
+    /// The phase, without the session's data.
+    pub fn phase(&self) -> Phase {
         match self {
-            PortState::Disconnected => "DISCONNECTED",
-            PortState::Connected { .. } => "CONNECTED",
-            PortState::Ready { .. } => "READY",
+            PortState::Disconnected => Phase::Disconnected,
+            PortState::Connected { .. } => Phase::Connected,
+            PortState::Ready { .. } => Phase::Ready,
         }
+    }
+
+    /// The phase's name as written in traces and logs ([`Phase::name`]).
+    pub fn name(&self) -> &'static str {
+        self.phase().name()
     }
 
     /// The current session id, if a host client is attached.
@@ -54,6 +63,18 @@ impl PortState {
             PortState::Disconnected => None,
             PortState::Connected { session, .. } | PortState::Ready { session, .. } => Some(*session),
         }
+    }
+}
+
+impl From<&PortState> for Phase {
+    fn from(s: &PortState) -> Phase {
+        s.phase()
+    }
+}
+
+impl From<PortState> for Phase {
+    fn from(s: PortState) -> Phase {
+        s.phase()
     }
 }
 
@@ -90,7 +111,7 @@ pub enum PortEvent {
 pub enum TransitionError {
     /// A connect was reported while a host client was already attached (a duplicate OPENED).
     #[error("host connect reported while already {0}")]
-    DuplicateConnect(&'static str),
+    DuplicateConnect(Phase),
     /// A disconnect was reported with no host client attached (a duplicate CLOSED).
     #[error("host disconnect reported while already DISCONNECTED")]
     DuplicateDisconnect,
@@ -155,7 +176,7 @@ impl PortMachine {
         let to = match (from, event) {
             (S::Disconnected, E::HostConnected { session, nonce }) => S::Connected { session, nonce },
             (S::Connected { .. } | S::Ready { .. }, E::HostConnected { .. }) => {
-                return Err(TransitionError::DuplicateConnect(from.name()))
+                return Err(TransitionError::DuplicateConnect(from.phase()))
             }
             (S::Connected { .. } | S::Ready { .. }, E::NewSession { session, nonce }) => {
                 S::Connected { session, nonce }
@@ -202,6 +223,18 @@ mod tests {
     }
 
     #[test]
+    fn the_phase_is_the_state_without_its_data() {
+        let states = [S::Disconnected, S::Connected { session: 1, nonce: 10 }, S::Ready { session: 1, nonce: 10 }];
+        let phases: Vec<Phase> = states.iter().map(Phase::from).collect();
+        assert_eq!(phases, Phase::ALL);
+        assert!(states.iter().all(|s| s.name() == s.phase().name()));
+        assert_eq!(
+            TransitionError::DuplicateConnect(Phase::Ready).to_string(),
+            "host connect reported while already READY"
+        );
+    }
+
+    #[test]
     fn every_event_in_every_state_has_a_defined_result() {
         let states = [S::Disconnected, S::Connected { session: 1, nonce: 10 }, S::Ready { session: 1, nonce: 10 }];
         let events = [
@@ -220,11 +253,11 @@ mod tests {
              Err(T::NotConnected { event: "hello ack" }), Err(T::NotConnected { event: "hello ack" }),
              Err(T::DuplicateDisconnect), Ok(S::Disconnected)],
             // Connected
-            [Err(T::DuplicateConnect("CONNECTED")), Ok(S::Connected { session: 2, nonce: 20 }),
+            [Err(T::DuplicateConnect(Phase::Connected)), Ok(S::Connected { session: 2, nonce: 20 }),
              Ok(S::Ready { session: 1, nonce: 10 }), Err(T::NonceMismatch { expected: 10, got: 99 }),
              Ok(S::Disconnected), Ok(S::Disconnected)],
             // Ready
-            [Err(T::DuplicateConnect("READY")), Ok(S::Connected { session: 2, nonce: 20 }),
+            [Err(T::DuplicateConnect(Phase::Ready)), Ok(S::Connected { session: 2, nonce: 20 }),
              Err(T::AlreadyReady), Err(T::AlreadyReady), Ok(S::Disconnected), Ok(S::Disconnected)],
         ];
         for (si, s) in states.iter().enumerate() {

@@ -20,7 +20,8 @@
 //! serde_json and the same `Deserialize` implementations, so the schema is defined once, by the
 //! types below. Integers are exact up to `u64::MAX`.
 
-use crate::message::{EventRecord, StateCode};
+use crate::message::EventRecord;
+use crate::phase::Phase;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -55,39 +56,6 @@ impl Direction {
         match self {
             Direction::HostToGuest => "h2g",
             Direction::GuestToHost => "g2h",
-        }
-    }
-}
-
-/// A port state as written in agent transition records: `DISCONNECTED`, `CONNECTED`, `READY`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum TraceState {
-    /// No host client attached.
-    Disconnected,
-    /// Host attached, handshake pending.
-    Connected,
-    /// Session live.
-    Ready,
-}
-
-impl TraceState {
-    /// The state's name, as written.
-    pub fn name(self) -> &'static str {
-        match self {
-            TraceState::Disconnected => "DISCONNECTED",
-            TraceState::Connected => "CONNECTED",
-            TraceState::Ready => "READY",
-        }
-    }
-}
-
-impl From<StateCode> for TraceState {
-    fn from(s: StateCode) -> Self {
-        match s {
-            StateCode::Disconnected => TraceState::Disconnected,
-            StateCode::Connected => TraceState::Connected,
-            StateCode::Ready => TraceState::Ready,
         }
     }
 }
@@ -162,10 +130,10 @@ pub enum Kind {
     /// clock by an estimated offset (error bound: half the round trip of the ping it came
     /// from). Source `agent`.
     AgentTransition {
-        /// State before.
-        from: TraceState,
-        /// State after.
-        to: TraceState,
+        /// Phase before (written as its name, `DISCONNECTED`, `CONNECTED` or `READY`).
+        from: Phase,
+        /// Phase after.
+        to: Phase,
         /// Session id after the transition (0 when DISCONNECTED).
         session: u32,
         /// The agent's cause text.
@@ -234,8 +202,8 @@ impl Kind {
     /// An agent transition record for `r`, as fetched with EVENTS.
     pub fn from_event_record(r: &EventRecord) -> Kind {
         Kind::AgentTransition {
-            from: r.from.into(),
-            to: r.to.into(),
+            from: r.from,
+            to: r.to,
             session: r.session,
             cause: r.cause.clone(),
             agent_time_ns: r.time_ns,
@@ -416,8 +384,8 @@ mod tests {
             Kind::VserportChange { id: String::new(), open: false },
             Kind::FrontendOpen { open: false },
             Kind::AgentTransition {
-                from: TraceState::Disconnected,
-                to: TraceState::Connected,
+                from: Phase::Disconnected,
+                to: Phase::Connected,
                 session: 0,
                 cause: String::new(),
                 agent_time_ns: 0,
@@ -488,8 +456,8 @@ mod tests {
         let e = EventRecord {
             seq: 4,
             time_ns: 9,
-            from: StateCode::Connected,
-            to: StateCode::Ready,
+            from: Phase::Connected,
+            to: Phase::Ready,
             session: 2,
             wakeups: 0,
             cpu_ns: 0,

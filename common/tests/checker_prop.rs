@@ -3,7 +3,8 @@
 
 use proptest::prelude::*;
 use vport_common::checker::{check, NoteKind, Rule};
-use vport_common::trace::{Direction, Kind, Record, TraceState};
+use vport_common::trace::{Direction, Kind, Record};
+use vport_common::Phase;
 
 const P: &str = "org.vport.0";
 
@@ -45,11 +46,11 @@ impl Model {
         self.trace.push((self.t_ns, kind));
     }
 
-    fn code(s: S) -> TraceState {
+    fn code(s: S) -> Phase {
         match s {
-            S::Disconnected => TraceState::Disconnected,
-            S::Connected(..) => TraceState::Connected,
-            S::Ready(..) => TraceState::Ready,
+            S::Disconnected => Phase::Disconnected,
+            S::Connected(..) => Phase::Connected,
+            S::Ready(..) => Phase::Ready,
         }
     }
 

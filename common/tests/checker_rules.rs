@@ -2,7 +2,8 @@
 //! right records), a clean trace accepted, the QMP throttle case accepted with a note.
 
 use vport_common::checker::{check, CheckReport, NoteKind, Rule};
-use vport_common::trace::{parse_jsonl, Direction, Kind, Record, Source, TraceState};
+use vport_common::trace::{parse_jsonl, Direction, Kind, Record, Source};
+use vport_common::Phase;
 
 const P: &str = "org.vport.0";
 const MS: u64 = 1_000_000;
@@ -46,11 +47,11 @@ fn vserport(open: bool) -> Kind {
 fn frontend(open: bool) -> Kind {
     Kind::FrontendOpen { open }
 }
-fn agent(agent_seq: u64, from: TraceState, to: TraceState, session: u32) -> Kind {
+fn agent(agent_seq: u64, from: Phase, to: Phase, session: u32) -> Kind {
     Kind::AgentTransition { from, to, session, cause: "test".into(), agent_time_ns: 0, agent_seq }
 }
 use Direction::{GuestToHost as G2H, HostToGuest as H2G};
-use TraceState::{Connected as C, Disconnected as D, Ready as R};
+use Phase::{Connected as C, Disconnected as D, Ready as R};
 
 /// Exactly one violation, of `rule`, naming exactly `records`.
 fn assert_one(report: &CheckReport, rule: Rule, records: &[u64]) {
@@ -108,12 +109,15 @@ fn a_clean_trace_is_accepted_with_a_true_summary() {
     assert_eq!(report.ports.len(), 1);
     let s = &report.ports[0];
     assert_eq!(s.port, P);
-    assert_eq!((s.host_connects, s.host_disconnects, s.host_connected), (2, 2, false));
-    assert_eq!((s.sessions, s.ready, s.byes, s.hello_repeats), (3, 3, 1, 0));
-    assert_eq!((s.data_records, s.bytes_h2g, s.bytes_g2h), (3, 100, 200));
-    assert_eq!((s.state.as_str(), s.session), ("DISCONNECTED", None));
-    assert_eq!((s.vserport_changes, s.coalesced, s.frontend_samples, s.guest_open), (3, 0, 3, Some(true)));
-    assert_eq!((s.agent_transitions, s.agent_state), (9, Some(D)));
+    assert_eq!((s.counts.host_connects, s.counts.host_disconnects, s.host_connected), (2, 2, false));
+    assert_eq!((s.counts.sessions, s.counts.ready, s.counts.byes, s.counts.hello_repeats), (3, 3, 1, 0));
+    assert_eq!((s.counts.data_records, s.counts.bytes_h2g, s.counts.bytes_g2h), (3, 100, 200));
+    assert_eq!((s.state, s.session), (Phase::Disconnected, None));
+    assert_eq!(
+        (s.counts.vserport_changes, s.counts.coalesced, s.counts.frontend_samples, s.guest_open),
+        (3, 0, 3, Some(true))
+    );
+    assert_eq!((s.counts.agent_transitions, s.agent_state), (9, Some(D)));
     assert_eq!(s.violations, 0);
 }
 
@@ -153,7 +157,10 @@ fn a_repeated_hello_answering_hello_request_is_legal() {
     ]));
     assert!(report.is_clean(), "{:#?}", report.violations);
     assert!(report.notes.is_empty(), "{:#?}", report.notes);
-    assert_eq!((report.ports[0].sessions, report.ports[0].hello_repeats, report.ports[0].hello_requests), (1, 2, 2));
+    assert_eq!(
+        (report.ports[0].counts.sessions, report.ports[0].counts.hello_repeats, report.ports[0].counts.hello_requests),
+        (1, 2, 2)
+    );
 }
 
 #[test]
@@ -309,7 +316,7 @@ fn qmp_throttle_repeats_are_notes_not_violations() {
     let n = &report.notes[0];
     assert_eq!((n.kind, n.records.as_slice()), (NoteKind::CoalescedVserportChange, &[6, 11][..]));
     assert!(n.detail.contains("1000 ms apart"), "{}", n.detail);
-    assert_eq!(report.ports[0].coalesced, 1);
+    assert_eq!(report.ports[0].counts.coalesced, 1);
     assert!(n.to_string().starts_with("note: coalesced-vserport-change: records #6, #11: port org.vport.0: "), "{n}");
 }
 

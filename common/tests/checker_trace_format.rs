@@ -4,10 +4,11 @@
 
 use proptest::prelude::*;
 use vport_common::checker::check;
-use vport_common::trace::{parse_jsonl, parse_record, Direction, Kind, Record, Source, TraceState};
+use vport_common::trace::{parse_jsonl, parse_record, Direction, Kind, Record, Source};
+use vport_common::Phase;
 
-fn state() -> impl Strategy<Value = TraceState> {
-    prop_oneof![Just(TraceState::Disconnected), Just(TraceState::Connected), Just(TraceState::Ready)]
+fn state() -> impl Strategy<Value = Phase> {
+    prop_oneof![Just(Phase::Disconnected), Just(Phase::Connected), Just(Phase::Ready)]
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
@@ -105,8 +106,8 @@ fn the_json_shape_is_the_documented_one() {
         port: "org.vport.0".into(),
         source: Source::Agent,
         kind: Kind::AgentTransition {
-            from: TraceState::Connected,
-            to: TraceState::Ready,
+            from: Phase::Connected,
+            to: Phase::Ready,
             session: 9,
             cause: "hello ack".into(),
             agent_time_ns: 42,

@@ -35,7 +35,8 @@
 use crate::input::Input;
 use std::collections::{BTreeMap, BTreeSet};
 use vport_common::checker::{check, CheckReport, Rule};
-use vport_common::trace::{parse_jsonl, parse_record, Direction, Kind, Record, Source, TraceError, TraceState};
+use vport_common::trace::{parse_jsonl, parse_record, Direction, Kind, Record, Source, TraceError};
+use vport_common::Phase;
 
 // ---- adapter: the trace and checker API this target uses ---------------------------------------
 
@@ -153,21 +154,24 @@ pub fn check_report(records: &[Record]) -> CheckReport {
             })
         };
         let p = &s.port;
-        assert_eq!(s.records, rs.len() as u64, "port {p}: records");
-        assert_eq!(s.host_connects, count(&|k| matches!(k, Kind::HostConnect)), "port {p}: host_connects");
-        assert_eq!(s.host_disconnects, count(&|k| matches!(k, Kind::HostDisconnect { .. })), "port {p}");
-        assert_eq!(s.hello_requests, count(&|k| matches!(k, Kind::HelloRequest)), "port {p}: hello_requests");
-        assert_eq!(s.byes, count(&|k| matches!(k, Kind::Bye { .. })), "port {p}: byes");
-        assert_eq!(s.data_records, count(&|k| matches!(k, Kind::Data { .. })), "port {p}: data_records");
-        assert_eq!(s.bytes_h2g, bytes(Direction::HostToGuest), "port {p}: bytes_h2g");
-        assert_eq!(s.bytes_g2h, bytes(Direction::GuestToHost), "port {p}: bytes_g2h");
-        assert_eq!(s.vserport_changes, count(&|k| matches!(k, Kind::VserportChange { .. })), "port {p}");
-        assert_eq!(s.frontend_samples, count(&|k| matches!(k, Kind::FrontendOpen { .. })), "port {p}");
-        assert_eq!(s.agent_transitions, count(&|k| matches!(k, Kind::AgentTransition { .. })), "port {p}");
+        assert_eq!(s.counts.records, rs.len() as u64, "port {p}: records");
+        assert_eq!(s.counts.host_connects, count(&|k| matches!(k, Kind::HostConnect)), "port {p}: host_connects");
+        assert_eq!(s.counts.host_disconnects, count(&|k| matches!(k, Kind::HostDisconnect { .. })), "port {p}");
+        assert_eq!(s.counts.hello_requests, count(&|k| matches!(k, Kind::HelloRequest)), "port {p}: hello_requests");
+        assert_eq!(s.counts.byes, count(&|k| matches!(k, Kind::Bye { .. })), "port {p}: byes");
+        assert_eq!(s.counts.data_records, count(&|k| matches!(k, Kind::Data { .. })), "port {p}: data_records");
+        assert_eq!(s.counts.bytes_h2g, bytes(Direction::HostToGuest), "port {p}: bytes_h2g");
+        assert_eq!(s.counts.bytes_g2h, bytes(Direction::GuestToHost), "port {p}: bytes_g2h");
+        assert_eq!(s.counts.vserport_changes, count(&|k| matches!(k, Kind::VserportChange { .. })), "port {p}");
+        assert_eq!(s.counts.frontend_samples, count(&|k| matches!(k, Kind::FrontendOpen { .. })), "port {p}");
+        assert_eq!(s.counts.agent_transitions, count(&|k| matches!(k, Kind::AgentTransition { .. })), "port {p}");
         let hellos = count(&|k| matches!(k, Kind::Hello { .. }));
-        assert!(s.sessions + s.hello_repeats <= hellos, "port {p}: sessions + repeats exceed {hellos} HELLOs");
-        assert!(s.ready <= count(&|k| matches!(k, Kind::HelloAck { .. })), "port {p}: ready exceeds HELLO_ACKs");
-        assert!(s.coalesced <= s.vserport_changes, "port {p}: coalesced");
+        assert!(
+            s.counts.sessions + s.counts.hello_repeats <= hellos,
+            "port {p}: sessions + repeats exceed {hellos} HELLOs"
+        );
+        assert!(s.counts.ready <= count(&|k| matches!(k, Kind::HelloAck { .. })), "port {p}: ready exceeds HELLO_ACKs");
+        assert!(s.counts.coalesced <= s.counts.vserport_changes, "port {p}: coalesced");
         let mut samples: Vec<&&Record> = rs.iter().filter(|r| matches!(r.kind, Kind::FrontendOpen { .. })).collect();
         samples.sort_by_key(|r| r.t_ns);
         let last = samples.last().and_then(|r| match r.kind {
@@ -177,10 +181,9 @@ pub fn check_report(records: &[Record]) -> CheckReport {
         assert_eq!(s.guest_open, last, "port {p}: guest_open is the last frontend_open sample in time order");
         let violations = report.violations.iter().filter(|v| &v.port == p).count() as u64;
         assert_eq!(s.violations, violations, "port {p}: violations");
-        match s.state.as_str() {
-            "DISCONNECTED" => assert_eq!(s.session, None, "port {p}: a session while DISCONNECTED"),
-            "CONNECTED" | "READY" => assert!(s.session.is_some(), "port {p}: {} without a session", s.state),
-            other => panic!("port {p}: state {other:?}"),
+        match s.state {
+            Phase::Disconnected => assert_eq!(s.session, None, "port {p}: a session while DISCONNECTED"),
+            Phase::Connected | Phase::Ready => assert!(s.session.is_some(), "port {p}: {} without a session", s.state),
         }
     }
     report
@@ -198,7 +201,7 @@ struct ModelPort {
     /// into its violation).
     data_run: bool,
     /// Agent records: (state, session, agent_seq) of the last one.
-    agent: Option<(TraceState, u32, u64)>,
+    agent: Option<(Phase, u32, u64)>,
 }
 
 impl ModelPort {
@@ -357,10 +360,10 @@ pub fn generate(input: &mut Input) -> (Vec<Record>, Vec<(Rule, String, u64)>) {
                 // Agent transitions (a stream of their own, judged in file order).
                 let (state, session, agent_seq) = match m.agent {
                     Some((s, sess, n)) => (s, sess, n + 1),
-                    None => (TraceState::Disconnected, 0, u64::from(arg)),
+                    None => (Phase::Disconnected, 0, u64::from(arg)),
                 };
                 let fresh = next_session;
-                use TraceState::{Connected as C, Disconnected as D, Ready as R};
+                use Phase::{Connected as C, Disconnected as D, Ready as R};
                 let (from, to, sess) = match (b & 0x0f, state, arg % 4) {
                     // Legal steps.
                     (11, D, _) => (D, C, fresh),

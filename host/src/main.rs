@@ -437,41 +437,14 @@ fn cmd_watch(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
         "watching {} (commands on stdin: close PORT [MS], reopen PORT, ping PORT, quit)",
         args.ports.join(", ")
     ));
-
-    let (quit_tx, quit_rx) = crossbeam_channel::bounded::<()>(1);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lines() {
-            let Ok(line) = line else { break };
-            if line.trim().is_empty() {
-                continue;
-            }
-            match vport_host::watch::parse_command(&line) {
-                Ok(Some(cmd)) => drop(commands.send(cmd)),
-                Ok(None) => {
-                    let _ = quit_tx.send(());
-                    return;
-                }
-                Err(e) => eprintln!("vport: {e}"),
-            }
-        }
-        // End of input drops `quit_tx`: the loop below then keeps watching until Ctrl-C or
-        // until QEMU exits.
-    });
-    let mut quit_rx = quit_rx;
-    loop {
-        crossbeam_channel::select! {
-            recv(quit_rx) -> msg => match msg {
-                Ok(()) => return Ok(()),
-                Err(_) => quit_rx = crossbeam_channel::never(),
-            },
-            recv(rig.qmp.events()) -> ev => {
-                if ev.is_err() {
-                    break;
-                }
-            }
-        }
+    let stdin = std::io::BufReader::new(std::io::stdin());
+    let end = watch::serve_input(&rig, stdin, commands, |e| eprintln!("vport: {e}"))
+        .context("cannot read commands")
+        .map_err(infra)?;
+    match end {
+        watch::WatchEnd::Quit => Ok(()),
+        watch::WatchEnd::QemuExited => qemu_gone(&rig),
     }
-    qemu_gone(&rig)
 }
 
 /// QEMU went away while `watch` kept the VM up ([`command::boot::qemu_gone`]).

@@ -18,9 +18,11 @@
 //! | [`EndReason::ProtocolError`] | a HELLO contradicting the session; an i/o error on the connection |
 //!
 //! After the end every operation on the Session fails with [`SessionError::Ended`]: nothing
-//! is silently dropped. The logic is one state enum ([`ServerState`]) and one pure transition
-//! function ([`transition`]); the I/O around it only turns observations into [`Input`]s and
-//! carries out the [`Action`]s.
+//! is silently dropped. The logic is the pure machine [`vport_common::server`] (one state enum,
+//! one transition `match`, typed errors for illegal inputs); the I/O around it only turns
+//! observations into [`Input`]s, passes the time, and carries out the [`Action`]s. An input the
+//! machine refuses ([`ServerError`]) leaves the state unchanged; it is logged as a warning and
+//! counted ([`PortServer::illegal_inputs`]).
 //!
 //! Detection is in band first (BYE is read within the same call that reads the stream) and
 //! QMP second: QMP events are looked at before every operation and between read slices of at
@@ -54,6 +56,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use vport_common::message::error_code;
+use vport_common::server::ServerMachine;
+pub use vport_common::server::{Action, EndReason, Input, ServerError, ServerState, SessionId};
 use vport_common::Message;
 
 /// Longest read slice while waiting: QMP events are looked at least this often.
@@ -63,42 +67,6 @@ pub const HANDSHAKE_SLICE: Duration = Duration::from_millis(1500);
 /// The `time_ns` of the PING the server sends to check whether the agent moved on to a newer
 /// session (after a frame of another session was dropped).
 pub const PROBE_PING: u64 = u64::MAX;
-
-/// A guest session: the session id from the HELLO header and the HELLO's nonce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SessionId {
-    /// Session id.
-    pub session: u32,
-    /// Nonce.
-    pub nonce: u64,
-}
-
-/// Why a [`Session`] ended.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum EndReason {
-    /// The guest closed the port (BYE, a newer session, `frontend-open` false, guest reset).
-    GuestClosed,
-    /// The host closed the connection ([`Session::close`] or drop).
-    HostClosed,
-    /// The port was hot-unplugged (`DEVICE_DELETED`).
-    Unplugged,
-    /// The VM stopped (`STOP`), shut down, or QEMU exited.
-    VmStopped,
-    /// The connection can no longer carry the session.
-    ProtocolError(String),
-}
-
-impl std::fmt::Display for EndReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            EndReason::GuestClosed => f.write_str("the guest closed the port"),
-            EndReason::HostClosed => f.write_str("the host closed the connection"),
-            EndReason::Unplugged => f.write_str("the port was unplugged"),
-            EndReason::VmStopped => f.write_str("the vm stopped"),
-            EndReason::ProtocolError(d) => write!(f, "protocol error: {d}"),
-        }
-    }
-}
 
 /// What went wrong with a session or the session server.
 #[derive(Debug, Error)]
@@ -148,127 +116,6 @@ pub enum SessionError {
     },
 }
 
-/// The server's state for one port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ServerState {
-    /// No connection to the chardev.
-    Idle,
-    /// Connected; waiting for the HELLO of a guest session other than `last` (the one handed
-    /// out last on this connection, whose repeated HELLOs are not new sessions).
-    Connected {
-        /// The last session handed out on this connection.
-        last: Option<SessionId>,
-    },
-    /// Session `id` is live (CONNECTED_AND_READY).
-    Ready {
-        /// The live session.
-        id: SessionId,
-    },
-    /// No more sessions: the port or the VM is gone.
-    Closed {
-        /// Why.
-        reason: EndReason,
-    },
-}
-
-/// An observation fed to [`transition`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Input {
-    /// The host end connected.
-    HostConnected,
-    /// A HELLO (acknowledged) for this session.
-    Hello(SessionId),
-    /// BYE: the agent is closing the port.
-    Bye,
-    /// The agent answered ERROR bad-session: it is in a newer session.
-    BadSession,
-    /// `frontend-open` as confirmed after a `VSERPORT_CHANGE`.
-    FrontendOpen(bool),
-    /// `DEVICE_DELETED` for the port.
-    DeviceDeleted,
-    /// QMP `STOP`.
-    VmStopped,
-    /// QMP `SHUTDOWN`, the QMP connection closed: QEMU is exiting or gone.
-    VmExited,
-    /// QMP `RESET`: the guest restarts.
-    GuestReset,
-    /// QEMU closed the host connection.
-    ConnectionLost,
-    /// The host closes the connection.
-    HostClose,
-    /// The connection cannot carry the protocol any more.
-    ProtocolError(String),
-}
-
-/// What the server must do after a transition.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Hand out a new [`Session`] for this guest session.
-    Yield(SessionId),
-    /// The live session ends for this reason.
-    End(EndReason),
-    /// Close the host connection.
-    Disconnect,
-    /// Ask the agent for a HELLO (HELLO_REQUEST) before the next handshake: its HELLO of the
-    /// newer session was consumed.
-    RequestHello,
-}
-
-/// The server's one transition function: the next state and the actions for `input` in
-/// `state`. Pure. A closed server stays closed; an unplug or QEMU exit closes it from any state;
-/// every way out of `Ready` ends the session exactly once.
-pub fn transition(state: &ServerState, input: &Input) -> (ServerState, Vec<Action>) {
-    use Action::*;
-    use ServerState::*;
-    let same = || (state.clone(), Vec::new());
-    let connected = !matches!(state, Idle | Closed { .. });
-    let close_all = |reason: EndReason| {
-        let mut acts = Vec::new();
-        if matches!(state, Ready { .. }) {
-            acts.push(End(reason.clone()));
-        }
-        if connected {
-            acts.push(Disconnect);
-        }
-        (Closed { reason }, acts)
-    };
-    match (state, input) {
-        (Closed { .. }, _) => same(),
-        (_, Input::DeviceDeleted) => close_all(EndReason::Unplugged),
-        (_, Input::VmExited) => close_all(EndReason::VmStopped),
-        (Idle, Input::HostConnected) => (Connected { last: None }, vec![]),
-        (Idle, _) => same(),
-        (Connected { last }, Input::Hello(id)) if *last == Some(*id) => same(),
-        (Connected { .. }, Input::Hello(id)) => (Ready { id: *id }, vec![Yield(*id)]),
-        (Connected { .. }, Input::HostClose | Input::ConnectionLost | Input::ProtocolError(_)) => {
-            (Idle, vec![Disconnect])
-        }
-        (Connected { .. }, _) => same(),
-        (Ready { id }, Input::Hello(h)) if h == id => same(),
-        (Ready { id }, Input::Hello(h)) if h.session == id.session => (
-            Idle,
-            vec![
-                End(EndReason::ProtocolError(format!(
-                    "hello for session {:#010x} with nonce {:#x}, the session's is {:#x}",
-                    h.session, h.nonce, id.nonce
-                ))),
-                Disconnect,
-            ],
-        ),
-        (Ready { id }, Input::Hello(_) | Input::BadSession) => {
-            (Connected { last: Some(*id) }, vec![End(EndReason::GuestClosed), RequestHello])
-        }
-        (Ready { id }, Input::Bye | Input::FrontendOpen(false) | Input::GuestReset) => {
-            (Connected { last: Some(*id) }, vec![End(EndReason::GuestClosed)])
-        }
-        (Ready { id }, Input::VmStopped) => (Connected { last: Some(*id) }, vec![End(EndReason::VmStopped)]),
-        (Ready { .. }, Input::ConnectionLost) => (Idle, vec![End(EndReason::VmStopped), Disconnect]),
-        (Ready { .. }, Input::HostClose) => (Idle, vec![End(EndReason::HostClosed), Disconnect]),
-        (Ready { .. }, Input::ProtocolError(d)) => (Idle, vec![End(EndReason::ProtocolError(d.clone())), Disconnect]),
-        (Ready { .. }, Input::FrontendOpen(true) | Input::HostConnected) => same(),
-    }
-}
-
 /// What one wait on the stream produced.
 enum Pumped {
     Frame(Received),
@@ -285,7 +132,11 @@ struct Core {
     qmp: Option<Arc<Qmp>>,
     events: Receiver<QmpEvent>,
     events_open: bool,
-    state: ServerState,
+    machine: ServerMachine,
+    /// Time 0 of the machine's clock.
+    origin: Instant,
+    /// Inputs the machine refused (see [`PortServer::illegal_inputs`]).
+    illegal_inputs: u64,
     link: Option<Link<Connection>>,
     /// Sessions handed out so far; the live one (if any) is number `generation`.
     generation: u64,
@@ -296,15 +147,28 @@ struct Core {
 }
 
 impl Core {
-    /// Feeds `input` to [`transition`] and carries out the actions; returns a yielded session.
+    /// The current state.
+    fn state(&self) -> &ServerState {
+        self.machine.state()
+    }
+
+    /// Feeds `input` to the machine and carries out the actions; returns a yielded session. An
+    /// input the machine refuses changes nothing; it is logged and counted.
     fn apply(&mut self, input: Input) -> Option<SessionId> {
-        let (next, actions) = transition(&self.state, &input);
-        if next != self.state {
-            log::debug!("port {}: {:?} --{:?}--> {:?}", self.port, self.state, input, next);
+        let now_ns = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let step = match self.machine.step(&input, now_ns) {
+            Ok(step) => step,
+            Err(e) => {
+                self.illegal_inputs += 1;
+                log::warn!("port {}: illegal session-server input: {e}; state unchanged", self.port);
+                return None;
+            }
+        };
+        if step.to != step.from {
+            log::debug!("port {}: {:?} --{input}--> {:?}", self.port, step.from, step.to);
         }
-        self.state = next;
         let mut yielded = None;
-        for a in actions {
+        for a in step.actions {
             match a {
                 Action::Yield(id) => {
                     self.generation += 1;
@@ -389,7 +253,7 @@ impl Core {
     }
 
     fn live(&self, generation: u64) -> bool {
-        self.generation == generation && matches!(self.state, ServerState::Ready { .. })
+        self.generation == generation && matches!(self.state(), ServerState::Ready { .. })
     }
 
     /// Waits until `deadline` for a frame of live session `generation` that is not a life-cycle
@@ -483,7 +347,9 @@ impl PortServer {
             qmp,
             events,
             events_open: true,
-            state: ServerState::Idle,
+            machine: ServerMachine::new(),
+            origin: Instant::now(),
+            illegal_inputs: 0,
             link: None,
             generation: 0,
             ends: Vec::new(),
@@ -503,7 +369,14 @@ impl PortServer {
     pub fn state(&self) -> ServerState {
         let mut c = lock(&self.core);
         c.drain_qmp();
-        c.state.clone()
+        c.state().clone()
+    }
+
+    /// Inputs the session-server machine refused so far (each also logged as a warning): an
+    /// observation that is illegal in the server's state, such as a second host connect. The
+    /// state does not change on them.
+    pub fn illegal_inputs(&self) -> u64 {
+        lock(&self.core).illegal_inputs
     }
 
     /// How the last session ended, if one did.
@@ -536,7 +409,7 @@ impl PortServer {
             if left.is_zero() {
                 return Err(SessionError::Timeout { port, what: "guest session".into(), timeout });
             }
-            match c.state.clone() {
+            match c.state().clone() {
                 ServerState::Closed { reason } => return Err(SessionError::Closed { port, reason }),
                 ServerState::Idle => match c.endpoint.connect(left) {
                     Ok(conn) => {
@@ -868,54 +741,22 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use vport_common::message::Hello;
     use vport_common::Decoder;
-    use Action::*;
     use ServerState::*;
 
     const A: SessionId = SessionId { session: 0xA, nonce: 1 };
     const B: SessionId = SessionId { session: 0xB, nonce: 2 };
 
     #[test]
-    fn one_session_per_guest_session_and_each_way_out_of_ready_ends_it_once() {
-        let (s, a) = transition(&Idle, &Input::HostConnected);
-        assert_eq!((&s, a), (&Connected { last: None }, vec![]));
-        let (s, a) = transition(&s, &Input::Hello(A));
-        assert_eq!((&s, a), (&Ready { id: A }, vec![Yield(A)]));
-        assert_eq!(transition(&s, &Input::Hello(A)), (s.clone(), vec![]), "a repeated HELLO is not a new session");
-        assert_eq!(transition(&s, &Input::FrontendOpen(true)), (s.clone(), vec![]));
-        let after = Connected { last: Some(A) };
-        for (input, want) in [
-            (Input::Bye, vec![End(EndReason::GuestClosed)]),
-            (Input::FrontendOpen(false), vec![End(EndReason::GuestClosed)]),
-            (Input::GuestReset, vec![End(EndReason::GuestClosed)]),
-            (Input::BadSession, vec![End(EndReason::GuestClosed), RequestHello]),
-            (Input::Hello(B), vec![End(EndReason::GuestClosed), RequestHello]),
-            (Input::VmStopped, vec![End(EndReason::VmStopped)]),
-        ] {
-            assert_eq!(transition(&s, &input), (after.clone(), want), "{input:?}");
+    fn an_illegal_input_is_counted_and_changes_nothing() {
+        let (srv, _agents, _qmp) = server();
+        {
+            let mut c = lock(&srv.core);
+            assert_eq!(c.apply(Input::Hello(A)), None, "a HELLO with no connection");
+            assert_eq!(c.apply(Input::HostConnected), None);
+            assert_eq!(c.apply(Input::HostConnected), None, "a second host connect");
         }
-        assert_eq!(transition(&s, &Input::HostClose), (Idle, vec![End(EndReason::HostClosed), Disconnect]));
-        assert_eq!(transition(&s, &Input::ConnectionLost), (Idle, vec![End(EndReason::VmStopped), Disconnect]));
-        let (st, acts) = transition(&s, &Input::Hello(SessionId { session: 0xA, nonce: 9 }));
-        assert_eq!(st, Idle);
-        assert!(matches!(&acts[..], [End(EndReason::ProtocolError(_)), Disconnect]), "{acts:?}");
-        let closed = Closed { reason: EndReason::Unplugged };
-        assert_eq!(
-            transition(&s, &Input::DeviceDeleted),
-            (closed.clone(), vec![End(EndReason::Unplugged), Disconnect])
-        );
-        assert_eq!(
-            transition(&s, &Input::VmExited),
-            (Closed { reason: EndReason::VmStopped }, vec![End(EndReason::VmStopped), Disconnect])
-        );
-        // After a session ended: its repeated HELLO is ignored, a new one is a new session.
-        assert_eq!(transition(&after, &Input::Hello(A)), (after.clone(), vec![]));
-        assert_eq!(transition(&after, &Input::Hello(B)), (Ready { id: B }, vec![Yield(B)]));
-        assert_eq!(transition(&after, &Input::Bye), (after.clone(), vec![]), "nothing to end");
-        assert_eq!(transition(&after, &Input::DeviceDeleted), (closed.clone(), vec![Disconnect]));
-        assert_eq!(transition(&Idle, &Input::DeviceDeleted), (closed.clone(), vec![]));
-        for input in [Input::HostConnected, Input::Hello(B), Input::Bye, Input::VmExited] {
-            assert_eq!(transition(&closed, &input), (closed.clone(), vec![]), "closed stays closed");
-        }
+        assert_eq!(srv.illegal_inputs(), 2);
+        assert_eq!(srv.state(), Connected { last: None });
     }
 
     /// An endpoint whose connections are socketpairs handed to a scripted agent.

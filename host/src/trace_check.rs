@@ -95,32 +95,32 @@ fn port_line(s: &PortSummary) -> String {
         "port {}: host {} connects, {} disconnects (connected: {}); {} sessions, {} ready, {} byes; data {} records, \
          h2g {} B, g2h {} B; state {}",
         s.port,
-        s.host_connects,
-        s.host_disconnects,
+        s.counts.host_connects,
+        s.counts.host_disconnects,
         yes_no(s.host_connected),
-        s.sessions,
-        s.ready,
-        s.byes,
-        s.data_records,
-        s.bytes_h2g,
-        s.bytes_g2h,
+        s.counts.sessions,
+        s.counts.ready,
+        s.counts.byes,
+        s.counts.data_records,
+        s.counts.bytes_h2g,
+        s.counts.bytes_g2h,
         s.state
     );
     if let Some(session) = s.session {
         let _ = write!(line, " (session {session:#010x})");
     }
-    if s.vserport_changes + s.frontend_samples > 0 {
+    if s.counts.vserport_changes + s.counts.frontend_samples > 0 {
         let _ = write!(
             line,
             "; qmp {} VSERPORT_CHANGE ({} coalesced), {} frontend-open samples",
-            s.vserport_changes, s.coalesced, s.frontend_samples
+            s.counts.vserport_changes, s.counts.coalesced, s.counts.frontend_samples
         );
         if let Some(open) = s.guest_open {
             let _ = write!(line, " (last: {})", if open { "open" } else { "closed" });
         }
     }
-    if s.agent_transitions > 0 {
-        let _ = write!(line, "; agent {} transitions", s.agent_transitions);
+    if s.counts.agent_transitions > 0 {
+        let _ = write!(line, "; agent {} transitions", s.counts.agent_transitions);
         if let Some(state) = s.agent_state {
             let _ = write!(line, " (last: {})", state.name());
         }

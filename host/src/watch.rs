@@ -5,16 +5,24 @@
 //! seen within milliseconds; after each handshake it fetches the agent's own transition records
 //! (EVENTS) and maps them onto the host clock with the ping-estimated offset. QMP events go on
 //! the same [`Timeline`]. Commands (`close PORT MS`, `reopen PORT`, `ping PORT`) reach the
-//! watchers through a channel, so a user (or a test) can make the guest close and open a port.
+//! watchers through a channel, so a user (or a test) can make the guest close and open a port;
+//! [`serve_input`] reads them from a stream (stdin for `vport watch`) until `quit` or QEMU's
+//! exit.
+//!
+//! The live table ([`Table`], [`TableSink`]) renders the trace replay of
+//! [`vport_common::replay`]: the checker judges the very same per-port state.
 
 use crate::link::{Link, LinkError, Received};
 use crate::rig::Rig;
 use crate::timeline::{ClockOffset, Timeline};
 use crossbeam_channel::{Receiver, Sender};
+use std::io::BufRead;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use vport_common::message::MAX_REOPEN_DELAY_MS;
+use vport_common::replay::{PortReplay, Replay};
+use vport_common::trace::Record;
 use vport_common::Message;
 
 /// How long a watcher blocks in one read before it looks at its command channel.
@@ -104,6 +112,87 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, ParseCommandError> {
         ["ping", port] => Ok(Some(Command::Ping { port: port.to_string() })),
         _ => Err(bad()),
     }
+}
+
+/// How reading commands ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputEnd {
+    /// A `quit` (or `exit`) line.
+    Quit,
+    /// End of input, or a read error (treated alike: no more commands will come).
+    Closed,
+}
+
+/// How watching ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The user quit.
+    Quit,
+    /// QEMU exited (its QMP event channel closed).
+    QemuExited,
+}
+
+/// Reads command lines from `input` and sends each command to `commands` until `quit` or the end
+/// of input. Blank lines are skipped; a line that is not a command goes to `on_bad_line` and
+/// reading goes on.
+pub fn read_commands(
+    input: impl BufRead,
+    commands: &Sender<Command>,
+    mut on_bad_line: impl FnMut(&ParseCommandError),
+) -> InputEnd {
+    for line in input.lines() {
+        let Ok(line) = line else { break };
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse_command(&line) {
+            Ok(Some(cmd)) => {
+                if commands.send(cmd).is_err() {
+                    log::warn!("watch: the watchers are gone; command {:?} dropped", line.trim());
+                }
+            }
+            Ok(None) => return InputEnd::Quit,
+            Err(e) => on_bad_line(&e),
+        }
+    }
+    InputEnd::Closed
+}
+
+/// Waits until the input says `quit` or QEMU exits (`qemu_events` closes). The end of input
+/// alone does not end watching: it goes on until QEMU exits (or Ctrl-C).
+pub fn wait_for_end<T>(input: &Receiver<InputEnd>, qemu_events: &Receiver<T>) -> WatchEnd {
+    let mut input = input.clone();
+    loop {
+        crossbeam_channel::select! {
+            recv(input) -> end => match end {
+                Ok(InputEnd::Quit) => return WatchEnd::Quit,
+                Ok(InputEnd::Closed) | Err(_) => input = crossbeam_channel::never(),
+            },
+            recv(qemu_events) -> ev => {
+                if ev.is_err() {
+                    return WatchEnd::QemuExited;
+                }
+            }
+        }
+    }
+}
+
+/// `vport watch`'s input loop: reads commands from `input` on a thread of its own (see
+/// [`read_commands`]) and passes them to the watchers through `commands`, until the user quits
+/// or QEMU exits ([`wait_for_end`], on the rig's QMP event channel).
+pub fn serve_input(
+    rig: &Rig,
+    input: impl BufRead + Send + 'static,
+    commands: Sender<Command>,
+    on_bad_line: impl FnMut(&ParseCommandError) + Send + 'static,
+) -> Result<WatchEnd, WatchError> {
+    let (end_tx, end_rx) = crossbeam_channel::bounded(1);
+    spawn("watch-input".into(), move || {
+        let end = read_commands(input, &commands, on_bad_line);
+        // The receiver lives until watching ends; after that nobody waits for this.
+        let _ = end_tx.send(end);
+    })?;
+    Ok(wait_for_end(&end_rx, rig.qmp.events()))
 }
 
 /// Starts one watcher thread per port of `rig`, recording on `timeline`, plus a thread that
@@ -211,124 +300,51 @@ fn end(tl: &Timeline, port: &str, e: &LinkError) {
     tl.host_disconnect(port, &reason);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commands_parse_and_bad_lines_say_what_is_accepted() {
-        assert_eq!(
-            parse_command("close org.vport.0 250"),
-            Ok(Some(Command::Close { port: "org.vport.0".into(), ms: 250 }))
-        );
-        assert_eq!(parse_command("close p"), Ok(Some(Command::Close { port: "p".into(), ms: 1000 })));
-        assert_eq!(parse_command(" reopen p "), Ok(Some(Command::Reopen { port: "p".into() })));
-        assert_eq!(parse_command("quit"), Ok(None));
-        let err = parse_command("close p soon").unwrap_err();
-        assert!(err.to_string().contains("close PORT [MS]"), "{err}");
-        assert!(parse_command("teleport").is_err());
-        assert_eq!(parse_command("close p 60000"), Ok(Some(Command::Close { port: "p".into(), ms: 60_000 })));
-        let err = parse_command("close p 60001").unwrap_err();
-        assert!(err.to_string().contains("up to 60000 (the agent's limit)"), "{err}");
-    }
-}
-
-/// One port's row in the live table, derived from timeline records only.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PortRow {
-    /// Port name.
-    pub port: String,
-    /// Whether the guest has the port open, as last seen (in band or QMP); `None`: not yet known.
-    pub guest_open: Option<bool>,
-    /// Whether the host client is attached.
-    pub host_connected: bool,
-    /// DISCONNECTED, CONNECTED or READY, from the in-band handshake.
-    pub state: &'static str,
-    /// The current session id.
-    pub session: u32,
-    /// Payload bytes host to guest.
-    pub bytes_h2g: u64,
-    /// Payload bytes guest to host.
-    pub bytes_g2h: u64,
-    /// The last thing that happened.
-    pub last: String,
-}
-
-/// The live table: applies timeline records, renders the rows.
+/// The live table: the trace replay of the records so far, rendered one row per port.
 #[derive(Debug, Default)]
 pub struct Table {
-    rows: Vec<PortRow>,
+    replay: Replay,
 }
 
 impl Table {
-    /// Applies one record; returns whether a row changed.
-    pub fn apply(&mut self, r: &vport_common::trace::Record) -> bool {
-        use vport_common::trace::{Direction, Kind};
-        if r.port.is_empty() {
-            return false;
-        }
-        let idx = match self.rows.iter().position(|row| row.port == r.port) {
-            Some(i) => i,
-            None => {
-                self.rows.push(PortRow { port: r.port.clone(), state: "DISCONNECTED", ..PortRow::default() });
-                self.rows.len() - 1
-            }
-        };
-        let row = &mut self.rows[idx];
-        match &r.kind {
-            Kind::HostConnect => row.host_connected = true,
-            Kind::HostDisconnect { .. } => {
-                row.host_connected = false;
-                row.state = "DISCONNECTED";
-            }
-            Kind::Hello { session, .. } => {
-                row.guest_open = Some(true);
-                if row.state != "READY" || *session != row.session {
-                    row.state = "CONNECTED";
-                }
-                row.session = *session;
-            }
-            Kind::HelloAck { .. } => row.state = "READY",
-            Kind::Bye { .. } => {
-                row.guest_open = Some(false);
-                row.state = "DISCONNECTED";
-            }
-            Kind::VserportChange { open, .. } | Kind::FrontendOpen { open } => row.guest_open = Some(*open),
-            Kind::Data { dir: Direction::HostToGuest, bytes, .. } => row.bytes_h2g += bytes,
-            Kind::Data { dir: Direction::GuestToHost, bytes, .. } => row.bytes_g2h += bytes,
-            _ => {}
-        }
-        row.last = format!("{:>8.3}s {:?} {}", r.t_ns as f64 / 1e9, r.source, r.kind);
-        true
+    /// Applies one record; returns whether a row changed (every record about a port does).
+    pub fn apply(&mut self, r: &Record) -> bool {
+        self.replay.apply(r).is_some()
     }
 
-    /// The rows, in first-seen order.
-    pub fn rows(&self) -> &[PortRow] {
-        &self.rows
+    /// The ports, in first-seen order.
+    pub fn ports(&self) -> &[PortReplay] {
+        self.replay.ports()
     }
 
-    /// The table as text.
+    /// The table as text: port, guest open (by the latest evidence, in band or QMP), host
+    /// connected, in-band phase, session, bytes each way, and the last record.
     pub fn render(&self) -> String {
         let mut out = format!(
             "{:<20} {:<6} {:<5} {:<12} {:<10} {:>10} {:>10}  {}\n",
             "PORT", "GUEST", "HOST", "STATE", "SESSION", "H2G B", "G2H B", "LAST EVENT"
         );
-        for r in &self.rows {
-            let guest = match r.guest_open {
+        for p in self.replay.ports() {
+            let guest = match p.guest_open() {
                 Some(true) => "open",
                 Some(false) => "closed",
                 None => "?",
             };
+            let session = p.session().map_or_else(|| "-".to_string(), |s| format!("{s:#010x}"));
+            let last = p
+                .last()
+                .map(|r| format!("{:>8.3}s {:?} {}", r.t_ns as f64 / 1e9, r.source, r.kind))
+                .unwrap_or_default();
             out.push_str(&format!(
                 "{:<20} {:<6} {:<5} {:<12} {:<10} {:>10} {:>10}  {}\n",
-                r.port,
+                p.port(),
                 guest,
-                if r.host_connected { "yes" } else { "no" },
-                r.state,
-                format!("{:#010x}", r.session),
-                r.bytes_h2g,
-                r.bytes_g2h,
-                r.last
+                if p.host_connected() { "yes" } else { "no" },
+                p.phase().name(),
+                session,
+                p.counts().bytes_h2g,
+                p.counts().bytes_g2h,
+                last
             ));
         }
         out
@@ -376,5 +392,95 @@ impl<W: std::io::Write> std::io::Write for TableSink<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vport_common::trace::{Direction, Kind};
+    use vport_common::Phase;
+
+    #[test]
+    fn commands_parse_and_bad_lines_say_what_is_accepted() {
+        assert_eq!(
+            parse_command("close org.vport.0 250"),
+            Ok(Some(Command::Close { port: "org.vport.0".into(), ms: 250 }))
+        );
+        assert_eq!(parse_command("close p"), Ok(Some(Command::Close { port: "p".into(), ms: 1000 })));
+        assert_eq!(parse_command(" reopen p "), Ok(Some(Command::Reopen { port: "p".into() })));
+        assert_eq!(parse_command("quit"), Ok(None));
+        let err = parse_command("close p soon").unwrap_err();
+        assert!(err.to_string().contains("close PORT [MS]"), "{err}");
+        assert!(parse_command("teleport").is_err());
+        assert_eq!(parse_command("close p 60000"), Ok(Some(Command::Close { port: "p".into(), ms: 60_000 })));
+        let err = parse_command("close p 60001").unwrap_err();
+        assert!(err.to_string().contains("up to 60000 (the agent's limit)"), "{err}");
+    }
+
+    #[test]
+    fn commands_are_read_until_quit_and_bad_lines_are_reported() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut bad = Vec::new();
+        let input: &[u8] = b"close p 10\n\n  \nteleport\nping p\nquit\nreopen p\n";
+        assert_eq!(read_commands(input, &tx, |e| bad.push(e.0.clone())), InputEnd::Quit);
+        let got: Vec<Command> = rx.try_iter().collect();
+        assert_eq!(got, [Command::Close { port: "p".into(), ms: 10 }, Command::Ping { port: "p".into() }]);
+        assert_eq!(bad, ["teleport"], "nothing is read after quit");
+        assert_eq!(read_commands(&b"reopen p"[..], &tx, |_| {}), InputEnd::Closed);
+        assert_eq!(rx.try_recv(), Ok(Command::Reopen { port: "p".into() }));
+    }
+
+    #[test]
+    fn watching_ends_on_quit_or_when_qemu_exits_not_at_the_end_of_input() {
+        let (end_tx, end_rx) = crossbeam_channel::bounded(1);
+        let (qemu_tx, qemu_rx) = crossbeam_channel::unbounded::<()>();
+        end_tx.send(InputEnd::Quit).unwrap();
+        assert_eq!(wait_for_end(&end_rx, &qemu_rx), WatchEnd::Quit);
+
+        end_tx.send(InputEnd::Closed).unwrap();
+        drop(end_tx);
+        let waiter = std::thread::spawn(move || wait_for_end(&end_rx, &qemu_rx));
+        qemu_tx.send(()).unwrap(); // an event: still watching
+        drop(qemu_tx);
+        assert_eq!(waiter.join().unwrap(), WatchEnd::QemuExited);
+    }
+
+    fn record(seq: u64, port: &str, kind: Kind) -> Record {
+        Record { seq, t_ns: seq * 250_000_000, port: port.into(), source: kind.default_source(), kind }
+    }
+
+    #[test]
+    fn the_table_renders_the_replay() {
+        let mut t = Table::default();
+        let p = "org.vport.0";
+        for (i, kind) in [
+            Kind::VserportChange { id: "vport0".into(), open: true },
+            Kind::HostConnect,
+            Kind::Hello { session: 7, nonce: 1 },
+            Kind::HelloAck { session: 7, nonce: 1 },
+            Kind::Data { dir: Direction::HostToGuest, bytes: 64, session: 7 },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert!(t.apply(&record(i as u64, p, kind)));
+        }
+        assert!(t.apply(&record(5, "org.vport.1", Kind::HostConnect)));
+        assert!(!t.apply(&record(6, "", Kind::Note { text: "phase 2".into() })), "a rig note is about no port");
+        let text = t.render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("PORT "), "{text}");
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(row[..7], ["org.vport.0", "open", "yes", "READY", "0x00000007", "64", "0"], "{text}");
+        assert!(lines[1].ends_with("1.000s Host data h2g 64 bytes session=0x00000007"), "{text}");
+        let row: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(row[..7], ["org.vport.1", "?", "yes", "DISCONNECTED", "-", "0", "0"], "{text}");
+
+        // The guest closes: in band first (BYE), the session ends.
+        t.apply(&record(7, p, Kind::Bye { session: 7, reopen_after_ms: Some(100), reason: "close".into() }));
+        assert_eq!(t.ports()[0].phase(), Phase::Disconnected);
+        assert_eq!((t.ports()[0].guest_open(), t.ports()[0].session()), (Some(false), None));
     }
 }

@@ -210,7 +210,8 @@ fn watch_reports_guest_close_and_open_in_band_and_through_qmp() {
     use std::io::{BufRead, BufReader, Write};
     use std::process::Stdio;
     use std::time::{Duration, Instant};
-    use vport_common::trace::{parse_record, Kind, Record, TraceState};
+    use vport_common::trace::{parse_record, Kind, Record};
+    use vport_common::Phase;
 
     let mut watch = KillOnDrop(
         vport()
@@ -246,7 +247,7 @@ fn watch_reports_guest_close_and_open_in_band_and_through_qmp() {
             }
         }
     };
-    let first_ready = wait_for("READY", &|r| matches!(r.kind, Kind::AgentTransition { to: TraceState::Ready, .. }));
+    let first_ready = wait_for("READY", &|r| matches!(r.kind, Kind::AgentTransition { to: Phase::Ready, .. }));
     // QEMU emits at most one VSERPORT_CHANGE per second per port and replaces the ones in the
     // window by the latest: a close within a second of the boot's open=true would be coalesced
     // away (the spec's "fast open/close/open collapses"). The scenario therefore starts one
@@ -265,17 +266,14 @@ fn watch_reports_guest_close_and_open_in_band_and_through_qmp() {
     let after = first_ready.seq;
     let closed = wait_for("the agent's close record", &|r| {
         r.seq > after
-            && matches!(&r.kind, Kind::AgentTransition { to: TraceState::Disconnected, cause, .. } if cause.contains("close"))
+            && matches!(&r.kind, Kind::AgentTransition { to: Phase::Disconnected, cause, .. } if cause.contains("close"))
     });
     let bye = wait_for("BYE", &|r| matches!(r.kind, Kind::Bye { .. }));
     let qmp_closed =
         wait_for("VSERPORT_CHANGE open=false", &|r| matches!(r.kind, Kind::VserportChange { open: false, .. }));
     let reopened = wait_for("the agent's reopen record", &|r| {
         r.seq > after
-            && matches!(
-                &r.kind,
-                Kind::AgentTransition { from: TraceState::Disconnected, to: TraceState::Connected, .. }
-            )
+            && matches!(&r.kind, Kind::AgentTransition { from: Phase::Disconnected, to: Phase::Connected, .. })
             && r.t_ns > closed.t_ns
     });
     let hello = wait_for("a HELLO after the reopen", &|r| matches!(r.kind, Kind::Hello { .. }) && r.t_ns > bye.t_ns);
