@@ -1,16 +1,19 @@
 //! `vport hello`: the first end-to-end handshake.
 //!
-//! Boots the guest image paused, connects QMP and the port, lets the guest run, waits for the
-//! agent's HELLO, acknowledges it, pings, and checks QEMU's view of the port (the
-//! `VSERPORT_CHANGE` event and `query-chardev` `frontend-open`).
+//! Boots the guest image paused, connects QMP and the port (a [`crate::session::PortServer`] that connects
+//! once), lets the guest run, takes the agent's session (HELLO acknowledged), pings, and checks
+//! QEMU's view of the port (the `VSERPORT_CHANGE` event and `query-chardev` `frontend-open`).
 
+use crate::client::AgentClient;
 use crate::image::GuestImage;
-use crate::link::{LinkError, PingSample};
+use crate::link::PingSample;
 use crate::qemu::accel::AccelChoice;
 use crate::rig::{vm_config, Rig, RigError};
+use crate::session::{Reconnect, SessionError};
 use crate::timeline::{ClockOffset, Timeline};
 use serde::Serialize;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -208,8 +211,8 @@ pub enum HelloError {
     /// The agent did not complete the handshake or a ping in time.
     #[error("{cause}\n{context}")]
     Agent {
-        /// What failed on the link (formatted into the message, so not a `#[source]`).
-        cause: LinkError,
+        /// What failed in the session (formatted into the message, so not a `#[source]`).
+        cause: SessionError,
         /// Guest console and QEMU stderr tails.
         context: String,
     },
@@ -258,19 +261,21 @@ pub fn run(image: &GuestImage, opts: &HelloOptions, progress: &mut dyn FnMut(&st
             recorder.qmp_event(&ev);
         }
     });
-    let mut link = rig.connect(&opts.port)?;
-    timeline.host_connect(&opts.port);
-    link.set_timeline(timeline.clone());
+    let agent_err = |rig: &Rig, cause| HelloError::Agent { cause, context: rig.failure_context() };
+    let mut server = rig.port_server(&opts.port)?;
+    server.set_observer(Arc::new(timeline.clone()));
+    server.set_reconnect(Reconnect::Once);
+    // Connected before the guest runs, so the agent finds a host when it opens the port.
+    server.connect(Duration::from_secs(10)).map_err(|e| agent_err(&rig, e))?;
     progress(&format!("booting the guest ({})", rig.vm.accel()));
     let resumed = rig.resume()?;
-    let agent_err = |rig: &Rig, cause| HelloError::Agent { cause, context: rig.failure_context() };
-
-    let hs = link.handshake(opts.hello_timeout, HOST_VERSION).map_err(|e| agent_err(&rig, e))?;
+    let mut session = server.accept(opts.hello_timeout).map_err(|e| agent_err(&rig, e))?;
+    let hs = session.handshake().clone();
     progress("handshake done; pinging");
     let ping_origin = Instant::now();
     let mut samples = Vec::new();
     for _ in 0..opts.pings.max(1) {
-        samples.push(link.ping(Duration::from_secs(10), ns_since(ping_origin)).map_err(|e| agent_err(&rig, e))?);
+        samples.push(session.ping(Duration::from_secs(10), ns_since(ping_origin)).map_err(|e| agent_err(&rig, e))?);
     }
     // The agent opened the port before it could send HELLO, so QEMU has emitted the event
     // already; it is in the channel (QMP was connected before the guest ran).
@@ -279,12 +284,12 @@ pub fn run(image: &GuestImage, opts: &HelloOptions, progress: &mut dyn FnMut(&st
     timeline.frontend_samples(&chardevs, Instant::now());
     let frontend_open = chardevs.iter().any(|c| c.label == port.chardev_id && c.frontend_open);
     // The agent's own record of the port's life cycle, mapped onto the host clock.
-    let agent_events = link.events(0, Duration::from_secs(10)).map_err(|e| agent_err(&rig, e))?;
+    let agent_events = session.events(0, Duration::from_secs(10)).map_err(|e| agent_err(&rig, e))?;
     if let Some(offset) = ClockOffset::from_ping_samples(timeline.origin(), &samples) {
         timeline.agent_events(&opts.port, &agent_events.records, &offset);
     }
-    timeline.host_disconnect(&opts.port, "vport hello done");
-    drop(link);
+    let end = session.close();
+    log::debug!("port {}: session ended: {end}", opts.port);
     if let Err(e) = timeline.flush() {
         log::warn!("the trace file is incomplete: {e}");
     }

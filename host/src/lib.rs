@@ -3,9 +3,9 @@
 //!
 //! Layout: [`image`] builds the guest kernel + initramfs, [`qemu`] builds QEMU command lines
 //! and owns the QEMU process, [`qmp`] is the QMP client, [`chardev`] the host ends of a port
-//! (unix, TCP, pty), [`link`] the framed typed link to the agent, [`session`] the session
-//! server, [`rig`] ties a VM, its QMP session and its ports together, [`timeline`] records
-//! every observation as a trace that [`trace_check`] judges, [`hello`], [`watch`] and
+//! (unix, TCP, pty), [`link`] the framed typed link to the agent, [`client`] the typed
+//! requests, [`session`] the session server, [`rig`] ties a VM, its QMP session and its ports
+//! together, [`timeline`] records every observation as a trace that [`trace_check`] judges, [`hello`], [`watch`] and
 //! [`connect`] are the `vport hello`, `vport watch` and `vport connect` commands, [`registry`]
 //! lists the VMs `vport boot` keeps up. [`conformance`] is the conformance suite, which reports
 //! through [`report`]'s typed run events (rendered as text, JSON and JUnit). [`command`] holds
@@ -13,10 +13,16 @@
 //! checks command-line values before anything is built, and [`exit`] is the one table of the
 //! command's exit codes.
 //!
-//! # Example: boot, handshake, ping
+//! Every conversation with an agent goes through [`client::AgentClient`], the one
+//! request/reply path; normally in a [`session::Session`] that a [`session::PortServer`] hands
+//! out, whose life is exactly one READY connection. The bare [`link::Link`] is for the
+//! conformance cases that observe the connection itself.
+//!
+//! # Example: boot, take the agent's session, ping
 //!
 //! ```no_run
-//! use std::time::{Duration, Instant};
+//! use std::time::Duration;
+//! use vport_host::client::AgentClient;
 //! use vport_host::image::{self, kernel::KernelSource, ImageRequest};
 //! use vport_host::rig::{vm_config, Rig};
 //!
@@ -32,35 +38,24 @@
 //! )?;
 //! // QEMU starts paused with QMP connected, so no event and no byte can be missed.
 //! let mut rig = Rig::launch(vm_config(&image, &["org.vport.0"], &[]))?;
-//! let mut link = rig.connect("org.vport.0")?;
-//! rig.resume()?;
-//! let hs = link.handshake(Duration::from_secs(60), "my-test")?;
-//! println!("agent {} on {}", hs.hello.agent_version, hs.hello.port_name);
-//! let rtt = link.ping(Duration::from_secs(5), 0)?.rtt;
-//! println!("round trip {rtt:?}, frontend-open {:?}", rig.qmp.frontend_open(&rig.port("org.vport.0")?.chardev_id)?);
-//! # let _ = Instant::now();
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! # Example: sessions that live exactly as long as the connection
-//!
-//! ```no_run
-//! # use std::time::Duration;
-//! # fn demo(rig: &vport_host::rig::Rig) -> Result<(), Box<dyn std::error::Error>> {
 //! let mut server = rig.port_server("org.vport.0")?;
+//! server.connect(Duration::from_secs(5))?; // the host is there before the guest runs
+//! rig.resume()?;
 //! // Yields only when the guest has the port open and the handshake is done.
 //! let mut session = server.accept(Duration::from_secs(60))?;
-//! session.ping(Duration::from_secs(5), 1)?;
-//! // After the guest closes the port, requests fail with SessionError::Ended(GuestClosed).
+//! let hello = &session.handshake().hello;
+//! println!("agent {} on {}", hello.agent_version, hello.port_name);
+//! println!("round trip {:?}", session.ping(Duration::from_secs(5), 0)?.rtt);
+//! // After the guest closes the port, requests fail with SessionError::Ended(AgentBye).
 //! let reason = session.close_guest(0, Duration::from_secs(5))?;
-//! println!("session ended: {reason:?}");
+//! println!("session ended: {reason}");
 //! # Ok(())
 //! # }
 //! ```
 
 pub mod cache;
 pub mod chardev;
+pub mod client;
 pub mod command;
 pub mod conformance;
 pub mod connect;

@@ -1,9 +1,12 @@
 //! `vport watch`: the life cycle of every port of a running VM, live.
 //!
-//! For each port a watcher thread is the port's host client: it completes the handshake, then
-//! keeps reading, so an in-band BYE (the guest is closing) or HELLO (the guest opened again) is
-//! seen within milliseconds; after each handshake it fetches the agent's own transition records
-//! (EVENTS) and maps them onto the host clock with the ping-estimated offset. QMP events go on
+//! For each port a watcher thread is the port's host client through a
+//! [`PortServer`]: it takes each guest session as it comes and keeps reading it, so an
+//! in-band BYE (the guest is closing), a HELLO of a new session (the guest opened again) or a
+//! QMP event that ends the session is seen within milliseconds; a connection QEMU closes is
+//! made again (the server's reconnect policy). At the start of each session it fetches the
+//! agent's own transition records (EVENTS) and maps them onto the host clock with the
+//! ping-estimated offset. QMP events go on
 //! the same [`Timeline`]. Commands (`close PORT MS`, `reopen PORT`, `ping PORT`) reach the
 //! watchers through a channel, so a user (or a test) can make the guest close and open a port;
 //! [`serve_input`] reads them from a stream (stdin for `vport watch`) until `quit` or QEMU's
@@ -12,13 +15,14 @@
 //! The live table ([`Table`], [`TableSink`]) renders the trace replay of
 //! [`vport_common::replay`]: the checker judges the very same per-port state.
 
-use crate::link::{Link, LinkError, Received};
+use crate::client::AgentClient;
 use crate::rig::Rig;
+use crate::session::{PortServer, Session, SessionError};
 use crate::timeline::{ClockOffset, Timeline};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::BufRead;
-use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use thiserror::Error;
 use vport_common::message::MAX_REOPEN_DELAY_MS;
 use vport_common::replay::{PortReplay, Replay};
@@ -29,10 +33,8 @@ use vport_common::Message;
 const POLL_SLICE: Duration = Duration::from_millis(50);
 /// Deadline for one request to the agent.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Deadline for a handshake while the guest is expected to have the port open.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(120);
-/// The host version sent in HELLO_ACK.
-const HOST_VERSION: &str = concat!("vport watch ", env!("CARGO_PKG_VERSION"));
+/// How long a watcher waits for the next session before it looks at its command channel.
+const ACCEPT_SLICE: Duration = Duration::from_millis(500);
 
 /// A command for the watchers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,13 +211,12 @@ pub fn start(rig: &Rig, timeline: &Timeline) -> Result<Sender<Command>, WatchErr
     for port in rig.vm.ports() {
         timeline.alias(&port.id, &port.name);
         timeline.alias(&port.chardev_id, &port.name);
-        let mut link = rig.connect(&port.name)?;
-        timeline.host_connect(&port.name);
-        link.set_timeline(timeline.clone());
+        let mut server = rig.port_server(&port.name)?;
+        server.set_observer(Arc::new(timeline.clone()));
         let (tx, rx) = crossbeam_channel::unbounded();
         let tl = timeline.clone();
         let name = port.name.clone();
-        spawn(format!("watch-{name}"), move || watch_port(link, &tl, &rx))?;
+        spawn(format!("watch-{name}"), move || watch_port(server, &tl, &rx))?;
         senders.push((port.name.clone(), tx));
     }
     let (tx, rx) = crossbeam_channel::unbounded::<Command>();
@@ -230,48 +231,65 @@ pub fn start(rig: &Rig, timeline: &Timeline) -> Result<Sender<Command>, WatchErr
     Ok(tx)
 }
 
-/// The life of one port's watcher: handshake, then read and serve commands until QEMU closes
-/// the connection.
-fn watch_port(mut link: Link<UnixStream>, tl: &Timeline, commands: &Receiver<Command>) {
-    let port = link.port().to_string();
+/// The life of one port's watcher: each session from its handshake to its end, until the
+/// server closes (QEMU exits, the port is unplugged).
+fn watch_port(mut server: PortServer, tl: &Timeline, commands: &Receiver<Command>) {
+    let port = server.port();
     let mut agent_seq = 0;
     loop {
-        match link.handshake(HANDSHAKE_TIMEOUT, HOST_VERSION) {
-            Ok(_) => {}
-            Err(e) => return end(tl, &port, &e),
-        }
-        if let Err(e) = fetch_agent_events(&mut link, tl, &mut agent_seq) {
-            return end(tl, &port, &e);
-        }
-        // READY: read until the session ends (BYE, or a HELLO of a new session).
-        loop {
-            if let Ok(cmd) = commands.try_recv() {
-                if let Err(e) = run_command(&mut link, tl, &cmd) {
-                    log::warn!("port {port}: {e}");
+        let mut session = match server.accept(ACCEPT_SLICE) {
+            Ok(s) => s,
+            Err(SessionError::Timeout { .. }) => {
+                // No session yet: commands for a port without one are answered by a warning.
+                while let Ok(cmd) = commands.try_recv() {
+                    log::warn!("port {port}: no session to run {cmd:?} in");
                 }
+                continue;
             }
-            match link.recv(Instant::now() + POLL_SLICE, "agent messages") {
-                Ok(Received { message: Ok(Message::Bye { .. }), .. }) => break,
-                Ok(Received { frame, message: Ok(Message::Hello(_)), .. })
-                    if frame.header.session != link.session() =>
-                {
-                    break
-                }
-                Ok(_) | Err(LinkError::Timeout { .. }) => {}
-                Err(e) => return end(tl, &port, &e),
+            Err(e) => {
+                log::info!("port {port}: watching ends: {e}");
+                return;
+            }
+        };
+        match fetch_agent_events(&mut session, tl, &mut agent_seq) {
+            Ok(()) => serve_session(&mut session, tl, commands),
+            Err(e) => log::warn!("port {port}: {e}"),
+        }
+        if let Some(reason) = session.end_reason() {
+            tl.note(&port, &format!("session ended: {reason}"));
+        }
+    }
+}
+
+/// Reads session `session` and runs the commands for it until it ends.
+fn serve_session(session: &mut Session, tl: &Timeline, commands: &Receiver<Command>) {
+    let port = session.port().to_string();
+    loop {
+        if let Ok(cmd) = commands.try_recv() {
+            if let Err(e) = run_command(session, tl, &cmd) {
+                log::warn!("port {port}: {e}");
+            }
+        }
+        match session.recv(POLL_SLICE) {
+            Ok(r) => log::debug!("port {port}: {:?}", r.message),
+            Err(SessionError::Timeout { .. }) => {}
+            Err(SessionError::Ended(_)) => return,
+            Err(e) => {
+                log::warn!("port {port}: {e}");
+                return;
             }
         }
     }
 }
 
-fn run_command(link: &mut Link<UnixStream>, tl: &Timeline, cmd: &Command) -> Result<(), LinkError> {
-    let port = link.port().to_string();
+fn run_command(session: &mut Session, tl: &Timeline, cmd: &Command) -> Result<(), SessionError> {
+    let port = session.port().to_string();
     match cmd {
-        // The BYE is read by the watcher loop, which then waits for the next session.
-        Command::Close { ms, .. } => link.send(&Message::Close { reopen_after_ms: *ms }),
-        Command::Reopen { .. } => link.send(&Message::Reopen),
+        // The BYE ends the session: the watcher then waits for the next one.
+        Command::Close { ms, .. } => session.send(&Message::Close { reopen_after_ms: *ms }),
+        Command::Reopen { .. } => session.send(&Message::Reopen),
         Command::Ping { .. } => {
-            let p = link.ping(REQUEST_TIMEOUT, tl.now_ns())?;
+            let p = session.ping(REQUEST_TIMEOUT, tl.now_ns())?;
             tl.note(&port, &format!("ping round trip {} us", p.rtt.as_micros()));
             Ok(())
         }
@@ -279,25 +297,17 @@ fn run_command(link: &mut Link<UnixStream>, tl: &Timeline, cmd: &Command) -> Res
 }
 
 /// Fetches the agent's new transition records and maps them with a fresh clock offset.
-fn fetch_agent_events(link: &mut Link<UnixStream>, tl: &Timeline, since: &mut u64) -> Result<(), LinkError> {
+fn fetch_agent_events(session: &mut Session, tl: &Timeline, since: &mut u64) -> Result<(), SessionError> {
     let mut samples = Vec::new();
     for _ in 0..5 {
-        samples.push(link.ping(REQUEST_TIMEOUT, tl.now_ns())?);
+        samples.push(session.ping(REQUEST_TIMEOUT, tl.now_ns())?);
     }
-    let events = link.events(*since, REQUEST_TIMEOUT)?;
+    let events = session.events(*since, REQUEST_TIMEOUT)?;
     *since = events.next_seq;
     if let Some(offset) = ClockOffset::from_ping_samples(tl.origin(), &samples) {
-        tl.agent_events(link.port(), &events.records, &offset);
+        tl.agent_events(session.port(), &events.records, &offset);
     }
     Ok(())
-}
-
-fn end(tl: &Timeline, port: &str, e: &LinkError) {
-    let reason = match e {
-        LinkError::Closed { .. } => "qemu closed the connection".to_string(),
-        other => other.to_string(),
-    };
-    tl.host_disconnect(port, &reason);
 }
 
 /// The live table: the trace replay of the records so far, rendered one row per port.

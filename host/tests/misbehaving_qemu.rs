@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use vport_common::frame::{Frame, HEADER_LEN};
 use vport_common::message::Hello;
 use vport_common::{Decoder, Message};
+use vport_host::client::AgentClient;
 use vport_host::link::{Link, LinkError, Received};
 
 /// Far beyond any deadline used here: a call that has not returned by then hangs.

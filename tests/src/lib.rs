@@ -71,6 +71,16 @@ impl TestVm {
         TestVm { rig }
     }
 
+    /// Starts a VM (paused) with virtio-serial ports `ports` and its configuration changed by
+    /// `tweak` (extra QEMU arguments, for example).
+    pub fn launch_tweaked(ports: &[&str], tweak: impl FnOnce(&mut vport_host::qemu::VmConfig)) -> TestVm {
+        let mut cfg = vm_config(guest_image(), ports, &[]);
+        tweak(&mut cfg);
+        let rig = Rig::launch(cfg).unwrap_or_else(|e| panic!("cannot launch the vm: {:#}", anyhow::Error::new(e)));
+        eprintln!("e2e: qemu pid {} accelerator {}", rig.vm.pid(), rig.vm.accel());
+        TestVm { rig }
+    }
+
     /// Lets the guest run.
     pub fn resume(&mut self) {
         self.rig.resume().unwrap_or_else(|e| panic!("cannot resume the vm: {:#}", anyhow::Error::new(e)));

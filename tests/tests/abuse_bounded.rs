@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use vport_common::message::error_code;
 use vport_common::pattern::StreamDigest;
 use vport_common::Message;
+use vport_host::client::AgentClient;
 use vport_host::link::{stat, LinkError};
 use vport_tests::{TestVm, REPLY_TIMEOUT};
 

@@ -4,7 +4,9 @@
 //! no check disturbs the next.
 
 use std::time::{Duration, Instant};
-use vport_common::message::{ProbeKind, ProbeTarget, SigioAction, StateCode, NO_MISMATCH};
+use vport_common::message::{ProbeKind, ProbeTarget, SigioAction, NO_MISMATCH};
+use vport_common::Phase;
+use vport_host::client::AgentClient;
 use vport_host::link::{stat, Link};
 use vport_host::wait::wait_until;
 use vport_tests::{TestVm, REPLY_TIMEOUT};
@@ -112,7 +114,7 @@ fn every_command_works_on_a_real_port() {
     let uptime0 = stat(&stats, "uptime_ns").unwrap();
     let ev = link.events(0, REPLY_TIMEOUT).unwrap();
     let last = ev.records.last().unwrap();
-    assert_eq!((last.to, last.session), (StateCode::Ready, hs.session));
+    assert_eq!((last.to, last.session), (Phase::Ready, hs.session));
     assert!(ev
         .records
         .windows(2)
@@ -249,6 +251,6 @@ fn every_command_works_on_a_real_port() {
     eprintln!("e2e: last events after the replug (newest first): {tail:?}");
     // The unplug ended the session (seen as POLLHUP or ENODEV, whichever came first), then the
     // replugged port got a new session.
-    assert_eq!(ev.records.last().map(|r| r.to), Some(StateCode::Ready));
+    assert_eq!(ev.records.last().map(|r| r.to), Some(Phase::Ready));
     assert!(tail.iter().any(|c| c.starts_with("READY->DISCONNECTED")), "{tail:?}");
 }

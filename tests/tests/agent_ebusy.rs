@@ -5,6 +5,7 @@
 //! a virtconsole (`/dev/hvc0`) the agent serves in raw mode with the same protocol.
 
 use std::time::Instant;
+use vport_host::client::AgentClient;
 use vport_host::image::initscript::init_cmd_param;
 use vport_host::link::stat;
 use vport_host::qemu::{PortConfig, PortKind};

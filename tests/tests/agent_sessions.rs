@@ -5,8 +5,9 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::time::{Duration, Instant};
-use vport_common::message::StateCode;
 use vport_common::Message;
+use vport_common::Phase;
+use vport_host::client::AgentClient;
 use vport_host::link::stat;
 use vport_tests::{TestVm, REPLY_TIMEOUT};
 
@@ -95,11 +96,11 @@ fn fifty_sessions_never_see_poison_and_an_idle_agent_costs_nothing() {
     eprintln!("e2e: records across the idle window: {recs:?}");
     let down = recs
         .iter()
-        .find(|r| r.to == StateCode::Disconnected)
+        .find(|r| r.to == Phase::Disconnected)
         .unwrap_or_else(|| panic!("the agent never saw the host leave: {recs:?}"));
     let up = recs
         .iter()
-        .find(|r| r.seq > down.seq && r.to == StateCode::Connected)
+        .find(|r| r.seq > down.seq && r.to == Phase::Connected)
         .unwrap_or_else(|| panic!("no CONNECTED after DISCONNECTED: {recs:?}"));
     let wake_gap = up.wakeups - down.wakeups;
     let cpu_gap = up.cpu_ns - down.cpu_ns;

@@ -3,6 +3,7 @@
 //! devtmpfs makes), and takes the port as soon as `/init` grants it, the way the packaged udev
 //! rule does: no retry timer, no uevent, only the inotify watch on the node's directory.
 
+use vport_host::client::AgentClient;
 use vport_host::image::initscript::{unprivileged_params, Grant, AGENT_WAITING_FOR_PERMISSIONS, GRANTED};
 use vport_host::link::stat;
 use vport_tests::{TestVm, REPLY_TIMEOUT};

@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 use vport_common::frame::{DEFAULT_MAX_PAYLOAD, OVERHEAD};
 use vport_common::Message;
+use vport_host::client::AgentClient;
 use vport_host::link::{stat, Link};
 use vport_tests::{TestVm, REPLY_TIMEOUT};
 

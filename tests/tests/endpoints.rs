@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 use vport_host::chardev::{Connection, Endpoint, EndpointEventKind, EndpointKind};
+use vport_host::client::AgentClient;
 use vport_host::link::Link;
 use vport_host::qemu::{HostEnd, PortConfig};
 use vport_tests::{launch_with_ports, TestVm, HELLO_TIMEOUT, REPLY_TIMEOUT};

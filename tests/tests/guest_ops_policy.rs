@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 use vport_common::message::{error_code, GuestOp};
+use vport_host::client::AgentClient;
 use vport_host::image::initscript::init_cmd_param;
 use vport_host::link::{stat, LinkError};
 use vport_tests::{TestVm, REPLY_TIMEOUT};

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 use vport_common::frame::MAGIC;
+use vport_tests::vport_host::client::AgentClient;
 use vport_tests::{TestVm, REPLY_TIMEOUT};
 
 const PORT: &str = "org.vport.0";

@@ -9,6 +9,7 @@ use std::time::Instant;
 use vport_common::frame::{DEFAULT_MAX_PAYLOAD, HEADER_LEN};
 use vport_common::message::error_code;
 use vport_common::{Frame, Message, MessageType};
+use vport_host::client::AgentClient;
 use vport_host::link::{stat, Link};
 use vport_tests::{TestVm, REPLY_TIMEOUT};
 

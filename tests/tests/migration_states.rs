@@ -34,6 +34,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use vport_common::message::{EventRecord, SigioAction};
 use vport_common::{Message, MessageType, Phase};
+use vport_host::client::AgentClient;
 use vport_host::link::{Link, LinkError};
 use vport_host::qmp::QmpEvent;
 use vport_host::rig::{vm_config, Rig};

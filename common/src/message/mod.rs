@@ -31,10 +31,6 @@ use codec::{ListItem, Reader};
 pub use guest_op::{GuestOp, GuestOpDone};
 pub use table::{Message, MessageType, SentBy};
 
-/// The former name of [`Phase`](crate::phase::Phase), the wire byte of a port's phase in EVENTS
-/// records. Deprecated: use `Phase`; this alias stays until the agent's code is moved over.
-pub type StateCode = crate::phase::Phase;
-
 /// Error codes carried by [`Message::Error`] (`docs/protocol.md`, "Errors").
 pub mod error_code {
     /// The frame's type is unknown to the receiver.

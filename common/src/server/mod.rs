@@ -8,6 +8,7 @@
 //!    IDLE ------------------> CONNECTED ---------------------> READY
 //!     ^  ConnectionLost,       |  ^   Bye, FrontendOpen(false),  |
 //!     |  HostClose,            |  |   GuestReset, VmStopped,     |
+//!     |                        |  |   Migrated,                  |
 //!     |  ProtocolError         |  |   BadSession, Hello(other):  |
 //!     +------------------------+  +--------- End ----------------+
 //!     +-------------------- ConnectionLost, HostClose, ProtocolError: End --+
@@ -34,15 +35,15 @@
 //!
 //! | state | input | result | why |
 //! |---|---|---|---|
-//! | IDLE | `FrontendOpen`, `VmStopped`, `GuestReset` | no-op | QMP reports on a port with no host connection: no session to end; the next connection asks for a HELLO anyway |
+//! | IDLE | `FrontendOpen`, `VmStopped`, `Migrated`, `GuestReset` | no-op | QMP reports on a port with no host connection: no session to end; the next connection asks for a HELLO anyway |
 //! | IDLE | `Hello`, `Bye`, `BadSession`, `ConnectionLost`, `HostClose`, `ProtocolError` | [`ServerError::NoConnection`] | each is read from, or about, a connection there is none of |
 //! | CONNECTED, READY | `HostConnected` | [`ServerError::AlreadyConnected`] | QEMU serves one client per port: a second connect is a host bug (a duplicate OPENED) |
 //! | CONNECTED | `Hello` of `last` | no-op | a HELLO repeated for the session already handed out is not a new session |
-//! | CONNECTED | `Bye`, `FrontendOpen`, `VmStopped`, `GuestReset` | no-op | the session they would end has already ended (QMP or in band saw it first) or was never handed out; the agent's next HELLO starts the next one |
+//! | CONNECTED | `Bye`, `FrontendOpen`, `VmStopped`, `Migrated`, `GuestReset` | no-op | the session they would end has already ended (QMP or in band saw it first) or was never handed out; the agent's next HELLO starts the next one |
 //! | CONNECTED | `BadSession` | [`Action::RequestHello`] | the agent is in a session newer than any handed out: ask for its HELLO rather than wait for one it already sent |
 //! | READY | `Hello` of the live session | no-op | a repeated offer (the answer to a HELLO_REQUEST) |
 //! | READY | `FrontendOpen(true)` | no-op | QEMU confirms what the live session already says |
-//! | CLOSED | `DeviceDeleted`, `VmExited`, `VmStopped`, `GuestReset`, `FrontendOpen` | no-op | QEMU goes on reporting while it goes down (SHUTDOWN, then the QMP connection closes) |
+//! | CLOSED | `DeviceDeleted`, `VmExited`, `VmStopped`, `Migrated`, `GuestReset`, `FrontendOpen` | no-op | QEMU goes on reporting while it goes down (SHUTDOWN, then the QMP connection closes) |
 //! | CLOSED | `HostConnected`, `Hello`, `Bye`, `BadSession`, `ConnectionLost`, `HostClose`, `ProtocolError` | [`ServerError::Closed`] | a closed server has no connection and connects no more |
 
 use crate::phase::Phase;
@@ -60,17 +61,28 @@ pub struct SessionId {
     pub nonce: u64,
 }
 
-/// Why a session ended.
+/// Why a session ended: one reason per way a READY connection can end.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum EndReason {
-    /// The guest closed the port (BYE, a newer session, `frontend-open` false, guest reset).
+    /// The guest closed the port: `frontend-open` false, or the agent is in a newer session
+    /// (its HELLO, or ERROR bad-session) without a BYE the host read.
     GuestClosed,
-    /// The host closed the connection.
+    /// The agent said BYE in band (it closes the port: CLOSE, REOPEN, shutdown).
+    AgentBye,
+    /// The host left: it closed its connection.
     HostClosed,
     /// The port was hot-unplugged (`DEVICE_DELETED`).
     Unplugged,
-    /// The VM stopped (`STOP`), shut down, or QEMU exited.
+    /// The VM stopped (`STOP`: a pause, savevm, or the start of a migration that did not
+    /// complete).
     VmStopped,
+    /// The VM was migrated away: `STOP` while a migration is under way on this QEMU.
+    Migrated,
+    /// The guest was reset (`RESET`: `system_reset`, a guest reboot, loadvm).
+    GuestReset,
+    /// QEMU is gone or going: `SHUTDOWN`, the QMP connection closed, or QEMU closed the host
+    /// connection.
+    VmExited,
     /// The connection can no longer carry the session.
     ProtocolError(String),
 }
@@ -79,9 +91,13 @@ impl std::fmt::Display for EndReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             EndReason::GuestClosed => f.write_str("the guest closed the port"),
+            EndReason::AgentBye => f.write_str("the agent said bye"),
             EndReason::HostClosed => f.write_str("the host closed the connection"),
             EndReason::Unplugged => f.write_str("the port was unplugged"),
             EndReason::VmStopped => f.write_str("the vm stopped"),
+            EndReason::Migrated => f.write_str("the vm was migrated away"),
+            EndReason::GuestReset => f.write_str("the guest was reset"),
+            EndReason::VmExited => f.write_str("qemu exited"),
             EndReason::ProtocolError(d) => write!(f, "protocol error: {d}"),
         }
     }
@@ -147,6 +163,8 @@ pub enum Input {
     DeviceDeleted,
     /// QMP `STOP`.
     VmStopped,
+    /// QMP `STOP` while a migration is under way (`query-migrate`).
+    Migrated,
     /// QMP `SHUTDOWN`, the QMP connection closed: QEMU is exiting or gone.
     VmExited,
     /// QMP `RESET`: the guest restarts.
@@ -169,6 +187,7 @@ impl std::fmt::Display for Input {
             Input::FrontendOpen(open) => write!(f, "frontend-open {open}"),
             Input::DeviceDeleted => f.write_str("device deleted"),
             Input::VmStopped => f.write_str("vm stopped"),
+            Input::Migrated => f.write_str("vm migrated"),
             Input::VmExited => f.write_str("vm exited"),
             Input::GuestReset => f.write_str("guest reset"),
             Input::ConnectionLost => f.write_str("connection lost"),
@@ -285,9 +304,10 @@ fn next(state: &ServerState, input: &Input) -> Result<(ServerState, Vec<Action>)
     let after = |id: &SessionId| S::Connected { last: Some(*id) };
     Ok(match (state, input) {
         // CLOSED is terminal.
-        (S::Closed { .. }, I::DeviceDeleted | I::VmExited | I::VmStopped | I::GuestReset | I::FrontendOpen(_)) => {
-            return stay()
-        }
+        (
+            S::Closed { .. },
+            I::DeviceDeleted | I::VmExited | I::VmStopped | I::Migrated | I::GuestReset | I::FrontendOpen(_),
+        ) => return stay(),
         (
             S::Closed { reason },
             I::HostConnected
@@ -301,19 +321,19 @@ fn next(state: &ServerState, input: &Input) -> Result<(ServerState, Vec<Action>)
 
         // The port or the VM goes away: CLOSED from every other state.
         (S::Idle, I::DeviceDeleted) => closed(EndReason::Unplugged),
-        (S::Idle, I::VmExited) => closed(EndReason::VmStopped),
+        (S::Idle, I::VmExited) => closed(EndReason::VmExited),
         (S::Connected { .. }, I::DeviceDeleted) => (S::Closed { reason: EndReason::Unplugged }, vec![Disconnect]),
-        (S::Connected { .. }, I::VmExited) => (S::Closed { reason: EndReason::VmStopped }, vec![Disconnect]),
+        (S::Connected { .. }, I::VmExited) => (S::Closed { reason: EndReason::VmExited }, vec![Disconnect]),
         (S::Ready { .. }, I::DeviceDeleted) => {
             (S::Closed { reason: EndReason::Unplugged }, vec![End(EndReason::Unplugged), Disconnect])
         }
         (S::Ready { .. }, I::VmExited) => {
-            (S::Closed { reason: EndReason::VmStopped }, vec![End(EndReason::VmStopped), Disconnect])
+            (S::Closed { reason: EndReason::VmExited }, vec![End(EndReason::VmExited), Disconnect])
         }
 
         // IDLE.
         (S::Idle, I::HostConnected) => (S::Connected { last: None }, Vec::new()),
-        (S::Idle, I::FrontendOpen(_) | I::VmStopped | I::GuestReset) => return stay(),
+        (S::Idle, I::FrontendOpen(_) | I::VmStopped | I::Migrated | I::GuestReset) => return stay(),
         (S::Idle, I::Hello(_) | I::Bye | I::BadSession | I::ConnectionLost | I::HostClose | I::ProtocolError(_)) => {
             return no_connection()
         }
@@ -322,7 +342,9 @@ fn next(state: &ServerState, input: &Input) -> Result<(ServerState, Vec<Action>)
         (S::Connected { .. }, I::HostConnected) => return already(),
         (S::Connected { last }, I::Hello(id)) if *last == Some(*id) => return stay(),
         (S::Connected { .. }, I::Hello(id)) => (S::Ready { id: *id }, vec![Yield(*id)]),
-        (S::Connected { .. }, I::Bye | I::FrontendOpen(_) | I::VmStopped | I::GuestReset) => return stay(),
+        (S::Connected { .. }, I::Bye | I::FrontendOpen(_) | I::VmStopped | I::Migrated | I::GuestReset) => {
+            return stay()
+        }
         (S::Connected { .. }, I::BadSession) => (state.clone(), vec![RequestHello]),
         (S::Connected { .. }, I::ConnectionLost | I::HostClose | I::ProtocolError(_)) => (S::Idle, vec![Disconnect]),
 
@@ -337,12 +359,13 @@ fn next(state: &ServerState, input: &Input) -> Result<(ServerState, Vec<Action>)
             (S::Idle, vec![End(EndReason::ProtocolError(detail)), Disconnect])
         }
         (S::Ready { id }, I::Hello(_) | I::BadSession) => (after(id), vec![End(EndReason::GuestClosed), RequestHello]),
-        (S::Ready { id }, I::Bye | I::FrontendOpen(false) | I::GuestReset) => {
-            (after(id), vec![End(EndReason::GuestClosed)])
-        }
+        (S::Ready { id }, I::Bye) => (after(id), vec![End(EndReason::AgentBye)]),
+        (S::Ready { id }, I::FrontendOpen(false)) => (after(id), vec![End(EndReason::GuestClosed)]),
+        (S::Ready { id }, I::GuestReset) => (after(id), vec![End(EndReason::GuestReset)]),
         (S::Ready { .. }, I::FrontendOpen(true)) => return stay(),
         (S::Ready { id }, I::VmStopped) => (after(id), vec![End(EndReason::VmStopped)]),
-        (S::Ready { .. }, I::ConnectionLost) => (S::Idle, vec![End(EndReason::VmStopped), Disconnect]),
+        (S::Ready { id }, I::Migrated) => (after(id), vec![End(EndReason::Migrated)]),
+        (S::Ready { .. }, I::ConnectionLost) => (S::Idle, vec![End(EndReason::VmExited), Disconnect]),
         (S::Ready { .. }, I::HostClose) => (S::Idle, vec![End(EndReason::HostClosed), Disconnect]),
         (S::Ready { .. }, I::ProtocolError(d)) => (S::Idle, vec![End(EndReason::ProtocolError(d.clone())), Disconnect]),
     })

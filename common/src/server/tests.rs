@@ -4,7 +4,7 @@
 use super::*;
 use proptest::prelude::*;
 use Action::{Disconnect, End, RequestHello, Yield};
-use EndReason::{GuestClosed, HostClosed, Unplugged, VmStopped};
+use EndReason::{AgentBye, GuestClosed, GuestReset, HostClosed, Migrated, Unplugged, VmExited, VmStopped};
 use Input as I;
 use ServerState as S;
 
@@ -27,6 +27,7 @@ fn inputs() -> Vec<Input> {
         I::FrontendOpen(false),
         I::DeviceDeleted,
         I::VmStopped,
+        I::Migrated,
         I::VmExited,
         I::GuestReset,
         I::ConnectionLost,
@@ -44,11 +45,12 @@ fn input_index(i: &Input) -> usize {
         I::FrontendOpen(_) => 4,
         I::DeviceDeleted => 5,
         I::VmStopped => 6,
-        I::VmExited => 7,
-        I::GuestReset => 8,
-        I::ConnectionLost => 9,
-        I::HostClose => 10,
-        I::ProtocolError(_) => 11,
+        I::Migrated => 7,
+        I::VmExited => 8,
+        I::GuestReset => 9,
+        I::ConnectionLost => 10,
+        I::HostClose => 11,
+        I::ProtocolError(_) => 12,
     }
 }
 
@@ -78,7 +80,7 @@ type Outcome = Result<(ServerState, Vec<Action>), ServerError>;
 fn every_input_in_every_state_has_a_defined_result() {
     let mut seen_inputs: Vec<usize> = inputs().iter().map(input_index).collect();
     seen_inputs.dedup();
-    assert_eq!(seen_inputs, (0..12).collect::<Vec<_>>(), "a sample of every input, in order");
+    assert_eq!(seen_inputs, (0..13).collect::<Vec<_>>(), "a sample of every input, in order");
     let mut seen_states: Vec<usize> = states().iter().map(state_index).collect();
     seen_states.dedup();
     assert_eq!(seen_states, (0..4).collect::<Vec<_>>(), "a sample of every state, in order");
@@ -105,7 +107,8 @@ fn every_input_in_every_state_has_a_defined_result() {
             stay(s),
             go(S::Closed { reason: Unplugged }, vec![Disconnect]),
             stay(s),
-            go(S::Closed { reason: VmStopped }, vec![Disconnect]),
+            stay(s),
+            go(S::Closed { reason: VmExited }, vec![Disconnect]),
             stay(s),
             go(S::Idle, vec![Disconnect]),
             go(S::Idle, vec![Disconnect]),
@@ -115,26 +118,27 @@ fn every_input_in_every_state_has_a_defined_result() {
     #[rustfmt::skip]
     let expected: Vec<Vec<Outcome>> = vec![
         // IDLE: HostConnected, Hello A, B, A2, Bye, BadSession, FO true, FO false, DeviceDeleted,
-        // VmStopped, VmExited, GuestReset, ConnectionLost, HostClose, ProtocolError.
+        // VmStopped, Migrated, VmExited, GuestReset, ConnectionLost, HostClose, ProtocolError.
         vec![go(fresh.clone(), vec![]), none(1), none(2), none(3), none(4), none(5), stay(&idle), stay(&idle),
-             go(S::Closed { reason: Unplugged }, vec![]), stay(&idle), go(S::Closed { reason: VmStopped }, vec![]),
-             stay(&idle), none(12), none(13), none(14)],
+             go(S::Closed { reason: Unplugged }, vec![]), stay(&idle), stay(&idle),
+             go(S::Closed { reason: VmExited }, vec![]), stay(&idle), none(13), none(14), none(15)],
         connected_row(&fresh, go(S::Ready { id: A }, vec![Yield(A)])),
         connected_row(&after_a, stay(&after_a)),
         // READY (session A).
         vec![again(0, "READY"), stay(&ready_a), go(conn_a.clone(), vec![End(GuestClosed), RequestHello]),
              go(S::Idle, vec![End(EndReason::ProtocolError(mismatch)), Disconnect]),
-             go(conn_a.clone(), vec![End(GuestClosed)]), go(conn_a.clone(), vec![End(GuestClosed), RequestHello]),
+             go(conn_a.clone(), vec![End(AgentBye)]), go(conn_a.clone(), vec![End(GuestClosed), RequestHello]),
              stay(&ready_a), go(conn_a.clone(), vec![End(GuestClosed)]),
              go(S::Closed { reason: Unplugged }, vec![End(Unplugged), Disconnect]),
              go(conn_a.clone(), vec![End(VmStopped)]),
-             go(S::Closed { reason: VmStopped }, vec![End(VmStopped), Disconnect]),
-             go(conn_a.clone(), vec![End(GuestClosed)]), go(S::Idle, vec![End(VmStopped), Disconnect]),
+             go(conn_a.clone(), vec![End(Migrated)]),
+             go(S::Closed { reason: VmExited }, vec![End(VmExited), Disconnect]),
+             go(conn_a.clone(), vec![End(GuestReset)]), go(S::Idle, vec![End(VmExited), Disconnect]),
              go(S::Idle, vec![End(HostClosed), Disconnect]),
              go(S::Idle, vec![End(EndReason::ProtocolError("x".into())), Disconnect])],
         // CLOSED (unplugged).
         vec![closed(0), closed(1), closed(2), closed(3), closed(4), closed(5), stay(&gone), stay(&gone),
-             stay(&gone), stay(&gone), stay(&gone), stay(&gone), closed(12), closed(13), closed(14)],
+             stay(&gone), stay(&gone), stay(&gone), stay(&gone), stay(&gone), closed(13), closed(14), closed(15)],
     ];
     for (s, row) in states().iter().zip(&expected) {
         assert_eq!(row.len(), inputs().len(), "row of {s:?}");
@@ -189,6 +193,7 @@ fn any_input() -> impl Strategy<Value = Input> {
         any::<bool>().prop_map(I::FrontendOpen),
         Just(I::DeviceDeleted),
         Just(I::VmStopped),
+        Just(I::Migrated),
         Just(I::VmExited),
         Just(I::GuestReset),
         Just(I::ConnectionLost),

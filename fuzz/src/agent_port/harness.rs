@@ -2,7 +2,7 @@
 //! guest ops, closing after BYE, reopening), with the state and counter checks.
 
 use super::fake::{FakeIo, FuzzEnv, Mode, ReadItem, Wire};
-use super::output::check_output;
+use super::output::{check_output, OpenView};
 use super::{counter_list, open_port, WRITE_CAP};
 use crate::input::Input;
 use std::cell::{Cell, RefCell};
@@ -54,6 +54,22 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// Checks what this open of the port wrote (see [`check_output`]); `end`: the input ended.
+    pub fn check_output(&self, end: bool) {
+        let wire = self.wire.borrow();
+        let view = OpenView {
+            wire: &wire,
+            queued: self.port.queued(),
+            settings: &self.settings,
+            new_sessions: &self.new_sessions,
+            open_clock: self.open_clock,
+            sessions: &self.sessions,
+            decode_reports: self.port.counters().decode_reports,
+            reports_at_open: self.reports_at_open,
+        };
+        check_output(&view, end);
+    }
+
     pub fn new(env_seed: u8, settings: Settings) -> Self {
         let clock = Rc::new(Cell::new(0));
         let wire = Rc::new(RefCell::new(Wire::new(WRITE_CAP, Rc::clone(&clock))));
@@ -300,7 +316,7 @@ impl Harness {
         self.wire.borrow_mut().cut_here();
         self.collect_history();
         self.note_reports();
-        check_output(self, false);
+        self.check_output(false);
         self.skipped_before += self.port.decoder_stats().skipped_bytes;
         let fresh = open_port(FakeIo { wire: Rc::clone(&self.wire) }, self.settings, Carry::default());
         let old = std::mem::replace(&mut self.port, fresh);

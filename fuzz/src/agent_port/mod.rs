@@ -244,7 +244,7 @@ fn drive(data: &[u8]) -> Harness {
         op(&mut h, &mut input);
         h.check_state();
     }
-    output::check_output(&h, true);
+    h.check_output(true);
     // STATS names are unique (the host reads them into a map); skipped_bytes is every open's.
     let stats = h.port.stats(&mut h.env);
     let names: HashSet<&str> = stats.iter().map(|(n, _)| n.as_str()).collect();

@@ -1,7 +1,8 @@
 //! What one open of the port wrote, checked against what the host sent (module documentation
 //! of [`super`]).
 
-use super::harness::Harness;
+use super::fake::Wire;
+use vport_agent::settings::Settings;
 use super::{AGENT_VERSION, NAME};
 use std::collections::HashSet;
 use vport_common::frame::{DEFAULT_MAX_PAYLOAD, HEADER_LEN, MAGIC, OVERHEAD, VERSION};
@@ -151,12 +152,32 @@ pub fn split_frames(b: &[u8], cuts: &[usize], tail_allowed: bool) -> Vec<Piece> 
     out
 }
 
+/// What the output checks read of one open of the port (the harness makes it).
+pub struct OpenView<'a> {
+    /// The wire: what the host fed and the agent wrote.
+    pub wire: &'a Wire,
+    /// Bytes the port still has queued.
+    pub queued: usize,
+    /// The agent's settings.
+    pub settings: &'a Settings,
+    /// Clock readings of the NewSession transitions.
+    pub new_sessions: &'a [u64],
+    /// The clock when this open began.
+    pub open_clock: u64,
+    /// Sessions the port has been in.
+    pub sessions: &'a [u32],
+    /// The decode_reports counter now, and when this open began.
+    pub decode_reports: u64,
+    /// See `decode_reports`.
+    pub reports_at_open: u64,
+}
+
 /// Checks what the current open of the port wrote (module documentation of [`super`]). `end`
 /// is true at the end of the input, where the port is still open and the rest of a frame may
 /// still be queued.
-pub fn check_output(h: &Harness, end: bool) {
-    let w = h.wire.borrow();
-    let tail_allowed = end && h.port.queued() > 0;
+pub fn check_output(h: &OpenView<'_>, end: bool) {
+    let w = h.wire;
+    let tail_allowed = end && h.queued > 0;
     let pieces = split_frames(&w.written, &w.cuts, tail_allowed);
     let requests = Requests::scan(&w.fed);
     let limits = h.settings.limits;
@@ -306,7 +327,7 @@ pub fn check_output(h: &Harness, end: bool) {
             );
         }
     }
-    let counted = h.port.counters().decode_reports - h.reports_at_open;
+    let counted = h.decode_reports - h.reports_at_open;
     assert!(
         decode_reports <= counted,
         "{decode_reports} decode reports written, but the decode_reports counter rose by {counted} in this open"
@@ -315,7 +336,7 @@ pub fn check_output(h: &Harness, end: bool) {
 
 /// An ERROR names a frame the host really sent (kind and seq, in the ERROR's session or in
 /// session 0), or 0/0 for a decode report; its code is one of the documented ones and fits it.
-fn check_error(r: &Requests, h: &Harness, at: usize, session: u32, code: u16, kind: u8, seq: u32) {
+fn check_error(r: &Requests, h: &OpenView<'_>, at: usize, session: u32, code: u16, kind: u8, seq: u32) {
     assert!((1..=9).contains(&code), "offset {at}: ERROR code {code}");
     if code == error_code::DECODE {
         assert_eq!((kind, seq), (0, 0), "offset {at}: a decode report names a frame [error-about]");

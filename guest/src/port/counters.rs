@@ -3,8 +3,9 @@
 //! STATS ([`stats_listing`]) and EVENTS ([`event_records`]). Pure: no I/O.
 
 use crate::history::{History, DEFAULT_CAPACITY};
-use vport_common::message::{EventRecord, StateCode};
+use vport_common::message::EventRecord;
 use vport_common::DecoderStats;
+use vport_common::Phase;
 
 /// Running counters of one port.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -126,8 +127,8 @@ pub(super) fn event_records(history: &History, since: u64, max: usize) -> Vec<Ev
         .map(|r| EventRecord {
             seq: r.seq,
             time_ns: r.transition.at_ns,
-            from: StateCode::from(&r.transition.from),
-            to: StateCode::from(&r.transition.to),
+            from: Phase::from(&r.transition.from),
+            to: Phase::from(&r.transition.to),
             session: r.transition.to.session().unwrap_or(0),
             wakeups: r.wakeups,
             cpu_ns: r.cpu_ns,

@@ -72,6 +72,25 @@ impl Connection {
         self.connected_at
     }
 
+    /// Whether this connection still waits in QEMU's listen backlog: QEMU's socket chardev
+    /// serves one client per port and does not `accept(2)` another while it has one, so a
+    /// second client's `connect(2)` succeeds and nothing reaches the guest. `Some(true)`:
+    /// queued (another client holds the chardev); `Some(false)`: QEMU accepted it; `None`:
+    /// unknown (a TCP or pty connection, or the kernel cannot be asked; see
+    /// [`super::unix_diag`]).
+    pub fn queued(&self) -> Option<bool> {
+        match &self.io {
+            Io::Unix(s) if matches!(self.kind, EndpointKind::UnixClient) => match super::unix_diag::peer_accepted(s) {
+                Ok(accepted) => Some(!accepted),
+                Err(e) => {
+                    log::debug!("port {}: cannot ask the kernel whether QEMU accepted: {e}", self.port);
+                    None
+                }
+            },
+            _ => None,
+        }
+    }
+
     /// Whether QEMU has closed the connection (seen by a read).
     pub fn peer_closed(&self) -> bool {
         self.closed

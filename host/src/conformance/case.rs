@@ -77,6 +77,9 @@ pub enum CaseError {
     /// A link request failed.
     #[error("link: {0}")]
     Link(#[from] crate::link::LinkError),
+    /// A session request failed, or the session ended.
+    #[error("session: {0}")]
+    Session(#[from] crate::session::SessionError),
     /// A QMP command failed.
     #[error("qmp: {0}")]
     Qmp(#[from] crate::qmp::QmpError),

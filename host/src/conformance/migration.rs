@@ -10,6 +10,7 @@ use super::options::SuiteOptions;
 use super::recorder::Recorder;
 use super::support::{alive, boot, collect_vserport, EVENT_WINDOW, HOST};
 use super::trace::{Traced, VmTrace};
+use crate::client::AgentClient;
 use crate::link::Link;
 use crate::qemu::PortConfig;
 use crate::rig::Rig;

@@ -10,6 +10,7 @@ use super::options::SuiteOptions;
 use super::recorder::Recorder;
 use super::support::{boot, HOST};
 use super::trace::Traced;
+use crate::client::AgentClient;
 use crate::link::{Link, LinkError};
 use crate::qemu::PortConfig;
 use crate::rig::Rig;

@@ -12,17 +12,19 @@
 //! the socket's backlog; it is recorded from [`Traced::promote`] on, when QEMU serves it).
 
 use super::case::{CaseError, Observation};
-use crate::link::Link;
+use crate::link::{Link, LinkObserver};
 use crate::qemu::PortInfo;
 use crate::report::{TraceVerdict, Verdict};
 use crate::rig::Rig;
+use crate::session::PortServer;
 use crate::timeline::Timeline;
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use vport_common::checker::check;
-use vport_common::trace::{Kind, Record};
+use vport_common::trace::{Direction, Kind, Record};
+use vport_common::Message;
 
 /// The checker's verdict on the records `first..` of `records` (a group's trace so far):
 /// the checker reads the whole prefix, and the case gets the violations and notes whose latest
@@ -110,6 +112,14 @@ impl VmTrace {
         format!("{}{port}", self.prefix)
     }
 
+    /// A session server for `port` whose connections and messages are recorded under the
+    /// port's trace name.
+    pub(crate) fn serve(&self, rig: &Rig, port: &str) -> Result<PortServer, CaseError> {
+        let mut server = rig.port_server(port)?;
+        server.set_observer(Arc::new(TraceObserver { timeline: self.timeline.clone(), prefix: self.prefix.clone() }));
+        Ok(server)
+    }
+
     /// Connects a link to the agent on `port`: the connect, every message, and the disconnect
     /// (when the link is dropped) are recorded.
     pub(crate) fn connect(&self, rig: &Rig, port: &str) -> Result<Traced<Link<UnixStream>>, CaseError> {
@@ -133,6 +143,26 @@ impl VmTrace {
         let stream = rig.connect_raw(port)?;
         self.timeline.host_connect(&name);
         Ok(Traced { inner: stream, timeline: self.timeline.clone(), port: name, connected: true })
+    }
+}
+
+/// Records a session server's connections and messages under `prefix` + the port name.
+struct TraceObserver {
+    timeline: Timeline,
+    prefix: String,
+}
+
+impl LinkObserver for TraceObserver {
+    fn message(&self, port: &str, dir: Direction, session: u32, msg: &Message, wire_len: u64) {
+        self.timeline.message(&format!("{}{port}", self.prefix), dir, session, msg, wire_len);
+    }
+
+    fn host_connected(&self, port: &str) {
+        self.timeline.host_connect(&format!("{}{port}", self.prefix));
+    }
+
+    fn host_disconnected(&self, port: &str, reason: &str) {
+        self.timeline.host_disconnect(&format!("{}{port}", self.prefix), reason);
     }
 }
 
@@ -164,7 +194,7 @@ impl Traced<Link<UnixStream>> {
         if !self.connected {
             self.connected = true;
             self.timeline.host_connect(&self.port);
-            self.inner.set_timeline(self.timeline.clone());
+            self.inner.set_observer(Arc::new(self.timeline.clone()));
         }
     }
 

@@ -28,7 +28,7 @@
 //! [`ClockOffset`] estimated from PING round trips: error at most half the round trip of the
 //! sample used (see [`ClockOffset::error_bound_ns`]).
 
-use crate::link::PingSample;
+use crate::link::{LinkObserver, PingSample};
 use crate::qmp::{ChardevInfo, QmpEvent};
 use std::collections::HashMap;
 use std::io::Write;
@@ -389,6 +389,21 @@ impl Timeline {
             inner.failed = Some((seq, None));
             TimelineError::Write { seq, source: Some(e) }
         })
+    }
+}
+
+/// A link reports to its timeline through this (see [`Timeline::message`]).
+impl LinkObserver for Timeline {
+    fn message(&self, port: &str, dir: Direction, session: u32, msg: &Message, wire_len: u64) {
+        Timeline::message(self, port, dir, session, msg, wire_len);
+    }
+
+    fn host_connected(&self, port: &str) {
+        self.host_connect(port);
+    }
+
+    fn host_disconnected(&self, port: &str, reason: &str) {
+        self.host_disconnect(port, reason);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Counters, carry and the STATS and EVENTS listings (`counters.rs`).
 
 use super::*;
+use vport_common::Phase;
 
 #[test]
 fn skipped_bytes_and_held_back_reports_survive_a_reopen() {
@@ -58,7 +59,7 @@ fn stats_and_events_report_counters_and_stamped_transitions() {
     let Message::EventsReply { first_seq: 0, next_seq: 2, records } = &sent[0].1 else { panic!("{sent:?}") };
     assert_eq!(records.len(), 1);
     let r = &records[0];
-    assert_eq!((r.seq, r.from, r.to, r.session), (1, StateCode::Connected, StateCode::Ready, session));
+    assert_eq!((r.seq, r.from, r.to, r.session), (1, Phase::Connected, Phase::Ready, session));
     assert_eq!((r.wakeups, r.cpu_ns, r.cause.as_str()), (5, 50, "hello ack"));
 
     // Counters and ring survive a close and reopen.

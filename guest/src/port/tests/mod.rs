@@ -17,7 +17,7 @@ use nix::poll::PollFlags;
 use std::collections::VecDeque;
 use std::rc::Rc;
 use vport_common::message::{
-    error_code, GuestOp, GuestOpDone, Hello, ProbeKind, ProbeTarget, SigioAction, StateCode, NO_MISMATCH, NO_REOPEN,
+    error_code, GuestOp, GuestOpDone, Hello, ProbeKind, ProbeTarget, SigioAction, NO_MISMATCH, NO_REOPEN,
 };
 use vport_common::pattern::{self, StreamDigest};
 use vport_common::{Decoder, Frame, Header, Message, MessageType, PortEvent, PortState};

@@ -1,11 +1,11 @@
 //! The guest program of the guest group: guest operations (the agent's GUEST_OP, real system
-//! calls in the guest, each handle on its own worker thread) driven over the agent's control
-//! link, and the host end of a target port as a plain byte stream.
+//! calls in the guest, each handle on its own worker thread) driven in a session on the agent's
+//! control port, and the host end of a target port as a plain byte stream.
 
 use super::super::case::CaseError;
-use super::super::trace::Traced;
-use crate::link::{Link, LinkError};
+use crate::client::AgentClient;
 use crate::rig::Rig;
+use crate::session::{Session, SessionError};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -18,30 +18,30 @@ pub(super) const POLLOUT: u16 = nix::libc::POLLOUT as u16;
 pub(super) const POLLHUP: u16 = nix::libc::POLLHUP as u16;
 pub(super) const IN_OUT: u16 = POLLIN | POLLOUT;
 
-/// The guest program: guest ops over the agent's control link.
+/// The guest program: guest ops in a session on the agent's control port.
 pub(super) struct Guest {
-    pub(super) link: Traced<Link<UnixStream>>,
+    pub(super) session: Session,
     pub(super) t: Duration,
 }
 
 impl Guest {
     pub(super) fn op(&mut self, op: GuestOp) -> Result<GuestOpDone, CaseError> {
-        Ok(self.link.guest_op(op, self.t)?)
+        Ok(self.session.guest_op(op, self.t)?)
     }
 
     pub(super) fn start(&mut self, op: GuestOp) -> Result<u32, CaseError> {
-        Ok(self.link.start_guest_op(op)?)
+        Ok(self.session.start_guest_op(op)?)
     }
 
     pub(super) fn finish(&mut self, id: u32, timeout: Duration) -> Result<GuestOpDone, CaseError> {
-        Ok(self.link.await_guest_op(id, timeout)?)
+        Ok(self.session.await_guest_op(id, timeout)?)
     }
 
     /// `Some(done)` if op `id` completes within `window`, `None` if it is still running.
     pub(super) fn within(&mut self, id: u32, window: Duration) -> Result<Option<GuestOpDone>, CaseError> {
-        match self.link.await_guest_op(id, window) {
+        match self.session.await_guest_op(id, window) {
             Ok(d) => Ok(Some(d)),
-            Err(LinkError::Timeout { .. }) => Ok(None),
+            Err(SessionError::Timeout { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }

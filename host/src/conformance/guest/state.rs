@@ -4,11 +4,12 @@
 use super::super::case::CaseError;
 use super::super::options::SuiteOptions;
 use super::super::recorder::Recorder;
-use super::super::support::{boot, HOST};
+use super::super::support::boot;
 use super::super::trace::{Traced, VmTrace};
 use super::program::Guest;
 use crate::qemu::{PortConfig, PortKind};
 use crate::rig::Rig;
+use crate::session::Reconnect;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -47,10 +48,12 @@ pub(crate) fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Guest
     let mut rig = boot(opts, ports, |_| {})?;
     rec.watch_vm(&rig.vm);
     let trace = rec.trace_vm(&rig, "")?;
-    let mut link = trace.connect(&rig, CTL)?;
+    let mut server = trace.serve(&rig, CTL)?;
+    server.set_reconnect(Reconnect::Once);
+    server.connect(opts.hello_timeout)?;
     rig.resume()?;
-    let hs = link.handshake(opts.hello_timeout, HOST)?;
-    rec.note_versions(&rig, &hs.hello.kernel_release);
+    let session = server.accept(opts.hello_timeout)?;
+    rec.note_versions(&rig, &session.handshake().hello.kernel_release);
     let t = opts.reply_timeout;
-    Ok(GuestGroup { rig, trace, g: Guest { link, t }, t, hp: None, host_p: None, hq: None })
+    Ok(GuestGroup { rig, trace, g: Guest { session, t }, t, hp: None, host_p: None, hq: None })
 }

@@ -5,11 +5,12 @@
 use super::super::case::{chain, CaseError, Observation};
 use super::super::support::{collect_vserport, wait_frontend, wait_vserport, EVENT_WINDOW, HOST};
 use super::state::{FirstContact, Shared, A, B};
+use crate::client::AgentClient;
 use crate::link::{stat, LinkError};
 use crate::wait::WaitError;
 use std::time::{Duration, Instant};
-use vport_common::message::StateCode;
 use vport_common::Message;
+use vport_common::Phase;
 
 /// `host-connects-before-guest-opens`: judges the set-up's first handshake.
 pub(super) fn host_connects_before_guest_opens(st: &mut Shared) -> Result<Observation, CaseError> {
@@ -198,7 +199,7 @@ pub(super) fn pause_host_disconnect(st: &mut Shared) -> Result<Observation, Case
     let big = vec![0x5Au8; 60 * 1024];
     let flows = st.link.echo(&big, t)? == big;
     let ev = st.link.events(0, t)?;
-    let seen = ev.records.iter().find(|r| r.session == old_session && r.to == StateCode::Disconnected);
+    let seen = ev.records.iter().find(|r| r.session == old_session && r.to == Phase::Disconnected);
     let seen_s = seen.map_or("no record".to_string(), |r| format!("{} -> DISCONNECTED ({})", r.from.name(), r.cause));
     let observed = format!(
         "status during disconnect {status}; guest saw the old session end: {seen_s}; new client READY ({} \

@@ -4,6 +4,7 @@
 use super::super::case::{chain, CaseError, Observation};
 use super::super::support::{alive, wait_vserport, EVENT_WINDOW, HOST};
 use super::state::{Shared, HOT};
+use crate::client::AgentClient;
 use crate::link::{stat, LinkError};
 use crate::wait::wait_until;
 use std::time::{Duration, Instant};

@@ -7,6 +7,7 @@ use super::super::options::SuiteOptions;
 use super::super::recorder::Recorder;
 use super::super::support::{boot, HOST};
 use super::super::trace::{Traced, VmTrace};
+use crate::client::AgentClient;
 use crate::link::{stat, Link, LinkError};
 use crate::qemu::{PortConfig, PortInfo};
 use crate::rig::Rig;

@@ -4,6 +4,7 @@
 use super::super::case::{CaseError, Observation};
 use super::super::support::HOST;
 use super::state::Shared;
+use crate::client::AgentClient;
 use crate::link::ProbeOutcome;
 use nix::libc::{EAGAIN, EBUSY, ESPIPE};
 use vport_common::message::{ProbeKind, ProbeTarget, SigioAction};
