@@ -8,16 +8,14 @@ use super::case::{chain, Case, CaseError, Observation};
 use super::group::Group;
 use super::options::SuiteOptions;
 use super::recorder::Recorder;
-use super::support::{alive, boot, collect_vserport, EVENT_WINDOW, HOST};
-use super::trace::{Traced, VmTrace};
+use super::support::{alive, boot, collect_vserport, EVENT_WINDOW};
+use super::trace::VmTrace;
 use crate::client::AgentClient;
-use crate::link::Link;
 use crate::qemu::PortConfig;
 use crate::rig::Rig;
+use crate::session::{EndReason, PortServer, Reconnect, Session};
 use crate::wait::wait_until;
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
-use vport_common::Message;
 
 const MIG_OPEN: &str = "org.vport.conf.mig";
 const MIG_CLOSED: &str = "other.vport.conf.closed";
@@ -65,6 +63,15 @@ fn wait_incoming(rig: &Rig) -> Result<String, CaseError> {
     )?)
 }
 
+/// A session server on the open port of destination `rig`, connected while it loads (once:
+/// the case observes that connection).
+fn dest_server(trace: &VmTrace, rig: &Rig) -> Result<PortServer, CaseError> {
+    let mut server = trace.serve(rig, MIG_OPEN)?;
+    server.set_reconnect(Reconnect::Once);
+    server.connect(Duration::from_secs(10))?;
+    Ok(server)
+}
+
 /// After a destination runs: events for both ports, frontend-open of both, and a new session.
 struct DestView {
     events: Vec<(String, bool)>,
@@ -74,7 +81,9 @@ struct DestView {
     ready: bool,
 }
 
-fn observe_destination(rig: &mut Rig, link: &mut Link<UnixStream>, t: Duration) -> Result<DestView, CaseError> {
+/// Runs the destination `rig` (whose server connected while it was loading) and observes it;
+/// returns the view and the destination's session.
+fn observe_destination(rig: &mut Rig, server: &mut PortServer, t: Duration) -> Result<(DestView, Session), CaseError> {
     let rx = rig.qmp.subscribe();
     rig.resume()?;
     let events = collect_vserport(&rx, EVENT_WINDOW, Duration::from_secs(8));
@@ -83,13 +92,14 @@ fn observe_destination(rig: &mut Rig, link: &mut Link<UnixStream>, t: Duration) 
     let open_fo = rig.qmp.frontend_open(&open_id)?;
     let closed_fo = rig.qmp.frontend_open(&closed_id)?;
     // Does the agent offer a session by itself (it saw a host change), or must the host ask?
-    let spontaneous_hello = matches!(
-        link.recv(Instant::now() + Duration::from_millis(1500), "HELLO"),
-        Ok(r) if matches!(r.message, Ok(Message::Hello(_)))
-    );
-    link.handshake(t, HOST)?;
-    let ready = link.echo(b"migrated", t)? == b"migrated";
-    Ok(DestView { events, open_fo, closed_fo, spontaneous_hello, ready })
+    let offered = server.accept_offered(Duration::from_millis(1500))?;
+    let spontaneous_hello = offered.is_some();
+    let mut session = match offered {
+        Some(s) => s,
+        None => server.accept(t)?,
+    };
+    let ready = session.echo(b"migrated", t)? == b"migrated";
+    Ok((DestView { events, open_fo, closed_fo, spontaneous_hello, ready }, session))
 }
 
 fn describe(v: &DestView, open_port_id: &str) -> String {
@@ -107,10 +117,12 @@ pub(crate) struct Migration {
     scratch: tempfile::TempDir,
     dst: Rig,
     trace: VmTrace,
-    /// Destination 1's session (kept until the group ends).
-    _link: Traced<Link<UnixStream>>,
+    /// Destination 1's session (kept until it migrates away in `migrate-live-open-port`).
+    session: Option<Session>,
     /// What destination 1 showed once it ran, or why that could not be observed.
     view: Result<DestView, String>,
+    /// How the source's session ended when it migrated away (expected: `Migrated`).
+    src_end: Result<EndReason, String>,
     /// How long the save took, and destination 1's run state after the load.
     saved: (Duration, String),
     open_id: String,
@@ -126,20 +138,28 @@ fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Migration, CaseE
     let mut src = boot(opts, mig_ports(), |_| {})?;
     rec.watch_vm(&src.vm);
     let src_trace = rec.trace_vm(&src, "src/")?;
-    let mut l = src_trace.connect(&src, MIG_OPEN)?;
+    let mut src_server = src_trace.serve(&src, MIG_OPEN)?;
+    src_server.set_reconnect(Reconnect::Once);
+    src_server.connect(opts.hello_timeout)?;
     src.resume()?;
-    let hs = l.handshake(opts.hello_timeout, HOST)?;
-    rec.note_versions(&src, &hs.hello.kernel_release);
+    let mut src_session = src_server.accept(opts.hello_timeout)?;
+    rec.note_versions(&src, &src_session.handshake().hello.kernel_release);
     let took = migrate(&src, &format!("exec:cat > {}", state.display()))?;
+    let src_end = src_session.wait_end(opts.reply_timeout).map_err(|e| chain(&e));
     let incoming = format!("exec:cat {}", state.display());
     let mut dst = boot(opts, mig_ports(), |c| c.incoming = Some(incoming))?;
     rec.watch_vm(&dst.vm);
     let trace = src_trace.another(&dst, "dst1/")?;
-    let mut dl = trace.connect(&dst, MIG_OPEN)?;
+    let mut dst_server = dest_server(&trace, &dst)?;
     let status = wait_incoming(&dst)?;
-    drop(l);
+    drop(src_session);
+    drop(src_server);
     drop(src);
-    let view = observe_destination(&mut dst, &mut dl, opts.reply_timeout).map_err(|e| chain(&e));
+    let observed = observe_destination(&mut dst, &mut dst_server, opts.reply_timeout).map_err(|e| chain(&e));
+    let (view, session) = match observed {
+        Ok((v, s)) => (Ok(v), Some(s)),
+        Err(e) => (Err(e), None),
+    };
     let open_id = dst.port(MIG_OPEN)?.id.clone();
     let closed_id = dst.port(MIG_CLOSED)?.id.clone();
     Ok(Migration {
@@ -147,8 +167,9 @@ fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Migration, CaseE
         scratch,
         dst,
         trace,
-        _link: dl,
+        session,
         view,
+        src_end,
         saved: (took, status),
         open_id,
         closed_id,
@@ -163,9 +184,18 @@ fn view(m: &Migration) -> Result<&DestView, CaseError> {
 fn file_open_port(m: &mut Migration) -> Result<Observation, CaseError> {
     let v = view(m)?;
     let ev = v.events.iter().any(|(id, o)| *id == m.open_id && *o);
+    let src_end = match &m.src_end {
+        Ok(r) => format!("{r:?}"),
+        Err(e) => format!("not seen: {e}"),
+    };
     Ok(Observation::check(
-        ev && v.open_fo == Some(true) && v.ready,
-        format!("saved in {:.1} s, destination {}; {}", m.saved.0.as_secs_f64(), m.saved.1, describe(v, &m.open_id)),
+        ev && v.open_fo == Some(true) && v.ready && m.src_end == Ok(EndReason::Migrated),
+        format!(
+            "saved in {:.1} s, source session ended {src_end}; destination {}; {}",
+            m.saved.0.as_secs_f64(),
+            m.saved.1,
+            describe(v, &m.open_id)
+        ),
     ))
 }
 
@@ -185,14 +215,23 @@ fn live_open_port(m: &mut Migration) -> Result<Observation, CaseError> {
     let uri = format!("unix:{}", sock.display());
     let mut dst2 = boot(&m.opts, mig_ports(), |c| c.incoming = Some(uri.clone()))?;
     let trace2 = m.trace.another(&dst2, "dst2/")?;
-    let mut dl2 = trace2.connect(&dst2, MIG_OPEN)?;
+    let mut server2 = dest_server(&trace2, &dst2)?;
     let took = migrate(&m.dst, &uri)?;
+    let t = m.opts.reply_timeout;
+    let dst1_end = match m.session.as_mut() {
+        Some(s) => s.wait_end(t).map_err(|e| chain(&e)),
+        None => Err("destination 1 had no session".into()),
+    };
     let status = wait_incoming(&dst2)?;
-    let v = observe_destination(&mut dst2, &mut dl2, m.opts.reply_timeout)?;
+    let (v, _session2) = observe_destination(&mut dst2, &mut server2, t)?;
     let ev = v.events.iter().any(|(id, o)| *id == m.open_id && *o);
     Ok(Observation::check(
-        ev && v.open_fo == Some(true) && v.closed_fo == Some(false) && v.ready,
-        format!("migrated live in {:.1} s, destination {status}; {}", took.as_secs_f64(), describe(&v, &m.open_id)),
+        ev && v.open_fo == Some(true) && v.closed_fo == Some(false) && v.ready && dst1_end == Ok(EndReason::Migrated),
+        format!(
+            "migrated live in {:.1} s, destination 1's session ended {dst1_end:?}; destination 2 {status}; {}",
+            took.as_secs_f64(),
+            describe(&v, &m.open_id)
+        ),
     ))
 }
 
@@ -209,7 +248,8 @@ pub(crate) static GROUP: Group<Migration> = Group {
             GROUP_NAME,
             "migrate-file-open-port",
             "migration destination: open=true for open ports once it runs (virtio-serial-bus.c post_load)",
-            "VSERPORT_CHANGE open=true on the destination; frontend-open true; READY on a new client",
+            "VSERPORT_CHANGE open=true on the destination; frontend-open true; READY on a new client; the \
+             source's session ends as Migrated",
             file_open_port,
         ),
         Case::new(

@@ -1,20 +1,19 @@
 //! Group `scale`: 31 serial ports on controller 0 (max_ports 32: port 0 stays reserved for a
 //! console) and 4 on a second controller, every host client connected before the guest boots.
-//! The set-up makes a session on every port (asking each port once a second, then
-//! reconnecting, one at a time, the ports that never answered); the cases judge that and send
-//! traffic on every port at once.
+//! The set-up takes a [`Session`] on every port through its [`PortServer`] (waiting in slices of
+//! a second, then reconnecting, one at a time, the ports that never answered); the cases judge
+//! that and send traffic in every session at once.
 
 use super::case::{Case, CaseError, Observation};
 use super::group::Group;
 use super::options::SuiteOptions;
 use super::recorder::Recorder;
-use super::support::{boot, HOST};
-use super::trace::Traced;
+use super::support::boot;
+use super::trace::VmTrace;
 use crate::client::AgentClient;
-use crate::link::{Link, LinkError};
 use crate::qemu::PortConfig;
 use crate::rig::Rig;
-use std::os::unix::net::UnixStream;
+use crate::session::{PortServer, Reconnect, Session, SessionError};
 use std::time::{Duration, Instant};
 
 /// Serial ports on controller 0.
@@ -25,8 +24,6 @@ const SECOND: usize = 4;
 const SCALE_RECONNECT_DEADLINE: Duration = Duration::from_secs(20);
 /// How long after the first READY port of a pass the other ports are still waited for.
 const SCALE_GRACE: Duration = Duration::from_secs(5);
-
-type AgentLink = Traced<Link<UnixStream>>;
 
 /// A port that did not see the host connected at boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +39,7 @@ pub(crate) struct LostPort {
 /// The scale group's state.
 pub(crate) struct Scale {
     _rig: Rig,
-    links: Vec<AgentLink>,
+    sessions: Vec<Session>,
     ports: usize,
     lost: Vec<LostPort>,
     ready: usize,
@@ -51,38 +48,38 @@ pub(crate) struct Scale {
 }
 
 /// Concurrently, under one deadline (a port that never answers costs the deadline once): each
-/// port of `idx` asks (HELLO_REQUEST) once a second until it is READY, until `timeout`, or
-/// until [`SCALE_GRACE`] after the first port of this pass became READY: by then the agent
-/// runs and has opened every port, so a port still silent never got the host's PORT_OPEN.
-/// Returns (index, kernel release or why not).
-fn handshake_all(links: &mut [AgentLink], idx: &[usize], timeout: Duration) -> Vec<(usize, Result<String, String>)> {
+/// server of `idx` waits for its session (it asked for a HELLO when it connected) in slices of
+/// a second, until `timeout`, or until [`SCALE_GRACE`] after the first port of this pass became
+/// READY: by then the agent runs and has opened every port, so a port still silent never got
+/// the host's PORT_OPEN. Returns (index, the session or why not).
+fn accept_all(servers: &mut [PortServer], idx: &[usize], timeout: Duration) -> Vec<(usize, Result<Session, String>)> {
     let start = Instant::now();
     let first_ready: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
     let first_ready = &first_ready;
     std::thread::scope(|s| {
-        let handles: Vec<_> = links
+        let handles: Vec<_> = servers
             .iter_mut()
             .enumerate()
             .filter(|(i, _)| idx.contains(i))
-            .map(|(i, l)| {
+            .map(|(i, srv)| {
                 s.spawn(move || loop {
-                    match l.handshake(Duration::from_secs(1), HOST) {
-                        Ok(h) => {
+                    match srv.accept(Duration::from_secs(1)) {
+                        Ok(session) => {
                             if let Ok(mut f) = first_ready.lock() {
                                 f.get_or_insert_with(Instant::now);
                             }
-                            return (i, Ok(h.hello.kernel_release));
+                            return (i, Ok(session));
                         }
-                        Err(LinkError::Timeout { .. }) => {
+                        Err(SessionError::Timeout { .. }) => {
                             let now = Instant::now();
                             let grace_over =
                                 first_ready.lock().ok().and_then(|f| *f).is_some_and(|t| now >= t + SCALE_GRACE);
                             if grace_over || now >= start + timeout {
                                 let waited = now - start;
-                                return (i, Err(format!("{}: no HELLO within {waited:.1?}", l.port())));
+                                return (i, Err(format!("{}: no HELLO within {waited:.1?}", srv.port())));
                             }
                         }
-                        Err(e) => return (i, Err(format!("{}: {e}", l.port()))),
+                        Err(e) => return (i, Err(format!("{}: {e}", srv.port()))),
                     }
                 })
             })
@@ -90,6 +87,17 @@ fn handshake_all(links: &mut [AgentLink], idx: &[usize], timeout: Duration) -> V
         handles.into_iter().filter_map(|h| h.join().ok()).collect()
     })
 }
+
+/// A session server on port `name`, on the trace, not connected yet. It connects once: a
+/// reconnect is a new server.
+fn serve(trace: &VmTrace, rig: &Rig, name: &str) -> Result<PortServer, CaseError> {
+    let mut server = trace.serve(rig, name)?;
+    server.set_reconnect(Reconnect::Once);
+    Ok(server)
+}
+
+/// How long a server may take to connect to QEMU's listener.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 
 fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Scale, CaseError> {
     let mut ports: Vec<PortConfig> = (0..FIRST).map(|i| PortConfig::serial(format!("org.vport.s{i}"))).collect();
@@ -102,14 +110,16 @@ fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Scale, CaseError
     })?;
     rec.watch_vm(&rig.vm);
     let trace = rec.trace_vm(&rig, "")?;
-    let mut links = Vec::new();
+    let mut servers = Vec::new();
     for n in &names {
-        links.push(trace.connect(&rig, n)?);
+        let mut server = serve(&trace, &rig, n)?;
+        server.connect(CONNECT_DEADLINE)?;
+        servers.push(server);
     }
     rig.resume()?;
     let t0 = Instant::now();
-    let all: Vec<usize> = (0..links.len()).collect();
-    let first = handshake_all(&mut links, &all, opts.hello_timeout);
+    let all: Vec<usize> = (0..servers.len()).collect();
+    let first = accept_all(&mut servers, &all, opts.hello_timeout);
     // QEMU sends PORT_OPEN to the guest when the guest announces a port (PORT_READY) and a host
     // client is already there; with dozens of ports announced at once the guest's control queue
     // runs out of buffers and QEMU drops those messages (send_control_msg), so the guest never
@@ -128,29 +138,31 @@ fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Scale, CaseError
     // here: about five of 29 got through per burst).
     let mut second = Vec::new();
     for (&i, l) in lost_idx.iter().zip(lost.iter_mut()) {
-        // The old client leaves first: the chardev takes one client at a time.
-        links[i].shutdown()?;
-        links[i] = trace.connect(&rig, &names[i])?;
-        let outcome = handshake_all(&mut links, &[i], SCALE_RECONNECT_DEADLINE.min(opts.hello_timeout));
+        // The old client leaves first (its server is dropped): the chardev takes one client at a
+        // time.
+        drop(std::mem::replace(&mut servers[i], serve(&trace, &rig, &names[i])?));
+        servers[i].connect(CONNECT_DEADLINE)?;
+        let outcome = accept_all(&mut servers, &[i], SCALE_RECONNECT_DEADLINE.min(opts.hello_timeout));
         l.recovered = outcome.iter().all(|(_, r)| r.is_ok()) && !outcome.is_empty();
         second.extend(outcome);
     }
-    let mut ready = 0;
+    let mut sessions = Vec::new();
     let mut failures = Vec::new();
     for (_, o) in first.into_iter().filter(|(_, r)| r.is_ok()).chain(second) {
         match o {
-            Ok(k) => {
-                ready += 1;
-                rec.note_versions(&rig, &k);
+            Ok(session) => {
+                rec.note_versions(&rig, &session.handshake().hello.kernel_release);
+                sessions.push(session);
             }
             Err(e) => failures.push(e),
         }
     }
+    let ready = sessions.len();
     let all_ready = t0.elapsed();
     if !failures.is_empty() {
         log::warn!("scale: ports not READY; vm state:\n{}", rig.failure_context());
     }
-    Ok(Scale { _rig: rig, links, ports: names.len(), lost, ready, failures, all_ready })
+    Ok(Scale { _rig: rig, sessions, ports: names.len(), lost, ready, failures, all_ready })
 }
 
 /// `scale-port-open-lost-at-boot`.
@@ -216,7 +228,7 @@ fn traffic(st: &mut Scale) -> Result<Observation, CaseError> {
     let t0 = Instant::now();
     let results: Vec<Result<bool, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = st
-            .links
+            .sessions
             .iter_mut()
             .enumerate()
             .map(|(i, l)| {

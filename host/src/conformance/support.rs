@@ -10,8 +10,6 @@ use crate::wait::wait_until;
 use crossbeam_channel::Receiver;
 use std::time::{Duration, Instant};
 
-/// The host version the suite sends in HELLO_ACK.
-pub(crate) const HOST: &str = "vport-conformance";
 /// The agent flag that turns guest operations on.
 pub const GUEST_OPS_FLAG: &str = "--allow-guest-ops";
 /// QMP rate-limits VSERPORT_CHANGE to one per second per id; a window of this length after a

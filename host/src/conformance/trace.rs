@@ -1,6 +1,6 @@
 //! Every case's life-cycle trace, judged by the checker (`vport trace check`'s engine) as the
 //! thread's asserts: a group records one [`Timeline`] (host connects and disconnects, every
-//! in-band message and request of the agent links, QMP `VSERPORT_CHANGE` events); a case's
+//! in-band message and request of the agent's sessions, QMP `VSERPORT_CHANGE` events); a case's
 //! trace is the records added since the previous case ended (the group's set-up belongs to
 //! its first case). [`judge_trace`] runs the checker over the trace up to the case's last
 //! record, so the state the earlier cases left is known, and keeps the violations whose latest
@@ -9,10 +9,10 @@
 //! What is not recorded: bytes on the plain streams of ports the agent does not serve (the
 //! guest group's target ports: there is no session there, only their connects and
 //! disconnects are recorded), and the sends of a client QEMU has not accepted yet (it waits in
-//! the socket's backlog; it is recorded from [`Traced::promote`] on, when QEMU serves it).
+//! the socket's backlog; its session server records it from the moment QEMU serves it).
 
 use super::case::{CaseError, Observation};
-use crate::link::{Link, LinkObserver};
+use crate::link::LinkObserver;
 use crate::qemu::PortInfo;
 use crate::report::{TraceVerdict, Verdict};
 use crate::rig::Rig;
@@ -120,22 +120,6 @@ impl VmTrace {
         Ok(server)
     }
 
-    /// Connects a link to the agent on `port`: the connect, every message, and the disconnect
-    /// (when the link is dropped) are recorded.
-    pub(crate) fn connect(&self, rig: &Rig, port: &str) -> Result<Traced<Link<UnixStream>>, CaseError> {
-        let mut link = self.connect_queued(rig, port)?;
-        link.promote();
-        Ok(link)
-    }
-
-    /// Connects a link to `port` while another client holds it: QEMU keeps this one in the
-    /// socket's backlog, so nothing is recorded until [`Traced::promote`].
-    pub(crate) fn connect_queued(&self, rig: &Rig, port: &str) -> Result<Traced<Link<UnixStream>>, CaseError> {
-        let name = self.name(port);
-        let link = Link::new(&name, rig.connect_raw(port)?);
-        Ok(Traced { inner: link, timeline: self.timeline.clone(), port: name, connected: false })
-    }
-
     /// Connects to `port` as a plain byte stream (a port the agent does not serve): the
     /// connect and the disconnect are recorded, the bytes are not (there is no session).
     pub(crate) fn connect_raw(&self, rig: &Rig, port: &str) -> Result<Traced<UnixStream>, CaseError> {
@@ -184,28 +168,6 @@ impl<T> Traced<T> {
         if std::mem::replace(&mut self.connected, false) {
             self.timeline.host_disconnect(&self.port, reason);
         }
-    }
-}
-
-impl Traced<Link<UnixStream>> {
-    /// QEMU now serves this client (the one before it left): from now on its connection and
-    /// messages are recorded.
-    pub(crate) fn promote(&mut self) {
-        if !self.connected {
-            self.connected = true;
-            self.timeline.host_connect(&self.port);
-            self.inner.set_observer(Arc::new(self.timeline.clone()));
-        }
-    }
-
-    /// Shuts the connection down both ways (the host leaves) and records it.
-    pub(crate) fn shutdown(&mut self) -> Result<(), CaseError> {
-        self.inner
-            .stream_mut()
-            .shutdown(std::net::Shutdown::Both)
-            .map_err(|e| CaseError::Other(format!("shutdown of the host end of {}: {e}", self.port)))?;
-        self.disconnected("host shut the connection down");
-        Ok(())
     }
 }
 

@@ -228,12 +228,22 @@ impl<S: Stream> Link<S> {
     /// Sends HELLO_REQUEST only after each [`HELLO_REQUEST_INTERVAL`] without a HELLO, for
     /// callers that decide themselves when to ask (the session server).
     pub fn await_hello(&mut self, timeout: Duration, host_version: &str) -> Result<Handshake, LinkError> {
+        self.await_hello_asking(timeout, host_version, true)
+    }
+
+    /// Waits up to `timeout` for a HELLO the agent offers without being asked (no
+    /// HELLO_REQUEST is sent) and acknowledges it.
+    pub fn await_offer(&mut self, timeout: Duration, host_version: &str) -> Result<Handshake, LinkError> {
+        self.await_hello_asking(timeout, host_version, false)
+    }
+
+    fn await_hello_asking(&mut self, timeout: Duration, host_version: &str, ask: bool) -> Result<Handshake, LinkError> {
         let deadline = Instant::now() + timeout;
         let mut before = Vec::new();
         self.session = 0;
         let mut requests_sent = 0;
         loop {
-            let slice = (Instant::now() + HELLO_REQUEST_INTERVAL).min(deadline);
+            let slice = if ask { (Instant::now() + HELLO_REQUEST_INTERVAL).min(deadline) } else { deadline };
             match self.recv(slice, "HELLO") {
                 Ok(Received { frame, message: Ok(Message::Hello(hello)), at }) => {
                     self.session = frame.header.session;

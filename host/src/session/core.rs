@@ -14,6 +14,11 @@ use vport_common::server::{Action, EndReason, Input, ServerMachine, ServerState,
 use vport_common::Message;
 
 use super::{PROBE_PING, PUMP_SLICE};
+use crate::wait::wait_until;
+use std::time::Duration;
+
+/// How often the kernel is asked whether QEMU accepted a queued connection.
+pub(super) const SERVED_POLL: Duration = Duration::from_millis(10);
 /// What one wait on the stream produced.
 pub(super) enum Pumped {
     Frame(Received),
@@ -46,6 +51,8 @@ pub(super) struct Core {
     pub(super) observer: Option<Arc<dyn LinkObserver>>,
     /// Connections made so far (for [`super::Reconnect::Once`]).
     pub(super) connections: u64,
+    /// Whether the observer was told of the current connection: only once QEMU serves it.
+    pub(super) announced: bool,
 }
 
 impl Core {
@@ -82,13 +89,7 @@ impl Core {
                     log::info!("port {}: session {} ended: {reason}", self.port, self.generation);
                     self.ends.push((self.generation, reason));
                 }
-                Action::Disconnect => {
-                    if self.link.take().is_some() {
-                        if let Some(o) = &self.observer {
-                            o.host_disconnected(&self.port, &input.to_string());
-                        }
-                    }
-                }
+                Action::Disconnect => self.drop_link(&input.to_string()),
                 Action::RequestHello => self.request_hello = true,
             }
         }
@@ -99,21 +100,33 @@ impl Core {
         self.ends.iter().rev().find(|(g, _)| *g == generation).map(|(_, r)| r.clone())
     }
 
-    /// Looks at every QMP event received so far, without waiting.
+    /// Looks at every QMP event received so far, without waiting. QEMU emits a port's
+    /// `VSERPORT_CHANGE` as a consequence before the event that says why (a reset emits
+    /// open=false, then `RESET`; an unplug makes `frontend-open` false before
+    /// `DEVICE_DELETED`), so within the events at hand the causes are applied first: the session
+    /// ends with the cause as its reason. Events that arrive in separate looks are applied in
+    /// order.
     pub(super) fn drain_qmp(&mut self) {
+        let mut batch = Vec::new();
+        let mut closed = false;
         loop {
             match self.events.try_recv() {
-                Ok(ev) => self.on_qmp(&ev),
-                Err(TryRecvError::Empty) => return,
+                Ok(ev) => batch.push(ev),
+                Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
-                    if self.events_open {
-                        self.events_open = false;
-                        log::debug!("port {}: qmp closed", self.port);
-                        self.apply(Input::VmExited);
-                    }
-                    return;
+                    closed = true;
+                    break;
                 }
             }
+        }
+        batch.sort_by_key(|ev| ev.name == "VSERPORT_CHANGE");
+        for ev in &batch {
+            self.on_qmp(ev);
+        }
+        if closed && self.events_open {
+            self.events_open = false;
+            log::debug!("port {}: qmp closed", self.port);
+            self.apply(Input::VmExited);
         }
     }
 
@@ -146,6 +159,44 @@ impl Core {
             _ => return,
         };
         self.apply(input);
+    }
+
+    /// Closes the connection (if any); the observer hears it if it heard of the connection.
+    fn drop_link(&mut self, reason: &str) {
+        if self.link.take().is_some() && std::mem::take(&mut self.announced) {
+            if let Some(o) = &self.observer {
+                o.host_disconnected(&self.port, reason);
+            }
+        }
+    }
+
+    /// Tells the observer of the connection once QEMU serves it, waiting until `deadline` for
+    /// that (the kernel says when QEMU accepted it, `sock_diag`; there is no event to wait
+    /// on, so it is asked every [`SERVED_POLL`]). A connection in QEMU's backlog is not the
+    /// port's client yet: its connect and what it sends are recorded from the moment it is
+    /// served. Returns whether it is served (or cannot be known: then it is taken as served).
+    pub(super) fn announce_when_served(&mut self, deadline: Instant) -> bool {
+        if self.announced {
+            return true;
+        }
+        let Some(link) = self.link.as_mut() else { return false };
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let served = wait_until(
+            "QEMU to serve the connection",
+            timeout,
+            SERVED_POLL,
+            || Ok(()),
+            || (link.stream().queued() != Some(true)).then_some(()),
+        );
+        if served.is_err() {
+            return false;
+        }
+        self.announced = true;
+        if let Some(o) = &self.observer {
+            o.host_connected(&self.port);
+            link.set_observer(o.clone());
+        }
+        true
     }
 
     /// Whether a migration is under way on this QEMU (asked with `query-migrate` when QMP
@@ -231,6 +282,13 @@ impl Core {
             };
             self.apply(input);
         }
+    }
+}
+
+/// The server and its last Session are gone: the connection closes, and the observer hears it.
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.drop_link("session server dropped");
     }
 }
 

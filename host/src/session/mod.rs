@@ -122,6 +122,16 @@ pub enum SessionError {
     /// The host end could not be connected.
     #[error("cannot connect the host end")]
     Endpoint(#[from] ChardevError),
+    /// The operation needs another server state (see [`ServerState`]).
+    #[error("port {port}: cannot {what} while the session server is {state}")]
+    WrongState {
+        /// Port name.
+        port: String,
+        /// The operation.
+        what: &'static str,
+        /// The state's name ([`ServerState::name`]).
+        state: &'static str,
+    },
     /// The [`Reconnect`] policy forbids another connection and the last one is gone.
     #[error("port {port}: the connection is gone and the reconnect policy is `once`")]
     NoReconnect {

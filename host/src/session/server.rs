@@ -106,6 +106,7 @@ impl PortServer {
             host_version: concat!("vport-host ", env!("CARGO_PKG_VERSION")).into(),
             observer: None,
             connections: 0,
+            announced: false,
         };
         PortServer { core: Arc::new(Mutex::new(core)), reconnect: Reconnect::default() }
     }
@@ -154,8 +155,10 @@ impl PortServer {
     /// Reports every message of every connection from now on to `observer` (a timeline).
     pub fn set_observer(&mut self, observer: Arc<dyn LinkObserver>) {
         let mut c = lock(&self.core);
-        if let Some(link) = c.link.as_mut() {
-            link.set_observer(observer.clone());
+        if c.announced {
+            if let Some(link) = c.link.as_mut() {
+                link.set_observer(observer.clone());
+            }
         }
         c.observer = Some(observer);
     }
@@ -198,6 +201,9 @@ impl PortServer {
                     }
                 }
                 ServerState::Connected { .. } => {
+                    if !c.announce_when_served(deadline) {
+                        continue;
+                    }
                     let request = std::mem::take(&mut c.request_hello);
                     let version = c.host_version.clone();
                     let Some(link) = c.link.as_mut() else {
@@ -263,17 +269,14 @@ impl PortServer {
             Ok(conn) => {
                 c.connections += 1;
                 if conn.queued() == Some(true) {
-                    log::warn!(
+                    log::info!(
                         "port {port}: connected, but QEMU has not accepted: another client holds the chardev and \
                          this connection waits in its backlog until that client leaves"
                     );
                 }
-                let mut link = Link::new(&port, conn);
-                if let Some(o) = &c.observer {
-                    o.host_connected(&port);
-                    link.set_observer(o.clone());
-                }
-                c.link = Some(link);
+                c.link = Some(Link::new(&port, conn));
+                c.announced = false;
+                c.announce_when_served(Instant::now());
                 // Ask at once (see `Link::handshake`): the agent may not have seen us come.
                 c.request_hello = true;
                 c.apply(Input::HostConnected);
@@ -291,6 +294,89 @@ impl PortServer {
                 // tells when QEMU's listener is back.
                 std::thread::sleep(retry.min(deadline.saturating_duration_since(Instant::now())));
                 Ok(())
+            }
+        }
+    }
+
+    /// The host leaves now: closes the connection whatever the state (a live session ends with
+    /// [`EndReason::HostClosed`]). Nothing happens without a connection. The next
+    /// [`PortServer::accept`] or [`PortServer::connect`] connects again (as the reconnect policy
+    /// allows).
+    pub fn disconnect(&mut self) {
+        let mut c = lock(&self.core);
+        c.drain_qmp();
+        if matches!(c.state(), ServerState::Connected { .. } | ServerState::Ready { .. }) {
+            c.apply(Input::HostClose);
+        }
+    }
+
+    /// Sends `msg` on the connection outside any session (session 0), before a session is
+    /// handed out: for a host that queues requests while QEMU has not served it yet (see
+    /// [`Backlog`]). Refused while a session is live (send in the [`Session`]) and without a
+    /// connection.
+    pub fn send_before_session(&mut self, msg: &Message) -> Result<u32, SessionError> {
+        let mut c = lock(&self.core);
+        c.drain_qmp();
+        let port = c.port.clone();
+        let state = c.state().clone();
+        match state {
+            ServerState::Closed { reason } => Err(SessionError::Closed { port, reason }),
+            ServerState::Idle | ServerState::Ready { .. } => {
+                Err(SessionError::WrongState { port, what: "send outside a session", state: state.name() })
+            }
+            ServerState::Connected { .. } => {
+                let Some(link) = c.link.as_mut() else {
+                    return Err(SessionError::WrongState { port, what: "send outside a session", state: "IDLE" });
+                };
+                match link.send_request(msg) {
+                    Ok(seq) => Ok(seq),
+                    Err(e) => {
+                        let input = c.on_link_error(&e);
+                        c.apply(input);
+                        Err(SessionError::Link { port, source: e })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits up to `window` for a session the agent offers without being asked (no
+    /// HELLO_REQUEST is sent now or meanwhile, and none is pending from the connect): `Some` if
+    /// a HELLO of a new session came, `None` if none did. Needs a connection and no live
+    /// session (CONNECTED).
+    pub fn accept_offered(&mut self, window: Duration) -> Result<Option<Session>, SessionError> {
+        let mut c = lock(&self.core);
+        c.drain_qmp();
+        let port = c.port.clone();
+        let state = c.state().clone();
+        match state {
+            ServerState::Closed { reason } => return Err(SessionError::Closed { port, reason }),
+            ServerState::Idle | ServerState::Ready { .. } => {
+                return Err(SessionError::WrongState { port, what: "wait for an offer", state: state.name() })
+            }
+            ServerState::Connected { .. } => {}
+        }
+        c.request_hello = false;
+        c.announce_when_served(Instant::now());
+        let version = c.host_version.clone();
+        let Some(link) = c.link.as_mut() else {
+            return Err(SessionError::WrongState { port, what: "wait for an offer", state: "IDLE" });
+        };
+        match link.await_offer(window, &version) {
+            Ok(hs) => {
+                let id = SessionId { session: hs.session, nonce: hs.hello.nonce };
+                if c.apply(Input::Hello(id)).is_some() {
+                    let generation = c.generation;
+                    drop(c);
+                    return Ok(Some(Session::new(self.core.clone(), generation, id, port, hs)));
+                }
+                Ok(None)
+            }
+            Err(LinkError::Timeout { .. }) => Ok(None),
+            Err(e) => {
+                let input = c.on_link_error(&e);
+                c.apply(input);
+                Err(SessionError::Link { port, source: e })
             }
         }
     }

@@ -9,6 +9,7 @@ use crossbeam_channel::Sender;
 use serde_json::json;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::Instant;
 use vport_common::message::error_code;
 use vport_common::message::Hello;
@@ -243,6 +244,32 @@ fn qmp_events_end_sessions_and_close_the_server() {
 }
 
 #[test]
+fn a_cause_ends_the_session_even_after_the_port_event_it_caused() {
+    // QEMU emits a reset's VSERPORT_CHANGE open=false before RESET, and an unplug's
+    // frontend-open false before DEVICE_DELETED: in the events at hand the cause wins.
+    let (mut srv, agents, qmp) = server();
+    let guest = std::thread::spawn(move || {
+        let mut g = agent(&agents);
+        g.hello(A);
+        g.recv();
+        g.serve(A, |m| matches!(m, Message::HelloRequest));
+        g.hello(B);
+        g.recv();
+        g.serve(B, |_| false);
+    });
+    let s1 = srv.accept(T).unwrap();
+    qmp.send(event("VSERPORT_CHANGE", json!({"id": "vport-port0", "open": false}))).unwrap();
+    qmp.send(event("RESET", json!({"guest": true, "reason": "host-qmp-system-reset"}))).unwrap();
+    assert_eq!(s1.end_reason(), Some(EndReason::GuestReset));
+    let s2 = srv.accept(T).unwrap();
+    qmp.send(event("VSERPORT_CHANGE", json!({"id": "vport-port0", "open": false}))).unwrap();
+    qmp.send(event("DEVICE_DELETED", json!({"device": "vport-port0", "path": "/x"}))).unwrap();
+    assert_eq!(s2.end_reason(), Some(EndReason::Unplugged));
+    drop((s1, s2, srv, qmp));
+    let _ = guest.join();
+}
+
+#[test]
 fn stop_ends_with_vm_stopped_and_qmp_gone_closes_the_server() {
     let (mut srv, agents, qmp) = server();
     let guest = std::thread::spawn(move || {
@@ -300,8 +327,40 @@ fn a_refused_connect_is_retried_under_always_and_is_an_error_under_once() {
     let err = always.connect(Duration::from_millis(100)).unwrap_err();
     assert!(matches!(err, SessionError::Timeout { .. }), "retried until the deadline: {err}");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let seen = Arc::new(Recorded::default());
+    always.set_observer(seen.clone());
     always.connect(T).unwrap();
     assert_eq!(always.backlog(), Backlog::Queued, "connected, not accepted: waiting in the backlog");
+    always.send_before_session(&Message::HelloRequest).unwrap();
+    assert!(matches!(always.accept(Duration::from_millis(100)), Err(SessionError::Timeout { .. })));
+    assert_eq!(seen.take(), Vec::<String>::new(), "a queued connection is not the port's client yet");
     let (_served, _) = listener.accept().unwrap();
     assert_eq!(always.backlog(), Backlog::Served);
+    assert!(matches!(always.accept(Duration::from_millis(100)), Err(SessionError::Timeout { .. })));
+    assert_eq!(seen.take(), ["connect", "HelloRequest"], "recorded once QEMU serves it, then its request");
+    always.disconnect();
+    assert_eq!(seen.take(), ["disconnect: host close"]);
+    assert_eq!(always.backlog(), Backlog::NotConnected);
+}
+
+/// An observer that keeps what it heard of the connection.
+#[derive(Default)]
+struct Recorded(std::sync::Mutex<Vec<String>>);
+
+impl Recorded {
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl crate::link::LinkObserver for Recorded {
+    fn message(&self, _: &str, _: vport_common::trace::Direction, _: u32, m: &Message, _: u64) {
+        self.0.lock().unwrap().push(format!("{:?}", m.kind()));
+    }
+    fn host_connected(&self, _: &str) {
+        self.0.lock().unwrap().push("connect".into());
+    }
+    fn host_disconnected(&self, _: &str, reason: &str) {
+        self.0.lock().unwrap().push(format!("disconnect: {reason}"));
+    }
 }

@@ -3,10 +3,11 @@
 //! fast reopen cycles, and the host leaving while the VM is paused.
 
 use super::super::case::{chain, CaseError, Observation};
-use super::super::support::{collect_vserport, wait_frontend, wait_vserport, EVENT_WINDOW, HOST};
+use super::super::support::{collect_vserport, wait_frontend, wait_vserport, EVENT_WINDOW};
 use super::state::{FirstContact, Shared, A, B};
 use crate::client::AgentClient;
-use crate::link::{stat, LinkError};
+use crate::link::stat;
+use crate::session::{Backlog, EndReason, Reconnect, SessionError};
 use crate::wait::WaitError;
 use std::time::{Duration, Instant};
 use vport_common::Message;
@@ -27,7 +28,7 @@ pub(crate) fn judge_host_first(c: &FirstContact) -> Result<Observation, CaseErro
             fo == Some(true),
             format!("READY {:.1} s after cont, {requests} HELLO_REQUEST(s); frontend-open {fo:?}", after.as_secs_f64()),
         )),
-        (Err(e @ LinkError::Timeout { .. }), Some(true)) => Ok(Observation::check(
+        (Err(e @ SessionError::Timeout { .. }), Some(true)) => Ok(Observation::check(
             false,
             format!(
                 "the guest opened the port (frontend-open true) but never offered a session: it did not see the \
@@ -50,15 +51,16 @@ pub(super) fn guest_opens_before_host_connects(st: &mut Shared) -> Result<Observ
     if let Err(why) = opened {
         return Ok(judge_guest_first(Err(why), None));
     }
-    let mut l = st.trace.connect(&st.rig, B)?;
-    let ready = match l.handshake(st.reply_timeout, HOST) {
-        Ok(h) => Ok(h.requests_sent),
-        Err(e @ LinkError::Timeout { .. }) => Err(chain(&e)),
+    let mut server = st.trace.serve(&st.rig, B)?;
+    let ready = match server.accept(st.reply_timeout) {
+        Ok(session) => {
+            let requests = session.handshake().requests_sent;
+            st.session_b = Some(session);
+            Ok(requests)
+        }
+        Err(e @ SessionError::Timeout { .. }) => Err(chain(&e)),
         Err(e) => return Err(e.into()),
     };
-    if ready.is_ok() {
-        st.link_b = Some(l);
-    }
     Ok(judge_guest_first(Ok(()), Some(ready)))
 }
 
@@ -84,22 +86,23 @@ pub(crate) fn judge_guest_first(opened: Result<(), String>, ready: Option<Result
 
 /// `guest-open-close-frontend`: the agent closes A and reopens it 2.5 s later.
 pub(super) fn guest_open_close_frontend(st: &mut Shared) -> Result<Observation, CaseError> {
-    st.session_ok()?;
-    let (rig, a, t) = (&st.rig, &st.a, st.reply_timeout);
-    let rx = rig.qmp.subscribe();
-    st.link.close(2500, t)?;
+    let t = st.reply_timeout;
+    let rx = st.rig.qmp.subscribe();
+    let end = st.session_a()?.close_guest(2500, t)?;
+    let (rig, a) = (&st.rig, &st.a);
     let t0 = Instant::now();
     let closed = wait_frontend(rig, &a.chardev_id, false, Duration::from_secs(5))?;
     let ev_false = wait_vserport(&rx, &a.id, false, EVENT_WINDOW).map(|i| i - t0);
     wait_frontend(rig, &a.chardev_id, true, Duration::from_secs(15))?;
     let reopened = t0.elapsed();
     let ev_true = wait_vserport(&rx, &a.id, true, EVENT_WINDOW).map(|i| i - t0);
-    st.link.handshake(t, HOST)?;
+    st.session = Some(st.server.accept(t)?);
     let ms = |d: Option<Duration>| d.map_or("none".to_string(), |d| format!("{} ms", d.as_millis()));
     Ok(Observation::check(
-        ev_false.is_some() && ev_true.is_some(),
+        ev_false.is_some() && ev_true.is_some() && end == EndReason::AgentBye,
         format!(
-            "frontend-open false after {} ms, event open=false at {}; reopen after {} ms, event open=true at {}",
+            "session ended {end:?}; frontend-open false after {} ms, event open=false at {}; reopen after {} ms, \
+             event open=true at {}",
             closed.as_millis(),
             ms(ev_false),
             reopened.as_millis(),
@@ -111,25 +114,31 @@ pub(super) fn guest_open_close_frontend(st: &mut Shared) -> Result<Observation, 
 /// `second-host-client-queued`: a second client on A waits in the socket's backlog while the
 /// first is served, and is served, with what it sent, once the first leaves.
 pub(super) fn second_host_client_queued(st: &mut Shared) -> Result<Observation, CaseError> {
-    st.session_ok()?;
     let t = st.reply_timeout;
-    let mut second = st.trace.connect_queued(&st.rig, A)?;
-    second.send(&Message::HelloRequest)?;
-    second.send(&Message::Echo(b"queued-echo".to_vec()))?;
-    let first_ok = st.link.echo(b"first", t)? == b"first";
+    st.session_a()?;
+    let mut second = st.trace.serve(&st.rig, A)?;
+    second.set_reconnect(Reconnect::Once);
+    second.connect(t)?;
+    second.send_before_session(&Message::HelloRequest)?;
+    second.send_before_session(&Message::Echo(b"queued-echo".to_vec()))?;
+    let first_ok = st.session_a()?.echo(b"first", t)? == b"first";
     // Bounded observation window: the second client must get nothing while the first is active.
-    let early = second.recv(Instant::now() + Duration::from_millis(700), "anything");
-    let unserved = matches!(early, Err(LinkError::Timeout { .. }));
+    let early = second.accept_offered(Duration::from_millis(700))?;
+    let backlog = second.backlog();
+    let unserved = early.is_none() && backlog != Backlog::Served;
     // The first leaves (its disconnect is recorded), then QEMU serves the second.
-    drop(std::mem::replace(&mut st.link, second));
-    st.link.promote();
-    let link = &mut st.link;
-    let h = link.await_hello(t, HOST)?;
+    st.session = None;
+    st.server.disconnect();
+    let mut session = second.accept(t)?;
+    // The second client is A's client from now on, and connects again like the first did.
+    second.set_reconnect(Reconnect::default());
+    st.server = second;
+    let h = session.handshake().clone();
     let mut answers: Vec<String> = h.before.iter().map(|r| format!("{:?}", r.message)).collect();
     let end = Instant::now() + Duration::from_secs(2);
     let mut echo_answered = answers.iter().any(|a| a.contains("EchoReply") || a.contains("Error"));
     while !echo_answered {
-        match link.recv(end, "reply to the queued ECHO") {
+        match session.recv(end.saturating_duration_since(Instant::now())) {
             Ok(r) => {
                 let s = format!("{:?}", r.message);
                 echo_answered = s.contains("EchoReply") || s.contains("Error");
@@ -138,12 +147,14 @@ pub(super) fn second_host_client_queued(st: &mut Shared) -> Result<Observation, 
             Err(_) => break,
         }
     }
-    let live = link.echo(b"after", t)? == b"after";
+    let live = session.echo(b"after", t)? == b"after";
+    st.session = Some(session);
     Ok(Observation::check(
         first_ok && unserved && h.requests_sent == 0 && echo_answered && live,
         format!(
-            "first client served: {first_ok}; second unserved meanwhile: {unserved}; after the first left: \
-             HELLO without new requests: {}; queued ECHO answered: {echo_answered} ({}); READY: {live}",
+            "first client served: {first_ok}; second unserved meanwhile: {unserved} (backlog: {backlog:?}); after \
+             the first left: HELLO without new requests: {}; queued ECHO answered: {echo_answered} ({}); READY: \
+             {live}",
             h.requests_sent == 0,
             answers.join(", ")
         ),
@@ -152,16 +163,17 @@ pub(super) fn second_host_client_queued(st: &mut Shared) -> Result<Observation, 
 
 /// `reopen-fast-cycles`: the agent closes and reopens A many times in a row.
 pub(super) fn reopen_fast_cycles(st: &mut Shared) -> Result<Observation, CaseError> {
-    st.session_ok()?;
-    let (t, a) = (st.reply_timeout, &st.a);
+    let t = st.reply_timeout;
+    st.session_a()?;
     let rx = st.rig.qmp.subscribe();
     let t0 = Instant::now();
     let n = st.reopen_cycles;
     for _ in 0..n {
-        st.link.reopen(t)?;
-        st.link.handshake(t, HOST)?;
+        st.session_a()?.reopen_guest(t)?;
+        st.session = Some(st.server.accept(t)?);
     }
     let loop_time = t0.elapsed();
+    let a = &st.a;
     let fo = st.rig.qmp.frontend_open(&a.chardev_id)?;
     let evs: Vec<bool> = collect_vserport(&rx, EVENT_WINDOW, Duration::from_secs(10))
         .into_iter()
@@ -169,7 +181,7 @@ pub(super) fn reopen_fast_cycles(st: &mut Shared) -> Result<Observation, CaseErr
         .map(|(_, o)| o)
         .collect();
     let dups = evs.windows(2).filter(|w| w[0] == w[1]).count();
-    let missed = stat(&st.link.agent_stats(t)?, "missed_wakeups").map_or("unknown".into(), |n| n.to_string());
+    let missed = stat(&st.session_a()?.agent_stats(t)?, "missed_wakeups").map_or("unknown".into(), |n| n.to_string());
     let seq: String = evs.iter().map(|o| if *o { 'T' } else { 'F' }).collect();
     let bound = loop_time.as_secs() as usize + 3;
     Ok(Observation::check(
@@ -186,25 +198,25 @@ pub(super) fn reopen_fast_cycles(st: &mut Shared) -> Result<Observation, CaseErr
 
 /// `pause-host-disconnect`: the host leaves A while the VM is stopped.
 pub(super) fn pause_host_disconnect(st: &mut Shared) -> Result<Observation, CaseError> {
-    st.session_ok()?;
     let t = st.reply_timeout;
-    let old_session = st.link.session();
+    let old_session = st.session_a()?.id().session;
     st.rig.qmp.stop()?;
-    st.link.shutdown()?;
+    let stop_end = st.session_a()?.wait_end(t).map_err(|e| chain(&e));
+    st.session = None;
+    st.server.disconnect();
     // The disconnect happens while paused; QEMU notices it in its main loop.
     let status = st.rig.qmp.query_status()?;
     st.rig.qmp.cont()?;
-    st.link = st.trace.connect(&st.rig, A)?;
-    let h = st.link.handshake(Duration::from_secs(30), HOST)?;
+    let session = st.session.insert(st.server.accept(Duration::from_secs(30))?);
+    let requests = session.handshake().requests_sent;
     let big = vec![0x5Au8; 60 * 1024];
-    let flows = st.link.echo(&big, t)? == big;
-    let ev = st.link.events(0, t)?;
+    let flows = session.echo(&big, t)? == big && stop_end == Ok(EndReason::VmStopped);
+    let ev = session.events(0, t)?;
     let seen = ev.records.iter().find(|r| r.session == old_session && r.to == Phase::Disconnected);
     let seen_s = seen.map_or("no record".to_string(), |r| format!("{} -> DISCONNECTED ({})", r.from.name(), r.cause));
     let observed = format!(
-        "status during disconnect {status}; guest saw the old session end: {seen_s}; new client READY ({} \
-         request(s)); 60 KiB echo: {flows}",
-        h.requests_sent
+        "the session ended {stop_end:?} at stop; status during disconnect {status}; guest saw the old session \
+         end: {seen_s}; new client READY ({requests} request(s)); 60 KiB echo: {flows}"
     );
     Ok(match (flows, seen.is_some()) {
         (true, true) => Observation::check(true, observed),

@@ -2,10 +2,11 @@
 //! reset.
 
 use super::super::case::{chain, CaseError, Observation};
-use super::super::support::{alive, wait_vserport, EVENT_WINDOW, HOST};
+use super::super::support::{alive, wait_vserport, EVENT_WINDOW};
 use super::state::{Shared, HOT};
 use crate::client::AgentClient;
-use crate::link::{stat, LinkError};
+use crate::link::stat;
+use crate::session::{EndReason, SessionError};
 use crate::wait::wait_until;
 use std::time::{Duration, Instant};
 
@@ -17,17 +18,16 @@ pub(super) fn hotplug_add(st: &mut Shared) -> Result<Observation, CaseError> {
     let info = st.rig.hotplug_serial_port(HOT, 0)?;
     st.trace.add_port(&info);
     let t0 = Instant::now();
-    let mut l = st.trace.connect(&st.rig, HOT)?;
-    let ready = match l.handshake(HOTPLUG_DEADLINE, HOST) {
-        Ok(h) => Ok((t0.elapsed(), h.requests_sent)),
-        Err(e @ LinkError::Timeout { .. }) => Err(chain(&e)),
+    let mut server = st.trace.serve(&st.rig, HOT)?;
+    let (ready, session) = match server.accept(HOTPLUG_DEADLINE) {
+        Ok(s) => (Ok((t0.elapsed(), s.handshake().requests_sent)), Some(s)),
+        Err(e @ SessionError::Timeout { .. }) => (Err(chain(&e)), None),
         Err(e) => return Err(e.into()),
     };
     let frontend_open = st.rig.qmp.frontend_open(&info.chardev_id)?;
-    let ok = ready.is_ok();
     let o = judge_hotplug(ready, frontend_open);
-    if ok {
-        st.hot = Some((info, l));
+    if let Some(s) = session {
+        st.hot = Some((info, s));
     }
     Ok(o)
 }
@@ -52,12 +52,11 @@ pub(crate) fn judge_hotplug(ready: Result<(Duration, u32), String>, frontend_ope
 
 /// `hotplug-del-open`: the hot-plugged port is unplugged while open.
 pub(super) fn hotplug_del_open(st: &mut Shared) -> Result<Observation, CaseError> {
-    st.session_ok()?;
     let t = st.reply_timeout;
-    let Some((info, hot_link)) = st.hot.take() else {
+    let open_before = stat(&st.session_a()?.agent_stats(t)?, "ports_open").unwrap_or(0);
+    let Some((info, mut hot_session)) = st.hot.take() else {
         return Err(CaseError::Other("hotplug-add did not leave a port".into()));
     };
-    let open_before = stat(&st.link.agent_stats(t)?, "ports_open").unwrap_or(0);
     let rx = st.rig.qmp.subscribe();
     st.rig.qmp.device_del(&info.id)?;
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -77,25 +76,31 @@ pub(super) fn hotplug_del_open(st: &mut Shared) -> Result<Observation, CaseError
         }
     }
     st.rig.vm.remove_port(HOT);
-    let link = &mut st.link;
+    // The hot port's session saw the unplug too (its server watches DEVICE_DELETED).
+    let hot_end = hot_session.wait_end(t).map_err(|e| chain(&e));
+    drop(hot_session);
+    st.session_a()?;
+    let Some(session) = st.session.as_mut() else { return Err(CaseError::Other("port A has no session".into())) };
     let agent_dropped = wait_until(
         "the agent to drop the unplugged port",
         Duration::from_secs(10),
         Duration::from_millis(100),
         alive(&st.rig),
-        || link.agent_stats(t).ok().and_then(|s| stat(&s, "ports_open")).filter(|n| *n < open_before),
+        || session.agent_stats(t).ok().and_then(|s| stat(&s, "ports_open")).filter(|n| *n < open_before),
     );
-    drop(hot_link);
     let after = agent_dropped.as_ref().map_or("unchanged".to_string(), |n| n.to_string());
     Ok(Observation::check(
-        deleted && vser.is_empty() && agent_dropped.is_ok(),
-        format!("DEVICE_DELETED: {deleted}; VSERPORT_CHANGE for the port: {vser:?}; agent ports_open {open_before} -> {after}"),
+        deleted && vser.is_empty() && agent_dropped.is_ok() && hot_end == Ok(EndReason::Unplugged),
+        format!(
+            "DEVICE_DELETED: {deleted}; VSERPORT_CHANGE for the port: {vser:?}; agent ports_open {open_before} -> \
+             {after}; the port's session ended: {hot_end:?}"
+        ),
     ))
 }
 
 /// `system-reset`: the guest is reset; the host's connection stays.
 pub(super) fn system_reset(st: &mut Shared) -> Result<Observation, CaseError> {
-    st.session_ok()?;
+    st.session_a()?;
     let a_id = st.a.id.clone();
     let rx = st.rig.qmp.subscribe();
     // QEMU emits at most one VSERPORT_CHANGE per second per port and replaces the ones in
@@ -127,26 +132,34 @@ pub(super) fn system_reset(st: &mut Shared) -> Result<Observation, CaseError> {
         Some(e) => Some(e.received - t0),
         None => wait_vserport(&rx, &a_id, false, EVENT_WINDOW).map(|i| i - t0),
     };
-    // A HELLO of the old boot may still be in flight: handshake until the boot id changes.
+    // The session on A ends with the reset; the connection stays for the new boot's session.
+    let t = st.reply_timeout;
+    let a_end = st.session_a()?.wait_end(t).map_err(|e| chain(&e));
+    // A HELLO of the old boot may still be in flight: accept until the boot id changes (an old
+    // boot's session is kept until the new boot's HELLO ends it).
     let deadline = Instant::now() + st.hello_timeout;
-    let h = loop {
+    let session = loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match st.link.handshake(left.max(Duration::from_secs(1)), HOST) {
-            Ok(h) if h.hello.boot_id != st.boot_id || Instant::now() >= deadline => break h,
-            Ok(_) => continue,
+        match st.server.accept(left.max(Duration::from_secs(1))) {
+            Ok(s) if s.handshake().hello.boot_id != st.boot_id || Instant::now() >= deadline => break s,
+            Ok(old) => st.session = Some(old),
             Err(e) if st.rig.vm.check_alive().is_err() => {
                 return Ok(Observation::check(false, format!("qemu exited after system_reset ({e})")));
             }
             Err(e) => return Err(e.into()),
         }
     };
+    let connections = st.server.endpoint_events().history().len();
     log::debug!("system-reset: RESET event after {reset:?}");
-    let new_boot = h.hello.boot_id != st.boot_id;
-    st.boot_id = h.hello.boot_id.clone();
+    let new_boot = session.handshake().hello.boot_id != st.boot_id;
+    st.boot_id = session.handshake().hello.boot_id.clone();
+    st.session = Some(session);
+    let same_connection = st.server.endpoint_events().history().len() == connections;
     Ok(Observation::check(
-        ev.is_some() && new_boot,
+        ev.is_some() && new_boot && same_connection && a_end == Ok(EndReason::GuestReset),
         format!(
-            "open=false event after {}; HELLO on the same connection after {:.1} s, new boot id: {new_boot}",
+            "open=false event after {}; the session ended: {a_end:?}; HELLO on the same connection: \
+             {same_connection}, after {:.1} s, new boot id: {new_boot}",
             ev.map_or("none".into(), |d| format!("{} ms", d.as_millis())),
             t0.elapsed().as_secs_f64()
         ),

@@ -1,17 +1,18 @@
 //! The shared group's VM and what its cases pass on to each other: two ports served by the
 //! agent (A, where most cases run, and B, a second session to ask through when A is stuck),
-//! and a port hot-plugged by one case and unplugged by the next.
+//! and a port hot-plugged by one case and unplugged by the next. Every conversation with the
+//! agent is a [`Session`] from the port's [`PortServer`].
 
 use super::super::case::{chain, CaseError};
 use super::super::options::SuiteOptions;
 use super::super::recorder::Recorder;
-use super::super::support::{boot, HOST};
-use super::super::trace::{Traced, VmTrace};
+use super::super::support::boot;
+use super::super::trace::VmTrace;
 use crate::client::AgentClient;
-use crate::link::{stat, Link, LinkError};
+use crate::link::stat;
 use crate::qemu::{PortConfig, PortInfo};
 use crate::rig::Rig;
-use std::os::unix::net::UnixStream;
+use crate::session::{PortServer, Session, SessionError};
 use std::time::{Duration, Instant};
 
 /// Port A: the agent's port most cases use.
@@ -21,14 +22,11 @@ pub(super) const B: &str = "org.vport.conf.b";
 /// Hot-plugged by `hotplug-add`, unplugged by `hotplug-del-open`.
 pub(super) const HOT: &str = "org.vport.conf.hot";
 
-/// A traced link to the agent.
-pub(super) type AgentLink = Traced<Link<UnixStream>>;
-
 /// The first contact on port A: the host client was connected before the guest ran.
 pub(crate) struct FirstContact {
     /// The handshake: how long after `cont` the session was READY, and how many
     /// HELLO_REQUESTs it took; or why it did not become READY.
-    pub(crate) hello: Result<(Duration, u32), LinkError>,
+    pub(crate) hello: Result<(Duration, u32), SessionError>,
     /// `query-chardev` `frontend-open` of A right after: whether the guest had opened it.
     pub(crate) frontend_open: Option<bool>,
 }
@@ -39,38 +37,42 @@ pub(crate) struct Shared {
     pub(super) trace: VmTrace,
     pub(super) a: PortInfo,
     pub(super) b: PortInfo,
-    /// The session on A.
-    pub(super) link: AgentLink,
+    /// A's session server (it connects again when a case made the host leave).
+    pub(super) server: PortServer,
+    /// The session on A, if the last handshake made one.
+    pub(super) session: Option<Session>,
     pub(super) first: FirstContact,
     /// The session on B, once `guest-opens-before-host-connects` made it.
-    pub(super) link_b: Option<AgentLink>,
+    pub(super) session_b: Option<Session>,
     /// The guest's boot id as of the last HELLO.
     pub(super) boot_id: String,
     /// The hot-plugged port and its session.
-    pub(super) hot: Option<(PortInfo, AgentLink)>,
+    pub(super) hot: Option<(PortInfo, Session)>,
     pub(super) reply_timeout: Duration,
     pub(super) hello_timeout: Duration,
     pub(super) reopen_cycles: u32,
 }
 
 impl Shared {
-    /// `Ok` when the set-up's handshake on A made a session the case can use.
-    pub(super) fn session_ok(&self) -> Result<(), CaseError> {
-        match &self.first.hello {
-            Ok(_) => Ok(()),
-            Err(e) => Err(CaseError::Other(format!(
+    /// The session on A, when the last handshake on A made one.
+    pub(super) fn session_a(&mut self) -> Result<&mut Session, CaseError> {
+        match (&mut self.session, &self.first.hello) {
+            (Some(s), _) => Ok(s),
+            (None, Err(e)) => Err(CaseError::Other(format!(
                 "port A has no session: its first handshake failed ({}; see host-connects-before-guest-opens)",
                 chain(e)
             ))),
+            (None, Ok(_)) => Err(CaseError::Other("port A has no session: an earlier case lost it".into())),
         }
     }
 
     /// The host client of A leaves and a new one connects (in that order on the trace and on
-    /// the socket).
-    pub(super) fn reconnect_a(&mut self) -> Result<(), CaseError> {
-        self.link.shutdown()?;
-        self.link = self.trace.connect(&self.rig, A)?;
-        Ok(())
+    /// the socket); returns the new session.
+    pub(super) fn reconnect_a(&mut self, timeout: Duration) -> Result<&mut Session, CaseError> {
+        self.session = None;
+        self.server.disconnect();
+        self.session = Some(self.server.accept(timeout)?);
+        self.session_a()
     }
 }
 
@@ -87,26 +89,32 @@ pub(crate) fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Share
     let trace = rec.trace_vm(&rig, "")?;
     let a = rig.port(A)?.clone();
     let b = rig.port(B)?.clone();
-    let mut link = trace.connect(&rig, A)?;
+    let mut server = trace.serve(&rig, A)?;
+    server.connect(opts.hello_timeout)?;
     rig.resume()?;
     let t0 = Instant::now();
-    let hello = link.handshake(opts.hello_timeout, HOST);
+    let accepted = server.accept(opts.hello_timeout);
     let after = t0.elapsed();
     let frontend_open = rig.qmp.frontend_open(&a.chardev_id).ok().flatten();
     let mut boot_id = String::new();
-    let hello = hello.map(|hs| {
+    let mut session = None;
+    let hello = accepted.map(|s| {
+        let hs = s.handshake();
         rec.note_versions(&rig, &hs.hello.kernel_release);
-        boot_id = hs.hello.boot_id;
-        (after, hs.requests_sent)
+        boot_id = hs.hello.boot_id.clone();
+        let requests = hs.requests_sent;
+        session = Some(s);
+        (after, requests)
     });
     Ok(Shared {
         rig,
         trace,
         a,
         b,
-        link,
+        server,
+        session,
         first: FirstContact { hello, frontend_open },
-        link_b: None,
+        session_b: None,
         boot_id,
         hot: None,
         reply_timeout: opts.reply_timeout,
@@ -121,7 +129,7 @@ pub(crate) fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Share
 /// lost wakeup in the guest from a lost message.
 pub(crate) fn diagnose_through_b(st: &mut Shared) -> String {
     let t = st.reply_timeout;
-    match st.link_b.as_mut().map(|b| b.agent_stats(t)) {
+    match st.session_b.as_mut().map(|b| b.agent_stats(t)) {
         Some(Ok(stats)) => format!(
             "diagnosis: the agent answered on port B; missed_wakeups {} (ports found with data pending and no \
              epoll event)",

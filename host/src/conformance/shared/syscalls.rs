@@ -2,7 +2,6 @@
 //! open, seeks, a non-blocking read, poll, and SIGIO.
 
 use super::super::case::{CaseError, Observation};
-use super::super::support::HOST;
 use super::state::Shared;
 use crate::client::AgentClient;
 use crate::link::ProbeOutcome;
@@ -19,18 +18,19 @@ fn errno_pair(o: &ProbeOutcome) -> String {
 
 /// `second-open-ebusy`.
 pub(super) fn second_open_ebusy(st: &mut Shared) -> Result<Observation, CaseError> {
-    st.session_ok()?;
-    let p = st.link.probe(ProbeKind::Open, ProbeTarget::SecondFd, 0, st.reply_timeout)?;
+    let t = st.reply_timeout;
+    let p = st.session_a()?.probe(ProbeKind::Open, ProbeTarget::SecondFd, 0, t)?;
     Ok(Observation::check((p.ret, p.errno) == (-1, EBUSY), errno_pair(&p)))
 }
 
 /// `lseek-pread-pwrite-espipe`.
 pub(super) fn lseek_pread_pwrite_espipe(st: &mut Shared) -> Result<Observation, CaseError> {
-    st.session_ok()?;
+    let t = st.reply_timeout;
+    let session = st.session_a()?;
     let mut seen = Vec::new();
     let mut ok = true;
     for kind in [ProbeKind::Lseek, ProbeKind::Pread, ProbeKind::Pwrite] {
-        let p = st.link.probe(kind, ProbeTarget::OwnFd, 0, st.reply_timeout)?;
+        let p = session.probe(kind, ProbeTarget::OwnFd, 0, t)?;
         ok &= (p.ret, p.errno) == (-1, ESPIPE);
         seen.push(format!("{kind:?}: {}", errno_pair(&p)));
     }
@@ -39,31 +39,29 @@ pub(super) fn lseek_pread_pwrite_espipe(st: &mut Shared) -> Result<Observation, 
 
 /// `nonblock-read-eagain`.
 pub(super) fn nonblock_read_eagain(st: &mut Shared) -> Result<Observation, CaseError> {
-    st.session_ok()?;
-    let p = st.link.probe(ProbeKind::Read, ProbeTarget::OwnFd, 64, st.reply_timeout)?;
+    let t = st.reply_timeout;
+    let p = st.session_a()?.probe(ProbeKind::Read, ProbeTarget::OwnFd, 64, t)?;
     Ok(Observation::check((p.ret, p.errno) == (-1, EAGAIN) && p.data.is_empty(), errno_pair(&p)))
 }
 
 /// `poll-mask-host-connected`.
 pub(super) fn poll_mask_host_connected(st: &mut Shared) -> Result<Observation, CaseError> {
-    st.session_ok()?;
-    let p = st.link.probe(ProbeKind::Poll, ProbeTarget::OwnFd, 0, st.reply_timeout)?;
+    let t = st.reply_timeout;
+    let p = st.session_a()?.probe(ProbeKind::Poll, ProbeTarget::OwnFd, 0, t)?;
     Ok(Observation::check((p.ret, p.mask) == (1, POLLOUT), format!("ret {} revents {:#x}", p.ret, p.mask)))
 }
 
 /// `sigio-host-disconnect-connect`: the agent turns SIGIO on for A, the host client leaves
 /// and a new one connects.
 pub(super) fn sigio_host_disconnect_connect(st: &mut Shared) -> Result<Observation, CaseError> {
-    st.session_ok()?;
     let t = st.reply_timeout;
-    let s = st.link.sigio(SigioAction::Enable, t)?;
+    let s = st.session_a()?.sigio(SigioAction::Enable, t)?;
     if (s.enabled, s.count) != (true, 0) {
         return Ok(Observation::check(false, format!("enable reported {s:?}")));
     }
-    st.reconnect_a()?;
-    st.link.handshake(t, HOST)?;
-    let s = st.link.sigio(SigioAction::Query, t)?;
-    st.link.sigio(SigioAction::Disable, t)?;
+    let session = st.reconnect_a(t)?;
+    let s = session.sigio(SigioAction::Query, t)?;
+    session.sigio(SigioAction::Disable, t)?;
     let masks: Vec<String> = s.samples.iter().map(|x| format!("{:#x}", x.mask)).collect();
     let hup = s.samples.iter().filter(|x| x.mask & POLLHUP != 0).count();
     Ok(Observation::check(

@@ -4,12 +4,12 @@
 use super::connect::{judge_guest_first, judge_host_first};
 use super::device::judge_hotplug;
 use super::state::FirstContact;
-use crate::link::LinkError;
 use crate::report::Verdict;
+use crate::session::SessionError;
 use std::time::Duration;
 
-fn timeout() -> LinkError {
-    LinkError::Timeout { port: "org.vport.conf.a".into(), what: "HELLO".into(), timeout: Duration::from_secs(90) }
+fn timeout() -> SessionError {
+    SessionError::Timeout { port: "org.vport.conf.a".into(), what: "HELLO".into(), timeout: Duration::from_secs(90) }
 }
 
 #[test]
