@@ -364,3 +364,23 @@ impl crate::link::LinkObserver for Recorded {
         self.0.lock().unwrap().push(format!("disconnect: {reason}"));
     }
 }
+
+#[test]
+fn a_connection_qemu_closes_before_the_handshake_is_made_again_under_always() {
+    let (mut srv, agents, _qmp) = server();
+    let guest = std::thread::spawn(move || {
+        drop(agent(&agents)); // QEMU closes the first connection before the guest runs
+        let mut g = agent(&agents);
+        assert!(matches!(g.recv(), (0, Message::HelloRequest)), "the new connection asks at once");
+        g.hello(A);
+        g.recv();
+        g.serve(A, |_| false);
+    });
+    let s = srv.accept(T).unwrap();
+    assert_eq!(s.id(), A);
+    let whats: Vec<_> = srv.endpoint_events().history().iter().map(|e| e.what).collect();
+    assert_eq!(whats[0], EndpointEventKind::Connected);
+    assert_eq!(whats.iter().filter(|w| **w == EndpointEventKind::Connected).count(), 2, "{whats:?}");
+    drop((s, srv));
+    let _ = guest.join();
+}
