@@ -2,9 +2,9 @@
 //! of [`super`]).
 
 use super::fake::Wire;
-use vport_agent::settings::Settings;
 use super::{AGENT_VERSION, NAME};
 use std::collections::HashSet;
+use vport_agent::settings::Settings;
 use vport_common::frame::{DEFAULT_MAX_PAYLOAD, HEADER_LEN, MAGIC, OVERHEAD, VERSION};
 use vport_common::message::{error_code, Hello, MessageType as T, NO_REOPEN};
 use vport_common::pattern;
