@@ -9,8 +9,8 @@
 //!   closing the port, QMP's `STOP`, `DEVICE_DELETED`, `RESET`, the VM exiting) is seen while a
 //!   request waits and fails it with [`crate::session::SessionError::Ended`], never a write
 //!   into the next session;
-//! - [`Link`], the bare framed link, for the conformance cases that observe the link itself
-//!   (a handshake made by hand, a request sent before the guest opens the port, raw bytes).
+//! - [`Link`], the bare framed link, for the end-to-end tests of the agent's protocol (a
+//!   handshake made by hand, a request sent before the guest opens the port, raw bytes).
 //!
 //! Each request waits until its deadline for the reply that answers it; an agent ERROR that
 //! names the request (`about_kind`, `about_seq`) fails it with the implementor's agent error,

@@ -16,7 +16,7 @@
 //! Every conversation with an agent goes through [`client::AgentClient`], the one
 //! request/reply path; normally in a [`session::Session`] that a [`session::PortServer`] hands
 //! out, whose life is exactly one READY connection. The bare [`link::Link`] is for the
-//! conformance cases that observe the connection itself.
+//! end-to-end tests of the agent's protocol.
 //!
 //! # Example: boot, take the agent's session, ping
 //!
