@@ -9,6 +9,8 @@
 //! - [`lifecycle`]: the port's life-cycle machine over those phases, with typed errors for
 //!   illegal transitions.
 //! - [`server`]: the host's session server for one port, as a machine of the same kind.
+//! - [`stream`]: acknowledged streams, the sender and receiver machines that carry bytes
+//!   through any number of sessions without loss or duplicates.
 //! - [`trace`]: the trace format; [`replay`] folds a trace into per-port state, which
 //!   [`checker`] judges and `vport watch` renders.
 //!
@@ -47,6 +49,7 @@ pub mod pattern;
 pub mod phase;
 pub mod replay;
 pub mod server;
+pub mod stream;
 pub mod trace;
 
 pub use decoder::{DecodeError, Decoder, DecoderStats};

@@ -20,7 +20,8 @@
 //!   sysfs listing and a pure matcher), [`uevent`] (when to look again: netlink socket and a
 //!   pure parser), [`permwatch`] (waiting for a node's permissions to change), [`sigio`] (SIGIO
 //!   observation), [`log`] (stderr logger, error chains), [`sys`] (clock, randomness, guest
-//!   facts), [`settings`] (policy and limits).
+//!   facts), [`settings`] (policy and limits), [`stream_dir`] (the files acknowledged streams
+//!   read and write).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -39,5 +40,6 @@ pub mod recheck;
 pub mod settings;
 pub mod sigio;
 pub mod slot;
+pub mod stream_dir;
 pub mod sys;
 pub mod uevent;

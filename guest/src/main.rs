@@ -47,6 +47,12 @@ struct Cli {
     /// binary multiples).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_STREAM_BYTES, value_parser = parse_size)]
     max_stream_bytes: u64,
+    /// Serve acknowledged streams (vport send / vport recv): the host may write files into DIR
+    /// and read the files in it, and nothing outside it (plain names only, no symlinks
+    /// followed). Off by default: every STREAM_OPEN is refused. The directory must exist.
+    /// See docs/protocol.md, "Acknowledged streams", and docs/security.md.
+    #[arg(long, value_name = "DIR")]
+    stream_dir: Option<PathBuf>,
 }
 
 /// Parses a byte count with an optional binary suffix (`4096`, `64M`, `16G`).
@@ -95,16 +101,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let watching = selector.to_string();
     let consoles = consoles(&cli);
+    if let Some(dir) = &cli.stream_dir {
+        if !dir.is_dir() {
+            anyhow::bail!("--stream-dir {}: not a directory (create it, owned by the agent's user)", dir.display());
+        }
+    }
     let settings = Settings {
         allow_guest_ops: cli.allow_guest_ops,
+        stream_dir: cli.stream_dir.clone(),
         limits: Limits { max_stream_bytes: cli.max_stream_bytes, ..Limits::default() },
     };
-    let config = Config { selector, sysfs_root: cli.sysfs_root, dev_root: cli.dev_root, consoles, settings };
+    let config =
+        Config { selector, sysfs_root: cli.sysfs_root, dev_root: cli.dev_root, consoles, settings: settings.clone() };
     let mut agent = EventLoop::new(config, info)?;
     ::log::info!(
-        "vport-agent {} started: watching {watching}; guest ops {}; uid {} gid {}",
+        "vport-agent {} started: watching {watching}; guest ops {}; streams {}; uid {} gid {}",
         env!("CARGO_PKG_VERSION"),
         if settings.allow_guest_ops { "allowed" } else { "disabled" },
+        settings.stream_dir.as_ref().map_or("disabled".to_owned(), |d| format!("in {}", d.display())),
         nix::unistd::geteuid(),
         nix::unistd::getegid()
     );

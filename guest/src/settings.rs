@@ -42,11 +42,14 @@ impl Default for Limits {
 }
 
 /// The agent's policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Settings {
     /// GUEST_OP requests are served (`--allow-guest-ops`); off by default, when every
     /// GUEST_OP is answered with ERROR denied and nothing is opened.
     pub allow_guest_ops: bool,
+    /// The directory acknowledged streams read from and write into (`--stream-dir`); `None`
+    /// (the default): every STREAM_OPEN is refused with ERROR denied.
+    pub stream_dir: Option<std::path::PathBuf>,
     /// Work bounds.
     pub limits: Limits,
 }

@@ -69,6 +69,7 @@ pub mod registry;
 pub mod report;
 pub mod rig;
 pub mod session;
+pub mod stream;
 pub mod timeline;
 pub mod trace_check;
 pub mod usage;

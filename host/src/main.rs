@@ -32,6 +32,17 @@ client holds the port; it also exits 4 when QEMU has not taken the connection wi
 --socket there is no VM to ask: the check is not possible, and only the --timeout bound applies (a connection \
 the server does not take in time is reported busy, exit 4).";
 
+/// `vport send --help` and `vport recv --help` (the common part).
+const TRANSFER_ABOUT: &str = "The file moves as an acknowledged stream (docs/protocol.md): the receiver \
+acknowledges what it has stored, the sender keeps at most a window unacknowledged, and the digest (xxh3-64) is \
+verified end to end before the file is renamed into place. When the session ends (the host connection drops, \
+the guest closes the port, the agent restarts, the VM is migrated or reset) vport waits up to --timeout for the \
+next session and resumes from the receiver's offset: nothing acknowledged is sent again or lost. Interrupted for \
+good, run the same command again: it resumes from what is stored (the guest's part file, or DEST.ID.vport-part \
+on the host).\n\nThe agent must run with --stream-dir DIR: it reads and writes only plain names in that \
+directory (docs/security.md). The port is found like `vport connect` finds it (a VM of `vport boot`, --vm PID), \
+or given as --socket PATH. Progress goes to stderr, the result line (or --json) to stdout.";
+
 /// `vport watch --help`.
 const WATCH_ABOUT: &str = "Boot a VM and show the life cycle of its ports live. vport watch is the host client of \
 every port: it completes the handshake, reads continuously (so an in-band BYE or HELLO shows within \
@@ -80,6 +91,14 @@ enum Command {
     /// Bridge a port of a VM started by `vport boot` to stdin/stdout (like socat).
     #[command(after_help = EXIT_CODES, long_about = CONNECT_ABOUT)]
     Connect(ConnectArgs),
+    /// Copy a host file into the guest's stream directory through a port, surviving
+    /// interruptions, digest verified.
+    #[command(after_help = EXIT_CODES, long_about = TRANSFER_ABOUT)]
+    Send(SendArgs),
+    /// Copy a file of the guest's stream directory to the host through a port, surviving
+    /// interruptions, digest verified.
+    #[command(after_help = EXIT_CODES, long_about = TRANSFER_ABOUT)]
+    Recv(RecvArgs),
     /// Work with life-cycle traces (JSON lines, see docs/trace.md).
     #[command(subcommand, after_help = EXIT_CODES)]
     Trace(TraceCommand),
@@ -168,6 +187,65 @@ struct ConnectArgs {
     list: bool,
 }
 
+/// Where a transfer goes, and how patiently (`vport send` and `vport recv`).
+#[derive(Args)]
+struct TransferTarget {
+    /// Port name, for example org.vport.0 (`vport connect --list` shows them).
+    #[arg(long, required_unless_present = "socket")]
+    port: Option<String>,
+    /// QEMU pid of the VM to use when several have the port.
+    #[arg(long)]
+    vm: Option<u32>,
+    /// Use this chardev socket directly instead of looking the port up.
+    #[arg(long, conflicts_with_all = ["port", "vm"])]
+    socket: Option<PathBuf>,
+    /// Seconds to wait for a session with the agent, at the start and after each interruption.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    timeout: u64,
+    /// Seconds a session may make no progress before vport leaves it and resumes in a new one.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    stall: u64,
+    /// Print the result as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    /// The host file to send.
+    file: PathBuf,
+    /// Its name in the guest's stream directory (default: the file's own name).
+    #[arg(long = "as", value_name = "NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    target: TransferTarget,
+}
+
+#[derive(Args)]
+struct RecvArgs {
+    /// The file's name in the guest's stream directory.
+    name: String,
+    /// The host file to write (default: NAME in the current directory).
+    #[arg(long, short = 'o', value_name = "DEST")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    target: TransferTarget,
+}
+
+impl TransferTarget {
+    fn command(self, direction: command::transfer::Direction) -> command::transfer::TransferCommand {
+        command::transfer::TransferCommand {
+            port: self.port,
+            vm: self.vm,
+            socket: self.socket,
+            direction,
+            session_timeout: Duration::from_secs(self.timeout),
+            stall_timeout: Duration::from_secs(self.stall),
+            json: self.json,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum ImageCommand {
     /// Build the image, or reuse an identical one, and print where it is.
@@ -232,12 +310,20 @@ struct VmArgs {
     /// (docs/security.md).
     #[arg(long)]
     allow_guest_ops: bool,
+    /// Start vport-agent without --stream-dir: `vport send` / `vport recv` are then refused. By
+    /// default the test image's agent keeps streams in /var/lib/vport-streams (in the guest's
+    /// RAM).
+    #[arg(long)]
+    no_streams: bool,
 }
 
 impl VmArgs {
     /// Arguments for vport-agent, passed on the kernel command line.
     fn agent_args(&self) -> Vec<String> {
         let mut args = vec!["--log-level".into(), self.agent_log_level.clone()];
+        if !self.no_streams {
+            args.extend(["--stream-dir".into(), vport_host::image::initscript::GUEST_STREAM_DIR.into()]);
+        }
         if self.allow_guest_ops {
             args.push(vport_host::conformance::GUEST_OPS_FLAG.into());
         }
@@ -374,6 +460,14 @@ fn main() {
             };
             command::connect::connect(&cmd).map_err(Failure::from)
         }
+        Command::Send(args) => {
+            let direction = command::transfer::Direction::Send { local: args.file, name: args.name };
+            command::transfer::transfer(&args.target.command(direction), &mut out, &progress).map_err(Failure::from)
+        }
+        Command::Recv(args) => {
+            let direction = command::transfer::Direction::Recv { name: args.name, dest: args.output };
+            command::transfer::transfer(&args.target.command(direction), &mut out, &progress).map_err(Failure::from)
+        }
         Command::Trace(TraceCommand::Check { file, json }) => {
             command::trace::check(&file, json, &mut out).map_err(Failure::from)
         }
@@ -466,9 +560,9 @@ mod tests {
 
     #[test]
     fn guest_ops_reach_the_agent_only_when_asked_for() {
-        assert_eq!(boot_args(&[]).vm.agent_args(), ["--log-level", "info"]);
+        assert_eq!(boot_args(&[]).vm.agent_args(), ["--log-level", "info", "--stream-dir", "/var/lib/vport-streams"]);
         assert_eq!(
-            boot_args(&["--allow-guest-ops", "--agent-log-level", "debug"]).vm.agent_args(),
+            boot_args(&["--allow-guest-ops", "--agent-log-level", "debug", "--no-streams"]).vm.agent_args(),
             ["--log-level", "debug", "--allow-guest-ops"]
         );
     }

@@ -40,6 +40,22 @@ pub enum UsageError {
     /// `vport connect` was given neither a port nor a socket.
     #[error("give a port name (`vport connect --list` shows them) or --socket PATH")]
     MissingPort,
+    /// A file to send cannot be read, or is not a regular file.
+    #[error("{path}: cannot send it ({reason}); give a regular file you can read")]
+    SourceFile {
+        /// The path as given.
+        path: PathBuf,
+        /// Why not.
+        reason: String,
+    },
+    /// A name in the guest's stream directory that the agent would refuse.
+    #[error("bad guest file name {name:?}: {reason}; give a plain file name (no `/`, not starting with `.`, at most 255 bytes), for example data.bin")]
+    StreamName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// `--filter` selects no conformance case.
     #[error(
         "--filter {filter:?} matches no conformance case (it selects the cases whose name contains one of its \
@@ -140,6 +156,40 @@ pub fn check_filter(filter: Option<&str>) -> Result<(), UsageError> {
         return Err(UsageError::NoCaseSelected { filter: f.into(), names });
     }
     Ok(())
+}
+
+/// Why `name` cannot name a file in the agent's stream directory (the agent's own rule, so the
+/// user hears it before anything connects), or `None` when it can.
+pub fn stream_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("the name is empty".into())
+    } else if name.len() > 255 {
+        Some(format!("it has {} bytes", name.len()))
+    } else if name.contains('/') || name.contains('\0') {
+        Some("it contains `/` or NUL".into())
+    } else if name.starts_with('.') {
+        Some("it starts with `.` (`.` and `..` name directories; hidden names are the agent's part files)".into())
+    } else {
+        None
+    }
+}
+
+/// Checks a file to send: it exists, is a regular file, and can be opened.
+pub fn check_source_file(path: &Path) -> Result<(), UsageError> {
+    let bad = |reason: String| UsageError::SourceFile { path: path.to_owned(), reason };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    std::fs::File::open(path).map(drop).map_err(|e| bad(e.to_string()))
+}
+
+/// Checks a guest file name (see [`stream_name_problem`]).
+pub fn check_stream_name(name: &str) -> Result<(), UsageError> {
+    match stream_name_problem(name) {
+        Some(reason) => Err(UsageError::StreamName { name: name.into(), reason }),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -132,3 +132,20 @@ pub fn accept_session(
         panic!("no session on {}: {:#}\n{}", server.port(), anyhow::Error::new(e), vm.rig.failure_context())
     })
 }
+
+/// Waits up to `timeout` for the outgoing migration of `vm` to complete (`query-migrate`);
+/// a failed or cancelled migration, QEMU's exit or the deadline is the error.
+pub fn wait_migration_completed(vm: &TestVm, timeout: Duration) -> Result<(), String> {
+    vport_host::wait::wait_until(
+        "the migration to complete",
+        timeout,
+        Duration::from_millis(20),
+        || vm.rig.vm.check_alive(),
+        || match vm.rig.qmp.query_migrate() {
+            Ok(m) if m.status == "completed" => Some(Ok(())),
+            Ok(m) if m.status == "failed" || m.status == "cancelled" => Some(Err(format!("{m:?}"))),
+            _ => None,
+        },
+    )
+    .map_err(|e| e.to_string())?
+}

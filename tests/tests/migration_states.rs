@@ -39,7 +39,7 @@ use vport_host::link::{Link, LinkError};
 use vport_host::qmp::QmpEvent;
 use vport_host::rig::{vm_config, Rig};
 use vport_host::wait::wait_until;
-use vport_tests::{guest_image, TestVm, HELLO_TIMEOUT, REPLY_TIMEOUT};
+use vport_tests::{guest_image, wait_migration_completed, TestVm, HELLO_TIMEOUT, REPLY_TIMEOUT};
 
 /// The four states a port is in when the VM is saved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -441,18 +441,7 @@ fn migration_experiment() -> Result<MigrationResult, String> {
     let rx = src.rig.qmp.subscribe();
     let t0 = Instant::now();
     src.rig.qmp.migrate(&format!("exec:cat > {}", file.display())).map_err(|e| fail(&src, "migrate", e))?;
-    wait_until(
-        "the save to complete",
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        || src.rig.vm.check_alive(),
-        || match src.rig.qmp.query_migrate() {
-            Ok(m) if m.status == "completed" => Some(Ok(())),
-            Ok(m) if m.status == "failed" || m.status == "cancelled" => Some(Err(format!("{m:?}"))),
-            _ => None,
-        },
-    )
-    .map_err(|e| fail(&src, "migrate", e))??;
+    wait_migration_completed(&src, Duration::from_secs(60)).map_err(|e| fail(&src, "migrate", e))?;
     let mut source = SourceView { save_ms: t0.elapsed().as_millis(), ..Default::default() };
     source.qmp = settle(&rx, Duration::from_millis(1500), Duration::from_secs(5))
         .iter()

@@ -7,7 +7,7 @@
 //! fields a payload has, in order; this module says *how* each one is encoded. Its macros
 //! (`put!`, `get!`, `wire_struct!`) are in scope in the sibling modules declared after it.
 
-use super::{MessageError, MessageType, ProbeKind, ProbeTarget, SigioAction};
+use super::{MessageError, MessageType, ProbeKind, ProbeTarget, SigioAction, StreamDirection};
 use crate::phase::Phase;
 
 /// Builds one payload.
@@ -248,4 +248,4 @@ macro_rules! wire_u8_enum {
         }
     )*};
 }
-wire_u8_enum!(ProbeKind, ProbeTarget, SigioAction, Phase);
+wire_u8_enum!(ProbeKind, ProbeTarget, SigioAction, StreamDirection, Phase);

@@ -192,6 +192,17 @@ macro_rules! wire_enum {
 wire_enum!(ProbeKind { Open, Lseek, Read, Poll, Pread, Pwrite });
 wire_enum!(ProbeTarget { OwnFd, SecondFd });
 wire_enum!(SigioAction { Query, Enable, Disable });
+wire_enum!(StreamDirection { ToGuest, ToHost });
+
+/// Which way an acknowledged stream's bytes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum StreamDirection {
+    /// Host to guest: the host sends, the agent stores into its stream directory.
+    ToGuest = 1,
+    /// Guest to host: the agent sends (a file of its stream directory, or a pattern).
+    ToHost = 2,
+}
 
 /// Why a frame's payload is not a valid message.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

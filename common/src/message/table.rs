@@ -9,7 +9,10 @@
 //! A `Vec<u8>` field marked `as rest` takes the rest of the payload.
 
 use super::codec::{Reader, Writer};
-use super::{EventRecord, GuestOp, GuestOpDone, Hello, MessageError, ProbeKind, ProbeTarget, SigioAction, SigioSample};
+use super::{
+    EventRecord, GuestOp, GuestOpDone, Hello, MessageError, ProbeKind, ProbeTarget, SigioAction, SigioSample,
+    StreamDirection,
+};
 
 /// Who sends a message type (`docs/protocol.md`, "Messages", column "direction").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -264,6 +267,72 @@ message_table! {
     };
     /// Agent -> host: a [`MessageType::GuestOp`] completed ([`GuestOpDone`]).
     GuestOpDone = 0x51, Agent (done: GuestOpDone);
+    /// Host -> agent: open acknowledged stream `id`, or resume it after a session ended
+    /// (`docs/protocol.md`, "Acknowledged streams"). Answered with STREAM_ACCEPT, or ERROR.
+    StreamOpen = 0x60, Host {
+        /// Chosen by the host; names the stream across sessions, agent restarts and rewinds.
+        id: u64,
+        /// Which way the bytes go.
+        direction: StreamDirection,
+        /// A file name under the agent's stream directory: where a to-guest stream is stored,
+        /// or the file a to-host stream sends. Empty for a to-host pattern stream.
+        name: String,
+        /// Pattern seed of a to-host pattern stream (ignored otherwise).
+        seed: u64,
+        /// Stream length: to-guest, and to-host pattern streams; 0 for a to-host file (its size).
+        total: u64,
+        /// To-host: the host's receive offset, where the agent starts sending; to-guest: 0.
+        offset: u64,
+        /// Most unacknowledged bytes the sender may have in flight.
+        window: u32,
+    };
+    /// Agent -> host: stream `id` is open; the sender starts at `offset`.
+    StreamAccept = 0x61, Agent {
+        /// The stream.
+        id: u64,
+        /// Where the sender starts: the agent's receive offset (to-guest) or the host's (to-host).
+        offset: u64,
+        /// The stream's length.
+        total: u64,
+        /// The window both sides use: the host's, capped by the agent.
+        window: u32,
+    };
+    /// Either way (the sender): bytes of stream `id` starting at stream offset `offset`.
+    StreamData = 0x62, Either {
+        /// The stream.
+        id: u64,
+        /// Offset of the first byte.
+        offset: u64,
+        /// The bytes.
+        bytes: Vec<u8> as rest,
+    };
+    /// Either way (the receiver): every byte of stream `id` before `offset` is stored.
+    StreamAck = 0x63, Either {
+        /// The stream.
+        id: u64,
+        /// Cumulative: the receiver's offset.
+        offset: u64,
+    };
+    /// Either way (the sender, once every byte is acknowledged): the stream's length and digest.
+    StreamEnd = 0x64, Either {
+        /// The stream.
+        id: u64,
+        /// The stream's length.
+        total: u64,
+        /// xxh3-64 of the whole stream.
+        digest: u64,
+    };
+    /// Either way (the receiver): the verdict on the whole stored stream.
+    StreamDone = 0x65, Either {
+        /// The stream.
+        id: u64,
+        /// Bytes stored.
+        bytes: u64,
+        /// xxh3-64 of the bytes stored.
+        digest: u64,
+        /// True when `bytes` and `digest` match the STREAM_END.
+        ok: bool,
+    };
     /// Either way: a request could not be served, or (`about_kind` 0) bytes did not decode.
     Error = 0x7F, Either {
         /// One of [`super::error_code`].

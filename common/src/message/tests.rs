@@ -72,6 +72,20 @@ fn samples() -> Vec<Message> {
             elapsed_ns: 99,
             data: b"x".to_vec(),
         }),
+        Message::StreamOpen {
+            id: 0x5EED,
+            direction: StreamDirection::ToGuest,
+            name: "disk.img".into(),
+            seed: 0,
+            total: 1 << 30,
+            offset: 0,
+            window: 512 * 1024,
+        },
+        Message::StreamAccept { id: 0x5EED, offset: 4096, total: 1 << 30, window: 512 * 1024 },
+        Message::StreamData { id: 0x5EED, offset: 4096, bytes: vec![1, 2, 3] },
+        Message::StreamAck { id: 0x5EED, offset: 4099 },
+        Message::StreamEnd { id: 0x5EED, total: 1 << 30, digest: 0xD1 },
+        Message::StreamDone { id: 0x5EED, bytes: 1 << 30, digest: 0xD1, ok: true },
         Message::Error { code: error_code::MALFORMED, about_kind: 0x12, about_seq: 7, text: "bad".into() },
     ]
 }
@@ -121,7 +135,7 @@ fn type_bytes_are_stable() {
         bytes,
         vec![
             0x01, 0x02, 0x03, 0x04, 0x10, 0x11, 0x12, 0x13, 0x20, 0x22, 0x24, 0x25, 0x26, 0x27, 0x30, 0x31, 0x32, 0x34,
-            0x35, 0x40, 0x41, 0x42, 0x43, 0x50, 0x51, 0x7F
+            0x35, 0x40, 0x41, 0x42, 0x43, 0x50, 0x51, 0x60, 0x61, 0x62, 0x63, 0x64, 0x65, 0x7F
         ]
     );
 }
@@ -152,7 +166,7 @@ fn malformed_payloads_are_typed_errors() {
 /// The payloads of [`samples`] as the hand-written codec of protocol v1 encoded them, byte for
 /// byte: the generated codec must not move a byte.
 #[rustfmt::skip]
-const GOLDEN_PAYLOADS: [(MessageType, &str); 26] = [
+const GOLDEN_PAYLOADS: [(MessageType, &str); 32] = [
     (
         MessageType::Hello,
         concat!(
@@ -190,6 +204,12 @@ const GOLDEN_PAYLOADS: [(MessageType, &str); 26] = [
     ),
     (MessageType::GuestOp, "010000000107006f746865722e780100"),
     (MessageType::GuestOpDone, "01000000ffffffffffffffff0b00000004000a000000000000000700000000000000630000000000000078"),
+    (MessageType::StreamOpen, "ed5e0000000000000108006469736b2e696d6700000000000000000000004000000000000000000000000000000800"),
+    (MessageType::StreamAccept, "ed5e0000000000000010000000000000000000400000000000000800"),
+    (MessageType::StreamData, "ed5e0000000000000010000000000000010203"),
+    (MessageType::StreamAck, "ed5e0000000000000310000000000000"),
+    (MessageType::StreamEnd, "ed5e0000000000000000004000000000d100000000000000"),
+    (MessageType::StreamDone, "ed5e0000000000000000004000000000d10000000000000001"),
     (MessageType::Error, "020012070000000300626164"),
 ];
 

@@ -73,16 +73,20 @@ pub enum EndReason {
     HostClosed,
     /// The port was hot-unplugged (`DEVICE_DELETED`).
     Unplugged,
-    /// The VM stopped (`STOP`: a pause, savevm, or the start of a migration that did not
-    /// complete).
+    /// The VM stopped (`STOP` for anything but this VM's outgoing migration: a pause, savevm;
+    /// also a stop on a destination after its incoming migration completed).
     VmStopped,
-    /// The VM was migrated away: `STOP` while a migration is under way on this QEMU.
+    /// The VM was migrated away: `STOP` by this VM's own outgoing migration (its run state,
+    /// `query-status`, is `finish-migrate` or `postmigrate`).
     Migrated,
     /// The guest was reset (`RESET`: `system_reset`, a guest reboot, loadvm).
     GuestReset,
     /// QEMU is gone or going: `SHUTDOWN`, the QMP connection closed, or QEMU closed the host
-    /// connection.
+    /// connection as it exited.
     VmExited,
+    /// QEMU closed the host connection while it runs on (the chardev was changed or removed,
+    /// the socket failed): the server connects again.
+    ConnectionLost,
     /// The connection can no longer carry the session.
     ProtocolError(String),
 }
@@ -98,6 +102,7 @@ impl std::fmt::Display for EndReason {
             EndReason::Migrated => f.write_str("the vm was migrated away"),
             EndReason::GuestReset => f.write_str("the guest was reset"),
             EndReason::VmExited => f.write_str("qemu exited"),
+            EndReason::ConnectionLost => f.write_str("qemu closed the host connection"),
             EndReason::ProtocolError(d) => write!(f, "protocol error: {d}"),
         }
     }
@@ -161,15 +166,17 @@ pub enum Input {
     FrontendOpen(bool),
     /// `DEVICE_DELETED` for the port.
     DeviceDeleted,
-    /// QMP `STOP`.
+    /// QMP `STOP` (not by an outgoing migration).
     VmStopped,
-    /// QMP `STOP` while a migration is under way (`query-migrate`).
+    /// QMP `STOP` by this VM's outgoing migration: the run state (`query-status`) is
+    /// `finish-migrate` or `postmigrate`.
     Migrated,
-    /// QMP `SHUTDOWN`, the QMP connection closed: QEMU is exiting or gone.
+    /// QMP `SHUTDOWN`, the QMP connection closed, or QEMU closed the host connection and QMP
+    /// no longer answers: QEMU is exiting or gone.
     VmExited,
     /// QMP `RESET`: the guest restarts.
     GuestReset,
-    /// QEMU closed the host connection.
+    /// QEMU closed the host connection while it runs (a QEMU that exits is [`Input::VmExited`]).
     ConnectionLost,
     /// The host closes the connection.
     HostClose,
@@ -365,7 +372,7 @@ fn next(state: &ServerState, input: &Input) -> Result<(ServerState, Vec<Action>)
         (S::Ready { .. }, I::FrontendOpen(true)) => return stay(),
         (S::Ready { id }, I::VmStopped) => (after(id), vec![End(EndReason::VmStopped)]),
         (S::Ready { id }, I::Migrated) => (after(id), vec![End(EndReason::Migrated)]),
-        (S::Ready { .. }, I::ConnectionLost) => (S::Idle, vec![End(EndReason::VmExited), Disconnect]),
+        (S::Ready { .. }, I::ConnectionLost) => (S::Idle, vec![End(EndReason::ConnectionLost), Disconnect]),
         (S::Ready { .. }, I::HostClose) => (S::Idle, vec![End(EndReason::HostClosed), Disconnect]),
         (S::Ready { .. }, I::ProtocolError(d)) => (S::Idle, vec![End(EndReason::ProtocolError(d.clone())), Disconnect]),
     })

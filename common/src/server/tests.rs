@@ -133,7 +133,7 @@ fn every_input_in_every_state_has_a_defined_result() {
              go(conn_a.clone(), vec![End(VmStopped)]),
              go(conn_a.clone(), vec![End(Migrated)]),
              go(S::Closed { reason: VmExited }, vec![End(VmExited), Disconnect]),
-             go(conn_a.clone(), vec![End(GuestReset)]), go(S::Idle, vec![End(VmExited), Disconnect]),
+             go(conn_a.clone(), vec![End(GuestReset)]), go(S::Idle, vec![End(EndReason::ConnectionLost), Disconnect]),
              go(S::Idle, vec![End(HostClosed), Disconnect]),
              go(S::Idle, vec![End(EndReason::ProtocolError("x".into())), Disconnect])],
         // CLOSED (unplugged).

@@ -73,7 +73,7 @@ impl Harness {
     pub fn new(env_seed: u8, settings: Settings) -> Self {
         let clock = Rc::new(Cell::new(0));
         let wire = Rc::new(RefCell::new(Wire::new(WRITE_CAP, Rc::clone(&clock))));
-        let port = open_port(FakeIo { wire: Rc::clone(&wire) }, settings, Carry::default());
+        let port = open_port(FakeIo { wire: Rc::clone(&wire) }, settings.clone(), Carry::default());
         let env = FuzzEnv { now: clock, rng: u64::from(env_seed), wakeups: 0 };
         let prev = port.counters();
         Harness {
@@ -318,14 +318,14 @@ impl Harness {
         self.note_reports();
         self.check_output(false);
         self.skipped_before += self.port.decoder_stats().skipped_bytes;
-        let fresh = open_port(FakeIo { wire: Rc::clone(&self.wire) }, self.settings, Carry::default());
+        let fresh = open_port(FakeIo { wire: Rc::clone(&self.wire) }, self.settings.clone(), Carry::default());
         let old = std::mem::replace(&mut self.port, fresh);
         let carry = old.into_carry();
         assert_eq!(
             carry.counters.skipped_bytes_before, self.skipped_before,
             "skipped_bytes_before is not the skipped bytes of the earlier opens"
         );
-        self.port = open_port(FakeIo { wire: Rc::clone(&self.wire) }, self.settings, carry);
+        self.port = open_port(FakeIo { wire: Rc::clone(&self.wire) }, self.settings.clone(), carry);
         {
             let mut w = self.wire.borrow_mut();
             w.written.clear();

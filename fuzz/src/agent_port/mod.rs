@@ -110,7 +110,7 @@ fn settings(first: u8, input: &mut Input) -> Settings {
     } else {
         Limits::default()
     };
-    Settings { allow_guest_ops: first & 0x10 == 0, limits }
+    Settings { allow_guest_ops: first & 0x10 == 0, limits, stream_dir: None }
 }
 
 /// Counters as a list, to check that none goes down (a new counter belongs here).

@@ -237,7 +237,7 @@ impl EventLoop {
         let mut env = SystemEnv::new();
         env.guest_ops_allowed = config.settings.allow_guest_ops;
         Ok(EventLoop {
-            settings: Rc::new(config.settings),
+            settings: Rc::new(config.settings.clone()),
             config,
             info: Rc::new(info),
             env,

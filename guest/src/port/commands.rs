@@ -7,11 +7,13 @@
 //! them; [`Port::take_guest_ops`], [`Port::send_guest_op_done`], [`Port::refuse_guest_op`]).
 //! Frames only the agent sends are refused as sent the wrong way.
 
+use super::acked::OpenRequest;
 use super::counters::{event_records, stats_listing};
 use super::{Env, GuestOpRequest, Port, PortIo, SigioState, MAX_EVENT_RECORDS, MAX_PROBE_READ, MAX_SIGIO_SAMPLES};
 use vport_common::message::{
     error_code, GuestOp, GuestOpDone, ProbeKind, ProbeTarget, SigioAction, SigioSample, NO_REOPEN,
 };
+use vport_common::stream::SenderInput;
 use vport_common::{Frame, Header, Message, MessageError, MessageType, PortState};
 
 impl<I: PortIo> Port<I> {
@@ -108,8 +110,35 @@ impl<I: PortIo> Port<I> {
                     self.send(&reply, h.session);
                 }
             }
+            Message::StreamOpen { id, direction, name, seed, total, offset, window } => {
+                if self.require_ready(&h, MessageType::StreamOpen) {
+                    let req = OpenRequest { id, direction, name, seed, total, offset, window };
+                    self.on_stream_open(&h, req);
+                }
+            }
+            Message::StreamData { id, offset, bytes } => {
+                if self.require_ready(&h, MessageType::StreamData) {
+                    self.on_stream_data(&h, id, offset, &bytes);
+                }
+            }
+            Message::StreamEnd { id, total, digest } => {
+                if self.require_ready(&h, MessageType::StreamEnd) {
+                    self.on_stream_end(&h, id, total, digest);
+                }
+            }
+            Message::StreamAck { id, offset } => {
+                if self.require_ready(&h, MessageType::StreamAck) {
+                    self.on_stream_feedback(&h, id, SenderInput::Ack { offset });
+                }
+            }
+            Message::StreamDone { id, ok, .. } => {
+                if self.require_ready(&h, MessageType::StreamDone) {
+                    self.on_stream_feedback(&h, id, SenderInput::Done { ok });
+                }
+            }
             Message::GuestOp { op_id, op } => self.on_guest_op(&h, op_id, op),
             Message::Hello(_)
+            | Message::StreamAccept { .. }
             | Message::GuestOpDone(_)
             | Message::EchoReply(_)
             | Message::Bye { .. }

@@ -22,6 +22,8 @@
 //! - `commands.rs`: one received frame dispatched: PING, ECHO, CLOSE/REOPEN, PROBE, SIGIO,
 //!   STATS, EVENTS, and the GUEST_OP hand-off to the event loop.
 //! - `streams.rs`: SOURCE, SINK and DATA, seeded pattern streams ([`vport_common::pattern`]).
+//! - `acked.rs`: acknowledged streams (STREAM_*), over [`vport_common::stream`] and the stream
+//!   directory ([`crate::stream_dir`]).
 //! - `counters.rs`: [`Counters`], [`Carry`] (what survives a reopen), the STATS and EVENTS
 //!   listings.
 //!
@@ -73,6 +75,7 @@
 //!
 //! A session that ends aborts a running SOURCE or SINK (logged and counted).
 
+mod acked;
 mod commands;
 mod counters;
 mod decode_reports;
@@ -205,6 +208,45 @@ struct SinkJob {
     digest: StreamDigest,
 }
 
+/// The acknowledged streams open on a port (`acked.rs`): at most one each way.
+#[derive(Debug, Default)]
+pub struct AckedStreams {
+    /// The to-guest stream being received.
+    incoming: Option<Incoming>,
+    /// The to-host stream being sent.
+    outgoing: Option<Outgoing>,
+    /// The to-guest stream last found complete at its STREAM_OPEN (id, name): its STREAM_END
+    /// is judged from the file.
+    completed: Option<(u64, String)>,
+}
+
+/// A to-guest stream being received into its part file.
+#[derive(Debug)]
+struct Incoming {
+    session: u32,
+    receiver: vport_common::stream::Receiver,
+    part: crate::stream_dir::PartFile,
+    name: String,
+}
+
+/// Where a to-host stream's bytes come from.
+#[derive(Debug)]
+enum OutSource {
+    /// A file of the stream directory.
+    File { file: std::fs::File, path: std::path::PathBuf },
+    /// The pattern of a seed.
+    Pattern { seed: u64 },
+}
+
+/// A to-host stream being sent.
+#[derive(Debug)]
+struct Outgoing {
+    session: u32,
+    sender: vport_common::stream::Sender,
+    source: OutSource,
+    end_sent: bool,
+}
+
 /// One served port.
 #[derive(Debug)]
 pub struct Port<I> {
@@ -227,6 +269,7 @@ pub struct Port<I> {
     sigio: SigioState,
     source: Option<SourceJob>,
     sink: Option<SinkJob>,
+    acked: AckedStreams,
     /// A CLOSE/REOPEN was served: reopen after this many ms
     /// ([`vport_common::message::NO_REOPEN`]: not at all).
     close_request: Option<u32>,
@@ -281,6 +324,7 @@ impl<I: PortIo> Port<I> {
             sigio: SigioState::default(),
             source: None,
             sink: None,
+            acked: AckedStreams::default(),
             close_request: None,
             close_cause: "close requested",
             guest_ops: Vec::new(),

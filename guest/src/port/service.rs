@@ -46,8 +46,9 @@ impl<I: PortIo> Port<I> {
             self.damage_reported = false;
             let flushed = loop {
                 self.pump_source();
+                self.pump_acked();
                 let f = self.flush(&mut budget)?;
-                if f != FlushEnd::Done || self.source.is_none() {
+                if f != FlushEnd::Done || (self.source.is_none() && !self.acked.wants_to_send()) {
                     break f;
                 }
                 if budget == 0 {

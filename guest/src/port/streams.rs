@@ -136,8 +136,10 @@ impl<I: PortIo> Port<I> {
         }
     }
 
-    /// Stops a running SOURCE and SINK (counted in `stream_aborts` and logged).
+    /// Stops a running SOURCE and SINK (counted in `stream_aborts` and logged), and closes the
+    /// open acknowledged streams (their files stay, to be resumed).
     pub(super) fn abort_streams(&mut self) {
+        self.close_acked_streams();
         if let Some(job) = self.source.take() {
             self.counters.stream_aborts += 1;
             log::warn!(

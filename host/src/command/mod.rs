@@ -9,6 +9,7 @@ pub mod connect;
 pub mod hello;
 pub mod image;
 pub mod trace;
+pub mod transfer;
 
 use crate::exit::ExitCode;
 use std::path::PathBuf;
@@ -63,6 +64,9 @@ pub enum CommandError {
     /// `vport connect` could not bridge the port.
     #[error(transparent)]
     Connect(#[from] crate::connect::ConnectError),
+    /// `vport send` / `vport recv` did not complete the stream.
+    #[error(transparent)]
+    Transfer(#[from] crate::stream::TransferError),
     /// `vport hello` failed.
     #[error("vport hello failed")]
     Hello(#[source] crate::hello::HelloError),
@@ -111,6 +115,8 @@ impl CommandError {
             CommandError::Connect(e) => e.exit_code(),
             CommandError::Conformance(e) => e.exit_code(),
             CommandError::Hello(e) if e.is_infrastructure() => ExitCode::Infrastructure,
+            CommandError::Transfer(crate::stream::TransferError::File { .. }) => ExitCode::Infrastructure,
+            CommandError::Transfer(_) => ExitCode::CheckFailed,
             CommandError::Hello(_) | CommandError::CheckFailed(_) => ExitCode::CheckFailed,
             CommandError::Suite { code, .. } | CommandError::Reported(code) => *code,
             CommandError::Image(_)

@@ -20,9 +20,15 @@
 //!   ([`AGENT_WAITING_FOR_PERMISSIONS`]), to exercise its EACCES path. Absent: never.
 //!   Build both with [`unprivileged_params`].
 //!
+//! `/init` also makes [`GUEST_STREAM_DIR`] for the agent's acknowledged streams.
+//!
 //! Console lines printed by `/init` (all start with `vport-init: `): `modules loaded` after
 //! the insmod step, `failed to load module NAME` per failed insmod, `vport-agent exited with
 //! status N` when the agent exits, after which the VM powers off.
+
+/// The directory `/init` makes for the agent's acknowledged streams (owned by the agent's user
+/// when it runs unprivileged); pass it with `--stream-dir` to enable `vport send` / `vport recv`.
+pub const GUEST_STREAM_DIR: &str = "/var/lib/vport-streams";
 
 /// Line printed on the console once the modules are loaded.
 pub const MODULES_LOADED: &str = "vport-init: modules loaded";
@@ -78,6 +84,7 @@ exec </dev/console >/dev/console 2>&1
         s.push_str(&format!("insmod /lib/modules/{m}.ko || echo \"vport-init: failed to load module {m}\"\n"));
     }
     s.push_str(&format!("echo \"{MODULES_LOADED}\"\n"));
+    s.push_str(&format!("mkdir -p {GUEST_STREAM_DIR}\n"));
     let defaults = DEFAULT_AGENT_ARGS.join(" ");
     s.push_str(&format!(
         r#"vport_decode() {{
@@ -130,6 +137,7 @@ if [ -n "$agent_user" ]; then
     echo "vport:x:$agent_uid:$agent_gid:vport-agent:/:/bin/false" >> /etc/passwd
     echo "root:x:0:" > /etc/group
     echo "vport:x:$agent_gid:" >> /etc/group
+    chown "$agent_uid:$agent_gid" {GUEST_STREAM_DIR}
     [ "$grant" = early ] && grant_ports
     echo "vport-init: starting vport-agent as uid $agent_uid gid $agent_gid $*"
     if [ "$grant" = late ]; then

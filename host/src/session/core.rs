@@ -3,7 +3,7 @@
 //! QMP show, and the one loop ([`Core::pump`]) that reads the stream while looking at QMP.
 
 use crate::chardev::{Connection, Endpoint};
-use crate::link::{Link, LinkError, LinkObserver, Received};
+use crate::link::{Handshake, Link, LinkError, LinkObserver, Received};
 use crate::qmp::{Qmp, QmpEvent};
 use crossbeam_channel::{Receiver, TryRecvError};
 use std::io::ErrorKind;
@@ -13,7 +13,9 @@ use vport_common::message::error_code;
 use vport_common::server::{Action, EndReason, Input, ServerMachine, ServerState, SessionId};
 use vport_common::Message;
 
-use super::{PROBE_PING, PUMP_SLICE};
+use super::announce::{service, Gate};
+use super::{Backlog, PROBE_PING, PUMP_SLICE};
+use crate::qmp::QmpError;
 use crate::wait::wait_until;
 use std::time::Duration;
 
@@ -51,8 +53,15 @@ pub(super) struct Core {
     pub(super) observer: Option<Arc<dyn LinkObserver>>,
     /// Connections made so far (for [`super::Reconnect::Once`]).
     pub(super) connections: u64,
-    /// Whether the observer was told of the current connection: only once QEMU serves it.
-    pub(super) announced: bool,
+    /// Between the current connection's link and the observer: open once QEMU serves it.
+    pub(super) gate: Option<Arc<Gate>>,
+    /// When the wait for the next HELLO_REQUEST on the current connection began: the server's
+    /// last request on it, QEMU serving it (a request that waited in its backlog reaches the
+    /// agent then), or the end of the last session. `None`: nothing asked yet.
+    pub(super) asked_at: Option<Instant>,
+    /// HELLO_REQUESTs [`super::PortServer::accept`] sent on the current connection since the
+    /// last session was handed out (a [`crate::link::Handshake`]'s `requests_sent`).
+    pub(super) requests: u32,
 }
 
 impl Core {
@@ -82,12 +91,16 @@ impl Core {
                 Action::Yield(id) => {
                     self.generation += 1;
                     self.probe_pending = false;
+                    self.requests = 0;
                     log::info!("port {}: session {} ({:#010x}) ready", self.port, self.generation, id.session);
                     yielded = Some(id);
                 }
                 Action::End(reason) => {
                     log::info!("port {}: session {} ended: {reason}", self.port, self.generation);
                     self.ends.push((self.generation, reason));
+                    // The wait for the next session starts now: the agent is asked one interval
+                    // later, unless the end asks at once (`RequestHello`).
+                    self.asked_at = Some(Instant::now());
                 }
                 Action::Disconnect => self.drop_link(&input.to_string()),
                 Action::RequestHello => self.request_hello = true,
@@ -152,7 +165,7 @@ impl Core {
             "DEVICE_DELETED" if ev.data.get("device").and_then(|d| d.as_str()) == Some(self.device_id.as_str()) => {
                 Input::DeviceDeleted
             }
-            "STOP" if self.migrating() => Input::Migrated,
+            "STOP" if self.stopped_by_migration() => Input::Migrated,
             "STOP" => Input::VmStopped,
             "SHUTDOWN" => Input::VmExited,
             "RESET" => Input::GuestReset,
@@ -161,67 +174,149 @@ impl Core {
         self.apply(input);
     }
 
+    /// Makes `conn` the current connection; its link reports to the observer through a gate
+    /// that opens once QEMU serves it ([`Core::check_service`], or the first frame from the
+    /// guest).
+    pub(super) fn set_link(&mut self, mut link: Link<Connection>) {
+        let gate = Gate::new(self.observer.clone());
+        link.set_observer(gate.clone());
+        self.link = Some(link);
+        self.gate = Some(gate);
+        self.asked_at = None;
+        self.requests = 0;
+    }
+
     /// Closes the connection (if any); the observer hears it if it heard of the connection.
     fn drop_link(&mut self, reason: &str) {
-        if self.link.take().is_some() && std::mem::take(&mut self.announced) {
+        let heard = self.gate.take().is_some_and(|g| g.is_open());
+        if self.link.take().is_some() && heard {
             if let Some(o) = &self.observer {
                 o.host_disconnected(&self.port, reason);
             }
         }
     }
 
-    /// Tells the observer of the connection once QEMU serves it, waiting until `deadline` for
-    /// that (the kernel says when QEMU accepted it, `sock_diag`; there is no event to wait
-    /// on, so it is asked every [`SERVED_POLL`]). A connection in QEMU's backlog is not the
-    /// port's client yet: its connect and what it sends are recorded from the moment it is
-    /// served. Returns whether it is served (or cannot be known: then it is taken as served).
-    pub(super) fn announce_when_served(&mut self, deadline: Instant) -> bool {
-        if self.announced {
-            return true;
+    /// Whether QEMU serves the current connection, asked of the kernel ([`service`]) unless
+    /// already known; once served, the observer hears of the connect. `NotConnected` without
+    /// a connection. `Queued` is what the kernel also shows once QEMU has accepted and closed
+    /// the connection: a read tells the two apart.
+    pub(super) fn check_service(&mut self) -> Backlog {
+        let (Some(link), Some(gate)) = (self.link.as_ref(), self.gate.as_ref()) else {
+            return Backlog::NotConnected;
+        };
+        if gate.is_open() {
+            return Backlog::Served;
         }
-        let Some(link) = self.link.as_mut() else { return false };
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let served = wait_until(
-            "QEMU to serve the connection",
-            timeout,
-            SERVED_POLL,
-            || Ok(()),
-            || (link.stream().queued() != Some(true)).then_some(()),
-        );
-        if served.is_err() {
-            return false;
+        let s = service(link.stream());
+        if s == Backlog::Served {
+            gate.open(&self.port);
+            // A HELLO_REQUEST sent while queued reaches the agent now.
+            if self.asked_at.is_some() {
+                self.asked_at = Some(Instant::now());
+            }
         }
-        self.announced = true;
-        if let Some(o) = &self.observer {
-            o.host_connected(&self.port);
-            link.set_observer(o.clone());
-        }
-        true
+        s
     }
 
-    /// Whether a migration is under way on this QEMU (asked with `query-migrate` when QMP
-    /// says `STOP`: a migration stops the source VM before its last pass).
-    fn migrating(&self) -> bool {
-        let Some(qmp) = &self.qmp else { return false };
-        match qmp.query_migrate() {
-            Ok(m) => !matches!(m.status.as_str(), "none" | "failed" | "cancelled"),
+    /// Waits until `deadline` for QEMU to serve the connection (see [`Core::check_service`]).
+    /// The kernel is asked every [`SERVED_POLL`] (there is no event to wait on) and QMP events
+    /// are looked at every [`PUMP_SLICE`] (an unplug or QEMU's exit ends the wait). Returns
+    /// whether the handshake can go on: served, or unknown (never taken as served: the
+    /// observer hears of the connect with the first frame from the guest). `false`: queued at
+    /// `deadline`, or the connection is gone.
+    pub(super) fn wait_served(&mut self, deadline: Instant) -> bool {
+        loop {
+            let slice_end = deadline.min(Instant::now() + PUMP_SLICE);
+            let what = "QEMU to serve the connection";
+            let timeout = slice_end.saturating_duration_since(Instant::now());
+            let settled = || Some(self.check_service()).filter(|s| *s != Backlog::Queued);
+            match wait_until(what, timeout, SERVED_POLL, || Ok(()), settled) {
+                Ok(Backlog::NotConnected) => return false,
+                Ok(_) => return true,
+                Err(_) => {}
+            }
+            self.drain_qmp();
+            if Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
+    /// Reads until `until` for a HELLO the agent offers without being asked, acknowledges it
+    /// and applies it: the new session's id and handshake, `None` if none came (or it repeats
+    /// the last session's). A failure of the connection is applied and returned.
+    pub(super) fn take_offer(&mut self, until: Instant) -> Result<Option<(SessionId, Handshake)>, LinkError> {
+        let version = self.host_version.clone();
+        let Some(link) = self.link.as_mut() else { return Ok(None) };
+        match link.await_offer(until.saturating_duration_since(Instant::now()), &version) {
+            Ok(mut hs) => {
+                hs.requests_sent = self.requests;
+                let id = SessionId { session: hs.session, nonce: hs.hello.nonce };
+                Ok(self.apply(Input::Hello(id)).map(|id| (id, hs)))
+            }
+            Err(LinkError::Timeout { .. }) => Ok(None),
             Err(e) => {
-                log::debug!("port {}: query-migrate after STOP failed: {e}", self.port);
+                self.link_failed(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether this `STOP` is the VM being migrated away, asked of QEMU's run state
+    /// (`query-status`) when QMP says `STOP`. A migration stops its source in `finish-migrate`,
+    /// which becomes `postmigrate` once it completed; no other cause of a `STOP` leaves a VM in
+    /// either state ([`stopped_by_migration`]). `query-migrate` cannot tell: after an incoming
+    /// migration the destination's status stays `completed`, so a later plain `stop` there
+    /// would look like a migration, and a `stop` during an outgoing migration is a pause. A
+    /// migration that fails after its stop resumes the VM: asked after the resume (`running`),
+    /// the session ends `VmStopped`; asked before, `Migrated`.
+    fn stopped_by_migration(&self) -> bool {
+        let Some(qmp) = &self.qmp else { return false };
+        match qmp.query_status() {
+            Ok(state) => stopped_by_migration(&state),
+            Err(e) => {
+                log::debug!("port {}: query-status after STOP failed: {e}", self.port);
                 false
             }
         }
     }
 
-    /// Maps a link failure on the current connection to an input.
-    pub(super) fn on_link_error(&mut self, e: &LinkError) -> Input {
-        match e {
-            LinkError::Closed { .. } => Input::ConnectionLost,
-            LinkError::Io { source, .. }
-                if matches!(source.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) =>
-            {
-                Input::ConnectionLost
+    /// Applies a failure of the current connection: QEMU closing it is the VM's exit if QEMU is
+    /// gone ([`Core::qemu_gone`]), else [`Input::ConnectionLost`] (the server connects again);
+    /// anything else is a protocol error.
+    pub(super) fn link_failed(&mut self, e: &LinkError) {
+        let lost = match e {
+            LinkError::Closed { .. } => true,
+            LinkError::Io { source, .. } => matches!(source.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset),
+            _ => false,
+        };
+        if !lost {
+            self.apply(Input::ProtocolError(e.to_string()));
+            return;
+        }
+        // QMP may already say why (SHUTDOWN, an unplug, QMP closed): that ends things first.
+        self.drain_qmp();
+        if self.link.is_none() {
+            return;
+        }
+        let input = if self.qemu_gone() { Input::VmExited } else { Input::ConnectionLost };
+        self.apply(input);
+    }
+
+    /// Whether QEMU is gone, after it closed the host connection: QMP is closed, or QEMU no
+    /// longer answers on it (an exiting QEMU closes its monitors with its chardevs). Without
+    /// QMP it cannot be asked: gone only if the event channel closed.
+    fn qemu_gone(&self) -> bool {
+        if !self.events_open {
+            return true;
+        }
+        let Some(qmp) = &self.qmp else { return false };
+        match qmp.query_status() {
+            Err(e @ (QmpError::Disconnected { .. } | QmpError::Send { .. })) => {
+                log::debug!("port {}: the connection closed and qmp is gone: {e}", self.port);
+                true
             }
-            other => Input::ProtocolError(other.to_string()),
+            _ => false,
         }
     }
 
@@ -250,8 +345,7 @@ impl Core {
                 log::debug!("port {}: frame of another session dropped; probing", self.port);
                 self.probe_pending = true;
                 if let Err(e) = link.send(&Message::Ping { time_ns: PROBE_PING }) {
-                    let input = self.on_link_error(&e);
-                    self.apply(input);
+                    self.link_failed(&e);
                     continue;
                 }
             }
@@ -259,8 +353,7 @@ impl Core {
                 Ok(r) => r,
                 Err(LinkError::Timeout { .. }) => continue,
                 Err(e) => {
-                    let input = self.on_link_error(&e);
-                    self.apply(input);
+                    self.link_failed(&e);
                     continue;
                 }
             };
@@ -294,4 +387,12 @@ impl Drop for Core {
 
 pub(super) fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
     core.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether a VM whose run state (`query-status`) is `state` after a `STOP` was stopped by its
+/// own outgoing migration: `finish-migrate` while the migration finishes, `postmigrate` once it
+/// completed. A pause is `paused` (also on a destination whose incoming migration completed),
+/// savevm `save-vm`, a migration that failed after the stop `running` again.
+pub(super) fn stopped_by_migration(state: &str) -> bool {
+    matches!(state, "finish-migrate" | "postmigrate")
 }

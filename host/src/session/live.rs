@@ -181,8 +181,7 @@ impl Session {
             }
             LinkError::Agent { code, text, .. } => SessionError::Agent { port: self.port.clone(), code, text },
             e @ (LinkError::Closed { .. } | LinkError::Io { .. }) => {
-                let input = c.on_link_error(&e);
-                c.apply(input);
+                c.link_failed(&e);
                 self.ended(c)
             }
             source => SessionError::Link { port: self.port.clone(), source },

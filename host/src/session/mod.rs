@@ -16,6 +16,9 @@
 //! another while it has one: a second client's connect succeeds and then waits, silently, in
 //! the listening socket's backlog until the first leaves. [`PortServer::backlog`] says whether
 //! the server's own connection is waiting there (asked of the kernel), and `accept` logs it.
+//! An observer ([`PortServer::set_observer`], a timeline) hears of a connection only once
+//! QEMU serves it; where that cannot be asked ([`Backlog::Unknown`]: TCP, pty, no
+//! `unix_diag`), with the first frame from the guest, never on the assumption that it is.
 //!
 //! A Session ends exactly once, with an [`EndReason`]:
 //!
@@ -25,10 +28,11 @@
 //! | [`EndReason::GuestClosed`] | `frontend-open` false (after `VSERPORT_CHANGE`, confirmed with `query-chardev`); the agent in a newer session (its HELLO, or ERROR bad-session) |
 //! | [`EndReason::HostClosed`] | [`Session::close`] or dropping the Session: the host left |
 //! | [`EndReason::Unplugged`] | `DEVICE_DELETED` for the port's device id |
-//! | [`EndReason::VmStopped`] | QMP `STOP` with no migration under way (pause, savevm) |
-//! | [`EndReason::Migrated`] | QMP `STOP` while `query-migrate` shows a migration under way |
+//! | [`EndReason::VmStopped`] | QMP `STOP` not caused by an outgoing migration (pause, savevm; also on a destination after its incoming migration) |
+//! | [`EndReason::Migrated`] | QMP `STOP` with the run state (`query-status`) `finish-migrate` or `postmigrate`: this VM's outgoing migration stopped it |
 //! | [`EndReason::GuestReset`] | QMP `RESET` (`system_reset`, guest reboot, loadvm) |
-//! | [`EndReason::VmExited`] | `SHUTDOWN`, QMP closed, or QEMU closing the host connection |
+//! | [`EndReason::VmExited`] | `SHUTDOWN`, QMP closed, or QEMU closing the host connection as it exits (QMP gone too) |
+//! | [`EndReason::ConnectionLost`] | QEMU closing the host connection while it runs on; the server connects again |
 //! | [`EndReason::ProtocolError`] | a HELLO contradicting the session; an i/o error on the connection |
 //!
 //! After the end every operation on the Session fails with [`SessionError::Ended`]: nothing
@@ -62,11 +66,16 @@
 //! }
 //! ```
 
+mod announce;
 mod core;
+#[cfg(test)]
+pub(crate) mod fakes;
 mod live;
 mod server;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_service;
 
 use crate::chardev::ChardevError;
 use crate::link::LinkError;
@@ -81,6 +90,10 @@ pub use vport_common::server::{Action, EndReason, Input, ServerError, ServerStat
 pub const PUMP_SLICE: Duration = Duration::from_millis(100);
 /// Longest handshake attempt in [`PortServer::accept`] between looks at QMP events.
 pub const HANDSHAKE_SLICE: Duration = Duration::from_millis(1500);
+/// How long a connect waits for QEMU to accept the new connection (it does so asynchronously,
+/// from its main loop), so that the observer hears of it when it happens. A connection still
+/// queued after that waits for another client to leave.
+pub const SERVE_GRACE: Duration = Duration::from_millis(250);
 /// The `time_ns` of the PING the server sends to check whether the agent moved on to a newer
 /// session (after a frame of another session was dropped).
 pub const PROBE_PING: u64 = u64::MAX;

@@ -1,10 +1,11 @@
 //! [`PortServer`]: hands out the [`Session`]s of one port, connecting the host end as its
 //! [`Reconnect`] policy allows.
 
+use super::announce::service;
 use super::core::{lock, Core, Pumped};
-use super::{Session, SessionError, HANDSHAKE_SLICE};
+use super::{Session, SessionError, HANDSHAKE_SLICE, PUMP_SLICE, SERVE_GRACE};
 use crate::chardev::{ChardevError, Endpoint, EndpointEvents};
-use crate::link::{Link, LinkError, LinkObserver};
+use crate::link::{Link, LinkError, LinkObserver, HELLO_REQUEST_INTERVAL};
 use crate::qemu::PortInfo;
 use crate::qmp::{Qmp, QmpEvent};
 use crossbeam_channel::Receiver;
@@ -59,7 +60,9 @@ pub enum Backlog {
     Served,
     /// The connection waits in QEMU's backlog: another client holds the chardev.
     Queued,
-    /// Unknown: not a unix client connection, or the kernel cannot be asked.
+    /// Unknown: a TCP or pty connection vport made, or a unix one the kernel cannot be asked
+    /// about (no `unix_diag`). Never taken as served: the observer hears of such a connection
+    /// with the first frame from the guest (see [`PortServer::set_observer`]).
     Unknown,
 }
 
@@ -106,7 +109,9 @@ impl PortServer {
             host_version: concat!("vport-host ", env!("CARGO_PKG_VERSION")).into(),
             observer: None,
             connections: 0,
-            announced: false,
+            gate: None,
+            asked_at: None,
+            requests: 0,
         };
         PortServer { core: Arc::new(Mutex::new(core)), reconnect: Reconnect::default() }
     }
@@ -152,13 +157,15 @@ impl PortServer {
         self.reconnect = policy;
     }
 
-    /// Reports every message of every connection from now on to `observer` (a timeline).
+    /// Reports every connection and its messages from now on to `observer` (a timeline). A
+    /// connection QEMU already serves is reported to it as connected first, so that it never
+    /// hears a disconnect without the connect. A connection QEMU serves is reported when it is
+    /// seen served (asked of the kernel, see [`Backlog`]); one whose service cannot be known
+    /// ([`Backlog::Unknown`]) with the first frame from the guest.
     pub fn set_observer(&mut self, observer: Arc<dyn LinkObserver>) {
         let mut c = lock(&self.core);
-        if c.announced {
-            if let Some(link) = c.link.as_mut() {
-                link.set_observer(observer.clone());
-            }
+        if let Some(gate) = &c.gate {
+            gate.set_observer(&c.port, observer.clone());
         }
         c.observer = Some(observer);
     }
@@ -166,17 +173,19 @@ impl PortServer {
     /// Whether the current connection waits in QEMU's backlog (see [`Backlog`]).
     pub fn backlog(&self) -> Backlog {
         let c = lock(&self.core);
-        let Some(link) = c.link.as_ref() else { return Backlog::NotConnected };
-        match link.stream().queued() {
-            Some(true) => Backlog::Queued,
-            Some(false) => Backlog::Served,
-            None => Backlog::Unknown,
-        }
+        c.link.as_ref().map_or(Backlog::NotConnected, |link| service(link.stream()))
     }
 
     /// Waits up to `timeout` for the next guest session and returns it once the handshake is
     /// done. Connects the host end when there is no connection. While a session is live this
-    /// first waits for it to end (frames of it read meanwhile are discarded).
+    /// first waits for it to end (frames of it read meanwhile are discarded). Asks for a HELLO
+    /// (HELLO_REQUEST) at once on a new connection (and when the machine says so,
+    /// [`vport_common::server::Action::RequestHello`]), then once every
+    /// [`HELLO_REQUEST_INTERVAL`] without a HELLO, counted from the last request, from QEMU
+    /// serving the connection, or from the end of the last session; across calls: a caller
+    /// accepting in short slices asks as often as one long call does, and a long call no more
+    /// often. The session's [`crate::link::Handshake::requests_sent`] counts the requests since
+    /// the connection or the last session.
     pub fn accept(&mut self, timeout: Duration) -> Result<Session, SessionError> {
         let deadline = Instant::now() + timeout;
         let mut c = lock(&self.core);
@@ -200,20 +209,39 @@ impl PortServer {
                         log::debug!("port {port}: discarding {:?} while waiting for the next session", r.message);
                     }
                 }
-                ServerState::Connected { .. } => {
-                    if !c.announce_when_served(deadline) {
-                        continue;
+                ServerState::Connected { .. } if c.check_service() == Backlog::Queued => {
+                    // QEMU has not accepted the connection, or has accepted and closed it (the
+                    // kernel shows both alike): read for one slice. A HELLO (answering a
+                    // request queued with it) proves it served, end of file ends it. Nothing is
+                    // asked meanwhile: a request would wait in the backlog.
+                    if let Ok(Some((id, hs))) = c.take_offer(deadline.min(Instant::now() + PUMP_SLICE)) {
+                        let generation = c.generation;
+                        drop(c);
+                        return Ok(Session::new(self.core.clone(), generation, id, port, hs));
                     }
-                    let request = std::mem::take(&mut c.request_hello);
+                }
+                ServerState::Connected { .. } => {
+                    let due = c.asked_at.is_none_or(|at| at.elapsed() >= HELLO_REQUEST_INTERVAL);
+                    let request = std::mem::take(&mut c.request_hello) || due;
                     let version = c.host_version.clone();
-                    let Some(link) = c.link.as_mut() else {
-                        c.apply(Input::ConnectionLost);
+                    let core = &mut *c;
+                    let Some(link) = core.link.as_mut() else {
+                        core.apply(Input::ConnectionLost);
                         continue;
                     };
                     let sent = if request { link.send(&Message::HelloRequest) } else { Ok(()) };
-                    match sent.and_then(|()| link.await_hello(left.min(HANDSHAKE_SLICE), &version)) {
+                    if request && sent.is_ok() {
+                        core.asked_at = Some(Instant::now());
+                        core.requests += 1;
+                    }
+                    // Read until the next request is due: the interval is kept here, across
+                    // calls, so the link must not ask on its own (`await_offer`).
+                    let next_ask =
+                        core.asked_at.map_or(Duration::ZERO, |at| HELLO_REQUEST_INTERVAL.saturating_sub(at.elapsed()));
+                    let slice = left.min(HANDSHAKE_SLICE).min(next_ask);
+                    match sent.and_then(|()| link.await_offer(slice, &version)) {
                         Ok(mut hs) => {
-                            hs.requests_sent += u32::from(request);
+                            hs.requests_sent = core.requests;
                             let id = SessionId { session: hs.session, nonce: hs.hello.nonce };
                             if c.apply(Input::Hello(id)).is_some() {
                                 let generation = c.generation;
@@ -223,10 +251,7 @@ impl PortServer {
                             log::debug!("port {port}: repeated hello of session {:#010x} ignored", id.session);
                         }
                         Err(LinkError::Timeout { .. }) => {}
-                        Err(e) => {
-                            let input = c.on_link_error(&e);
-                            c.apply(input);
-                        }
+                        Err(e) => c.link_failed(&e),
                     }
                 }
             }
@@ -256,8 +281,11 @@ impl PortServer {
     }
 
     /// One connect attempt from IDLE, as the reconnect policy allows: on success the server is
-    /// CONNECTED and will ask for a HELLO at once. A refused connect that the policy retries
-    /// returns `Ok` after the retry interval (still IDLE).
+    /// CONNECTED and will ask for a HELLO at once. QEMU accepts a connection asynchronously:
+    /// the observer is told of it once QEMU serves it, waited for up to [`SERVE_GRACE`] here
+    /// (a connection still queued after that waits for another client to leave; `accept` tells
+    /// the observer when QEMU serves it). A refused connect that the policy retries returns
+    /// `Ok` after the retry interval (still IDLE).
     fn connect_once(&mut self, deadline: Instant) -> Result<(), SessionError> {
         let mut c = lock(&self.core);
         let port = c.port.clone();
@@ -274,12 +302,11 @@ impl PortServer {
                          this connection waits in its backlog until that client leaves"
                     );
                 }
-                c.link = Some(Link::new(&port, conn));
-                c.announced = false;
-                c.announce_when_served(Instant::now());
+                c.set_link(Link::new(&port, conn));
                 // Ask at once (see `Link::handshake`): the agent may not have seen us come.
                 c.request_hello = true;
                 c.apply(Input::HostConnected);
+                c.wait_served((Instant::now() + SERVE_GRACE).min(deadline));
                 Ok(())
             }
             Err(ChardevError::AcceptTimeout { .. }) => Ok(()),
@@ -312,8 +339,9 @@ impl PortServer {
 
     /// Sends `msg` on the connection outside any session (session 0), before a session is
     /// handed out: for a host that queues requests while QEMU has not served it yet (see
-    /// [`Backlog`]). Refused while a session is live (send in the [`Session`]) and without a
-    /// connection.
+    /// [`Backlog`]). Refused while a session is live (send in the [`Session`]), without a
+    /// connection, and after a session ended on this connection until the next handshake
+    /// attempt (the connection is still in that session: a frame would go into it).
     pub fn send_before_session(&mut self, msg: &Message) -> Result<u32, SessionError> {
         let mut c = lock(&self.core);
         c.drain_qmp();
@@ -325,14 +353,23 @@ impl PortServer {
                 Err(SessionError::WrongState { port, what: "send outside a session", state: state.name() })
             }
             ServerState::Connected { .. } => {
-                let Some(link) = c.link.as_mut() else {
+                let core = &mut *c;
+                let Some(link) = core.link.as_mut() else {
                     return Err(SessionError::WrongState { port, what: "send outside a session", state: "IDLE" });
                 };
+                if link.session() != 0 {
+                    let what = "send outside a session while the connection is still in an ended one";
+                    return Err(SessionError::WrongState { port, what, state: state.name() });
+                }
                 match link.send_request(msg) {
-                    Ok(seq) => Ok(seq),
+                    Ok(seq) => {
+                        if matches!(msg, Message::HelloRequest) {
+                            core.asked_at = Some(Instant::now());
+                        }
+                        Ok(seq)
+                    }
                     Err(e) => {
-                        let input = c.on_link_error(&e);
-                        c.apply(input);
+                        core.link_failed(&e);
                         Err(SessionError::Link { port, source: e })
                     }
                 }
@@ -343,8 +380,10 @@ impl PortServer {
     /// Waits up to `window` for a session the agent offers without being asked (no
     /// HELLO_REQUEST is sent now or meanwhile, and none is pending from the connect): `Some` if
     /// a HELLO of a new session came, `None` if none did. Needs a connection and no live
-    /// session (CONNECTED).
+    /// session (CONNECTED). A connection still in QEMU's backlog is waited for within the
+    /// window (and told to the observer once served): `None` if it stays queued.
     pub fn accept_offered(&mut self, window: Duration) -> Result<Option<Session>, SessionError> {
+        let deadline = Instant::now() + window;
         let mut c = lock(&self.core);
         c.drain_qmp();
         let port = c.port.clone();
@@ -357,27 +396,21 @@ impl PortServer {
             ServerState::Connected { .. } => {}
         }
         c.request_hello = false;
-        c.announce_when_served(Instant::now());
-        let version = c.host_version.clone();
-        let Some(link) = c.link.as_mut() else {
-            return Err(SessionError::WrongState { port, what: "wait for an offer", state: "IDLE" });
-        };
-        match link.await_offer(window, &version) {
-            Ok(hs) => {
-                let id = SessionId { session: hs.session, nonce: hs.hello.nonce };
-                if c.apply(Input::Hello(id)).is_some() {
+        // In slices: QEMU serving a queued connection meanwhile is seen (and told to the
+        // observer) within a slice, not only with the HELLO.
+        while Instant::now() < deadline {
+            c.check_service();
+            match c.take_offer(deadline.min(Instant::now() + PUMP_SLICE)) {
+                Ok(Some((id, hs))) => {
                     let generation = c.generation;
                     drop(c);
                     return Ok(Some(Session::new(self.core.clone(), generation, id, port, hs)));
                 }
-                Ok(None)
-            }
-            Err(LinkError::Timeout { .. }) => Ok(None),
-            Err(e) => {
-                let input = c.on_link_error(&e);
-                c.apply(input);
-                Err(SessionError::Link { port, source: e })
+                Ok(None) if matches!(c.state(), ServerState::Connected { .. }) => {}
+                Ok(None) => break,
+                Err(source) => return Err(SessionError::Link { port, source }),
             }
         }
+        Ok(None)
     }
 }

@@ -1,19 +1,11 @@
-use super::core::lock;
+use super::core::{lock, stopped_by_migration};
+use super::fakes::{agent, event, scripted_qmp, server, server_with, Recorded};
 use super::*;
-use crate::chardev::{Connection, Endpoint, EndpointEvents};
 use crate::chardev::{EndpointAddr, EndpointEventKind, EndpointKind};
 use crate::client::AgentClient;
-use crate::qmp::QmpEvent;
-use crossbeam_channel::Receiver;
-use crossbeam_channel::Sender;
-use serde_json::json;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::sync::Arc;
-use std::time::Instant;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
 use vport_common::message::error_code;
-use vport_common::message::Hello;
-use vport_common::Decoder;
 use vport_common::Message;
 use ServerState::*;
 
@@ -31,104 +23,6 @@ fn an_illegal_input_is_counted_and_changes_nothing() {
     }
     assert_eq!(srv.illegal_inputs(), 2);
     assert_eq!(srv.state(), Connected { last: None });
-}
-
-/// An endpoint whose connections are socketpairs handed to a scripted agent.
-struct FakeEndpoint {
-    addr: EndpointAddr,
-    events: EndpointEvents,
-    agents: Sender<UnixStream>,
-}
-
-impl Endpoint for FakeEndpoint {
-    fn port(&self) -> &str {
-        "org.vport.fake"
-    }
-    fn addr(&self) -> &EndpointAddr {
-        &self.addr
-    }
-    fn connect(&mut self, _timeout: Duration) -> Result<Connection, ChardevError> {
-        let (host, guest) = UnixStream::pair().unwrap();
-        self.agents.send(guest).unwrap();
-        Ok(Connection::from_unix_stream("org.vport.fake", EndpointKind::UnixClient, host, &self.events))
-    }
-    fn events(&self) -> &EndpointEvents {
-        &self.events
-    }
-}
-
-/// The guest side of one connection, scripted by the test thread.
-struct Agent {
-    s: UnixStream,
-    dec: Decoder,
-    seq: u32,
-}
-
-impl Agent {
-    fn send(&mut self, session: u32, m: &Message) {
-        self.s.write_all(&m.to_frame(session, self.seq).unwrap().encode().unwrap()).unwrap();
-        self.seq += 1;
-    }
-    fn hello(&mut self, id: SessionId) {
-        let h = Hello {
-            agent_version: "t".into(),
-            port_name: "org.vport.fake".into(),
-            kernel_release: "k".into(),
-            boot_id: "b".into(),
-            nonce: id.nonce,
-            agent_time_ns: 0,
-        };
-        self.send(id.session, &Message::Hello(h));
-    }
-    fn recv(&mut self) -> (u32, Message) {
-        let (h, m) = self.recv_frame();
-        (h.session, m)
-    }
-    fn recv_frame(&mut self) -> (vport_common::Header, Message) {
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Some(f) = self.dec.next_frame() {
-                let f = f.unwrap();
-                return (f.header, Message::from_frame(&f).unwrap());
-            }
-            let n = self.s.read(&mut buf).unwrap();
-            assert!(n > 0, "host closed");
-            self.dec.push(&buf[..n]);
-        }
-    }
-    /// Answers requests like the agent in session `id` until `until` matches.
-    fn serve(&mut self, id: SessionId, mut until: impl FnMut(&Message) -> bool) {
-        loop {
-            let (sess, m) = self.recv();
-            if until(&m) {
-                return;
-            }
-            match m {
-                Message::Ping { time_ns } if sess == id.session || sess == 0 => {
-                    self.send(sess, &Message::Pong { ping_time_ns: time_ns, time_ns: 7 })
-                }
-                Message::Ping { .. } => self.send(0, &Message::error_unsolicited(error_code::BAD_SESSION, "stale")),
-                _ => {}
-            }
-        }
-    }
-}
-
-fn server() -> (PortServer, Receiver<UnixStream>, Sender<QmpEvent>) {
-    let (agents, rx) = crossbeam_channel::unbounded();
-    let addr = EndpointAddr::UnixClient { path: "/fake".into() };
-    let ep = FakeEndpoint { addr, events: Default::default(), agents };
-    let (qtx, qrx) = crossbeam_channel::unbounded();
-    let srv = PortServer::with_events("org.vport.fake", "vport-port0", "vport-ch0", Box::new(ep), qrx, None);
-    (srv, rx, qtx)
-}
-
-fn agent(rx: &Receiver<UnixStream>) -> Agent {
-    Agent { s: rx.recv_timeout(Duration::from_secs(5)).unwrap(), dec: Decoder::default(), seq: 0 }
-}
-
-fn event(name: &str, data: serde_json::Value) -> QmpEvent {
-    QmpEvent { name: name.into(), data, qemu_time_us: 0, received: Instant::now() }
 }
 
 const T: Duration = Duration::from_secs(5);
@@ -343,28 +237,6 @@ fn a_refused_connect_is_retried_under_always_and_is_an_error_under_once() {
     assert_eq!(always.backlog(), Backlog::NotConnected);
 }
 
-/// An observer that keeps what it heard of the connection.
-#[derive(Default)]
-struct Recorded(std::sync::Mutex<Vec<String>>);
-
-impl Recorded {
-    fn take(&self) -> Vec<String> {
-        std::mem::take(&mut *self.0.lock().unwrap())
-    }
-}
-
-impl crate::link::LinkObserver for Recorded {
-    fn message(&self, _: &str, _: vport_common::trace::Direction, _: u32, m: &Message, _: u64) {
-        self.0.lock().unwrap().push(format!("{:?}", m.kind()));
-    }
-    fn host_connected(&self, _: &str) {
-        self.0.lock().unwrap().push("connect".into());
-    }
-    fn host_disconnected(&self, _: &str, reason: &str) {
-        self.0.lock().unwrap().push(format!("disconnect: {reason}"));
-    }
-}
-
 #[test]
 fn a_connection_qemu_closes_before_the_handshake_is_made_again_under_always() {
     let (mut srv, agents, _qmp) = server();
@@ -383,4 +255,108 @@ fn a_connection_qemu_closes_before_the_handshake_is_made_again_under_always() {
     assert_eq!(whats.iter().filter(|w| **w == EndpointEventKind::Connected).count(), 2, "{whats:?}");
     drop((s, srv));
     let _ = guest.join();
+}
+
+#[test]
+fn only_a_run_state_an_outgoing_migration_leaves_is_a_migration_stop() {
+    let states = [
+        ("finish-migrate", true),
+        ("postmigrate", true),
+        ("paused", false),
+        ("running", false),
+        ("save-vm", false),
+        ("inmigrate", false),
+        ("prelaunch", false),
+        ("shutdown", false),
+        ("", false),
+    ];
+    for (state, migration) in states {
+        assert_eq!(stopped_by_migration(state), migration, "run state {state:?}");
+    }
+}
+
+/// How a live session ends when QMP says `STOP` while `query-status` answers `state`, and the
+/// QMP commands the server sent (after `qmp_capabilities`).
+fn end_after_stop(state: &'static str) -> (EndReason, Vec<String>) {
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let log = asked.clone();
+    let (qmp, _dir) = scripted_qmp(move |command| {
+        log.lock().unwrap().push(command.to_string());
+        Some(json!({"status": state, "running": false, "singlestep": false}))
+    });
+    let (mut srv, agents, events) = server_with(EndpointKind::UnixClient, Some(qmp));
+    let guest = std::thread::spawn(move || {
+        let mut g = agent(&agents);
+        g.hello(A);
+        g.serve(A, |_| false);
+    });
+    let mut s = srv.accept(T).unwrap();
+    assert_eq!(*asked.lock().unwrap(), Vec::<String>::new(), "nothing asked before the STOP");
+    events.send(event("STOP", Value::Null)).unwrap();
+    let end = s.wait_end(T).unwrap();
+    assert_eq!(srv.last_end(), Some(end.clone()));
+    assert_eq!(srv.state(), Connected { last: Some(A) }, "a stop keeps the connection");
+    drop((s, srv));
+    let _ = guest.join();
+    let asked = asked.lock().unwrap().clone();
+    (end, asked)
+}
+
+#[test]
+fn a_stop_in_postmigrate_is_a_migration_and_one_in_paused_a_pause() {
+    assert_eq!(end_after_stop("postmigrate"), (EndReason::Migrated, vec!["query-status".to_string()]));
+    assert_eq!(end_after_stop("finish-migrate").0, EndReason::Migrated);
+    // A destination whose incoming migration completed is `paused` after a plain stop (its
+    // `query-migrate` would still say `completed`).
+    assert_eq!(end_after_stop("paused"), (EndReason::VmStopped, vec!["query-status".to_string()]));
+}
+
+#[test]
+fn a_connection_qemu_closes_while_qmp_answers_is_lost_and_made_again() {
+    let (qmp, _dir) = scripted_qmp(|_| Some(json!({"status": "running", "running": true, "singlestep": false})));
+    let (mut srv, agents, _events) = server_with(EndpointKind::UnixClient, Some(qmp));
+    let guest = std::thread::spawn(move || {
+        let mut g = agent(&agents);
+        g.hello(A);
+        g.serve(A, |m| matches!(m, Message::Ping { time_ns: 1 }));
+        drop(g); // QEMU closes the connection (the chardev was changed) and runs on
+        let mut g = agent(&agents);
+        assert!(matches!(g.recv(), (0, Message::HelloRequest)), "the new connection asks at once");
+        g.hello(B);
+        assert!(matches!(g.recv(), (0xB, Message::HelloAck { nonce: 2, .. })));
+        g.serve(B, |_| false);
+    });
+    let mut s1 = srv.accept(T).unwrap();
+    let err = s1.ping(T, 1).unwrap_err();
+    assert!(matches!(err, SessionError::Ended(EndReason::ConnectionLost)), "{err}");
+    assert_eq!(srv.state(), Idle, "the server connects again (Reconnect::Always)");
+    let mut s2 = srv.accept(T).unwrap();
+    assert_eq!((s2.id(), s2.number()), (B, 2));
+    s2.ping(T, 2).unwrap();
+    assert_eq!(s1.end_reason(), Some(EndReason::ConnectionLost));
+    let whats: Vec<_> = srv.endpoint_events().history().iter().map(|e| e.what).collect();
+    use EndpointEventKind::{ClosedByPeer, Connected as Up};
+    assert_eq!(whats, [Up, ClosedByPeer, Up]);
+    drop((s1, s2, srv));
+    let _ = guest.join();
+}
+
+#[test]
+fn a_connection_qemu_closes_with_qmp_gone_is_the_vm_exiting() {
+    // The monitor closes at the first command: QEMU is exiting.
+    let (qmp, _dir) = scripted_qmp(|_| None);
+    let (mut srv, agents, _events) = server_with(EndpointKind::UnixClient, Some(qmp));
+    let guest = std::thread::spawn(move || {
+        let mut g = agent(&agents);
+        g.hello(A);
+        g.serve(A, |m| matches!(m, Message::Ping { time_ns: 1 }));
+        drop(g);
+    });
+    let mut s1 = srv.accept(T).unwrap();
+    let err = s1.ping(T, 1).unwrap_err();
+    assert!(matches!(err, SessionError::Ended(EndReason::VmExited)), "{err}");
+    let err = srv.accept(T).unwrap_err();
+    assert!(matches!(err, SessionError::Closed { reason: EndReason::VmExited, .. }), "{err}");
+    assert_eq!(srv.endpoint_events().history().len(), 2, "no second connection: connected, closed by QEMU");
+    guest.join().unwrap();
 }

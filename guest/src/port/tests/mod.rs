@@ -2,6 +2,7 @@
 //! scripted port (poll masks, reads, write limits, probe results, errnos), and [`TestEnv`], a
 //! deterministic clock and random source.
 
+mod acked;
 mod commands;
 mod counters;
 mod decode_reports;

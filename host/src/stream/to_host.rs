@@ -1,0 +1,264 @@
+//! `vport recv`: a file of the guest's stream directory into a host file as an acknowledged
+//! stream. The host is the receiver ([`Receiver`]): it stores in order into its part file
+//! ([`PartFile`]), acknowledges, passes its offset in every STREAM_OPEN so the agent resends
+//! exactly what the host lacks, and renames the part file into place once the digest matches.
+
+use super::part::PartFile;
+use super::{
+    classify, receive, stream_id, Control, Incoming, SessionOutcome, StreamSide, TransferError, TransferEvent,
+    TransferOptions, TransferReport,
+};
+use crate::client::AgentClient;
+use crate::session::{Session, SessionError};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vport_common::message::StreamDirection;
+use vport_common::stream::{DataVerdict, Receiver};
+use vport_common::Message;
+
+/// How long the receiver waits for data before it sends the acknowledgement it holds back.
+const ACK_IDLE: Duration = Duration::from_millis(50);
+
+/// A guest file on its way to the host.
+pub struct ToHost {
+    port: String,
+    id: u64,
+    name: String,
+    part: Option<PartFile>,
+    receiver: Option<Receiver>,
+    total: u64,
+    opts: TransferOptions,
+    started_at: Option<u64>,
+    duplicates: u64,
+    interruptions: u64,
+}
+
+impl ToHost {
+    /// Prepares the stream of the guest's `name` into `dest`; the stream id is derived from
+    /// both, so the same transfer run again resumes from the part file beside `dest`.
+    pub fn new(port: &str, name: &str, dest: &Path, opts: TransferOptions) -> Result<ToHost, TransferError> {
+        let absolute = std::path::absolute(dest).map_err(|source| TransferError::File {
+            op: "cannot resolve",
+            path: dest.to_owned(),
+            source,
+        })?;
+        let id = stream_id(&[b"to-host", name.as_bytes(), absolute.as_os_str().as_encoded_bytes()]);
+        let part = PartFile::open(&absolute, id)?;
+        Ok(ToHost {
+            port: port.to_owned(),
+            id,
+            name: name.to_owned(),
+            part: Some(part),
+            receiver: None,
+            total: 0,
+            opts,
+            started_at: None,
+            duplicates: 0,
+            interruptions: 0,
+        })
+    }
+
+    /// The stream id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn protocol(&self, detail: String) -> TransferError {
+        TransferError::Protocol { port: self.port.clone(), id: self.id, detail }
+    }
+
+    fn interrupted(&mut self, reason: String) -> SessionOutcome {
+        self.interruptions += 1;
+        if let Some(r) = self.receiver.take() {
+            self.duplicates += r.stats().duplicate_bytes;
+        }
+        SessionOutcome::Interrupted(reason)
+    }
+
+    fn part(&mut self) -> Result<&mut PartFile, TransferError> {
+        let id = self.id;
+        self.part.as_mut().ok_or_else(|| TransferError::Protocol {
+            port: self.port.clone(),
+            id,
+            detail: "the part file is already closed".into(),
+        })
+    }
+
+    /// STREAM_OPEN with the part file's length, answered by STREAM_ACCEPT.
+    fn open(&mut self, session: &mut Session) -> Result<Result<(), String>, TransferError> {
+        let (id, offset) = (self.id, self.part()?.len());
+        let open = Message::StreamOpen {
+            id,
+            direction: StreamDirection::ToHost,
+            name: self.name.clone(),
+            seed: 0,
+            total: 0,
+            offset,
+            window: self.opts.window,
+        };
+        let accepted = session.request(&open, self.opts.stall_timeout, "STREAM_ACCEPT", |m| match m {
+            Message::StreamAccept { id: i, offset, total, .. } if *i == id => Some((*offset, *total)),
+            _ => None,
+        });
+        let (start, total) = match accepted {
+            Ok(((start, total), _)) => (start, total),
+            Err(e @ SessionError::Agent { .. }) if offset > 0 => {
+                let path = self.part()?.path().display().to_string();
+                let refused = classify(&self.port, e)?;
+                return Err(self.protocol(format!(
+                    "resuming at {offset} (the length of {path}) was refused: {refused}; remove that file to start again"
+                )));
+            }
+            Err(e) => return classify(&self.port, e).map(Err),
+        };
+        if start != offset {
+            return Err(self.protocol(format!("STREAM_ACCEPT starts at {start}, the host holds {offset}")));
+        }
+        self.total = total;
+        self.receiver = Some(Receiver::new(id, total, offset).map_err(|e| self.protocol(e.to_string()))?);
+        self.started_at.get_or_insert(offset);
+        Ok(Ok(()))
+    }
+
+    /// STREAM_END: the part file's digest against the sender's; kept (renamed into place)
+    /// before STREAM_DONE says so, discarded otherwise.
+    fn end(&mut self, session: &mut Session, total: u64, digest: u64) -> Result<SessionOutcome, TransferError> {
+        let id = self.id;
+        let stored = self.receiver.as_ref().map_or(0, |r| r.offset());
+        if total != self.total || stored != total {
+            return Err(
+                self.protocol(format!("STREAM_END of {total} bytes, but {stored} of {} are stored", self.total))
+            );
+        }
+        let got = self.part()?.digest()?;
+        let ok = got.bytes() == total && got.digest() == digest;
+        let Some(part) = self.part.take() else { return Err(self.protocol("the part file is gone".into())) };
+        if ok {
+            part.finish()?;
+        } else {
+            part.discard()?;
+        }
+        let done = Message::StreamDone { id, bytes: got.bytes(), digest: got.digest(), ok };
+        if let Err(e) = session.send(&done) {
+            // The file is complete and verified; the agent closes its side when the session ends.
+            log::info!("port {}: STREAM_DONE not sent ({e}); the stream is complete here", self.port);
+        }
+        if !ok {
+            return Err(TransferError::DigestMismatch {
+                port: self.port.clone(),
+                id,
+                bytes: got.bytes(),
+                expected: digest,
+                got: got.digest(),
+            });
+        }
+        let duplicates = self.duplicates + self.receiver.as_ref().map_or(0, |r| r.stats().duplicate_bytes);
+        Ok(SessionOutcome::Finished(TransferReport {
+            id,
+            bytes: total,
+            digest,
+            sessions: 0,
+            interruptions: self.interruptions,
+            resent: 0,
+            duplicates,
+            started_at: self.started_at.unwrap_or(0),
+            elapsed: Default::default(),
+        }))
+    }
+
+    /// STREAM_DATA: stored in order, acknowledged; `Some(acked)` when an acknowledgement went out.
+    fn data(
+        &mut self,
+        session: &mut Session,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<Result<Option<u64>, String>, TransferError> {
+        let Some(receiver) = self.receiver.as_mut() else { return Ok(Ok(None)) };
+        let verdict = receiver.on_data(offset, bytes.len()).map_err(|e| e.to_string());
+        let skip = match verdict {
+            Ok(DataVerdict::Store { skip }) => skip,
+            Ok(DataVerdict::Duplicate) => return Ok(Ok(None)),
+            Err(e) => return Err(self.protocol(e)),
+        };
+        self.part()?.append(&bytes[skip..])?;
+        let ack = self.receiver.as_mut().and_then(|r| r.stored((bytes.len() - skip) as u64));
+        self.send_ack(session, ack)
+    }
+
+    fn send_ack(
+        &mut self,
+        session: &mut Session,
+        ack: Option<u64>,
+    ) -> Result<Result<Option<u64>, String>, TransferError> {
+        let Some(offset) = ack else { return Ok(Ok(None)) };
+        match session.send(&Message::StreamAck { id: self.id, offset }) {
+            Ok(()) => Ok(Ok(Some(offset))),
+            Err(e) => classify(&self.port, e).map(Err),
+        }
+    }
+}
+
+impl StreamSide for ToHost {
+    fn port(&self) -> &str {
+        &self.port
+    }
+
+    fn options(&self) -> &TransferOptions {
+        &self.opts
+    }
+
+    fn progress(&self) -> (u64, u64) {
+        (self.receiver.as_ref().map_or_else(|| self.part.as_ref().map_or(0, |p| p.len()), |r| r.offset()), self.total)
+    }
+
+    fn in_session(
+        &mut self,
+        session: &mut Session,
+        hook: &mut dyn FnMut(&TransferEvent) -> Control,
+    ) -> Result<SessionOutcome, TransferError> {
+        if let Err(reason) = self.open(session)? {
+            return Ok(self.interrupted(reason));
+        }
+        let (id, total) = (self.id, self.total);
+        if hook(&TransferEvent::Accepted { offset: self.progress().0, total }) == Control::DropSession {
+            return Ok(self.interrupted("the host left (asked for)".into()));
+        }
+        let mut last_progress = Instant::now();
+        loop {
+            let message = match receive(session, ACK_IDLE, &self.port, id)? {
+                Incoming::Message(m) => m,
+                Incoming::Idle => {
+                    // Idle: the acknowledgement held back goes out now.
+                    let ack = self.receiver.as_mut().and_then(|r| r.flush_ack());
+                    match self.send_ack(session, ack)? {
+                        Ok(Some(_)) => last_progress = Instant::now(),
+                        Ok(None) => {}
+                        Err(reason) => return Ok(self.interrupted(reason)),
+                    }
+                    if last_progress.elapsed() >= self.opts.stall_timeout {
+                        let reason = format!("no data within {:?}: the session stalled", self.opts.stall_timeout);
+                        return Ok(self.interrupted(reason));
+                    }
+                    continue;
+                }
+                Incoming::Over(reason) => return Ok(self.interrupted(reason)),
+            };
+            match message {
+                Message::StreamData { id: i, offset, bytes } if i == id => {
+                    last_progress = Instant::now();
+                    match self.data(session, offset, &bytes)? {
+                        Ok(Some(acked)) => {
+                            if hook(&TransferEvent::Progress { acked, total }) == Control::DropSession {
+                                return Ok(self.interrupted("the host left (asked for)".into()));
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(reason) => return Ok(self.interrupted(reason)),
+                    }
+                }
+                Message::StreamEnd { id: i, total, digest } if i == id => return self.end(session, total, digest),
+                other => log::debug!("port {}: {:?} ignored during the stream", self.port, other.kind()),
+            }
+        }
+    }
+}
