@@ -30,6 +30,24 @@ pub enum StreamDirError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// The stream's name is taken by something that is not a regular file (a directory, a
+    /// symlink, a device): the agent never replaces it.
+    #[error("{path} exists and is not a regular file: the stream cannot be stored there (pick another name)")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The host asked to resume a to-host stream past the file's end (its part file is
+    /// longer than the file now is).
+    #[error("cannot resume {name:?} at {offset}: the file has {len} bytes")]
+    PastEnd {
+        /// The name.
+        name: String,
+        /// The host's offset.
+        offset: u64,
+        /// The file's length.
+        len: u64,
+    },
     /// A file operation failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -103,10 +121,42 @@ impl StreamDir {
         self.root.join(format!(".{name}.{id:016x}.done"))
     }
 
-    /// True when stream `id` into `name` completed here (its marker exists and so does
-    /// `name`).
-    pub fn completed(&self, name: &str, id: u64) -> bool {
-        self.done_path(name, id).exists() && self.root.join(name).exists()
+    /// True when stream `id` of `total` bytes into `name` completed here: its marker is a
+    /// regular file and `name` a regular file of `total` bytes (neither followed if a symlink).
+    /// A name changed since is not complete: the marker is removed and the stream starts again.
+    pub fn completed(&self, name: &str, id: u64, total: u64) -> bool {
+        let marker = self.done_path(name, id);
+        let regular = |p: &Path| std::fs::symlink_metadata(p).ok().filter(|m| m.file_type().is_file());
+        if regular(&marker).is_none() {
+            return false;
+        }
+        if regular(&self.root.join(name)).is_some_and(|m| m.len() == total) {
+            return true;
+        }
+        log::info!("{}: {name} changed since the stream completed; it starts again", marker.display());
+        if let Err(e) = std::fs::remove_file(&marker) {
+            log::warn!("{}: cannot remove: {e}", marker.display());
+        }
+        false
+    }
+
+    /// Forgets that stream `id` into `name` completed (its file no longer matches): the next
+    /// STREAM_OPEN stores it again.
+    pub fn forget_completed(&self, name: &str, id: u64) {
+        let marker = self.done_path(name, id);
+        if let Err(e) = std::fs::remove_file(&marker) {
+            log::warn!("{}: cannot remove: {e}", marker.display());
+        }
+    }
+
+    /// Refuses a name taken by anything but a regular file (checked at STREAM_OPEN, so a
+    /// stream is not stored in full only to fail its rename).
+    fn check_target(&self, name: &str) -> Result<(), StreamDirError> {
+        let path = self.root.join(name);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if !m.file_type().is_file() => Err(StreamDirError::NotAFile { path }),
+            _ => Ok(()),
+        }
     }
 
     /// Opens (or creates) the part file of stream `id` into `name` for a stream of `total`
@@ -115,6 +165,7 @@ impl StreamDir {
     /// and its length, the receive offset.
     pub fn open_part(&self, name: &str, id: u64, total: u64) -> Result<(PartFile, u64), StreamDirError> {
         check_name(name)?;
+        self.check_target(name)?;
         self.remove_others(name, id)?;
         let path = self.part_path(name, id);
         let file = OpenOptions::new()
@@ -156,43 +207,60 @@ impl StreamDir {
         Ok(())
     }
 
-    /// Opens `DIR/name` to send it; returns the file and its length.
+    /// Opens `DIR/name` to send it; returns the file and its length. Never follows a symlink
+    /// and never blocks (`O_NONBLOCK`: a FIFO planted under the name would otherwise stall the
+    /// agent); only a regular file is sent.
     pub fn open_source(&self, name: &str) -> Result<(File, u64), StreamDirError> {
         check_name(name)?;
         let path = self.root.join(name);
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io("open", &path))?;
-        let meta = file.metadata().map_err(io("stat", &path))?;
-        if !meta.is_file() {
-            let source = std::io::Error::other("not a regular file");
-            return Err(StreamDirError::Io { op: "open", path, source });
-        }
-        Ok((file, meta.len()))
+        let file = open_regular(&path)?;
+        let len = file.metadata().map_err(io("stat", &path))?.len();
+        Ok((file, len))
     }
 
-    /// The digest of a completed stream's file `DIR/name`.
-    pub fn digest_of(&self, name: &str) -> Result<(u64, u64), StreamDirError> {
+    /// Length and digest of the first `total` bytes of a completed stream's file `DIR/name`
+    /// (fewer if it is shorter: then the stream is not complete).
+    pub fn digest_of(&self, name: &str, total: u64) -> Result<(u64, u64), StreamDirError> {
         let path = self.root.join(name);
-        let mut f = File::open(&path).map_err(io("open", &path))?;
-        digest_file(&mut f, &path)
+        let mut f = open_regular(&path)?;
+        digest_file(&mut f, &path, total)
     }
 }
 
-/// Length and xxh3-64 of a file's bytes from its start.
-pub fn digest_file(f: &mut File, path: &Path) -> Result<(u64, u64), StreamDirError> {
+/// Opens `path` for reading, not following a symlink and not blocking; fails unless it is a
+/// regular file.
+fn open_regular(path: &Path) -> Result<File, StreamDirError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io("open", path))?;
+    if !file.metadata().map_err(io("stat", path))?.is_file() {
+        return Err(StreamDirError::NotAFile { path: path.to_owned() });
+    }
+    Ok(file)
+}
+
+/// Length and xxh3-64 of a file's first `limit` bytes (all of them if it is shorter): the
+/// stream's digest, even if the file grew since its length was taken.
+pub fn digest_file(f: &mut File, path: &Path, limit: u64) -> Result<(u64, u64), StreamDirError> {
     f.seek(SeekFrom::Start(0)).map_err(io("seek", path))?;
     let mut digest = StreamDigest::new();
     let mut buf = vec![0u8; 256 * 1024];
+    let mut reader = f.take(limit);
     loop {
-        let n = f.read(&mut buf).map_err(io("read", path))?;
+        let n = reader.read(&mut buf).map_err(io("read", path))?;
         if n == 0 {
             return Ok((digest.bytes(), digest.digest()));
         }
         digest.update(&buf[..n]);
     }
+}
+
+/// `fsync`s the directory holding `path`, so a rename or a new file in it survives a crash.
+fn sync_dir_of(path: &Path) -> Result<(), StreamDirError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync", dir))
 }
 
 /// Reads `buf.len()` bytes of `f` at `offset` (a file that is shorter fails).
@@ -210,14 +278,28 @@ impl PartFile {
 
     /// Length and digest of everything stored.
     pub fn digest(&mut self) -> Result<(u64, u64), StreamDirError> {
-        digest_file(&mut self.file, &self.path)
+        digest_file(&mut self.file, &self.path, u64::MAX)
     }
 
-    /// The stream is complete and verified: fsync, rename to its name, leave the marker.
+    /// The stream is complete and verified: fsync, rename to its name, leave the marker
+    /// (created afresh, never through a symlink), fsync the directory: once this returns, a
+    /// crash keeps the file.
     pub fn finish(self) -> Result<PathBuf, StreamDirError> {
         self.file.sync_all().map_err(io("fsync", &self.path))?;
         std::fs::rename(&self.path, &self.final_path).map_err(io("rename", &self.path))?;
-        File::create(&self.done_marker).map_err(io("create", &self.done_marker))?;
+        match std::fs::remove_file(&self.done_marker) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove", &self.done_marker)(e)),
+        }
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&self.done_marker)
+            .map_err(io("create", &self.done_marker))?;
+        sync_dir_of(&self.final_path)?;
         Ok(self.final_path)
     }
 
@@ -260,11 +342,11 @@ mod tests {
         let mut whole = StreamDigest::new();
         whole.update(b"helloworld");
         assert_eq!(part.digest().unwrap(), (10, whole.digest()));
-        assert!(!sd.completed("f", 1));
+        assert!(!sd.completed("f", 1, 10));
         part.finish().unwrap();
         assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"helloworld");
-        assert!(sd.completed("f", 1));
-        assert!(!sd.completed("f", 2));
+        assert!(sd.completed("f", 1, 10));
+        assert!(!sd.completed("f", 2, 10));
         // Another id into the same name removes the first one's marker.
         let (_, offset) = sd.open_part("f", 2, 10).unwrap();
         assert_eq!(offset, 0);
@@ -281,8 +363,37 @@ mod tests {
         std::os::unix::fs::symlink("/etc/hostname", dir.path().join("link")).unwrap();
         assert!(matches!(sd.open_source("link"), Err(StreamDirError::Io { op: "open", .. })));
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        assert!(matches!(sd.open_source("sub"), Err(StreamDirError::Io { .. })));
+        assert!(matches!(sd.open_source("sub"), Err(StreamDirError::NotAFile { .. })));
         std::fs::write(dir.path().join("src"), b"abc").unwrap();
         assert_eq!(sd.open_source("src").unwrap().1, 3);
+        // A FIFO under the name is refused at once, not waited on.
+        nix::unistd::mkfifo(&dir.path().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(matches!(sd.open_source("fifo"), Err(StreamDirError::NotAFile { .. })));
+        // A directory under the name is refused when the stream opens, not after it is stored.
+        assert!(matches!(sd.open_part("sub", 4, 1), Err(StreamDirError::NotAFile { .. })));
+    }
+
+    #[test]
+    fn a_completed_name_that_changed_is_no_longer_complete_and_markers_never_follow_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StreamDir::new(dir.path().to_owned());
+        let (mut part, _) = sd.open_part("f", 1, 3).unwrap();
+        part.append(b"abc").unwrap();
+        part.finish().unwrap();
+        assert!(sd.completed("f", 1, 3));
+        std::fs::write(dir.path().join("f"), b"abcd").unwrap();
+        assert!(!sd.completed("f", 1, 3), "a longer file is not the completed stream");
+        assert!(!dir.path().join(format!(".f.{:016x}.done", 1)).exists(), "its marker is gone");
+        // A symlink planted as the next marker is replaced, not written through.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(format!(".g.{:016x}.done", 2))).unwrap();
+        let (mut part, _) = sd.open_part("g", 2, 1).unwrap();
+        part.append(b"x").unwrap();
+        part.finish().unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(sd.completed("g", 2, 1));
+        // The digest of a completed file covers its stream's length only.
+        assert_eq!(sd.digest_of("f", 3).unwrap().0, 3);
     }
 }

@@ -43,12 +43,14 @@ pub struct Target {
     pub socket: PathBuf,
     /// The VM's tools monitor and the port's chardev id, when known (a `vport boot` VM).
     pub qmp: Option<(PathBuf, String)>,
+    /// The port's QEMU device id, when known (a `vport boot` VM).
+    pub device: Option<String>,
 }
 
 impl Target {
     /// A bare socket (`--socket`): no name, no QEMU to ask.
     pub fn socket(path: &Path) -> Target {
-        Target { name: None, socket: path.into(), qmp: None }
+        Target { name: None, socket: path.into(), qmp: None, device: None }
     }
 
     /// How messages name it: `port NAME` or `socket PATH`.
@@ -150,6 +152,7 @@ pub fn lookup(registry_dir: &Path, name: &str, vm: Option<u32>) -> Result<Target
         name: Some(name.into()),
         socket: port.socket.clone(),
         qmp: entry.qmp_tools.clone().zip(port.chardev.clone()),
+        device: Some(port.id.clone()),
     })
 }
 
@@ -190,6 +193,13 @@ fn chardev_filename(qmp: &Qmp, label: &str) -> Option<String> {
 /// Connects to `target` and returns the connection once QEMU has accepted it, all within
 /// `timeout` (see the module docs for the steps).
 pub fn open(target: &Target, timeout: Duration) -> Result<UnixStream, ConnectError> {
+    open_keeping_qmp(target, timeout).map(|(stream, _)| stream)
+}
+
+/// [`open`], and the VM's tools monitor it asked (`None` for `--socket`, or when the monitor
+/// did not answer): a caller that goes on watching the VM (its run state, its events) keeps
+/// it, since QEMU serves one client per monitor.
+pub fn open_keeping_qmp(target: &Target, timeout: Duration) -> Result<(UnixStream, Option<Qmp>), ConnectError> {
     let start = Instant::now();
     let busy = |evidence: String| ConnectError::Busy { place: target.place(), evidence };
     let qmp = target.qmp.as_ref().and_then(|(path, label)| match Qmp::connect(path, QMP_GREETING.min(timeout)) {
@@ -223,7 +233,7 @@ pub fn open(target: &Target, timeout: Duration) -> Result<UnixStream, ConnectErr
         },
     );
     if accepted.is_ok() {
-        return Ok(stream);
+        return Ok((stream, qmp.map(|(q, _)| q)));
     }
     let waited = format!("{:.1} s", start.elapsed().as_secs_f64());
     match &qmp {
@@ -366,7 +376,7 @@ mod tests {
     }
 
     fn target(path: &Path) -> Target {
-        Target { name: Some("org.vport.t".into()), socket: path.into(), qmp: None }
+        Target { name: Some("org.vport.t".into()), socket: path.into(), qmp: None, device: None }
     }
 
     #[test]

@@ -60,6 +60,9 @@ impl SessionSource for MigratingSource {
         let i = usize::from(self.switched.load(Ordering::SeqCst));
         self.servers[i].disconnect();
     }
+    fn vm_paused(&self) -> bool {
+        self.servers[usize::from(self.switched.load(Ordering::SeqCst))].vm_paused()
+    }
 }
 
 /// The faults of one transfer, from its hook: the host leaves at a quarter; at half, the hook

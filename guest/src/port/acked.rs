@@ -11,7 +11,7 @@ use crate::stream_dir::{self, StreamDir, StreamDirError};
 use vport_common::message::{error_code, StreamDirection};
 use vport_common::pattern;
 use vport_common::stream::{DataVerdict, Receiver, Sender, SenderInput, SenderState, DEFAULT_WINDOW, MAX_WINDOW};
-use vport_common::{Header, Message};
+use vport_common::{Header, Message, MessageType};
 
 /// Largest STREAM_DATA payload the agent sends: one frame fills one 32 KiB write (frame
 /// overhead 28, id and offset 16).
@@ -85,6 +85,15 @@ impl<I: PortIo> Port<I> {
             StreamDirection::ToHost => self.open_outgoing(&dir, h.session, &req, window),
         };
         match opened {
+            Ok((_, total)) if total > self.settings.limits.max_stream_bytes => {
+                self.acked.outgoing = None;
+                self.counters.refusals += 1;
+                let text = format!(
+                    "{:?} has {total} bytes, over the agent's limit of {} bytes (vport-agent --max-stream-bytes)",
+                    req.name, self.settings.limits.max_stream_bytes
+                );
+                self.reply_error(h, h.session, error_code::LIMIT, text);
+            }
             Ok((offset, total)) => {
                 log::info!(
                     "port {}: stream {:#x} {:?} {:?} open at {offset} of {total} (window {window})",
@@ -95,9 +104,12 @@ impl<I: PortIo> Port<I> {
                 );
                 self.send(&Message::StreamAccept { id: req.id, offset, total, window }, h.session);
             }
-            Err(e @ StreamDirError::BadName { .. }) => {
+            Err(e @ (StreamDirError::BadName { .. } | StreamDirError::NotAFile { .. })) => {
                 self.counters.refusals += 1;
                 self.reply_error(h, h.session, error_code::DENIED, e.to_string());
+            }
+            Err(e @ StreamDirError::PastEnd { .. }) => {
+                self.reply_error(h, h.session, error_code::BAD_STATE, e.to_string())
             }
             Err(e) => self.reply_error(h, h.session, error_code::INTERNAL, e.to_string()),
         }
@@ -112,7 +124,7 @@ impl<I: PortIo> Port<I> {
     ) -> Result<(u64, u64), StreamDirError> {
         stream_dir::check_name(&req.name)?;
         self.acked.incoming = None;
-        if dir.completed(&req.name, req.id) {
+        if dir.completed(&req.name, req.id, req.total) {
             self.acked.completed = Some((req.id, req.name.clone()));
             return Ok((req.total, req.total));
         }
@@ -146,6 +158,9 @@ impl<I: PortIo> Port<I> {
             let (file, len) = dir.open_source(&req.name)?;
             (OutSource::File { file, path: dir.root().join(&req.name) }, len)
         };
+        if req.offset > total {
+            return Err(StreamDirError::PastEnd { name: req.name.clone(), offset: req.offset, len: total });
+        }
         let mut sender = Sender::new(req.id, total, window);
         if let Err(e) = sender.on(SenderInput::Accepted { offset: req.offset }) {
             return Err(StreamDirError::Io {
@@ -229,9 +244,14 @@ impl<I: PortIo> Port<I> {
             let text = format!("no to-guest stream {id:#x} is open");
             return self.reply_error(h, h.session, error_code::BAD_STATE, text);
         };
-        match dir.digest_of(&name) {
+        match dir.digest_of(&name, total) {
             Ok((bytes, got)) => {
                 let ok = bytes == total && got == digest;
+                if !ok {
+                    // The file changed since: the next STREAM_OPEN stores the stream again.
+                    dir.forget_completed(&name, id);
+                    self.acked.completed = None;
+                }
                 self.send(&Message::StreamDone { id, bytes, digest: got, ok }, h.session);
             }
             Err(e) => self.reply_error(h, h.session, error_code::INTERNAL, e.to_string()),
@@ -271,16 +291,13 @@ impl<I: PortIo> Port<I> {
                 let total = out.sender.total();
                 let digest = match &mut out.source {
                     OutSource::Pattern { seed } => Ok(pattern::pattern_digest(*seed, total)),
-                    OutSource::File { file, path } => stream_dir::digest_file(file, path).map(|(_, d)| d),
+                    OutSource::File { file, path } => stream_dir::digest_file(file, path, total).map(|(_, d)| d),
                 };
                 match digest {
                     Ok(digest) => {
                         self.send(&Message::StreamEnd { id, total, digest }, session);
                     }
-                    Err(e) => {
-                        log::error!("port {}: stream {id:#x}: {e}; the stream is closed", self.name);
-                        self.acked.outgoing = None;
-                    }
+                    Err(e) => self.abort_outgoing(MessageType::StreamEnd, e.to_string()),
                 }
                 return;
             }
@@ -294,16 +311,25 @@ impl<I: PortIo> Port<I> {
                 OutSource::File { file, path } => stream_dir::read_at(file, offset, &mut bytes, path),
             };
             if let Err(e) = filled {
-                log::error!("port {}: stream {id:#x}: {e}; the stream is closed", self.name);
-                self.acked.outgoing = None;
-                return;
+                return self.abort_outgoing(MessageType::StreamData, e.to_string());
             }
             if !self.send(&Message::StreamData { id, offset, bytes }, session) {
-                log::error!("port {}: stream {id:#x}: STREAM_DATA could not be queued; closed", self.name);
-                self.acked.outgoing = None;
-                return;
+                return self.abort_outgoing(MessageType::StreamData, "STREAM_DATA could not be queued".into());
             }
         }
+    }
+
+    /// The to-host stream cannot go on (its file failed): it is closed, and the host hears
+    /// why in an ERROR (internal) about `kind`, so that it fails the transfer instead of
+    /// waiting for data that never comes.
+    fn abort_outgoing(&mut self, kind: MessageType, why: String) {
+        let Some(out) = self.acked.outgoing.take() else { return };
+        let id = out.sender.id();
+        log::error!("port {}: stream {id:#x}: {why}; the stream is closed", self.name);
+        self.counters.errors_sent += 1;
+        let text = format!("to-host stream {id:#x} closed: {why}");
+        let error = Message::Error { code: error_code::INTERNAL, text, about_kind: kind as u8, about_seq: 0 };
+        self.send(&error, out.session);
     }
 
     /// A session ended: its open streams are closed (their files stay; the next STREAM_OPEN

@@ -18,6 +18,7 @@ use serde_json::json;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Which way the file goes.
@@ -66,6 +67,9 @@ struct Reconnecting {
     path: PathBuf,
     first: Option<UnixStream>,
     events: EndpointEvents,
+    /// Longest blocking write: a port QEMU stopped reading (a dead agent, a stuck port) fails
+    /// the write and so the session, instead of hanging the transfer.
+    write_timeout: Duration,
 }
 
 impl Endpoint for Reconnecting {
@@ -80,6 +84,12 @@ impl Endpoint for Reconnecting {
             Some(s) => s,
             None => crate::chardev::connect_unix(&self.port, &self.path)?,
         };
+        let path = self.path.clone();
+        stream.set_write_timeout(Some(self.write_timeout)).map_err(|source| ChardevError::ConnectUnix {
+            port: self.port.clone(),
+            path,
+            source,
+        })?;
         Ok(Connection::from_unix_stream(&self.port, EndpointKind::UnixClient, stream, &self.events))
     }
     fn events(&self) -> &EndpointEvents {
@@ -115,19 +125,32 @@ pub fn transfer(cmd: &TransferCommand, out: &mut impl Write, progress: &Progress
     };
     let port = target.name.clone().unwrap_or_else(|| target.socket.display().to_string());
     progress.say(&format!("connecting to {}", target.place()));
-    let first = connect::open(&target, Duration::from_secs(3))?;
+    let (first, qmp) = connect::open_keeping_qmp(&target, Duration::from_secs(3))?;
     let endpoint = Reconnecting {
         port: port.clone(),
         addr: EndpointAddr::UnixClient { path: target.socket.clone() },
         path: target.socket.clone(),
         first: Some(first),
         events: EndpointEvents::default(),
+        write_timeout: cmd.stall_timeout,
     };
-    // No QMP: the session's end is seen in band (BYE, a newer HELLO) or as the connection's
-    // loss; a session that makes no progress for --stall is left and resumed.
-    let (_no_events, events_rx) = crossbeam_channel::unbounded();
+    // With the VM's tools monitor (a `vport boot` VM), QMP events end sessions (a pause, a
+    // migration, an unplug) and the run state keeps a paused VM from looking stalled; without
+    // it (--socket) a session's end is seen in band (BYE, a newer HELLO) or as the
+    // connection's loss, and a session that makes no progress for --stall is left and resumed.
     // The default reconnect policy (always) connects again after every interruption.
-    let mut server = PortServer::with_events(&port, "", "", Box::new(endpoint), events_rx, None);
+    let chardev = target.qmp.as_ref().map(|(_, label)| label.clone()).unwrap_or_default();
+    let device = target.device.clone().unwrap_or_default();
+    // Without QMP no event comes, but the channel stays open (its sender lives to the end): a
+    // closed channel would read as QEMU gone.
+    let (_keep_open, no_events) = crossbeam_channel::unbounded();
+    let mut server = match qmp {
+        Some(qmp) => {
+            let events = qmp.subscribe();
+            PortServer::with_events(&port, &device, &chardev, Box::new(endpoint), events, Some(Arc::new(qmp)))
+        }
+        None => PortServer::with_events(&port, &device, &chardev, Box::new(endpoint), no_events, None),
+    };
     let opts = TransferOptions {
         session_timeout: cmd.session_timeout,
         stall_timeout: cmd.stall_timeout,

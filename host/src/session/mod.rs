@@ -83,7 +83,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use live::Session;
-pub use server::{Backlog, PortServer, Reconnect};
+pub use server::{paused_for_now, Backlog, PortServer, Reconnect};
 pub use vport_common::server::{Action, EndReason, Input, ServerError, ServerState, SessionId};
 
 /// Longest read slice while waiting: QMP events are looked at least this often.

@@ -170,6 +170,21 @@ impl PortServer {
         c.observer = Some(observer);
     }
 
+    /// Whether the VM is paused for now, asked of QEMU (`query-status`, see
+    /// [`paused_for_now`]): a VM that is paused, migrating in or saving yields no session, and
+    /// a caller waiting for one does not count that time against the agent. `false` without
+    /// QMP, when QEMU does not answer, and in a state the VM does not leave by itself.
+    pub fn vm_paused(&self) -> bool {
+        let Some(qmp) = lock(&self.core).qmp.clone() else { return false };
+        match qmp.query_status() {
+            Ok(state) => paused_for_now(&state),
+            Err(e) => {
+                log::debug!("port {}: query-status failed: {e}", self.port());
+                false
+            }
+        }
+    }
+
     /// Whether the current connection waits in QEMU's backlog (see [`Backlog`]).
     pub fn backlog(&self) -> Backlog {
         let c = lock(&self.core);
@@ -413,4 +428,13 @@ impl PortServer {
         }
         Ok(None)
     }
+}
+
+/// Whether QEMU run state `state` (`query-status`) is a pause the VM comes back from: `paused`
+/// (a `stop`), `prelaunch`, `suspended`, `inmigrate`, `finish-migrate`, `save-vm`,
+/// `restore-vm`. `running` is not a pause; neither are the states that need more than a `cont`
+/// or never end (`postmigrate`, `shutdown`, `guest-panicked`, `internal-error`, `io-error`,
+/// `watchdog`): waiting there without a deadline would wait forever.
+pub fn paused_for_now(state: &str) -> bool {
+    matches!(state, "paused" | "prelaunch" | "suspended" | "inmigrate" | "finish-migrate" | "save-vm" | "restore-vm")
 }

@@ -38,6 +38,12 @@ pub trait SessionSource {
     /// left throttled with nothing to wake it: after a migration or a pause, see
     /// docs/reliability.md).
     fn reconnect(&mut self);
+    /// Whether the VM is paused for now (`false` when it cannot be known). While it is
+    /// (stopped, migrating in, saving), waiting for a session is not a stall: no reconnect,
+    /// and the time does not count against the session timeout.
+    fn vm_paused(&self) -> bool {
+        false
+    }
 }
 
 impl SessionSource for PortServer {
@@ -46,6 +52,9 @@ impl SessionSource for PortServer {
     }
     fn reconnect(&mut self) {
         self.disconnect();
+    }
+    fn vm_paused(&self) -> bool {
+        PortServer::vm_paused(self)
     }
 }
 
@@ -309,8 +318,9 @@ pub trait StreamSide {
     }
 }
 
-/// The next session within [`TransferOptions::session_timeout`]. A connection that yields
-/// none within [`TransferOptions::stall_timeout`] is left and made again: a port can be
+/// The next session within [`TransferOptions::session_timeout`] of the VM running (time the
+/// VM spends paused or migrating does not count). A connection that yields none within
+/// [`TransferOptions::stall_timeout`] while the VM runs is left and made again: a port can be
 /// stuck so that only QEMU's close of the host connection frees it (the host leaving during a
 /// pause, a port throttled when a migration completed before the host was back).
 fn next_session(
@@ -319,22 +329,31 @@ fn next_session(
     hook: &mut dyn FnMut(&TransferEvent) -> Control,
 ) -> Result<Session, TransferError> {
     let (port, opts) = (side.port(), side.options());
-    let deadline = Instant::now() + opts.session_timeout;
+    let mut deadline = Instant::now() + opts.session_timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let wait = left.min(opts.stall_timeout);
-        match source.next_session(wait) {
+        let started = Instant::now();
+        let e = match source.next_session(wait) {
             Ok(s) => return Ok(s),
-            Err(SessionError::Timeout { .. }) if wait < left => {
+            Err(e) => e,
+        };
+        if matches!(e, SessionError::Timeout { .. }) {
+            if source.vm_paused() {
+                // Paused or migrating: no session can come; neither a stall nor time lost.
+                log::info!("port {port}: the vm is not running; waiting for the next session without a deadline");
+                deadline += started.elapsed();
+                continue;
+            }
+            if wait < left {
                 log::warn!("port {port}: no session within {wait:?}; leaving the connection and connecting again");
                 hook(&TransferEvent::Reconnecting { waited: wait });
                 source.reconnect();
-            }
-            Err(e) => {
-                let (acked, total) = side.progress();
-                return Err(TransferError::NoSession { port: port.to_owned(), acked, total, source: Box::new(e) });
+                continue;
             }
         }
+        let (acked, total) = side.progress();
+        return Err(TransferError::NoSession { port: port.to_owned(), acked, total, source: Box::new(e) });
     }
 }
 
@@ -385,3 +404,6 @@ pub(crate) fn kind_name(kind: u8) -> String {
         None => format!("type {kind:#04x}"),
     }
 }
+
+#[cfg(test)]
+mod tests;

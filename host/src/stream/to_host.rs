@@ -12,7 +12,7 @@ use crate::client::AgentClient;
 use crate::session::{Session, SessionError};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use vport_common::message::StreamDirection;
+use vport_common::message::{error_code, StreamDirection};
 use vport_common::stream::{DataVerdict, Receiver};
 use vport_common::Message;
 
@@ -102,12 +102,13 @@ impl ToHost {
         });
         let (start, total) = match accepted {
             Ok(((start, total), _)) => (start, total),
-            Err(e @ SessionError::Agent { .. }) if offset > 0 => {
+            Err(SessionError::Agent { code: error_code::BAD_STATE, text, .. }) if offset > 0 => {
+                // The guest's file is shorter than what the part file holds: another file
+                // under the same name. Start again from 0, in the next session.
                 let path = self.part()?.path().display().to_string();
-                let refused = classify(&self.port, e)?;
-                return Err(self.protocol(format!(
-                    "resuming at {offset} (the length of {path}) was refused: {refused}; remove that file to start again"
-                )));
+                log::warn!("port {}: {text}; {path} is started again from 0", self.port);
+                self.part()?.truncate()?;
+                return Ok(Err(format!("{path} was longer than the guest's file ({text}): started again from 0")));
             }
             Err(e) => return classify(&self.port, e).map(Err),
         };

@@ -1,0 +1,86 @@
+//! The transfer loop's liveness: a connection that yields no session is left and made again
+//! only while the VM runs; the ids that make a transfer resumable.
+
+use super::*;
+
+/// A source that never yields a session; the VM's run state per call is scripted.
+struct NoSession {
+    /// Whether QEMU reports the VM paused at call `n` (from 1).
+    paused: fn(usize) -> bool,
+    calls: usize,
+    reconnects_at: Vec<usize>,
+}
+
+impl SessionSource for NoSession {
+    fn next_session(&mut self, timeout: Duration) -> Result<Session, SessionError> {
+        self.calls += 1;
+        Err(SessionError::Timeout { port: "p".into(), what: "HELLO".into(), timeout })
+    }
+    fn reconnect(&mut self) {
+        self.reconnects_at.push(self.calls);
+    }
+    fn vm_paused(&self) -> bool {
+        (self.paused)(self.calls)
+    }
+}
+
+fn side(opts: TransferOptions) -> (to_guest::ToGuest, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    std::fs::write(&path, b"abc").unwrap();
+    (to_guest::ToGuest::new("p", &path, "f", opts).unwrap(), dir)
+}
+
+#[test]
+fn no_session_while_the_vm_is_stopped_is_no_stall_and_once_it_runs_the_host_reconnects() {
+    let opts = TransferOptions {
+        session_timeout: Duration::from_millis(40),
+        stall_timeout: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let (mut side, _dir) = side(opts);
+    let mut source = NoSession { paused: |call| call <= 5, calls: 0, reconnects_at: Vec::new() };
+    let mut events = Vec::new();
+    let err = side.run(&mut source, &mut |e| {
+        events.push(e.clone());
+        Control::Continue
+    });
+    assert!(matches!(err, Err(TransferError::NoSession { acked: 0, total: 3, .. })), "{err:?}");
+    assert!(source.calls > 5, "it kept waiting after the stopped phase: {} calls", source.calls);
+    assert!(source.reconnects_at.iter().all(|&call| call > 5), "reconnected while stopped: {:?}", source.reconnects_at);
+    assert!(!source.reconnects_at.is_empty(), "a running vm's silent connection was never made again");
+    let reported = events.iter().filter(|e| matches!(e, TransferEvent::Reconnecting { .. })).count();
+    assert_eq!(reported, source.reconnects_at.len(), "every reconnect is an event");
+}
+
+#[test]
+fn a_running_or_unknown_vm_s_silent_connection_is_made_again() {
+    let opts = TransferOptions {
+        session_timeout: Duration::from_millis(30),
+        stall_timeout: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let (mut side, _dir) = side(opts);
+    let mut source = NoSession { paused: |_| false, calls: 0, reconnects_at: Vec::new() };
+    assert!(side.run(&mut source, &mut |_| Control::Continue).is_err());
+    assert!(!source.reconnects_at.is_empty());
+}
+
+#[test]
+fn stream_ids_depend_on_every_part_and_on_where_parts_split() {
+    let a = stream_id(&[b"to-guest", b"name", b"x"]);
+    assert_eq!(a, stream_id(&[b"to-guest", b"name", b"x"]));
+    assert_ne!(a, stream_id(&[b"to-guest", b"name", b"y"]));
+    assert_ne!(stream_id(&[b"ab", b"c"]), stream_id(&[b"a", b"bc"]));
+}
+
+#[test]
+fn only_states_a_vm_leaves_by_itself_or_with_cont_are_pauses() {
+    use crate::session::paused_for_now;
+    for s in ["paused", "prelaunch", "suspended", "inmigrate", "finish-migrate", "save-vm", "restore-vm"] {
+        assert!(paused_for_now(s), "{s}");
+    }
+    for s in ["running", "postmigrate", "shutdown", "guest-panicked", "internal-error", "io-error", "watchdog", ""] {
+        assert!(!paused_for_now(s), "{s}");
+    }
+}
