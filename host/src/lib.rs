@@ -60,6 +60,7 @@ pub mod command;
 pub mod conformance;
 pub mod connect;
 pub mod exit;
+pub mod faults;
 pub mod hello;
 pub mod image;
 pub mod link;

@@ -133,6 +133,8 @@ fn files_go_each_way_through_a_host_drop_and_a_live_migration() {
     let mut cfg = vm_config(guest_image(), &ports, &args);
     let mig_sock = work.path().join("migration.sock");
     cfg.incoming = Some(format!("unix:{}", mig_sock.display()));
+    // QEMU's own account of the ports' throttling on the destination (docs/reliability.md).
+    cfg.extra_args.extend(["-trace".into(), "virtio_serial_throttle_port".into()]);
     let mut dst = TestVm { rig: Rig::launch(cfg).unwrap_or_else(|e| panic!("destination: {e}")) };
     src.resume();
 
@@ -172,6 +174,9 @@ fn files_go_each_way_through_a_host_drop_and_a_live_migration() {
     let (got, _) = recv.join().expect("the recv thread panicked").unwrap_or_else(|e| panic!("recv: {e}"));
     report_line("host -> guest", &sent);
     report_line("guest -> host", &got);
+    let trace = std::fs::read_to_string(dst.rig.vm.stderr_log()).unwrap_or_default();
+    let throttles: Vec<&str> = trace.lines().filter(|l| l.contains("virtio_serial_throttle_port")).take(6).collect();
+    eprintln!("e2e: destination's first throttle trace lines: {throttles:?}");
     assert_eq!((sent.bytes, sent.digest), (SIZE as u64, digest(&a)));
     assert_eq!((got.bytes, got.digest), (SIZE as u64, digest(&b)));
     for r in [&sent, &got] {

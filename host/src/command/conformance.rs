@@ -6,7 +6,7 @@ use super::{stdout_err, CommandError, Progress};
 use crate::conformance::{self, SuiteOptions};
 use crate::exit::ExitCode;
 use crate::qemu::AccelChoice;
-use crate::report::{human, json, junit};
+use crate::report::human;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -61,18 +61,7 @@ pub fn conformance(cmd: ConformanceCommand, out: &mut dyn Write, progress: &Prog
             progress.say(&line);
         }
     })?;
-    // Results first: a report file that cannot be written must not lose them.
-    if cmd.json {
-        writeln!(out, "{}", json::render_json(&report)).map_err(stdout_err)?;
-    } else {
-        write!(out, "{}", human::render_text(&report)).map_err(stdout_err)?;
-    }
-    out.flush().map_err(stdout_err)?;
-    if let Some(path) = cmd.junit {
-        if let Err(source) = std::fs::write(&path, junit::render_junit(&report)) {
-            return Err(CommandError::Report { what: "JUnit", path, source });
-        }
-    }
+    super::write_suite_report(&report, cmd.json, cmd.junit, out)?;
     match report.exit_code() {
         ExitCode::Success => Ok(()),
         code @ ExitCode::Infrastructure => Err(CommandError::Suite {

@@ -6,6 +6,7 @@
 pub mod boot;
 pub mod conformance;
 pub mod connect;
+pub mod faults;
 pub mod hello;
 pub mod image;
 pub mod trace;
@@ -133,6 +134,29 @@ impl CommandError {
     pub fn needs_message(&self) -> bool {
         !matches!(self, CommandError::Reported(_))
     }
+}
+
+/// Writes a suite's report: the matrix (or JSON) on `out` first, so that a JUnit file that
+/// cannot be written does not lose the results, then the JUnit file if asked for.
+pub(crate) fn write_suite_report(
+    report: &crate::report::RunReport,
+    json: bool,
+    junit: Option<PathBuf>,
+    out: &mut dyn std::io::Write,
+) -> Result<(), CommandError> {
+    use crate::report::{human, json as json_report, junit as junit_report};
+    if json {
+        writeln!(out, "{}", json_report::render_json(report)).map_err(stdout_err)?;
+    } else {
+        write!(out, "{}", human::render_text(report)).map_err(stdout_err)?;
+    }
+    out.flush().map_err(stdout_err)?;
+    if let Some(path) = junit {
+        if let Err(source) = std::fs::write(&path, junit_report::render_junit(report)) {
+            return Err(CommandError::Report { what: "JUnit", path, source });
+        }
+    }
+    Ok(())
 }
 
 /// Maps a stdout write error.

@@ -15,6 +15,9 @@ use vport_common::Message;
 
 use super::announce::{service, Gate};
 use super::{Backlog, PROBE_PING, PUMP_SLICE};
+
+/// How many ended guest sessions a server remembers ([`Core::ended_ids`]).
+const ENDED_IDS: usize = 16;
 use crate::qmp::QmpError;
 use crate::wait::wait_until;
 use std::time::Duration;
@@ -46,6 +49,10 @@ pub(super) struct Core {
     /// Sessions handed out so far; the live one (if any) is number `generation`.
     pub(super) generation: u64,
     pub(super) ends: Vec<(u64, EndReason)>,
+    /// The guest sessions that ended here, newest last (at most [`ENDED_IDS`]): a HELLO that
+    /// offers one again is stale (an offer repeated by an agent that never got the last
+    /// acknowledgement, or bytes of an old connection) and never becomes a new Session.
+    pub(super) ended_ids: std::collections::VecDeque<SessionId>,
     pub(super) request_hello: bool,
     pub(super) probe_pending: bool,
     pub(super) host_version: String,
@@ -85,6 +92,10 @@ impl Core {
         if step.to != step.from {
             log::debug!("port {}: {:?} --{input}--> {:?}", self.port, step.from, step.to);
         }
+        let ending = match &step.from {
+            ServerState::Ready { id } => Some(*id),
+            _ => None,
+        };
         let mut yielded = None;
         for a in step.actions {
             match a {
@@ -98,6 +109,12 @@ impl Core {
                 Action::End(reason) => {
                     log::info!("port {}: session {} ended: {reason}", self.port, self.generation);
                     self.ends.push((self.generation, reason));
+                    if let Some(id) = ending {
+                        if self.ended_ids.len() == ENDED_IDS {
+                            self.ended_ids.pop_front();
+                        }
+                        self.ended_ids.push_back(id);
+                    }
                     // The wait for the next session starts now: the agent is asked one interval
                     // later, unless the end asks at once (`RequestHello`).
                     self.asked_at = Some(Instant::now());
@@ -107,6 +124,22 @@ impl Core {
             }
         }
         yielded
+    }
+
+    /// Applies a HELLO the agent offered: the new session's id, or `None` if it is not one (it
+    /// repeats the live or the last session, or one that ended here: then a HELLO_REQUEST is
+    /// due at once, which makes the agent start a new session).
+    pub(super) fn offered(&mut self, id: SessionId) -> Option<SessionId> {
+        if self.ended_ids.contains(&id) {
+            log::info!(
+                "port {}: hello of session {:#010x}, which ended here, ignored; asking for a new one",
+                self.port,
+                id.session
+            );
+            self.request_hello = true;
+            return None;
+        }
+        self.apply(Input::Hello(id))
     }
 
     pub(super) fn end_of(&self, generation: u64) -> Option<EndReason> {
@@ -252,7 +285,7 @@ impl Core {
             Ok(mut hs) => {
                 hs.requests_sent = self.requests;
                 let id = SessionId { session: hs.session, nonce: hs.hello.nonce };
-                Ok(self.apply(Input::Hello(id)).map(|id| (id, hs)))
+                Ok(self.offered(id).map(|id| (id, hs)))
             }
             Err(LinkError::Timeout { .. }) => Ok(None),
             Err(e) => {

@@ -104,6 +104,7 @@ impl PortServer {
             link: None,
             generation: 0,
             ends: Vec::new(),
+            ended_ids: Default::default(),
             request_hello: false,
             probe_pending: false,
             host_version: concat!("vport-host ", env!("CARGO_PKG_VERSION")).into(),
@@ -258,7 +259,7 @@ impl PortServer {
                         Ok(mut hs) => {
                             hs.requests_sent = core.requests;
                             let id = SessionId { session: hs.session, nonce: hs.hello.nonce };
-                            if c.apply(Input::Hello(id)).is_some() {
+                            if c.offered(id).is_some() {
                                 let generation = c.generation;
                                 drop(c);
                                 return Ok(Session::new(self.core.clone(), generation, id, port, hs));

@@ -360,3 +360,32 @@ fn a_connection_qemu_closes_with_qmp_gone_is_the_vm_exiting() {
     assert_eq!(srv.endpoint_events().history().len(), 2, "no second connection: connected, closed by QEMU");
     guest.join().unwrap();
 }
+
+#[test]
+fn a_session_that_ended_here_is_never_handed_out_again_on_a_new_connection() {
+    let (mut srv, agents, _qmp) = server();
+    let guest = std::thread::spawn(move || {
+        let mut g = agent(&agents);
+        assert!(matches!(g.recv(), (0, Message::HelloRequest)));
+        g.hello(A);
+        assert!(matches!(g.recv(), (0xA, Message::HelloAck { .. })));
+        // The host leaves and comes back; the agent, which never saw it go (its HELLO_ACK
+        // lost, or the close and the connect too close together), offers A again.
+        let mut g = agent(&agents);
+        assert!(matches!(g.recv(), (0, Message::HelloRequest)));
+        g.hello(A);
+        // The stale offer is not a session: the server asks again, and the agent's new
+        // session is the one handed out.
+        while !matches!(g.recv(), (_, Message::HelloRequest)) {}
+        g.hello(B);
+        assert!(matches!(g.recv(), (0xB, Message::HelloAck { .. })));
+        g.serve(B, |_| false);
+    });
+    let s1 = srv.accept(T).unwrap();
+    assert_eq!(s1.id(), A);
+    drop(s1);
+    let s2 = srv.accept(T).unwrap();
+    assert_eq!((s2.id(), s2.number()), (B, 2), "session A ended here; its HELLO again is stale");
+    drop(s2);
+    guest.join().unwrap_err(); // the scripted agent saw the host close (assert in recv)
+}

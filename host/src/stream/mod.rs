@@ -126,6 +126,9 @@ pub enum Control {
     Continue,
     /// The host leaves the connection now (a fault); the transfer resumes in the next session.
     DropSession,
+    /// The guest closes the port and opens it again now (REOPEN, a fault); the transfer
+    /// resumes in the next session.
+    ReopenGuest,
 }
 
 /// How a transfer ended.
@@ -297,8 +300,8 @@ pub trait StreamSide {
             number += 1;
             log::info!("port {}: stream in session {number} ({:#010x})", self.port(), session.id().session);
             let outcome = match hook(&TransferEvent::Session { number }) {
-                Control::DropSession => SessionOutcome::Interrupted("the host left (asked for)".into()),
                 Control::Continue => self.in_session(&mut session, hook)?,
+                other => SessionOutcome::Interrupted(obey(other, &mut session).unwrap_or_default()),
             };
             match outcome {
                 SessionOutcome::Finished(mut report) => {
@@ -354,6 +357,22 @@ fn next_session(
         }
         let (acked, total) = side.progress();
         return Err(TransferError::NoSession { port: port.to_owned(), acked, total, source: Box::new(e) });
+    }
+}
+
+/// How long the agent may take to close and reopen a port on [`Control::ReopenGuest`].
+const REOPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Carries out what the hook asked for inside a live session: `Some(why)` when the session is
+/// to end (the transfer resumes in the next one), `None` to go on.
+pub(crate) fn obey(control: Control, session: &mut Session) -> Option<String> {
+    match control {
+        Control::Continue => None,
+        Control::DropSession => Some("the host left (asked for)".into()),
+        Control::ReopenGuest => Some(match session.reopen_guest(REOPEN_TIMEOUT) {
+            Ok(end) => format!("the guest closed and reopened the port (asked for): {end}"),
+            Err(e) => format!("the guest was asked to reopen the port: {e}"),
+        }),
     }
 }
 

@@ -4,7 +4,7 @@
 //! the agent checks before it renames its part file into place.
 
 use super::{
-    classify, receive, stream_id, Control, Incoming, SessionOutcome, StreamSide, TransferError, TransferEvent,
+    classify, obey, receive, stream_id, Control, Incoming, SessionOutcome, StreamSide, TransferError, TransferEvent,
     TransferOptions, TransferReport, HOST_CHUNK,
 };
 use crate::client::AgentClient;
@@ -153,8 +153,8 @@ impl StreamSide for ToGuest {
             return Ok(self.interrupted(reason));
         }
         let total = self.sender.total();
-        if hook(&TransferEvent::Accepted { offset: self.sender.acked(), total }) == Control::DropSession {
-            return Ok(self.interrupted("the host left (asked for)".into()));
+        if let Some(reason) = obey(hook(&TransferEvent::Accepted { offset: self.sender.acked(), total }), session) {
+            return Ok(self.interrupted(reason));
         }
         let id = self.sender.id();
         loop {
@@ -175,8 +175,10 @@ impl StreamSide for ToGuest {
                     let before = self.sender.acked();
                     self.sender.on(SenderInput::Ack { offset }).map_err(|e| self.protocol(e.to_string()))?;
                     let acked = self.sender.acked();
-                    if acked > before && hook(&TransferEvent::Progress { acked, total }) == Control::DropSession {
-                        return Ok(self.interrupted("the host left (asked for)".into()));
+                    if acked > before {
+                        if let Some(reason) = obey(hook(&TransferEvent::Progress { acked, total }), session) {
+                            return Ok(self.interrupted(reason));
+                        }
                     }
                 }
                 Message::StreamDone { id: i, bytes, digest, ok } if i == id => {

@@ -5,7 +5,7 @@
 
 use super::part::PartFile;
 use super::{
-    classify, receive, stream_id, Control, Incoming, SessionOutcome, StreamSide, TransferError, TransferEvent,
+    classify, obey, receive, stream_id, Control, Incoming, SessionOutcome, StreamSide, TransferError, TransferEvent,
     TransferOptions, TransferReport,
 };
 use crate::client::AgentClient;
@@ -221,8 +221,8 @@ impl StreamSide for ToHost {
             return Ok(self.interrupted(reason));
         }
         let (id, total) = (self.id, self.total);
-        if hook(&TransferEvent::Accepted { offset: self.progress().0, total }) == Control::DropSession {
-            return Ok(self.interrupted("the host left (asked for)".into()));
+        if let Some(reason) = obey(hook(&TransferEvent::Accepted { offset: self.progress().0, total }), session) {
+            return Ok(self.interrupted(reason));
         }
         let mut last_progress = Instant::now();
         loop {
@@ -249,8 +249,8 @@ impl StreamSide for ToHost {
                     last_progress = Instant::now();
                     match self.data(session, offset, &bytes)? {
                         Ok(Some(acked)) => {
-                            if hook(&TransferEvent::Progress { acked, total }) == Control::DropSession {
-                                return Ok(self.interrupted("the host left (asked for)".into()));
+                            if let Some(reason) = obey(hook(&TransferEvent::Progress { acked, total }), session) {
+                                return Ok(self.interrupted(reason));
                             }
                         }
                         Ok(None) => {}

@@ -1,0 +1,55 @@
+//! `vport run faults`: the fault suite on a real VM, progress on stderr while it runs, the
+//! matrix (or JSON) on stdout, optionally JUnit XML to a file.
+
+use super::image::{prepare, ImageChoice};
+use super::{CommandError, Progress};
+use crate::exit::ExitCode;
+use crate::faults::{self, FaultsOptions};
+use crate::qemu::AccelChoice;
+use crate::report::human;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What `vport run faults` is asked for.
+#[derive(Debug, Clone)]
+pub struct FaultsCommand {
+    /// The image.
+    pub image: ImageChoice,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// Repetitions of each fault.
+    pub repeats: u32,
+    /// The transfers' liveness deadline.
+    pub stall: Duration,
+    /// The report as JSON instead of the matrix.
+    pub json: bool,
+    /// Also write the report as JUnit XML here.
+    pub junit: Option<PathBuf>,
+}
+
+/// `vport run faults`. A JUnit file that cannot be created is a usage error before anything
+/// boots; the results are on `out` before a JUnit file that cannot be written is reported.
+pub fn faults(cmd: FaultsCommand, out: &mut dyn Write, progress: &Progress) -> Result<(), CommandError> {
+    if let Some(path) = &cmd.junit {
+        crate::usage::check_output_file("--junit", path)?;
+    }
+    let img = prepare(&cmd.image, progress)?;
+    let mut opts = FaultsOptions::new(img);
+    opts.accel = cmd.accel;
+    opts.repeats = cmd.repeats;
+    opts.stall = cmd.stall;
+    let report = faults::run(&opts, &mut |ev| {
+        if let Some(line) = human::progress_line(ev) {
+            progress.say(&line);
+        }
+    });
+    super::write_suite_report(&report, cmd.json, cmd.junit, out)?;
+    match report.exit_code() {
+        ExitCode::Success => Ok(()),
+        code @ ExitCode::Infrastructure => {
+            Err(CommandError::Suite { code, message: "the fault suite's vm could not be set up".into() })
+        }
+        code => Err(CommandError::Suite { code, message: "fault cases failed".into() }),
+    }
+}
