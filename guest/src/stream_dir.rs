@@ -16,9 +16,6 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use vport_common::pattern::StreamDigest;
 
-/// Longest stream name in bytes (a file name's limit on Linux).
-pub const MAX_NAME: usize = 255;
-
 /// Why a stream file operation failed.
 #[derive(Debug, Error)]
 pub enum StreamDirError {
@@ -61,24 +58,12 @@ pub enum StreamDirError {
     },
 }
 
-/// Checks that `name` is a plain file name: not empty, no `/` or NUL, no leading `.` (so not
-/// `.` or `..`, and never one of the agent's own part or marker files), at most [`MAX_NAME`]
-/// bytes.
+/// Checks that `name` is a plain file name ([`vport_common::stream::name_problem`]).
 pub fn check_name(name: &str) -> Result<(), StreamDirError> {
-    let why = if name.is_empty() {
-        "it is empty"
-    } else if name.len() > MAX_NAME {
-        "it is longer than 255 bytes"
-    } else if name.contains('/') {
-        "it contains '/'"
-    } else if name.contains('\0') {
-        "it contains NUL"
-    } else if name.starts_with('.') {
-        "it starts with '.'"
-    } else {
-        return Ok(());
-    };
-    Err(StreamDirError::BadName { name: name.to_owned(), why })
+    match vport_common::stream::name_problem(name) {
+        Some(why) => Err(StreamDirError::BadName { name: name.to_owned(), why }),
+        None => Ok(()),
+    }
 }
 
 /// The stream directory.

@@ -158,22 +158,6 @@ pub fn check_filter(filter: Option<&str>) -> Result<(), UsageError> {
     Ok(())
 }
 
-/// Why `name` cannot name a file in the agent's stream directory (the agent's own rule, so the
-/// user hears it before anything connects), or `None` when it can.
-pub fn stream_name_problem(name: &str) -> Option<String> {
-    if name.is_empty() {
-        Some("the name is empty".into())
-    } else if name.len() > 255 {
-        Some(format!("it has {} bytes", name.len()))
-    } else if name.contains('/') || name.contains('\0') {
-        Some("it contains `/` or NUL".into())
-    } else if name.starts_with('.') {
-        Some("it starts with `.` (`.` and `..` name directories; hidden names are the agent's part files)".into())
-    } else {
-        None
-    }
-}
-
 /// Checks a file to send: it exists, is a regular file, and can be opened.
 pub fn check_source_file(path: &Path) -> Result<(), UsageError> {
     let bad = |reason: String| UsageError::SourceFile { path: path.to_owned(), reason };
@@ -184,10 +168,11 @@ pub fn check_source_file(path: &Path) -> Result<(), UsageError> {
     std::fs::File::open(path).map(drop).map_err(|e| bad(e.to_string()))
 }
 
-/// Checks a guest file name (see [`stream_name_problem`]).
+/// Checks a guest file name by the agent's own rule ([`vport_common::stream::name_problem`]),
+/// so the user hears of a bad one before anything connects.
 pub fn check_stream_name(name: &str) -> Result<(), UsageError> {
-    match stream_name_problem(name) {
-        Some(reason) => Err(UsageError::StreamName { name: name.into(), reason }),
+    match vport_common::stream::name_problem(name) {
+        Some(reason) => Err(UsageError::StreamName { name: name.into(), reason: reason.into() }),
         None => Ok(()),
     }
 }

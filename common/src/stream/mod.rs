@@ -32,6 +32,29 @@ pub const MAX_WINDOW: u32 = 4 << 20;
 /// and whenever its caller flushes).
 pub const ACK_EVERY: u64 = 64 * 1024;
 
+/// Longest stream name in bytes (a file name's limit on Linux, `NAME_MAX`).
+pub const MAX_NAME: usize = 255;
+
+/// Why `name` cannot name a file of a stream directory, or `None` when it can: it must be a
+/// plain file name, not empty, without `/` or NUL, not starting with `.` (so never `.` or `..`,
+/// nor one of the agent's own part or marker files), at most [`MAX_NAME`] bytes. The one rule:
+/// the agent refuses such a name, and the host checks it before it connects.
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > MAX_NAME {
+        Some("it is longer than 255 bytes")
+    } else if name.contains('/') {
+        Some("it contains '/'")
+    } else if name.contains('\0') {
+        Some("it contains NUL")
+    } else if name.starts_with('.') {
+        Some("it starts with '.'")
+    } else {
+        None
+    }
+}
+
 /// An input a stream machine refuses: the peer broke the protocol, or the stored state does
 /// not fit the stream. The stream stops; a new STREAM_OPEN may resume it.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

@@ -28,13 +28,36 @@ pub struct UnixClientEndpoint {
     addr: EndpointAddr,
     path: PathBuf,
     events: EndpointEvents,
+    /// A connection already made (and checked) that the first `connect` hands out.
+    first: Option<UnixStream>,
+    /// Longest blocking write on each connection (`None`: writes may block for ever).
+    write_timeout: Option<Duration>,
 }
 
 impl UnixClientEndpoint {
     /// The host end of port `port` whose QEMU chardev listens on the unix socket `path`.
     pub(super) fn new(port: &str, path: &Path) -> Self {
         let addr = EndpointAddr::UnixClient { path: path.to_path_buf() };
-        UnixClientEndpoint { port: port.into(), addr, path: path.to_path_buf(), events: EndpointEvents::default() }
+        UnixClientEndpoint {
+            port: port.into(),
+            addr,
+            path: path.to_path_buf(),
+            events: EndpointEvents::default(),
+            first: None,
+            write_timeout: None,
+        }
+    }
+
+    /// The host end of port `port` at `path`, whose first connection is `first` (made and
+    /// checked by the caller, `crate::connect::open`); every later one connects again. Each
+    /// connection's writes give up after `write_timeout`: a port QEMU stopped reading (a dead
+    /// agent, a stuck port) then fails the write, and so the session, instead of hanging it.
+    pub fn resuming(port: &str, path: &Path, first: UnixStream, write_timeout: Duration) -> Self {
+        UnixClientEndpoint {
+            first: Some(first),
+            write_timeout: Some(write_timeout),
+            ..UnixClientEndpoint::new(port, path)
+        }
     }
 }
 
@@ -47,7 +70,15 @@ impl Endpoint for UnixClientEndpoint {
     }
     fn connect(&mut self, _timeout: Duration) -> Result<Connection, ChardevError> {
         // A unix connect to a listening socket completes at once (or fails at once).
-        let s = connect_unix(&self.port, &self.path)?;
+        let s = match self.first.take() {
+            Some(s) => s,
+            None => connect_unix(&self.port, &self.path)?,
+        };
+        s.set_write_timeout(self.write_timeout).map_err(|source| ChardevError::ConnectUnix {
+            port: self.port.clone(),
+            path: self.path.clone(),
+            source,
+        })?;
         Ok(Connection::new(&self.port, EndpointKind::UnixClient, Io::Unix(s), &self.events))
     }
     fn events(&self) -> &EndpointEvents {

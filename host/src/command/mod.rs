@@ -8,6 +8,7 @@ pub mod conformance;
 pub mod connect;
 pub mod faults;
 pub mod hello;
+pub mod help;
 pub mod image;
 pub mod trace;
 pub mod transfer;

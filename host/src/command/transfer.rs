@@ -6,7 +6,7 @@
 //! stored.
 
 use super::{stdout_err, CommandError, Progress};
-use crate::chardev::{ChardevError, Connection, Endpoint, EndpointAddr, EndpointEvents, EndpointKind};
+use crate::chardev::UnixClientEndpoint;
 use crate::connect::{self, Target};
 use crate::registry;
 use crate::session::PortServer;
@@ -16,7 +16,6 @@ use crate::stream::{Control, StreamSide, TransferEvent, TransferOptions, Transfe
 use crate::usage::{self, UsageError};
 use serde_json::json;
 use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,44 +58,6 @@ pub struct TransferCommand {
     pub json: bool,
 }
 
-/// The port's endpoint for a transfer: the first connection is the one [`connect::open`] made
-/// (checked free and accepted by QEMU); every later one connects to the same socket again.
-struct Reconnecting {
-    port: String,
-    addr: EndpointAddr,
-    path: PathBuf,
-    first: Option<UnixStream>,
-    events: EndpointEvents,
-    /// Longest blocking write: a port QEMU stopped reading (a dead agent, a stuck port) fails
-    /// the write and so the session, instead of hanging the transfer.
-    write_timeout: Duration,
-}
-
-impl Endpoint for Reconnecting {
-    fn port(&self) -> &str {
-        &self.port
-    }
-    fn addr(&self) -> &EndpointAddr {
-        &self.addr
-    }
-    fn connect(&mut self, _timeout: Duration) -> Result<Connection, ChardevError> {
-        let stream = match self.first.take() {
-            Some(s) => s,
-            None => crate::chardev::connect_unix(&self.port, &self.path)?,
-        };
-        let path = self.path.clone();
-        stream.set_write_timeout(Some(self.write_timeout)).map_err(|source| ChardevError::ConnectUnix {
-            port: self.port.clone(),
-            path,
-            source,
-        })?;
-        Ok(Connection::from_unix_stream(&self.port, EndpointKind::UnixClient, stream, &self.events))
-    }
-    fn events(&self) -> &EndpointEvents {
-        &self.events
-    }
-}
-
 /// `vport send` / `vport recv`: checks the arguments, connects, runs the stream to its end
 /// (resuming through interruptions), and prints what was moved.
 pub fn transfer(cmd: &TransferCommand, out: &mut impl Write, progress: &Progress) -> Result<(), CommandError> {
@@ -126,14 +87,8 @@ pub fn transfer(cmd: &TransferCommand, out: &mut impl Write, progress: &Progress
     let port = target.name.clone().unwrap_or_else(|| target.socket.display().to_string());
     progress.say(&format!("connecting to {}", target.place()));
     let (first, qmp) = connect::open_keeping_qmp(&target, Duration::from_secs(3))?;
-    let endpoint = Reconnecting {
-        port: port.clone(),
-        addr: EndpointAddr::UnixClient { path: target.socket.clone() },
-        path: target.socket.clone(),
-        first: Some(first),
-        events: EndpointEvents::default(),
-        write_timeout: cmd.stall_timeout,
-    };
+    // The first connection is the checked one; later ones connect to the same socket again.
+    let endpoint = UnixClientEndpoint::resuming(&port, &target.socket, first, cmd.stall_timeout);
     // With the VM's tools monitor (a `vport boot` VM), QMP events end sessions (a pause, a
     // migration, an unplug) and the run state keeps a paused VM from looking stalled; without
     // it (--socket) a session's end is seen in band (BYE, a newer HELLO) or as the
