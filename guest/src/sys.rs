@@ -107,6 +107,16 @@ pub fn rss_kib() -> u64 {
     pages.saturating_mul(u64::try_from(page).unwrap_or(4096)) / 1024
 }
 
+/// The number of file descriptors the agent holds open (entries of `/proc/self/fd`, less the one
+/// the count itself uses), or 0 when /proc is not mounted. A soak compares it over time: a
+/// count that grows is a leak.
+pub fn open_fds() -> u64 {
+    match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => (dir.count() as u64).saturating_sub(1),
+        Err(_) => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +140,15 @@ mod tests {
         std::hint::black_box(x);
         assert!(cpu_ns() > 0);
         assert!(rss_kib() > 0);
+    }
+
+    #[test]
+    fn an_opened_file_is_counted_and_its_close_uncounted() {
+        let before = open_fds();
+        let f = std::fs::File::open("/proc/self/statm").unwrap();
+        assert_eq!(open_fds(), before + 1);
+        drop(f);
+        assert_eq!(open_fds(), before);
     }
 
     #[test]

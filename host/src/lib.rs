@@ -70,6 +70,7 @@ pub mod registry;
 pub mod report;
 pub mod rig;
 pub mod session;
+pub mod soak;
 pub mod stream;
 pub mod timeline;
 pub mod trace_check;

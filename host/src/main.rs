@@ -11,7 +11,7 @@ use vport_host::command::boot::{BootCommand, VmSettings};
 use vport_host::command::conformance::ConformanceCommand;
 use vport_host::command::connect::ConnectCommand;
 use vport_host::command::hello::HelloCommand;
-use vport_host::command::help::{CONNECT_ABOUT, TRANSFER_ABOUT, WATCH_ABOUT};
+use vport_host::command::help::{CONNECT_ABOUT, FAULTS_ABOUT, SOAK_ABOUT, TRANSFER_ABOUT, WATCH_ABOUT};
 use vport_host::command::image::ImageChoice;
 use vport_host::command::{self, CommandError, Progress};
 use vport_host::exit::{ExitCode, HELP as EXIT_CODES};
@@ -20,6 +20,7 @@ use vport_host::image::GuestImage;
 use vport_host::qemu::accel::AccelChoice;
 use vport_host::qemu::install_signal_cleanup;
 use vport_host::rig::Rig;
+use vport_host::soak::SoakCounts;
 use vport_host::usage::{self, UsageError};
 
 #[derive(Parser)]
@@ -92,16 +93,47 @@ written at the end, the matrix (or --json) is printed first, then the error (exi
     /// Inject faults during a two-way acknowledged transfer on a real VM, each repeated, and
     /// print what recovery cost (docs/reliability.md).
     #[command(
-        long_about = "Inject faults during a two-way acknowledged transfer on a real VM and check that nothing \
-acknowledged is lost or stored twice. One VM, two ports: a file streams into the guest on one while another \
-streams out on the other; at a third of a stream the fault is injected. A case PASSes when both files arrive \
-whole (digests equal on both sides) and the fault interrupted the stream it was aimed at. The matrix shows, per \
-stream, the sessions it took, the bytes sent again (unacknowledged when the session ended), the duplicate bytes \
-the receiver dropped, and the time from the fault back to a READY session and to the stream's resumption.\n\n\
-Faults so far: host-drop, guest-close-reopen, stop-cont, host-drop-during-stop (the pause bug).",
+        long_about = FAULTS_ABOUT,
         after_help = EXIT_CODES
     )]
     Faults(FaultsArgs),
+    /// Drive a port's life cycle round thousands of times on a real VM (reconnects, reopens,
+    /// stop/cont, unplug/replug under traffic) and check that nothing accumulates.
+    #[command(long_about = SOAK_ABOUT, after_help = EXIT_CODES)]
+    Soak(SoakArgs),
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Accelerator: auto tries KVM once (the verdict is cached) and falls back to TCG.
+    #[arg(long, default_value = "auto", value_parser = parse_accel)]
+    accel: AccelChoice,
+    /// 1,000 reconnects, 500 reopens, 50 stop/cont, 10 replugs (the default; about a minute).
+    #[arg(long, conflicts_with = "full")]
+    quick: bool,
+    /// 10,000 reconnects, 10,000 reopens, 1,000 stop/cont, 100 replugs.
+    #[arg(long)]
+    full: bool,
+    /// Host disconnects and reconnects (instead of the preset's).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    reconnects: Option<u64>,
+    /// Guest closes and reopens (instead of the preset's).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    reopens: Option<u64>,
+    /// stop/cont pairs (instead of the preset's).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    stop_conts: Option<u64>,
+    /// Unplugs and replugs under traffic (instead of the preset's).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    replugs: Option<u64>,
+    /// Print the report as one JSON object on stdout instead of the matrix.
+    #[arg(long)]
+    json: bool,
+    /// Also write the report as JUnit XML to FILE.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -120,6 +152,11 @@ struct FaultsArgs {
     /// Each fault this many times.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     repeats: Option<u32>,
+    /// Only this fault (repeatable): host-drop, guest-close-reopen, stop-cont,
+    /// host-drop-during-stop, host-drop-queue-full, unplug-replug, agent-kill, migrate-live,
+    /// migrate-file, system-reset, qemu-kill.
+    #[arg(long = "fault", value_name = "NAME", value_parser = vport_host::faults::Fault::from_name)]
+    faults: Vec<vport_host::faults::Fault>,
     /// Seconds a connection may yield no session while the VM runs before the host leaves and
     /// connects again (the transfers' liveness deadline).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -486,11 +523,29 @@ fn main() {
                 image: args.image.choice(),
                 accel: args.accel,
                 repeats,
+                faults: args.faults,
                 stall: Duration::from_secs(args.stall),
                 json: args.json,
                 junit: args.junit,
             };
             command::faults::faults(cmd, &mut out, &progress).map_err(Failure::from)
+        }
+        Command::Run(RunCommand::Soak(args)) => {
+            let preset = if args.full { SoakCounts::FULL } else { SoakCounts::QUICK };
+            let counts = SoakCounts {
+                reconnects: args.reconnects.unwrap_or(preset.reconnects),
+                reopens: args.reopens.unwrap_or(preset.reopens),
+                stop_conts: args.stop_conts.unwrap_or(preset.stop_conts),
+                replugs: args.replugs.unwrap_or(preset.replugs),
+            };
+            let cmd = command::soak::SoakCommand {
+                image: args.image.choice(),
+                accel: args.accel,
+                counts,
+                json: args.json,
+                junit: args.junit,
+            };
+            command::soak::soak(cmd, &mut out, &progress).map_err(Failure::from)
         }
         Command::Run(RunCommand::Conformance(args)) => {
             let cmd = ConformanceCommand {
@@ -586,5 +641,19 @@ mod tests {
             boot_args(&["--allow-guest-ops", "--agent-log-level", "debug", "--no-streams"]).vm.agent_args(),
             ["--log-level", "debug", "--allow-guest-ops"]
         );
+    }
+
+    #[test]
+    fn the_fault_option_names_every_fault_and_selects_them() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        let help = cli.find_subcommand_mut("run").and_then(|r| r.find_subcommand_mut("faults")).unwrap().render_help();
+        let help = help.to_string().replace('\n', " ");
+        for f in vport_host::faults::Fault::ALL {
+            assert!(help.contains(f.name()), "--fault's help lacks {}", f.name());
+        }
+        let parsed = Cli::try_parse_from(["vport", "run", "faults", "--fault", "qemu-kill", "--fault", "host-drop"]);
+        let Ok(Cli { command: Command::Run(RunCommand::Faults(args)), .. }) = parsed else { panic!("not parsed") };
+        assert_eq!(args.faults, [vport_host::faults::Fault::QemuKill, vport_host::faults::Fault::HostDrop]);
     }
 }

@@ -37,6 +37,14 @@ pub enum RigError {
     /// The VM has no port of that name.
     #[error("the vm has no port named {0}")]
     NoSuchPort(String),
+    /// QEMU did not confirm an unplug in time.
+    #[error("qemu sent no DEVICE_DELETED for {device} within {timeout:?} of device_del")]
+    NotDeleted {
+        /// The device id.
+        device: String,
+        /// How long vport waited.
+        timeout: Duration,
+    },
     /// QEMU did not report the pty of a pty port.
     #[error("qemu reported no pty for port {port} (chardev {chardev})")]
     NoPty {
@@ -169,6 +177,30 @@ impl Rig {
     pub fn failure_context(&self) -> String {
         failure_context(&self.vm)
     }
+}
+
+/// Unplugs the serial port `port` (QMP `device_del`), waits for QEMU's `DEVICE_DELETED` of its
+/// device within `timeout`, and plugs the same port in again: `device_add` with its name, device
+/// id and chardev on controller `controller`. The chardev, and so the host's socket, stays; the
+/// guest sees the port removed and a new port of the same name. A
+/// [`PortServer`] of the port ends at the unplug ([`crate::session::EndReason::Unplugged`]):
+/// serve the new port with a new one.
+pub fn replug_port(qmp: &Qmp, port: &PortInfo, controller: usize, timeout: Duration) -> Result<(), RigError> {
+    let events = qmp.subscribe();
+    qmp.device_del(&port.id)?;
+    let deadline = Instant::now() + timeout;
+    let deleted = |ev: &crate::qmp::QmpEvent| {
+        ev.name == "DEVICE_DELETED" && ev.data.get("device").and_then(|d| d.as_str()) == Some(port.id.as_str())
+    };
+    loop {
+        match events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(ev) if deleted(&ev) => break,
+            Ok(_) => continue,
+            Err(_) => return Err(RigError::NotDeleted { device: port.id.clone(), timeout }),
+        }
+    }
+    qmp.device_add(hotplug_device_args(&port.name, &port.id, &port.chardev_id, controller))?;
+    Ok(())
 }
 
 /// Chardev id and device id of a hot-plugged port called `name`.

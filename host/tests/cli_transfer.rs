@@ -17,9 +17,8 @@ fn run(runtime: &Path, args: &[&str]) -> Output {
     common::vport().args(args).env("XDG_RUNTIME_DIR", runtime).output().unwrap()
 }
 
-/// Starts `args`, waits for its first "bytes acknowledged" progress line, and kills it
-/// (SIGKILL: no goodbye, the host connection just drops).
-fn kill_after_first_ack(runtime: &Path, args: &[&str]) {
+/// Starts `args` and returns it once its first "bytes acknowledged" progress line showed.
+fn running_after_first_ack(runtime: &Path, args: &[&str]) -> common::KillOnDrop {
     let mut child = common::KillOnDrop(
         common::vport()
             .args(args)
@@ -40,6 +39,13 @@ fn kill_after_first_ack(runtime: &Path, args: &[&str]) {
         }
     });
     rx.recv_timeout(Duration::from_secs(90)).unwrap_or_else(|_| panic!("no progress from vport {args:?}"));
+    child
+}
+
+/// Starts `args`, waits for its first "bytes acknowledged" progress line, and kills it
+/// (SIGKILL: no goodbye, the host connection just drops).
+fn kill_after_first_ack(runtime: &Path, args: &[&str]) {
+    let mut child = running_after_first_ack(runtime, args);
     child.0.kill().unwrap();
     child.0.wait().unwrap();
 }
@@ -90,4 +96,33 @@ fn send_and_recv_copy_a_file_each_way_and_resume_after_being_killed() {
     let bad = run(runtime.path(), &["recv", "../etc/passwd", "--port", &port]);
     assert_eq!(bad.status.code(), Some(2), "{}", common::show(&bad));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("plain file name"), "{}", common::show(&bad));
+}
+
+/// QEMU killed in the middle of `vport send`: the transfer ends at once with the
+/// infrastructure's exit code (3), not after its --timeout, and the error says QEMU exited.
+#[test]
+fn send_ends_at_once_with_exit_3_when_qemu_is_killed() {
+    use std::time::Instant;
+    let runtime = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (_boot, info) = common::boot(runtime.path(), &[]);
+    let port = info["ports"][0]["name"].as_str().unwrap().to_owned();
+    let qemu = nix::unistd::Pid::from_raw(info["pid"].as_u64().unwrap() as i32);
+    let src = work.path().join("big.bin");
+    let mut data = vec![0u8; SIZE];
+    vport_common::pattern::fill(7, 0, &mut data);
+    std::fs::write(&src, &data).unwrap();
+    let send = ["send", src.to_str().unwrap(), "--as", "big.bin", "--port", &port, "--timeout", "60"];
+    let mut child = running_after_first_ack(runtime.path(), &send);
+    let killed = Instant::now();
+    nix::sys::signal::kill(qemu, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(10), "vport send still runs 10 s after QEMU was killed");
+        std::thread::park_timeout(Duration::from_millis(10));
+    };
+    eprintln!("vport send ended {} ms after QEMU was killed", killed.elapsed().as_millis());
+    assert_eq!(status.code(), Some(3), "the infrastructure's exit code");
 }

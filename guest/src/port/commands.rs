@@ -162,7 +162,7 @@ impl<I: PortIo> Port<I> {
     /// `sigio_signals`, `torn_frames`, `decode_reports`, `decode_reports_held_back`,
     /// `refusals` (ERROR limit or denied), `after_bye_dropped` (late replies not sent after a
     /// BYE), `queued` (bytes waiting now). Agent-wide
-    /// ([`Env::agent_stats`]): `wakeups`, `ebusy_total`, `rss_kib`, `uptime_ns`, `cpu_ns`,
+    /// ([`Env::agent_stats`]): `wakeups`, `ebusy_total`, `rss_kib`, `open_fds`, `uptime_ns`, `cpu_ns`,
     /// `ports_open`, `pid`, `sigio_overflows`, `missed_wakeups`, `euid`, `egid`,
     /// `guest_ops_allowed`. Counters survive a close/reopen and an unplug/replug of the same
     /// name (`queued` is the present).

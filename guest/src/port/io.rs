@@ -114,6 +114,7 @@ impl Env for SystemEnv {
             ("wakeups", self.wakeups),
             ("ebusy_total", self.ebusy_total),
             ("rss_kib", crate::sys::rss_kib()),
+            ("open_fds", crate::sys::open_fds()),
             ("uptime_ns", crate::sys::monotonic_ns().saturating_sub(self.started_ns)),
             ("cpu_ns", crate::sys::cpu_ns()),
             ("ports_open", self.ports_open),

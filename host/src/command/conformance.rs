@@ -61,7 +61,7 @@ pub fn conformance(cmd: ConformanceCommand, out: &mut dyn Write, progress: &Prog
             progress.say(&line);
         }
     })?;
-    super::write_suite_report(&report, cmd.json, cmd.junit, out)?;
+    super::write_suite_report(&report, cmd.json, cmd.junit, "", out)?;
     match report.exit_code() {
         ExitCode::Success => Ok(()),
         code @ ExitCode::Infrastructure => Err(CommandError::Suite {

@@ -20,6 +20,8 @@ pub struct FaultsCommand {
     pub accel: AccelChoice,
     /// Repetitions of each fault.
     pub repeats: u32,
+    /// The faults (empty: all).
+    pub faults: Vec<faults::Fault>,
     /// The transfers' liveness deadline.
     pub stall: Duration,
     /// The report as JSON instead of the matrix.
@@ -38,13 +40,21 @@ pub fn faults(cmd: FaultsCommand, out: &mut dyn Write, progress: &Progress) -> R
     let mut opts = FaultsOptions::new(img);
     opts.accel = cmd.accel;
     opts.repeats = cmd.repeats;
+    if !cmd.faults.is_empty() {
+        opts.faults = cmd.faults;
+    }
     opts.stall = cmd.stall;
-    let report = faults::run(&opts, &mut |ev| {
+    let (report, figures) = faults::run(&opts, &mut |ev| {
         if let Some(line) = human::progress_line(ev) {
             progress.say(&line);
         }
     });
-    super::write_suite_report(&report, cmd.json, cmd.junit, out)?;
+    let summary = if figures.is_empty() {
+        String::new()
+    } else {
+        format!("\nper fault (median / max over its repetitions):\n{}", faults::summary::render(&figures))
+    };
+    super::write_suite_report(&report, cmd.json, cmd.junit, &summary, out)?;
     match report.exit_code() {
         ExitCode::Success => Ok(()),
         code @ ExitCode::Infrastructure => {

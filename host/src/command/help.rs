@@ -16,8 +16,9 @@ pub const TRANSFER_ABOUT: &str = "The file moves as an acknowledged stream (docs
 acknowledges what it has stored, the sender keeps at most a window unacknowledged, and the digest (xxh3-64) is \
 verified end to end before the file is renamed into place. When the session ends (the host connection drops, \
 the guest closes the port, the agent restarts, the VM is migrated or reset) vport waits up to --timeout for the \
-next session and resumes from the receiver's offset: nothing acknowledged is sent again or lost. Interrupted for \
-good, run the same command again: it resumes from what is stored (the guest's part file, or DEST.ID.vport-part \
+next session and resumes from the receiver's offset: nothing acknowledged is sent again or lost. Sessions that \
+keep ending without moving the stream on end the transfer once three in a row and --timeout have passed \
+(exit 1); QEMU exiting ends it at once (exit 3). Interrupted for good, run the same command again: it resumes from what is stored (the guest's part file, or DEST.ID.vport-part \
 on the host).\n\nThe agent must run with --stream-dir DIR: it reads and writes only plain names in that \
 directory (docs/security.md). The port is found like `vport connect` finds it (a VM of `vport boot`, --vm PID), \
 or given as --socket PATH. Progress goes to stderr, the result line (or --json) to stdout.";
@@ -32,3 +33,34 @@ record of the timeline as one JSON line (the trace format of docs/trace.md; `vpo
 Commands, one per line on stdin: `close PORT [MS]` (the agent closes the port and reopens it after MS \
 milliseconds, default 1000), `reopen PORT`, `ping PORT`, `quit`. At end of input, watching goes on until \
 Ctrl-C or until QEMU exits.";
+
+/// `vport run faults --help`.
+pub const FAULTS_ABOUT: &str =
+    "Inject faults during a two-way acknowledged transfer on a real VM and check that nothing \
+acknowledged is lost or stored twice. One VM, two ports: a file streams into the guest on one while another \
+streams out on the other; at a third of a stream the fault is injected. A case PASSes when both files arrive \
+whole (digests equal on both sides) and the fault interrupted the stream it was aimed at. The matrix shows, per \
+stream, the sessions it took, the bytes sent again (unacknowledged when the session ended), the duplicate bytes \
+the receiver dropped, and the time from the fault back to a READY session and to the stream's resumption.\n\n\
+Faults (--fault NAME picks some): host-drop, guest-close-reopen, stop-cont, host-drop-during-stop (the pause \
+bug), host-drop-queue-full (the host reads nothing until QEMU's trace says it throttled the port, then leaves), \
+unplug-replug (device_del + device_add of each port), agent-kill (SysRq-i through QMP send-key; the test image's \
+/init restarts the agent), migrate-live, migrate-file (saved with migrate exec:cat > FILE, restored in a new \
+QEMU), system-reset (the guest reboots and loses its RAM stream directory: the to-guest stream starts again from \
+0, the to-host one carries the agent's pattern), qemu-kill (the to-host transfer, and the to-guest one unless \
+already done, must fail within 1 s and QEMU's directory be gone; on a new VM both run again and end whole, the \
+to-host one resumed from the host's part file). After the matrix, a table per fault: the cases whole, bytes \
+resent, duplicates dropped, and the times back to READY and to resumption (median / max).";
+
+/// `vport run soak --help`.
+pub const SOAK_ABOUT: &str = "Drive a port's life cycle round many times on one real VM and check that nothing \
+accumulates. One VM, two ports. On the first: the host leaves and connects again (host-reconnects), the agent \
+closes and reopens the port (guest-reopens), the VM is stopped and resumed (stop-cont); every cycle must end in \
+a READY session, counted by the agent too. On the second, a file streams into the guest as an acknowledged \
+stream while the port is unplugged and plugged in again (unplug-replug); the stream must end whole. Then \
+agent-resources compares the agent's resident set and open descriptors with the values before the first cycle \
+(growth under 1 MiB, descriptors equal), and cleanup checks, once the VM is shut down, that no QEMU process and \
+no VM directory are left and that vport's own descriptors are back to their count.\n\n--quick (the default, \
+in scripts/test): 1,000 reconnects, 500 reopens, 50 stop/cont, 10 replugs. --full: 10,000, 10,000, 1,000, 100 \
+(docs/reliability.md has the last full run). --reconnects, --reopens, --stop-conts and --replugs override one \
+count of the preset. Ctrl-C kills the VM and removes its directory.";

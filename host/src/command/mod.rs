@@ -10,6 +10,7 @@ pub mod faults;
 pub mod hello;
 pub mod help;
 pub mod image;
+pub mod soak;
 pub mod trace;
 pub mod transfer;
 
@@ -118,6 +119,15 @@ impl CommandError {
             CommandError::Conformance(e) => e.exit_code(),
             CommandError::Hello(e) if e.is_infrastructure() => ExitCode::Infrastructure,
             CommandError::Transfer(crate::stream::TransferError::File { .. }) => ExitCode::Infrastructure,
+            CommandError::Transfer(crate::stream::TransferError::NoSession { source, .. })
+                if matches!(
+                    **source,
+                    crate::session::SessionError::Closed { reason: crate::session::EndReason::VmExited, .. }
+                ) =>
+            {
+                // QEMU is gone: not a verdict on the stream.
+                ExitCode::Infrastructure
+            }
             CommandError::Transfer(_) => ExitCode::CheckFailed,
             CommandError::Hello(_) | CommandError::CheckFailed(_) => ExitCode::CheckFailed,
             CommandError::Suite { code, .. } | CommandError::Reported(code) => *code,
@@ -137,19 +147,21 @@ impl CommandError {
     }
 }
 
-/// Writes a suite's report: the matrix (or JSON) on `out` first, so that a JUnit file that
-/// cannot be written does not lose the results, then the JUnit file if asked for.
+/// Writes a suite's report: the matrix (and `epilogue`, a text table that follows it) or the
+/// JSON on `out` first, so that a JUnit file that cannot be written does not lose the
+/// results, then the JUnit file if asked for.
 pub(crate) fn write_suite_report(
     report: &crate::report::RunReport,
     json: bool,
     junit: Option<PathBuf>,
+    epilogue: &str,
     out: &mut dyn std::io::Write,
 ) -> Result<(), CommandError> {
     use crate::report::{human, json as json_report, junit as junit_report};
     if json {
         writeln!(out, "{}", json_report::render_json(report)).map_err(stdout_err)?;
     } else {
-        write!(out, "{}", human::render_text(report)).map_err(stdout_err)?;
+        write!(out, "{}{epilogue}", human::render_text(report)).map_err(stdout_err)?;
     }
     out.flush().map_err(stdout_err)?;
     if let Some(path) = junit {
@@ -185,5 +197,15 @@ mod tests {
         };
         assert_eq!(report.exit_code(), ExitCode::Infrastructure);
         assert!(report.to_string().starts_with("cannot write the JUnit report /dev/full"), "{report}");
+        let closed = |reason| crate::stream::TransferError::NoSession {
+            port: "p".into(),
+            acked: 1,
+            total: 2,
+            source: Box::new(crate::session::SessionError::Closed { port: "p".into(), reason }),
+        };
+        let vm_gone = CommandError::from(closed(crate::session::EndReason::VmExited));
+        assert_eq!(vm_gone.exit_code(), ExitCode::Infrastructure, "QEMU exiting is the infrastructure's failure");
+        let unplugged = CommandError::from(closed(crate::session::EndReason::Unplugged));
+        assert_eq!(unplugged.exit_code(), ExitCode::CheckFailed);
     }
 }

@@ -2,9 +2,15 @@
 //! acknowledged stream on its own port, with the fault injected when a stream is a third
 //! through; what both receivers hold is then checked against what was sent.
 
+use super::logwatch::{last_throttled, wait_for_line, wait_throttled, LogTail};
+use super::migration::Migration;
 use super::Fault;
+use crate::image::initscript::AGENT_RESTARTING;
+use crate::qemu::PortInfo;
 use crate::qmp::Qmp;
+use crate::rig::replug_port;
 use crate::session::{PortServer, Session, SessionError};
+use crate::stream::replug::accept_through_unplug;
 use crate::stream::to_guest::ToGuest;
 use crate::stream::to_host::ToHost;
 use crate::stream::{
@@ -15,18 +21,48 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The fault of one case, shared by its two streams. VM-wide faults (`stop`) are injected by
-/// the to-host stream only; the to-guest stream lives through them.
+/// How long QEMU may take to confirm an unplug.
+const UNPLUG_DEADLINE: Duration = Duration::from_secs(15);
+
+/// The fault of one case, shared by its two streams. VM-wide faults (`stop`, a reset, QEMU
+/// killed) are injected by the to-host stream only; the to-guest stream lives through them.
 pub(super) struct Plan {
     pub(super) fault: Fault,
     pub(super) qmp: Arc<Qmp>,
+    /// QEMU's pid (for [`Fault::QemuKill`]).
+    qemu_pid: u32,
+    /// QEMU's stderr, where its trace of throttled ports goes (for
+    /// [`Fault::HostDropQueueFull`]).
+    pub(super) qemu_stderr: Option<std::path::PathBuf>,
+    /// The guest console, where `/init` reports restarting the agent (for
+    /// [`Fault::AgentKill`]).
+    pub(super) console: Option<std::path::PathBuf>,
+    /// Inject nothing: the streams run to their end (a case's second pass).
+    pub(super) quiet: bool,
+    /// The migration of a migration fault.
+    pub(super) migration: Option<Migration>,
     stopped: AtomicBool,
+    /// QEMU throttled the port while the host held its reading ([`Fault::HostDropQueueFull`]).
+    pub(super) throttled: AtomicBool,
     injected_at: Mutex<Option<Instant>>,
 }
 
 impl Plan {
-    pub(super) fn new(fault: Fault, qmp: Arc<Qmp>) -> Arc<Plan> {
-        Arc::new(Plan { fault, qmp, stopped: AtomicBool::new(false), injected_at: Mutex::new(None) })
+    /// The plan of a case of `fault` on the VM of `qmp` and `qemu_pid`; what a fault needs
+    /// more (a migration, the logs to watch) is set on the fields before it is shared.
+    pub(super) fn new(fault: Fault, qmp: Arc<Qmp>, qemu_pid: u32) -> Plan {
+        Plan {
+            fault,
+            qmp,
+            qemu_pid,
+            qemu_stderr: None,
+            console: None,
+            quiet: false,
+            migration: None,
+            stopped: AtomicBool::new(false),
+            throttled: AtomicBool::new(false),
+            injected_at: Mutex::new(None),
+        }
     }
 
     fn injected_at(&self) -> Option<Instant> {
@@ -46,15 +82,19 @@ pub(super) struct Leg {
     pub(super) back_to_ready: Option<Duration>,
     /// From the fault to the stream's resumption (STREAM_ACCEPT in the next session).
     pub(super) resumed: Option<Duration>,
+    /// From the fault to the stream's failure, when it failed.
+    pub(super) failed_after: Option<Duration>,
 }
 
 /// The server of one stream, with the fault's session-side part: after the VM was stopped,
 /// the owner resumes it (for [`Fault::HostDropDuringStop`], after leaving first).
 struct Injector<'a> {
     server: &'a mut PortServer,
+    port: &'a PortInfo,
     plan: Arc<Plan>,
     owner: bool,
     resumed_vm: bool,
+    renewed: u64,
 }
 
 impl SessionSource for Injector<'_> {
@@ -68,7 +108,20 @@ impl SessionSource for Injector<'_> {
                 log::warn!("faults: cont failed: {e}");
             }
         }
-        self.server.accept(timeout)
+        if let Some(m) = &self.plan.migration {
+            if m.in_progress() {
+                if let Err(e) = m.wait() {
+                    log::warn!("faults: {e}");
+                    let what = "the migration to hand over".into();
+                    return Err(SessionError::Timeout { port: self.port.name.clone(), what, timeout });
+                }
+            }
+            // From now on the destination's port: this stream's server is taken once.
+            if let Some(server) = m.take_server(usize::from(self.owner)) {
+                *self.server = server;
+            }
+        }
+        accept_through_unplug(self.server, self.port, &self.plan.qmp, timeout, &mut self.renewed)
     }
     fn reconnect(&mut self) {
         self.server.disconnect();
@@ -81,6 +134,7 @@ impl SessionSource for Injector<'_> {
 /// The hook of one stream: injects the fault at a third of the stream and times the recovery.
 fn hook<'a>(
     plan: &'a Plan,
+    port: &'a PortInfo,
     owner: bool,
     back_to_ready: &'a mut Option<Duration>,
     resumed: &'a mut Option<Duration>,
@@ -90,7 +144,7 @@ fn hook<'a>(
     let mut own: Option<Instant> = None;
     let since = move |own: Option<Instant>| own.or_else(|| plan.injected_at()).map(|t| t.elapsed());
     move |e| match *e {
-        TransferEvent::Progress { acked, total } if !fired && acked * 3 >= total => {
+        TransferEvent::Progress { acked, total } if !fired && !plan.quiet && acked * 3 >= total => {
             fired = true;
             match plan.fault {
                 Fault::HostDrop => {
@@ -103,6 +157,17 @@ fn hook<'a>(
                     plan.mark_injected();
                     Control::ReopenGuest
                 }
+                Fault::Replug => {
+                    own = Some(Instant::now());
+                    plan.mark_injected();
+                    match replug_port(&plan.qmp, port, 0, UNPLUG_DEADLINE) {
+                        Ok(()) => Control::Continue,
+                        Err(e) => {
+                            log::warn!("faults: replug of {} failed: {e}", port.name);
+                            Control::DropSession
+                        }
+                    }
+                }
                 Fault::StopCont | Fault::HostDropDuringStop if owner => {
                     plan.mark_injected();
                     if let Err(e) = plan.qmp.stop() {
@@ -111,7 +176,61 @@ fn hook<'a>(
                     plan.stopped.store(true, Ordering::SeqCst);
                     Control::Continue
                 }
-                Fault::StopCont | Fault::HostDropDuringStop => Control::Continue,
+                Fault::HostDropQueueFull if owner => {
+                    // The hook holds the receiving loop: the host reads nothing until QEMU
+                    // says it throttled the port (its out queue and the socket are full).
+                    own = Some(Instant::now());
+                    plan.mark_injected();
+                    match watch_throttle(plan.qemu_stderr.as_deref()) {
+                        Ok(()) => plan.throttled.store(true, Ordering::SeqCst),
+                        Err(e) => log::warn!("faults: {e}"),
+                    }
+                    Control::DropSession
+                }
+                Fault::MigrateLive | Fault::MigrateFile if owner => {
+                    plan.mark_injected();
+                    match plan.migration.as_ref().map(|m| m.run(&plan.qmp)) {
+                        Some(Ok(took)) => log::info!("faults: migrated in {} ms", took.as_millis()),
+                        Some(Err(e)) => log::warn!("faults: the migration failed: {e}"),
+                        None => log::warn!("faults: a migration fault without a migration"),
+                    }
+                    Control::Continue
+                }
+                Fault::AgentKill if owner => {
+                    // The key press reaches the guest some time after QMP returns: the hook
+                    // holds the stream until /init says it restarted the killed agent.
+                    plan.mark_injected();
+                    let tail = plan.console.as_deref().map(LogTail::from_end).transpose();
+                    let killed = tail.and_then(|tail| {
+                        let mut tail = tail.ok_or("no guest console to watch")?;
+                        plan.qmp.send_keys(&["alt", "sysrq", "i"]).map_err(|e| format!("send-key alt-sysrq-i: {e}"))?;
+                        wait_for_line(&mut tail, AGENT_RESTARTING, KEY_DEADLINE)
+                    });
+                    if let Err(e) = killed {
+                        log::warn!("faults: {e}");
+                    }
+                    Control::Continue
+                }
+                Fault::SystemReset if owner => {
+                    plan.mark_injected();
+                    // vport's VMs run with -no-reboot, under which system_reset would shut QEMU
+                    // down; the suite sets the reboot action back to shutdown after the case.
+                    let reset = plan.qmp.set_reboot_action("reset").and_then(|()| plan.qmp.system_reset());
+                    if let Err(e) = reset {
+                        log::warn!("faults: system_reset: {e}");
+                    }
+                    Control::Continue
+                }
+                Fault::QemuKill if owner => {
+                    plan.mark_injected();
+                    let pid = nix::unistd::Pid::from_raw(i32::try_from(plan.qemu_pid).unwrap_or(i32::MAX));
+                    if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
+                        log::warn!("faults: cannot kill qemu {pid}: {e}");
+                    }
+                    Control::Continue
+                }
+                // A VM-wide fault, seen by the stream that does not inject it.
+                _ => Control::Continue,
             }
         }
         TransferEvent::Session { number } if number > 1 && back_to_ready.is_none() => {
@@ -126,35 +245,79 @@ fn hook<'a>(
     }
 }
 
-/// Runs one case: `local` (already written) into the guest as `name` on `into`, and the
-/// guest's `source_name` out to `dest` on `out_of`, both at once.
+/// How long a port throttled before the host stopped reading must stay so to count.
+const THROTTLE_SETTLE: Duration = Duration::from_millis(500);
+/// How long the host may hold its reading before QEMU throttles the port.
+const THROTTLE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long the guest may take to act on a key press.
+const KEY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Waits until QEMU's stderr (`path`, with the throttle trace) shows the port throttled
+/// while the host reads nothing.
+fn watch_throttle(path: Option<&Path>) -> Result<(), String> {
+    let path = path.ok_or("no QEMU stderr to read its trace from")?;
+    let mut tail = LogTail::from_end(path)?;
+    let before = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    wait_throttled(&mut tail, last_throttled(&String::from_utf8_lossy(&before)), THROTTLE_SETTLE, THROTTLE_DEADLINE)
+}
+
+/// Where the to-host stream comes from.
+pub(super) enum GuestSource<'a> {
+    /// A file of the guest's stream directory.
+    File(&'a str),
+    /// The agent's pattern (`seed`, `total` bytes): survives a guest reset.
+    Pattern { seed: u64, total: u64 },
+}
+
+/// One port of a case: its server and description.
+pub(super) struct CasePort<'a> {
+    pub(super) server: &'a mut PortServer,
+    pub(super) info: &'a PortInfo,
+}
+
+/// Runs one case: `local` (already written) into the guest as `name` on `into`, and `source`
+/// out of the guest to `dest` on `out_of`, both at once.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run_case(
     plan: &Arc<Plan>,
-    into: &mut PortServer,
-    out_of: &mut PortServer,
+    into: CasePort<'_>,
+    out_of: CasePort<'_>,
     local: &Path,
     name: &str,
-    source_name: &str,
+    source: GuestSource<'_>,
     dest: &Path,
     opts: &TransferOptions,
 ) -> (Leg, Leg) {
+    let failed_after = |result: &Result<TransferReport, TransferError>| {
+        result.as_ref().err().and(plan.injected_at()).map(|t| t.elapsed())
+    };
     std::thread::scope(|scope| {
         let to_guest = scope.spawn(|| {
             let (mut ready, mut resumed) = (None, None);
-            let result = ToGuest::new(&into.port(), local, name, opts.clone()).and_then(|mut s| {
-                let mut source = Injector { server: into, plan: plan.clone(), owner: false, resumed_vm: false };
-                s.run(&mut source, &mut hook(plan, false, &mut ready, &mut resumed))
+            let CasePort { server, info } = into;
+            let result = ToGuest::new(&info.name, local, name, opts.clone()).and_then(|mut s| {
+                let mut source =
+                    Injector { server, port: info, plan: plan.clone(), owner: false, resumed_vm: false, renewed: 0 };
+                s.run(&mut source, &mut hook(plan, info, false, &mut ready, &mut resumed))
             });
-            Leg { result, back_to_ready: ready, resumed }
+            let failed_after = failed_after(&result);
+            Leg { result, back_to_ready: ready, resumed, failed_after }
         });
         let to_host = scope.spawn(|| {
             let (mut ready, mut resumed) = (None, None);
-            let result = ToHost::new(&out_of.port(), source_name, dest, opts.clone()).and_then(|mut s| {
-                let mut source = Injector { server: out_of, plan: plan.clone(), owner: true, resumed_vm: false };
-                s.run(&mut source, &mut hook(plan, true, &mut ready, &mut resumed))
+            let CasePort { server, info } = out_of;
+            let stream = match source {
+                GuestSource::File(file) => ToHost::new(&info.name, file, dest, opts.clone()),
+                GuestSource::Pattern { seed, total } => ToHost::pattern(&info.name, seed, total, dest, opts.clone()),
+            };
+            let result = stream.and_then(|mut s| {
+                let mut source =
+                    Injector { server, port: info, plan: plan.clone(), owner: true, resumed_vm: false, renewed: 0 };
+                s.run(&mut source, &mut hook(plan, info, true, &mut ready, &mut resumed))
             });
-            Leg { result, back_to_ready: ready, resumed }
+            let failed_after = failed_after(&result);
+            Leg { result, back_to_ready: ready, resumed, failed_after }
         });
         let join = |h: std::thread::ScopedJoinHandle<'_, Leg>| {
             h.join().unwrap_or_else(|_| Leg {
@@ -165,6 +328,7 @@ pub(super) fn run_case(
                 }),
                 back_to_ready: None,
                 resumed: None,
+                failed_after: None,
             })
         };
         (join(to_guest), join(to_host))

@@ -9,25 +9,27 @@
 //! a READY session, and to the stream's resumption.
 //!
 //! Faults covered so far ([`Fault`]): the host leaving, the guest closing and reopening the port,
-//! `stop`/`cont`, and the host leaving while the VM is stopped (the pause bug). The others of
-//! issue 12 (a full out queue, agent restart, unplug, reset, reboot, migration, restore, QEMU
-//! killed) are not in the suite yet; `tests/tests/transfer.rs` covers live migration.
+//! `stop`/`cont`, the host leaving while the VM is stopped (the pause bug), the host leaving
+//! with the guest's out queue full, the port unplugged
+//! and plugged in again, the agent killed and restarted, live migration, a save to a file and
+//! its restore, `system_reset` (the guest reboots and loses its stream directory), and
+//! QEMU killed (the transfers must fail within a second; a new VM resumes them). Not in the
+//! suite yet (docs/reliability.md, "Not yet"): a saved state restored twice,
+//! guest suspend and module reload.
 
 mod case;
+mod judge;
+mod logwatch;
+mod migration;
+mod suite;
+pub mod summary;
 
-use crate::image::initscript::GUEST_STREAM_DIR;
 use crate::image::GuestImage;
 use crate::qemu::AccelChoice;
 use crate::report::{CaseResult, Environment, GroupError, RunEvent, RunReport, TraceVerdict, Verdict};
-use crate::rig::{vm_config, Rig};
-use crate::stream::to_guest::ToGuest;
-use crate::stream::{Control, StreamSide, TransferOptions};
-use case::{Leg, Plan};
 use std::time::{Duration, Instant};
-use vport_common::pattern::{self, StreamDigest};
+use suite::Suite;
 
-const PORT_IN: &str = "org.vport.faults.in";
-const PORT_OUT: &str = "org.vport.faults.out";
 const GROUP: &str = "faults";
 
 /// A fault the suite injects.
@@ -42,11 +44,65 @@ pub enum Fault {
     /// The host leaves while the VM is stopped, then the VM is resumed with no client: the
     /// pause bug (QEMU never tells the guest; the port can stay throttled).
     HostDropDuringStop,
+    /// The host stops reading the to-host port until QEMU throttles it (the guest's out queue
+    /// and the socket full), then leaves: QEMU discards what the queue held.
+    HostDropQueueFull,
+    /// Each port is unplugged and plugged in again (`device_del`, `device_add`).
+    Replug,
+    /// The agent is killed (SIGKILL, by the guest kernel's SysRq-i pressed through QMP
+    /// `send-key`) and `/init` starts it again; its stream directory stays.
+    AgentKill,
+    /// The VM is migrated live into a second QEMU with both streams in flight.
+    MigrateLive,
+    /// The VM is saved to a file (migration `exec:cat > FILE`) and restored from it in a new
+    /// QEMU with both streams in flight.
+    MigrateFile,
+    /// `system_reset`: the guest reboots; its stream directory (in RAM) is gone, so the
+    /// to-guest stream starts again from 0 and the to-host one is the agent's pattern.
+    SystemReset,
+    /// QEMU is killed (SIGKILL); a new VM is booted and the transfers are run again.
+    QemuKill,
 }
 
 impl Fault {
     /// Every fault, in the suite's order.
-    pub const ALL: [Fault; 4] = [Fault::HostDrop, Fault::GuestReopen, Fault::StopCont, Fault::HostDropDuringStop];
+    pub const ALL: [Fault; 11] = [
+        Fault::HostDrop,
+        Fault::GuestReopen,
+        Fault::StopCont,
+        Fault::HostDropDuringStop,
+        Fault::HostDropQueueFull,
+        Fault::Replug,
+        Fault::AgentKill,
+        Fault::MigrateLive,
+        Fault::MigrateFile,
+        Fault::SystemReset,
+        Fault::QemuKill,
+    ];
+
+    /// The fault called `name` ([`Fault::name`]); the error lists the names.
+    pub fn from_name(name: &str) -> Result<Fault, String> {
+        Fault::ALL.into_iter().find(|f| f.name() == name).ok_or_else(|| {
+            let names: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+            format!("no fault named {name:?}; the faults are {}", names.join(", "))
+        })
+    }
+
+    /// Whether the fault hits each port on its own (both streams are interrupted), rather than
+    /// the whole VM (injected once, by the to-host stream, and aimed at it).
+    pub fn per_port(self) -> bool {
+        match self {
+            Fault::HostDrop | Fault::GuestReopen | Fault::Replug => true,
+            Fault::StopCont
+            | Fault::HostDropDuringStop
+            | Fault::HostDropQueueFull
+            | Fault::AgentKill
+            | Fault::MigrateLive
+            | Fault::MigrateFile
+            | Fault::SystemReset
+            | Fault::QemuKill => false,
+        }
+    }
 
     /// The case name's stem.
     pub fn name(self) -> &'static str {
@@ -55,6 +111,13 @@ impl Fault {
             Fault::GuestReopen => "guest-close-reopen",
             Fault::StopCont => "stop-cont",
             Fault::HostDropDuringStop => "host-drop-during-stop",
+            Fault::HostDropQueueFull => "host-drop-queue-full",
+            Fault::Replug => "unplug-replug",
+            Fault::AgentKill => "agent-kill",
+            Fault::MigrateLive => "migrate-live",
+            Fault::MigrateFile => "migrate-file",
+            Fault::SystemReset => "system-reset",
+            Fault::QemuKill => "qemu-kill",
         }
     }
 
@@ -64,6 +127,39 @@ impl Fault {
             Fault::GuestReopen => "the agent closes and reopens each port at a third of its stream",
             Fault::StopCont => "stop at a third of the to-host stream, then cont",
             Fault::HostDropDuringStop => "stop, the host leaves the to-host port, cont with no client (the pause bug)",
+            Fault::HostDropQueueFull => {
+                "the host stops reading the to-host port at a third until QEMU throttles it (out queue full), then \
+                 leaves"
+            }
+            Fault::Replug => "each port is unplugged and plugged in again (device_del, device_add) at a third of its stream",
+            Fault::AgentKill => {
+                "the agent is SIGKILLed (SysRq-i through QMP send-key) at a third of the to-host stream; /init \
+                 restarts it"
+            }
+            Fault::MigrateLive => "live migration into a second QEMU at a third of the to-host stream, both streams in flight",
+            Fault::MigrateFile => {
+                "the VM saved to a file at a third of the to-host stream (migrate exec:cat > FILE) and restored from it \
+                 in a new QEMU, both streams in flight"
+            }
+            Fault::SystemReset => {
+                "system_reset at a third of the to-host stream (the agent's pattern); the guest reboots with an empty \
+                 stream directory, so the to-guest stream starts again from 0"
+            }
+            Fault::QemuKill => {
+                "QEMU is SIGKILLed at a third of the to-host stream; then a new VM is booted and both transfers are run \
+                 again"
+            }
+        }
+    }
+
+    /// What a case of this fault expects.
+    fn expected(self) -> &'static str {
+        match self {
+            Fault::QemuKill => {
+                "the transfers in flight fail within 1 s of the kill; QEMU and its directory gone; on a new VM both run \
+                 again and end whole, the to-host one resumed from the host's part file"
+            }
+            _ => EXPECTED,
         }
     }
 }
@@ -77,6 +173,8 @@ pub struct FaultsOptions {
     pub accel: AccelChoice,
     /// Repetitions of each fault (`--quick` 3, `--full` 50).
     pub repeats: u32,
+    /// The faults to inject, in the suite's order (`--fault`; all by default).
+    pub faults: Vec<Fault>,
     /// Bytes of each file.
     pub size: usize,
     /// The transfers' liveness deadline (`--stall`).
@@ -86,7 +184,14 @@ pub struct FaultsOptions {
 impl FaultsOptions {
     /// The defaults for `image`: 3 repetitions, 2 MiB each way, a 5 s stall deadline.
     pub fn new(image: GuestImage) -> FaultsOptions {
-        FaultsOptions { image, accel: AccelChoice::Auto, repeats: 3, size: 2 << 20, stall: Duration::from_secs(5) }
+        FaultsOptions {
+            image,
+            accel: AccelChoice::Auto,
+            repeats: 3,
+            faults: Fault::ALL.to_vec(),
+            size: 2 << 20,
+            stall: Duration::from_secs(5),
+        }
     }
 }
 
@@ -94,23 +199,30 @@ fn case_name(fault: Fault, rep: u32) -> String {
     format!("{}-{rep}", fault.name())
 }
 
-/// Runs the suite; every event goes to `events` as it happens; the report is their fold.
-pub fn run(opts: &FaultsOptions, events: &mut dyn FnMut(&RunEvent)) -> RunReport {
+/// Runs the suite; every event goes to `events` as it happens. Returns the report (their
+/// fold) and the figures of every case that ran ([`summary::render`] tabulates them).
+pub fn run(opts: &FaultsOptions, events: &mut dyn FnMut(&RunEvent)) -> (RunReport, Vec<summary::CaseFigures>) {
     let started = Instant::now();
     let mut report = RunReport::new(GROUP);
     let mut emit = |ev: RunEvent, report: &mut RunReport| {
         events(&ev);
         report.apply(&ev);
     };
-    let cases: Vec<(Fault, u32)> = Fault::ALL.iter().flat_map(|&f| (1..=opts.repeats).map(move |r| (f, r))).collect();
+    let cases: Vec<(Fault, u32)> = Fault::ALL
+        .iter()
+        .filter(|f| opts.faults.contains(f))
+        .flat_map(|&f| (1..=opts.repeats).map(move |r| (f, r)))
+        .collect();
     emit(RunEvent::RunStarted { suite: GROUP.into(), cases: cases.len() }, &mut report);
     emit(RunEvent::GroupStarted { group: GROUP.into(), cases: cases.len() }, &mut report);
     let mut environment = Environment::default();
+    let mut figures = Vec::new();
     match Suite::boot(opts, &mut environment) {
         Ok(mut suite) => {
             for (fault, rep) in cases {
                 emit(RunEvent::CaseStarted { group: GROUP.into(), name: case_name(fault, rep) }, &mut report);
-                let result = suite.case(fault, rep);
+                let (result, figs) = suite.case(fault, rep);
+                figures.extend(figs);
                 emit(RunEvent::CaseFinished(result), &mut report);
             }
         }
@@ -121,7 +233,7 @@ pub fn run(opts: &FaultsOptions, events: &mut dyn FnMut(&RunEvent)) -> RunReport
                     name: case_name(fault, rep),
                     group: GROUP.into(),
                     spec: fault.spec().into(),
-                    expected: EXPECTED.into(),
+                    expected: fault.expected().into(),
                     observed: String::new(),
                     verdict: Verdict::NotRun,
                     note: error.clone(),
@@ -133,172 +245,10 @@ pub fn run(opts: &FaultsOptions, events: &mut dyn FnMut(&RunEvent)) -> RunReport
         }
     }
     emit(RunEvent::RunFinished { environment, elapsed: started.elapsed() }, &mut report);
-    report
+    (report, figures)
 }
 
 const EXPECTED: &str = "both files whole (acked loss 0, nothing stored twice); the fault interrupted the stream";
-
-/// The suite's VM and what every case shares.
-struct Suite {
-    rig: Rig,
-    into: crate::session::PortServer,
-    out_of: crate::session::PortServer,
-    work: tempfile::TempDir,
-    seed: Vec<u8>,
-    opts: TransferOptions,
-    size: usize,
-}
-
-impl Suite {
-    /// Boots the VM and stores the file every case streams back out (`seed.bin`).
-    fn boot(opts: &FaultsOptions, env: &mut Environment) -> Result<Suite, String> {
-        let args: Vec<String> =
-            ["--log-level", "info", "--stream-dir", GUEST_STREAM_DIR].iter().map(|a| a.to_string()).collect();
-        let mut cfg = vm_config(&opts.image, &[PORT_IN, PORT_OUT], &args);
-        cfg.accel = opts.accel;
-        let mut rig = Rig::launch(cfg).map_err(|e| format!("cannot boot the vm: {e}"))?;
-        env.accel = rig.vm.accel().to_string();
-        if let Ok(v) = rig.qmp.query_version() {
-            env.qemu_version = format!("{}.{}.{} ({})", v.major, v.minor, v.micro, v.package.trim());
-        }
-        let into = rig.port_server(PORT_IN).map_err(|e| e.to_string())?;
-        let mut out_of = rig.port_server(PORT_OUT).map_err(|e| e.to_string())?;
-        rig.resume().map_err(|e| e.to_string())?;
-        let work = tempfile::tempdir().map_err(|e| format!("cannot make a work directory: {e}"))?;
-        let topts = TransferOptions {
-            session_timeout: Duration::from_secs(120),
-            stall_timeout: opts.stall,
-            ..Default::default()
-        };
-        let mut seed = vec![0u8; opts.size];
-        pattern::fill(0x5eed, 0, &mut seed);
-        let path = work.path().join("seed.bin");
-        std::fs::write(&path, &seed).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        // The first session waits for the guest to boot: no liveness reconnect meanwhile.
-        let boot_opts = TransferOptions { stall_timeout: topts.session_timeout, ..topts.clone() };
-        let mut setup = ToGuest::new(PORT_OUT, &path, "seed.bin", boot_opts).map_err(|e| e.to_string())?;
-        setup
-            .run(&mut out_of, &mut |_| Control::Continue)
-            .map_err(|e| format!("cannot store the seed file in the guest: {e}\n{}", rig.failure_context()))?;
-        Ok(Suite { rig, into, out_of, work, seed, opts: topts, size: opts.size })
-    }
-
-    fn case(&mut self, fault: Fault, rep: u32) -> CaseResult {
-        let started = Instant::now();
-        let name = case_name(fault, rep);
-        let mut bytes = vec![0u8; self.size];
-        pattern::fill(u64::from(rep) << 8 | fault as u64, 0, &mut bytes);
-        let local = self.work.path().join(format!("{name}.in"));
-        let dest = self.work.path().join(format!("{name}.out"));
-        let (verdict, observed, note) = match std::fs::write(&local, &bytes) {
-            Err(e) => (Verdict::Error, String::new(), format!("cannot write {}: {e}", local.display())),
-            Ok(()) => {
-                let plan = Plan::new(fault, self.rig.qmp.clone());
-                let guest_name = format!("{name}.bin");
-                let (into, out) = case::run_case(
-                    &plan,
-                    &mut self.into,
-                    &mut self.out_of,
-                    &local,
-                    &guest_name,
-                    "seed.bin",
-                    &dest,
-                    &self.opts,
-                );
-                let want = Expected {
-                    size: self.size as u64,
-                    into_digest: digest_of(&bytes),
-                    out_digest: digest_of(&self.seed),
-                    received_equal: std::fs::read(&dest).is_ok_and(|b| b == self.seed),
-                };
-                judge(fault, &want, &into, &out)
-            }
-        };
-        let _ = std::fs::remove_file(&local);
-        let _ = std::fs::remove_file(&dest);
-        CaseResult {
-            name,
-            group: GROUP.into(),
-            spec: fault.spec().into(),
-            expected: EXPECTED.into(),
-            observed,
-            verdict,
-            note,
-            trace: TraceVerdict::NotRecorded,
-            duration: started.elapsed(),
-        }
-    }
-}
-
-/// What a case expected of its two streams: the size, each stream's digest, and whether the
-/// file received on the host is byte for byte the guest's.
-struct Expected {
-    size: u64,
-    into_digest: u64,
-    out_digest: u64,
-    received_equal: bool,
-}
-
-/// PASS when both streams ended whole and the fault interrupted the stream it was aimed at;
-/// FAIL otherwise, the note naming every problem.
-fn judge(fault: Fault, want: &Expected, into: &Leg, out: &Leg) -> (Verdict, String, String) {
-    let observed = format!("in: {}; out: {}", leg_summary(into, false), leg_summary(out, true));
-    let mut problems = Vec::new();
-    for (what, leg, digest) in [("to-guest", into, want.into_digest), ("to-host", out, want.out_digest)] {
-        match &leg.result {
-            Ok(r) if r.bytes == want.size && r.digest == digest => {}
-            Ok(r) => {
-                problems.push(format!("{what}: {} bytes, digest {:#x}, expected {:#x}", r.bytes, r.digest, digest))
-            }
-            Err(e) => problems.push(format!("{what}: {e}")),
-        }
-    }
-    if out.result.is_ok() && !want.received_equal {
-        problems.push("to-host: the received file differs from the guest's".into());
-    }
-    // Per-port faults hit both streams; VM-wide ones are aimed at the to-host stream.
-    let aimed: &[(&str, &Leg)] = match fault {
-        Fault::HostDrop | Fault::GuestReopen => &[("to-guest", into), ("to-host", out)],
-        Fault::StopCont | Fault::HostDropDuringStop => &[("to-host", out)],
-    };
-    for (what, leg) in aimed {
-        if leg.result.as_ref().is_ok_and(|r| r.interruptions == 0) {
-            problems.push(format!("{what}: the fault did not interrupt the stream"));
-        }
-    }
-    if problems.is_empty() {
-        (Verdict::Pass, observed, String::new())
-    } else {
-        (Verdict::Fail, observed, problems.join("; "))
-    }
-}
-
-fn digest_of(bytes: &[u8]) -> u64 {
-    let mut d = StreamDigest::new();
-    d.update(bytes);
-    d.digest()
-}
-
-/// One stream's figures for the matrix. The duplicates are known where the host receives; the
-/// resent bytes where it sends.
-fn leg_summary(leg: &Leg, host_receives: bool) -> String {
-    let ms = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{} ms", d.as_millis()));
-    match &leg.result {
-        Ok(r) => format!(
-            "{} B whole, {} session(s), {}, READY after {}, resumed after {}",
-            r.bytes,
-            r.sessions,
-            if host_receives {
-                format!("duplicates dropped {} B", r.duplicates)
-            } else {
-                format!("resent {} B", r.resent)
-            },
-            ms(leg.back_to_ready),
-            ms(leg.resumed)
-        ),
-        Err(e) => format!("failed: {e}"),
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -310,50 +260,10 @@ mod tests {
         let n = names.len();
         names.sort();
         names.dedup();
-        assert_eq!((n, names.len()), (12, 12));
-        assert!(Fault::ALL.iter().all(|f| !f.spec().is_empty()));
-    }
-
-    #[test]
-    fn a_failed_stream_and_a_fault_that_interrupted_nothing_are_reported_as_such() {
-        let failed = Leg {
-            result: Err(crate::stream::TransferError::Protocol { port: "p".into(), id: 1, detail: "x".into() }),
-            back_to_ready: None,
-            resumed: None,
-        };
-        assert!(leg_summary(&failed, true).starts_with("failed: "));
-        let report = crate::stream::TransferReport {
-            id: 1,
-            bytes: 10,
-            digest: 2,
-            sessions: 2,
-            interruptions: 1,
-            resent: 3,
-            duplicates: 0,
-            started_at: 0,
-            elapsed: Duration::ZERO,
-        };
-        let ok = Leg { result: Ok(report.clone()), back_to_ready: Some(Duration::from_millis(12)), resumed: None };
-        assert_eq!(leg_summary(&ok, false), "10 B whole, 2 session(s), resent 3 B, READY after 12 ms, resumed after -");
-        let want = Expected { size: 10, into_digest: 2, out_digest: 2, received_equal: true };
-        let again = |interruptions| Leg {
-            result: Ok(crate::stream::TransferReport { interruptions, ..report.clone() }),
-            back_to_ready: None,
-            resumed: None,
-        };
-        assert_eq!(judge(Fault::HostDrop, &want, &again(1), &again(1)).0, Verdict::Pass);
-        let (v, _, note) = judge(Fault::HostDrop, &want, &again(0), &again(1));
-        assert_eq!(v, Verdict::Fail);
-        assert!(note.contains("to-guest: the fault did not interrupt"), "{note}");
-        // A VM-wide fault is aimed at the to-host stream only.
-        assert_eq!(judge(Fault::StopCont, &want, &again(0), &again(1)).0, Verdict::Pass);
-        let (v, _, note) = judge(Fault::StopCont, &want, &again(1), &failed);
-        assert_eq!(v, Verdict::Fail);
-        assert!(note.contains("to-host: "), "{note}");
-        let wrong = Expected { out_digest: 3, ..want };
-        let (v, _, note) = judge(Fault::HostDrop, &wrong, &again(1), &again(1));
-        assert!(v == Verdict::Fail && note.contains("expected 0x3"), "{note}");
-        let changed = Expected { received_equal: false, ..want };
-        assert!(judge(Fault::HostDrop, &changed, &again(1), &again(1)).2.contains("differs"));
+        assert_eq!((n, names.len()), (3 * Fault::ALL.len(), 3 * Fault::ALL.len()));
+        assert!(Fault::ALL.iter().all(|f| !f.spec().is_empty() && !f.expected().is_empty()));
+        assert!(Fault::ALL.iter().all(|&f| Fault::from_name(f.name()) == Ok(f)));
+        let e = Fault::from_name("host_drop").unwrap_err();
+        assert!(e.contains("\"host_drop\"") && e.contains("host-drop, guest-close-reopen"), "{e}");
     }
 }

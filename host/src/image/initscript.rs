@@ -19,6 +19,10 @@
 //!   starts; `late` only once the agent has logged that it waits for a node's permissions
 //!   ([`AGENT_WAITING_FOR_PERMISSIONS`]), to exercise its EACCES path. Absent: never.
 //!   Build both with [`unprivileged_params`].
+//! * `vport.supervise=N` — restart the agent (run as root) when a signal kills it, up to `N`
+//!   times, printing [`AGENT_RESTARTING`] with the status each time: the way a service manager
+//!   keeps it running, for faults that kill the agent. Absent: 0, the VM powers off when the
+//!   agent exits. Build it with [`supervise_param`].
 //!
 //! `/init` also makes [`GUEST_STREAM_DIR`] for the agent's acknowledged streams.
 //!
@@ -32,6 +36,9 @@ pub const GUEST_STREAM_DIR: &str = "/var/lib/vport-streams";
 
 /// Line printed on the console once the modules are loaded.
 pub const MODULES_LOADED: &str = "vport-init: modules loaded";
+/// Prefix of the line printed when a signal killed the agent and `/init` starts it again
+/// (followed by the status and the count: `137 (restart 1 of 5)`).
+pub const AGENT_RESTARTING: &str = "vport-init: restarting vport-agent after status ";
 /// Prefix of the line printed when the agent exits (followed by the exit status).
 pub const AGENT_EXITED: &str = "vport-init: vport-agent exited with status ";
 /// What the agent logs when a port's node is not accessible yet (the `late` grant waits for
@@ -96,12 +103,14 @@ agent_args=
 init_cmd=
 agent_user=
 grant=
+supervise=0
 for p in $(cat /proc/cmdline); do
     case "$p" in
         vport.agent_args=*) agent_args="${{p#vport.agent_args=}}"; have_args=1 ;;
         vport.init_cmd=*) init_cmd="${{p#vport.init_cmd=}}" ;;
         vport.agent_user=*) agent_user="${{p#vport.agent_user=}}" ;;
         vport.grant=*) grant="${{p#vport.grant=}}" ;;
+        vport.supervise=*) supervise="${{p#vport.supervise=}}" ;;
     esac
 done
 if [ -n "$init_cmd" ]; then
@@ -161,8 +170,18 @@ if [ -n "$agent_user" ]; then
     fi
 else
     echo "vport-init: starting vport-agent $*"
-    /bin/vport-agent "$@"
-    status=$?
+    restarts=0
+    while :; do
+        /bin/vport-agent "$@"
+        status=$?
+        # Killed by a signal (status 128 + N): started again while restarts are left.
+        if [ "$status" -gt 128 ] && [ "$restarts" -lt "$supervise" ]; then
+            restarts=$((restarts + 1))
+            echo "{AGENT_RESTARTING}$status (restart $restarts of $supervise)"
+            continue
+        fi
+        break
+    done
 fi
 echo "{AGENT_EXITED}$status"
 poweroff -f
@@ -188,6 +207,12 @@ fn percent_encode(arg: &str) -> String {
 pub fn agent_args_param<S: AsRef<str>>(args: &[S]) -> String {
     let encoded: Vec<String> = args.iter().map(|a| percent_encode(a.as_ref())).collect();
     format!("vport.agent_args={}", encoded.join(","))
+}
+
+/// Kernel command line parameter making `/init` restart the agent when a signal kills it, up to
+/// `max` times (see the module docs).
+pub fn supervise_param(max: u32) -> String {
+    format!("vport.supervise={max}")
 }
 
 /// Kernel command line parameter making `/init` run `cmd` with `sh -c` before the agent.
@@ -233,6 +258,7 @@ mod tests {
         assert_eq!(agent_args_param(&["a b", "x,y", "50%"]), "vport.agent_args=a%20b,x%2Cy,50%25");
         assert_eq!(agent_args_param::<&str>(&[]), "vport.agent_args=");
         assert_eq!(init_cmd_param("ls /sys"), "vport.init_cmd=ls%20/sys");
+        assert_eq!(supervise_param(5), "vport.supervise=5");
         assert_eq!(unprivileged_params(900, 901, Grant::Late), ["vport.agent_user=900:901", "vport.grant=late"]);
         assert_eq!(unprivileged_params(1, 2, Grant::Never), ["vport.agent_user=1:2"]);
     }
@@ -300,5 +326,45 @@ mod tests {
         assert_eq!(run("vport.agent_args="), "");
         let c = init_cmd_param("echo hi there");
         assert_eq!(run(&c), "hi there\nvport-init: init_cmd exited with status 0\n[--log-level]\n[info]\n");
+    }
+
+    /// Runs the root branch's agent loop under the host busybox with a fake agent that kills
+    /// itself with SIGKILL a given number of times, then exits 3: it is restarted while
+    /// restarts are left, and an ordinary exit is never restarted.
+    #[test]
+    fn a_killed_agent_is_restarted_as_often_as_supervise_allows_under_busybox_if_present() {
+        if !std::path::Path::new("/bin/busybox").exists() {
+            println!("skipped: /bin/busybox not present");
+            return;
+        }
+        let script = init_script(&[]);
+        let start = script.find("    restarts=0").unwrap();
+        let end = script.find("    done\nfi").unwrap() + "    done\n".len();
+        let run = |supervise: u32, kills: u32| -> String {
+            let dir = tempfile::tempdir().unwrap();
+            let agent = dir.path().join("agent");
+            let count = dir.path().join("count");
+            std::fs::write(
+                &agent,
+                format!(
+                    "#!/bin/busybox sh\nn=$(cat {c} 2>/dev/null || echo 0)\necho $((n + 1)) > {c}\n\
+                     [ \"$n\" -lt {kills} ] && kill -9 $$\nexit 3\n",
+                    c = count.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            let body = script[start..end].replace("/bin/vport-agent", &agent.to_string_lossy());
+            let full = format!("supervise={supervise}\n{body}echo \"status $status\"\n");
+            let out = std::process::Command::new("/bin/busybox").args(["sh", "-c", &full]).output().unwrap();
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let out = run(5, 2);
+        assert_eq!(out.matches(AGENT_RESTARTING).count(), 2, "{out}");
+        assert!(out.contains("137 (restart 2 of 5)") && out.ends_with("status 3\n"), "{out}");
+        let out = run(1, 3);
+        assert_eq!(out.matches(AGENT_RESTARTING).count(), 1, "{out}");
+        assert!(out.ends_with("status 137\n"), "out of restarts, the kill is the status: {out}");
+        assert_eq!(run(0, 1), "status 137\n", "no supervision by default");
     }
 }

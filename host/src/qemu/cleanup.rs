@@ -60,6 +60,47 @@ pub(super) fn untrack(pid: u32) {
     live().retain(|(p, _)| *p != pid);
 }
 
+/// Work directories of running suites ([`WorkDir`]), for the signal handler.
+static WORK: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn work() -> MutexGuard<'static, Vec<PathBuf>> {
+    WORK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A suite's temporary work directory (`vport-work-*`): removed when dropped, and by the
+/// handler of [`install_signal_cleanup`] on Ctrl-C / SIGTERM / SIGHUP, so an interrupted run
+/// leaves no directory behind.
+#[derive(Debug)]
+pub struct WorkDir {
+    dir: tempfile::TempDir,
+}
+
+impl WorkDir {
+    /// Creates a fresh directory (`vport-work-*`) under the system's temporary directory and
+    /// lists it.
+    pub fn create() -> std::io::Result<WorkDir> {
+        WorkDir::with_prefix("vport-work-")
+    }
+
+    /// Like [`WorkDir::create`], the name starting with `prefix`.
+    pub fn with_prefix(prefix: &str) -> std::io::Result<WorkDir> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        work().push(dir.path().to_path_buf());
+        Ok(WorkDir { dir })
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        work().retain(|p| p != self.dir.path());
+    }
+}
+
 /// Set by the signal handler before it kills anything.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -88,6 +129,9 @@ pub fn install_signal_cleanup() -> Result<(), ctrlc::Error> {
             let pid = nix::unistd::Pid::from_raw(pid);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(pid, None);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        for dir in work().drain(..) {
             let _ = std::fs::remove_dir_all(&dir);
         }
         eprintln!("vport: interrupted, killed qemu");
@@ -154,6 +198,17 @@ mod tests {
         kept.finish(true);
         assert!(kept.path().is_dir());
         std::fs::remove_dir_all(kept.path()).unwrap();
+    }
+
+    #[test]
+    fn a_work_dir_is_listed_while_it_lives_and_removed_when_dropped() {
+        let w = WorkDir::create().unwrap();
+        let path = w.path().to_path_buf();
+        std::fs::write(path.join("f"), b"x").unwrap();
+        assert!(work().contains(&path));
+        drop(w);
+        assert!(!path.exists());
+        assert!(!work().contains(&path));
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub use args::{ChardevBackend, PortKind, PortSpec};
 pub use binary::{
     find_on_path, find_qemu, parse_version, query_version, FindQemuError, QemuVersion, QEMU_BINARY, QEMU_ENV,
 };
-pub use cleanup::{install_signal_cleanup, interrupted, KEEP_DIR_ENV};
+pub use cleanup::{install_signal_cleanup, interrupted, WorkDir, KEEP_DIR_ENV};
 pub use config::{controller_id, HostEnd, PortConfig, VmConfig, CONTROLLER_ID};
 pub use plan::{PlanError, PortInfo, TOOLS_QMP_SOCKET};
 pub use vm::{file_tail, Vm, VmError};

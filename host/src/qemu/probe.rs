@@ -106,10 +106,9 @@ fn run_probe(
     Ok((status, output))
 }
 
-fn probe_dir() -> Result<tempfile::TempDir, AccelError> {
-    tempfile::Builder::new()
-        .prefix("vport-probe-")
-        .tempdir()
+/// The probe's directory: removed when dropped, and by the Ctrl-C handler.
+fn probe_dir() -> Result<super::cleanup::WorkDir, AccelError> {
+    super::cleanup::WorkDir::with_prefix("vport-probe-")
         .map_err(|source| AccelError::Io { path: std::env::temp_dir(), source })
 }
 

@@ -94,6 +94,20 @@ impl Qmp {
         self.execute("system_reset", None).map(drop)
     }
 
+    /// `set-action reboot=ACTION`: what a guest reboot (and QMP `system_reset`) does: `reset`,
+    /// or `shutdown` (vport's default: its VMs run with `-no-reboot`, so a guest panic ends
+    /// QEMU).
+    pub fn set_reboot_action(&self, action: &str) -> Result<(), QmpError> {
+        self.execute("set-action", Some(json!({ "reboot": action }))).map(drop)
+    }
+
+    /// `send-key`: presses `keys` (QEMU key codes, `qcode`, for example `["alt", "sysrq",
+    /// "i"]`) together on the VM's keyboard and releases them.
+    pub fn send_keys(&self, keys: &[&str]) -> Result<(), QmpError> {
+        let keys: Vec<Value> = keys.iter().map(|k| json!({ "type": "qcode", "data": k })).collect();
+        self.execute("send-key", Some(json!({ "keys": keys }))).map(drop)
+    }
+
     /// `device_add` with the given properties (`driver`, `id`, ...).
     pub fn device_add(&self, props: Value) -> Result<(), QmpError> {
         self.execute("device_add", Some(props)).map(drop)

@@ -10,6 +10,7 @@ pub fn progress_line(ev: &RunEvent) -> Option<String> {
         RunEvent::RunStarted { suite, cases } => Some(format!("{suite} suite: {cases} case(s) selected")),
         RunEvent::GroupStarted { group, cases } => Some(format!("group {group}: booting ({cases} case(s))")),
         RunEvent::CaseStarted { .. } => None,
+        RunEvent::CaseProgress { name, done, total } => Some(format!("        {name}: {done} of {total}")),
         RunEvent::CaseFinished(c) => {
             let trace = match c.trace.violations().len() {
                 0 => String::new(),

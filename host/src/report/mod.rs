@@ -179,6 +179,15 @@ pub enum RunEvent {
         /// Case name.
         name: String,
     },
+    /// A long case's progress (a soak's cycles): `done` of `total` steps so far.
+    CaseProgress {
+        /// Case name.
+        name: String,
+        /// Steps done.
+        done: u64,
+        /// Steps in all.
+        total: u64,
+    },
     /// A case ended (or was found NOT RUN).
     CaseFinished(CaseResult),
     /// A group could not be set up; its cases are NOT RUN.
@@ -241,7 +250,7 @@ impl RunReport {
     pub fn apply(&mut self, ev: &RunEvent) {
         match ev {
             RunEvent::RunStarted { suite, .. } => self.suite.clone_from(suite),
-            RunEvent::GroupStarted { .. } | RunEvent::CaseStarted { .. } => {}
+            RunEvent::GroupStarted { .. } | RunEvent::CaseStarted { .. } | RunEvent::CaseProgress { .. } => {}
             RunEvent::CaseFinished(c) => self.cases.push(c.clone()),
             RunEvent::GroupFailed(e) => self.infra_errors.push(e.clone()),
             RunEvent::RunFinished { environment, elapsed } => {

@@ -202,6 +202,14 @@ impl Core {
             "STOP" => Input::VmStopped,
             "SHUTDOWN" => Input::VmExited,
             "RESET" => Input::GuestReset,
+            "RESUME" => {
+                // The VM runs again (`cont`): a session a STOP ended can be made now, so the
+                // agent is asked at once rather than one interval after the STOP.
+                if matches!(self.state(), ServerState::Connected { .. }) && self.asked_at.is_some() {
+                    self.request_hello = true;
+                }
+                return;
+            }
             _ => return,
         };
         self.apply(input);

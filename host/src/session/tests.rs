@@ -5,6 +5,7 @@ use crate::chardev::{EndpointAddr, EndpointEventKind, EndpointKind};
 use crate::client::AgentClient;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use vport_common::message::error_code;
 use vport_common::Message;
 use ServerState::*;
@@ -186,6 +187,33 @@ fn stop_ends_with_vm_stopped_and_qmp_gone_closes_the_server() {
     assert!(matches!(srv.accept(T), Err(SessionError::Closed { reason: EndReason::VmExited, .. })));
     drop(srv);
     drop(s2);
+    let _ = guest.join();
+}
+
+#[test]
+fn resume_after_a_stop_asks_for_the_next_session_at_once() {
+    let (mut srv, agents, qmp) = server();
+    let (asked_tx, asked) = crossbeam_channel::unbounded();
+    let guest = std::thread::spawn(move || {
+        let mut g = agent(&agents);
+        g.hello(A);
+        g.recv();
+        g.serve(A, |m| matches!(m, Message::HelloRequest));
+        asked_tx.send(Instant::now()).unwrap();
+        g.hello(B);
+        g.recv();
+        g.serve(B, |_| false);
+    });
+    let mut s1 = srv.accept(T).unwrap();
+    qmp.send(event("STOP", serde_json::Value::Null)).unwrap();
+    assert_eq!(s1.wait_end(T).unwrap(), EndReason::VmStopped);
+    let resumed = Instant::now();
+    qmp.send(event("RESUME", serde_json::Value::Null)).unwrap();
+    let s2 = srv.accept(T).unwrap();
+    assert_eq!(s2.id(), B);
+    let after = asked.recv_timeout(T).unwrap() - resumed;
+    assert!(after < crate::link::HELLO_REQUEST_INTERVAL / 2, "asked {after:?} after RESUME");
+    drop((s1, s2, srv, qmp));
     let _ = guest.join();
 }
 

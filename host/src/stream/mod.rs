@@ -14,6 +14,7 @@
 //!   a part file ([`part`]) until its digest is verified.
 
 pub mod part;
+pub mod replug;
 pub mod to_guest;
 pub mod to_host;
 
@@ -228,6 +229,57 @@ pub enum TransferError {
         /// Why.
         source: Box<SessionError>,
     },
+    /// Sessions came and ended, and none moved the stream on, for longer than the timeout: a
+    /// link that looks alive but carries nothing (the last session's end names the cause).
+    #[error(
+        "port {port}: {sessions} sessions in {waited:?} moved nothing (the last ended: {last}); {acked} of \
+         {total} bytes are acknowledged, run again to resume"
+    )]
+    NoProgress {
+        /// Port name.
+        port: String,
+        /// Sessions since the last progress.
+        sessions: u64,
+        /// Time since the last progress.
+        waited: Duration,
+        /// How the last session ended.
+        last: String,
+        /// Bytes acknowledged so far.
+        acked: u64,
+        /// The stream's length (0 while unknown).
+        total: u64,
+    },
+}
+
+/// Sessions in a row that may move nothing before [`TransferError::NoProgress`] (and the
+/// timeout must have passed too): a stream is given up only when the link cycles uselessly.
+pub const IDLE_SESSIONS: u64 = 3;
+
+/// Whether the stream moved since the last look: `acked` against the mark, counting the
+/// sessions and the time without progress.
+#[derive(Debug)]
+pub(crate) struct ProgressMark {
+    acked: u64,
+    since: Instant,
+    idle_sessions: u64,
+}
+
+impl ProgressMark {
+    pub(crate) fn new(acked: u64, now: Instant) -> ProgressMark {
+        ProgressMark { acked, since: now, idle_sessions: 0 }
+    }
+
+    /// A session ended with `acked` acknowledged at `now`: `Some((sessions, waited))` once
+    /// [`IDLE_SESSIONS`] sessions and `timeout` have passed without progress.
+    pub(crate) fn session_ended(&mut self, acked: u64, now: Instant, timeout: Duration) -> Option<(u64, Duration)> {
+        if acked != self.acked {
+            *self = ProgressMark::new(acked, now);
+            return None;
+        }
+        self.idle_sessions += 1;
+        let waited = now.saturating_duration_since(self.since);
+        (self.idle_sessions >= IDLE_SESSIONS && waited >= timeout).then_some((self.idle_sessions, waited))
+    }
 }
 
 /// How a session's part of a stream ended ([`StreamSide::in_session`]).
@@ -295,6 +347,7 @@ pub trait StreamSide {
     {
         let started = Instant::now();
         let mut number = 0;
+        let mut mark = ProgressMark::new(self.progress().0, started);
         loop {
             let mut session = next_session(self, source, hook)?;
             number += 1;
@@ -313,7 +366,13 @@ pub trait StreamSide {
                     // Closes the host's connection if the session is still live.
                     drop(session);
                     log::info!("port {}: stream interrupted: {reason}", self.port());
-                    let (acked, _) = self.progress();
+                    let (acked, total) = self.progress();
+                    if let Some((sessions, waited)) =
+                        mark.session_ended(acked, Instant::now(), self.options().session_timeout)
+                    {
+                        let port = self.port().to_owned();
+                        return Err(TransferError::NoProgress { port, sessions, waited, last: reason, acked, total });
+                    }
                     hook(&TransferEvent::Interrupted { reason, acked });
                 }
             }

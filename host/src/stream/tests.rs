@@ -84,3 +84,38 @@ fn only_states_a_vm_leaves_by_itself_or_with_cont_are_pauses() {
         assert!(!paused_for_now(s), "{s}");
     }
 }
+
+#[test]
+fn a_pattern_stream_resumes_under_its_own_id_which_differs_from_a_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("out");
+    let opts = TransferOptions::default();
+    let a = to_host::ToHost::pattern("p", 7, 100, &dest, opts.clone()).unwrap().id();
+    assert_eq!(a, to_host::ToHost::pattern("p", 7, 100, &dest, opts.clone()).unwrap().id());
+    assert_ne!(a, to_host::ToHost::pattern("p", 8, 100, &dest, opts.clone()).unwrap().id());
+    assert_ne!(a, to_host::ToHost::pattern("p", 7, 101, &dest, opts.clone()).unwrap().id());
+    assert_ne!(a, to_host::ToHost::new("p", "f", &dest, opts).unwrap().id());
+}
+
+#[test]
+fn sessions_that_move_nothing_end_the_stream_only_after_enough_of_them_and_the_timeout() {
+    let t0 = Instant::now();
+    let timeout = Duration::from_secs(10);
+    let mut mark = ProgressMark::new(5, t0);
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    assert_eq!(mark.session_ended(5, at(20), timeout), None, "one idle session");
+    assert_eq!(mark.session_ended(5, at(21), timeout), None, "two");
+    assert_eq!(mark.session_ended(5, at(22), timeout), Some((3, Duration::from_secs(22))));
+    let mut mark = ProgressMark::new(5, t0);
+    for s in 0..50 {
+        assert_eq!(
+            mark.session_ended(5, t0 + Duration::from_millis(s), timeout),
+            None,
+            "fast cycling, within the timeout"
+        );
+    }
+    assert_eq!(mark.session_ended(6, at(30), timeout), None, "progress resets the count");
+    assert_eq!(mark.session_ended(6, at(31), timeout), None);
+    assert_eq!(mark.session_ended(6, at(32), timeout), None);
+    assert_eq!(mark.session_ended(6, at(41), timeout), Some((3, Duration::from_secs(11))));
+}

@@ -24,6 +24,8 @@ pub struct ToHost {
     port: String,
     id: u64,
     name: String,
+    /// For a pattern stream (`name` empty): the seed and length asked for.
+    pattern: Option<(u64, u64)>,
     part: Option<PartFile>,
     receiver: Option<Receiver>,
     total: u64,
@@ -43,11 +45,47 @@ impl ToHost {
             source,
         })?;
         let id = stream_id(&[b"to-host", name.as_bytes(), absolute.as_os_str().as_encoded_bytes()]);
-        let part = PartFile::open(&absolute, id)?;
+        Self::with_id(port, id, name, None, &absolute, opts)
+    }
+
+    /// Prepares a stream of `total` bytes of the agent's pattern of `seed` (no guest file: it
+    /// survives a guest that is reset or rebooted, whose stream directory may be gone) into
+    /// `dest`; like [`ToHost::new`], the same transfer run again resumes.
+    pub fn pattern(
+        port: &str,
+        seed: u64,
+        total: u64,
+        dest: &Path,
+        opts: TransferOptions,
+    ) -> Result<ToHost, TransferError> {
+        let absolute = std::path::absolute(dest).map_err(|source| TransferError::File {
+            op: "cannot resolve",
+            path: dest.to_owned(),
+            source,
+        })?;
+        let id = stream_id(&[
+            b"to-host pattern",
+            &seed.to_le_bytes(),
+            &total.to_le_bytes(),
+            absolute.as_os_str().as_encoded_bytes(),
+        ]);
+        Self::with_id(port, id, "", Some((seed, total)), &absolute, opts)
+    }
+
+    fn with_id(
+        port: &str,
+        id: u64,
+        name: &str,
+        pattern: Option<(u64, u64)>,
+        absolute: &Path,
+        opts: TransferOptions,
+    ) -> Result<ToHost, TransferError> {
+        let part = PartFile::open(absolute, id)?;
         Ok(ToHost {
             port: port.to_owned(),
             id,
             name: name.to_owned(),
+            pattern,
             part: Some(part),
             receiver: None,
             total: 0,
@@ -87,12 +125,13 @@ impl ToHost {
     /// STREAM_OPEN with the part file's length, answered by STREAM_ACCEPT.
     fn open(&mut self, session: &mut Session) -> Result<Result<(), String>, TransferError> {
         let (id, offset) = (self.id, self.part()?.len());
+        let (seed, total) = self.pattern.unwrap_or((0, 0));
         let open = Message::StreamOpen {
             id,
             direction: StreamDirection::ToHost,
             name: self.name.clone(),
-            seed: 0,
-            total: 0,
+            seed,
+            total,
             offset,
             window: self.opts.window,
         };

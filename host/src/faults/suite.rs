@@ -1,0 +1,289 @@
+//! The fault suite's VM and its cases: each case streams a file into the guest and another
+//! out of it at once, with the fault injected (`case.rs`), then judges both (`judge.rs`).
+
+use super::case::{self, CasePort, GuestSource, Plan};
+use super::judge::{digest_of, judge, judge_kill, judge_throttled, Expected, Restart};
+use super::migration::{Migration, Route};
+use super::summary::CaseFigures;
+use super::{case_name, Fault, FaultsOptions, GROUP};
+use crate::image::initscript::{supervise_param, GUEST_STREAM_DIR};
+use crate::qemu::VmConfig;
+use crate::report::{CaseResult, Environment, TraceVerdict, Verdict};
+use crate::rig::{vm_config, Rig};
+use crate::session::PortServer;
+use crate::stream::to_guest::ToGuest;
+use crate::stream::{Control, StreamSide, TransferOptions};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vport_common::pattern;
+
+const PORT_IN: &str = "org.vport.faults.in";
+const PORT_OUT: &str = "org.vport.faults.out";
+/// The name every case's to-guest stream stores under in the guest's stream directory.
+const GUEST_FILE: &str = "faults-in.bin";
+/// The guest file every case streams out (except where the guest is reset).
+const SEED_FILE: &str = "seed.bin";
+/// The seed of the pattern the to-host stream of [`Fault::SystemReset`] carries.
+const PATTERN_SEED: u64 = 0x5eed_0ff5;
+/// How many times `/init` restarts a killed agent (`--full` kills it 50 times).
+const AGENT_RESTARTS: u32 = 100_000;
+/// How long a new VM may take to give the first session.
+const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+/// How long after QEMU is killed both transfers must have failed.
+pub(super) const KILL_REPORT_LIMIT: Duration = Duration::from_secs(1);
+
+/// The suite's VM and what every case shares.
+pub(super) struct Suite {
+    rig: Rig,
+    into: PortServer,
+    out_of: PortServer,
+    work: crate::qemu::WorkDir,
+    seed: Vec<u8>,
+    opts: TransferOptions,
+    size: usize,
+    options: FaultsOptions,
+}
+
+/// The suite's VM: its two ports, the agent with a stream directory, supervised.
+fn suite_config(opts: &FaultsOptions) -> VmConfig {
+    let args: Vec<String> =
+        ["--log-level", "info", "--stream-dir", GUEST_STREAM_DIR].iter().map(|a| a.to_string()).collect();
+    let mut cfg = vm_config(&opts.image, &[PORT_IN, PORT_OUT], &args);
+    cfg.accel = opts.accel;
+    // Fault::AgentKill: SysRq-i (SIGKILL to every process but init) from the keyboard, and
+    // /init restarting the agent it kills.
+    cfg.cmdline.push_str(&format!(" sysrq_always_enabled {}", supervise_param(AGENT_RESTARTS)));
+    // Fault::HostDropQueueFull: QEMU's own account of the port being throttled, on stderr.
+    cfg.extra_args.extend(["-trace".into(), "virtio_serial_throttle_port".into()]);
+    cfg
+}
+
+/// A VM with the suite's two ports served.
+fn start_vm(opts: &FaultsOptions, env: &mut Environment) -> Result<(Rig, PortServer, PortServer), String> {
+    let mut rig = Rig::launch(suite_config(opts)).map_err(|e| format!("cannot boot the vm: {e}"))?;
+    env.accel = rig.vm.accel().to_string();
+    if let Ok(v) = rig.qmp.query_version() {
+        env.qemu_version = format!("{}.{}.{} ({})", v.major, v.minor, v.micro, v.package.trim());
+    }
+    let into = rig.port_server(PORT_IN).map_err(|e| e.to_string())?;
+    let mut out_of = rig.port_server(PORT_OUT).map_err(|e| e.to_string())?;
+    rig.resume().map_err(|e| e.to_string())?;
+    let first = out_of
+        .accept(BOOT_DEADLINE)
+        .map_err(|e| format!("the agent did not come up: {e}\n{}", rig.failure_context()))?;
+    env.kernel_release.clone_from(&first.handshake().hello.kernel_release);
+    drop(first);
+    Ok((rig, into, out_of))
+}
+
+impl Suite {
+    /// Boots the VM and stores the file the cases stream back out (`seed.bin`).
+    pub(super) fn boot(opts: &FaultsOptions, env: &mut Environment) -> Result<Suite, String> {
+        let (rig, into, out_of) = start_vm(opts, env)?;
+        let work = crate::qemu::WorkDir::create().map_err(|e| format!("cannot make a work directory: {e}"))?;
+        let topts = TransferOptions {
+            session_timeout: Duration::from_secs(120),
+            stall_timeout: opts.stall,
+            ..Default::default()
+        };
+        let mut seed = vec![0u8; opts.size];
+        pattern::fill(0x5eed, 0, &mut seed);
+        let path = work.path().join(SEED_FILE);
+        std::fs::write(&path, &seed).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        let mut suite = Suite { rig, into, out_of, work, seed, opts: topts, size: opts.size, options: opts.clone() };
+        suite.ensure_seed()?;
+        Ok(suite)
+    }
+
+    /// Stores `seed.bin` in the guest unless it is there whole (the agent then accepts the
+    /// stream as complete at once): a reset or a new VM lost it.
+    fn ensure_seed(&mut self) -> Result<(), String> {
+        let path = self.work.path().join(SEED_FILE);
+        // The guest may still be booting: no liveness reconnect meanwhile.
+        let opts = TransferOptions { stall_timeout: self.opts.session_timeout, ..self.opts.clone() };
+        let mut setup = ToGuest::new(PORT_OUT, &path, SEED_FILE, opts).map_err(|e| e.to_string())?;
+        setup
+            .run(&mut self.out_of, &mut |_| Control::Continue)
+            .map(drop)
+            .map_err(|e| format!("cannot store the seed file in the guest: {e}\n{}", self.rig.failure_context()))
+    }
+
+    /// Kills this VM (it is already dead after [`Fault::QemuKill`]) and boots a new one:
+    /// what became of the old one and how long the new one took.
+    fn restart(&mut self) -> Result<Restart, String> {
+        let (pid, dir) = (self.rig.vm.pid(), self.rig.vm.dir().to_path_buf());
+        self.rig.vm.kill();
+        let t0 = Instant::now();
+        let (rig, into, out_of) = start_vm(&self.options, &mut Environment::default())?;
+        let booted = t0.elapsed();
+        // The old rig is dropped here: its directory goes.
+        self.rig = rig;
+        self.into = into;
+        self.out_of = out_of;
+        let qemu_gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
+        let dir_gone = !dir.exists();
+        self.ensure_seed()?;
+        Ok(Restart { qemu_gone, dir_gone, dir, booted })
+    }
+
+    /// Both streams of one pass of a case, with `plan`.
+    fn pass(&mut self, plan: &Arc<Plan>, local: &Path, dest: &Path) -> Result<(case::Leg, case::Leg), String> {
+        let source = match plan.fault {
+            Fault::SystemReset => GuestSource::Pattern { seed: PATTERN_SEED, total: self.size as u64 },
+            _ => GuestSource::File(SEED_FILE),
+        };
+        // A full out queue needs more in flight than the socket and the virtqueue hold: the
+        // largest window lets the rest of the stream be sent unacknowledged.
+        let opts = match plan.fault {
+            Fault::HostDropQueueFull => {
+                TransferOptions { window: vport_common::stream::MAX_WINDOW, ..self.opts.clone() }
+            }
+            _ => self.opts.clone(),
+        };
+        let info_in = self.rig.port(PORT_IN).map_err(|e| e.to_string())?.clone();
+        let info_out = self.rig.port(PORT_OUT).map_err(|e| e.to_string())?.clone();
+        // One name for every case: each stream replaces the last one's file, so the guest's
+        // (RAM) stream directory holds one file however many cases run.
+        Ok(case::run_case(
+            plan,
+            CasePort { server: &mut self.into, info: &info_in },
+            CasePort { server: &mut self.out_of, info: &info_out },
+            local,
+            GUEST_FILE,
+            source,
+            dest,
+            &opts,
+        ))
+    }
+
+    /// The plan of a case of `fault` (`name` names its migration's socket or file); a
+    /// migration's destination is started here, in the suite's thread.
+    fn plan(&self, fault: Fault, name: &str) -> Result<Arc<Plan>, String> {
+        let mut plan = Plan::new(fault, self.rig.qmp.clone(), self.rig.vm.pid());
+        let route = match fault {
+            Fault::MigrateLive => Some(Route::Live(self.work.path().join(format!("{name}.sock")))),
+            Fault::MigrateFile => Some(Route::File(self.work.path().join(format!("{name}.state")))),
+            _ => None,
+        };
+        if let Some(route) = route {
+            let ports = [PORT_IN.into(), PORT_OUT.into()];
+            plan.migration = Some(Migration::start(route, suite_config(&self.options), ports)?);
+        }
+        plan.qemu_stderr = Some(self.rig.vm.stderr_log());
+        plan.console = Some(self.rig.vm.console_log());
+        Ok(Arc::new(plan))
+    }
+
+    /// After a migration: the destination becomes the suite's VM (the source, stopped, is
+    /// killed), with a server for each port that a stream did not take already, and the saved
+    /// state's file is removed. How long the migration took; a migration that failed is the
+    /// case's error, and the suite goes on with a new VM.
+    fn take_destination(&mut self, plan: &Plan) -> Result<Option<Duration>, String> {
+        let Some(m) = plan.migration.as_ref() else { return Ok(None) };
+        if let Route::File(file) = m.route().clone() {
+            if let Err(e) = std::fs::remove_file(&file).or_else(|e| if file.exists() { Err(e) } else { Ok(()) }) {
+                log::warn!("faults: cannot remove the saved state {}: {e}", file.display());
+            }
+        }
+        if let Some(error) = m.error() {
+            let restarted = self.restart().map(|_| "a new VM was booted for the next cases".to_string());
+            return Err(format!("the migration failed: {error}; {}", restarted.unwrap_or_else(|e| e)));
+        }
+        if let Some(rig) = m.take_dest() {
+            self.rig = rig;
+        }
+        if let Some(server) = m.take_server(0) {
+            self.into = server;
+        }
+        if let Some(server) = m.take_server(1) {
+            self.out_of = server;
+        }
+        Ok(m.took())
+    }
+
+    /// What the to-host stream of `fault` must deliver.
+    fn expected_out(&self, fault: Fault) -> Vec<u8> {
+        match fault {
+            Fault::SystemReset => {
+                let mut bytes = vec![0u8; self.size];
+                pattern::fill(PATTERN_SEED, 0, &mut bytes);
+                bytes
+            }
+            _ => self.seed.clone(),
+        }
+    }
+
+    /// One case: a pass with the fault injected, judged; for [`Fault::QemuKill`], then a new
+    /// VM and a second pass that must resume both transfers. The case's figures unless it
+    /// could not run.
+    pub(super) fn case(&mut self, fault: Fault, rep: u32) -> (CaseResult, Option<CaseFigures>) {
+        let started = Instant::now();
+        let name = case_name(fault, rep);
+        let mut bytes = vec![0u8; self.size];
+        pattern::fill(u64::from(rep) << 8 | fault as u64, 0, &mut bytes);
+        let local = self.work.path().join(format!("{name}.in"));
+        let dest = self.work.path().join(format!("{name}.out"));
+        let outcome = std::fs::write(&local, &bytes)
+            .map_err(|e| format!("cannot write {}: {e}", local.display()))
+            .and_then(|()| {
+                // A VM an earlier case left unusable is replaced before this case runs.
+                self.ensure_seed().or_else(|e| {
+                    log::warn!("faults: {e}; booting a new VM");
+                    self.restart().map(drop).map_err(|again| format!("{e}; a new VM did not help: {again}"))
+                })
+            })
+            .and_then(|()| {
+                let out_bytes = self.expected_out(fault);
+                let (size, into_digest, out_digest) = (self.size as u64, digest_of(&bytes), digest_of(&out_bytes));
+                let want = |received_equal: bool| Expected { size, into_digest, out_digest, received_equal };
+                let plan = self.plan(fault, &name)?;
+                let (into, out) = self.pass(&plan, &local, &dest)?;
+                if fault == Fault::SystemReset {
+                    // Back to vport's default: a reboot (a guest panic) ends QEMU.
+                    self.rig.qmp.set_reboot_action("shutdown").map_err(|e| format!("set-action: {e}"))?;
+                }
+                let migrated = self.take_destination(&plan)?;
+                if fault != Fault::QemuKill {
+                    let received = std::fs::read(&dest).is_ok_and(|b| b == out_bytes);
+                    let mut judged = judge(fault, &want(received), &into, &out);
+                    if let Some(took) = migrated {
+                        judged.1 = format!("migrated in {} ms; {}", took.as_millis(), judged.1);
+                    }
+                    if fault == Fault::HostDropQueueFull {
+                        judged = judge_throttled(judged, plan.throttled.load(std::sync::atomic::Ordering::SeqCst));
+                    }
+                    let figures = CaseFigures::of(fault, judged.0 == Verdict::Pass, &into, &out);
+                    return Ok((judged, figures));
+                }
+                let restart = self.restart()?;
+                let mut quiet = Plan::new(fault, self.rig.qmp.clone(), self.rig.vm.pid());
+                quiet.quiet = true;
+                let plan = Arc::new(quiet);
+                let (into2, out2) = self.pass(&plan, &local, &dest)?;
+                let received = std::fs::read(&dest).is_ok_and(|b| b == out_bytes);
+                let judged = judge_kill(&want(received), (&into, &out), &restart, (&into2, &out2));
+                let mut figures = CaseFigures::of(fault, judged.0 == Verdict::Pass, &into2, &out2);
+                figures.ready = Some(restart.booted);
+                Ok((judged, figures))
+            });
+        let ((verdict, observed, note), figures) = match outcome {
+            Ok((judged, figures)) => (judged, Some(figures)),
+            Err(e) => ((Verdict::Error, String::new(), e), None),
+        };
+        let _ = std::fs::remove_file(&local);
+        let _ = std::fs::remove_file(&dest);
+        let result = CaseResult {
+            name,
+            group: GROUP.into(),
+            spec: fault.spec().into(),
+            expected: fault.expected().into(),
+            observed,
+            verdict,
+            note,
+            trace: TraceVerdict::NotRecorded,
+            duration: started.elapsed(),
+        };
+        (result, figures)
+    }
+}
