@@ -131,12 +131,21 @@ impl Core {
     /// due at once, which makes the agent start a new session).
     pub(super) fn offered(&mut self, id: SessionId) -> Option<SessionId> {
         if self.ended_ids.contains(&id) {
+            // Ask for a new session once, not once per stale HELLO: a burst of them (the agent
+            // answering requests it got before the session ended here) would otherwise send a
+            // burst of requests, each of which makes a READY agent start yet another session,
+            // which the next stale HELLO ends: a loop. A request sent within the interval is
+            // still on its way; the pacing asks again if it goes unanswered.
+            let asked_lately = self.asked_at.is_some_and(|at| at.elapsed() < crate::link::HELLO_REQUEST_INTERVAL);
             log::info!(
-                "port {}: hello of session {:#010x}, which ended here, ignored; asking for a new one",
+                "port {}: hello of session {:#010x}, which ended here, ignored; {}",
                 self.port,
-                id.session
+                id.session,
+                if asked_lately { "a request for a new one is on its way" } else { "asking for a new one" }
             );
-            self.request_hello = true;
+            if !asked_lately {
+                self.request_hello = true;
+            }
             return None;
         }
         self.apply(Input::Hello(id))

@@ -417,3 +417,42 @@ fn a_session_that_ended_here_is_never_handed_out_again_on_a_new_connection() {
     drop(s2);
     guest.join().unwrap_err(); // the scripted agent saw the host close (assert in recv)
 }
+
+#[test]
+fn a_burst_of_stale_hellos_asks_for_one_new_session_not_one_each() {
+    let (mut srv, agents, _qmp) = server();
+    let (extra_tx, extra) = crossbeam_channel::unbounded();
+    let guest = std::thread::spawn(move || {
+        let mut g = agent(&agents);
+        assert!(matches!(g.recv(), (0, Message::HelloRequest)));
+        g.hello(A);
+        assert!(matches!(g.recv(), (0xA, Message::HelloAck { .. })));
+        // The host leaves and comes back; the agent answers with A several times (requests it
+        // got before it saw anything), then waits to be asked again.
+        let mut g = agent(&agents);
+        assert!(matches!(g.recv(), (0, Message::HelloRequest)));
+        for _ in 0..4 {
+            g.hello(A);
+        }
+        while !matches!(g.recv(), (_, Message::HelloRequest)) {}
+        g.hello(B);
+        // Every further request would make a real agent, READY in B, start another session.
+        let mut more = 0;
+        loop {
+            match g.recv() {
+                (_, Message::HelloRequest) => more += 1,
+                (0xB, Message::HelloAck { .. }) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        extra_tx.send(more).unwrap();
+        g.serve(B, |_| false);
+    });
+    let s1 = srv.accept(T).unwrap();
+    drop(s1);
+    let s2 = srv.accept(T).unwrap();
+    assert_eq!(s2.id(), B);
+    assert_eq!(extra.recv_timeout(T).unwrap(), 0, "requests after the one the agent answered");
+    drop(s2);
+    guest.join().unwrap_err();
+}
