@@ -4,7 +4,6 @@
 use super::image::{prepare, ImageChoice};
 use super::{stdout_err, CommandError, Progress};
 use crate::conformance::{self, SuiteOptions};
-use crate::exit::ExitCode;
 use crate::qemu::AccelChoice;
 use crate::report::human;
 use std::io::Write;
@@ -62,12 +61,6 @@ pub fn conformance(cmd: ConformanceCommand, out: &mut dyn Write, progress: &Prog
         }
     })?;
     super::write_suite_report(&report, cmd.json, cmd.junit, "", out)?;
-    match report.exit_code() {
-        ExitCode::Success => Ok(()),
-        code @ ExitCode::Infrastructure => Err(CommandError::Suite {
-            code,
-            message: format!("{} vm(s) could not be set up", report.infra_errors.len()),
-        }),
-        code => Err(CommandError::Suite { code, message: "conformance cases failed".into() }),
-    }
+    let infra = format!("{} vm(s) could not be set up", report.infra_errors.len());
+    super::suite_outcome(&report, infra, "conformance cases failed")
 }

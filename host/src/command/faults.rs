@@ -3,7 +3,6 @@
 
 use super::image::{prepare, ImageChoice};
 use super::{CommandError, Progress};
-use crate::exit::ExitCode;
 use crate::faults::{self, FaultsOptions};
 use crate::qemu::AccelChoice;
 use crate::report::human;
@@ -55,11 +54,5 @@ pub fn faults(cmd: FaultsCommand, out: &mut dyn Write, progress: &Progress) -> R
         format!("\nper fault (median / max over its repetitions):\n{}", faults::summary::render(&figures))
     };
     super::write_suite_report(&report, cmd.json, cmd.junit, &summary, out)?;
-    match report.exit_code() {
-        ExitCode::Success => Ok(()),
-        code @ ExitCode::Infrastructure => {
-            Err(CommandError::Suite { code, message: "the fault suite's vm could not be set up".into() })
-        }
-        code => Err(CommandError::Suite { code, message: "fault cases failed".into() }),
-    }
+    super::suite_outcome(&report, "the fault suite's vm could not be set up".into(), "fault cases failed")
 }

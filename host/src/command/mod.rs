@@ -172,6 +172,20 @@ pub(crate) fn write_suite_report(
     Ok(())
 }
 
+/// A suite's outcome from its report's exit code: success, `infra` when a VM could not be set
+/// up, `failed` when cases did not pass.
+pub(crate) fn suite_outcome(
+    report: &crate::report::RunReport,
+    infra: String,
+    failed: &str,
+) -> Result<(), CommandError> {
+    match report.exit_code() {
+        ExitCode::Success => Ok(()),
+        code @ ExitCode::Infrastructure => Err(CommandError::Suite { code, message: infra }),
+        code => Err(CommandError::Suite { code, message: failed.into() }),
+    }
+}
+
 /// Maps a stdout write error.
 pub(crate) fn stdout_err(e: std::io::Error) -> CommandError {
     CommandError::Stdout(e)

@@ -3,7 +3,6 @@
 
 use super::image::{prepare, ImageChoice};
 use super::{CommandError, Progress};
-use crate::exit::ExitCode;
 use crate::qemu::AccelChoice;
 use crate::report::human;
 use crate::soak::{self, SoakCounts, SoakOptions};
@@ -39,11 +38,5 @@ pub fn soak(cmd: SoakCommand, out: &mut dyn Write, progress: &Progress) -> Resul
         }
     });
     super::write_suite_report(&report, cmd.json, cmd.junit, "", out)?;
-    match report.exit_code() {
-        ExitCode::Success => Ok(()),
-        code @ ExitCode::Infrastructure => {
-            Err(CommandError::Suite { code, message: "the soak's vm could not be set up".into() })
-        }
-        code => Err(CommandError::Suite { code, message: "soak cases failed".into() }),
-    }
+    super::suite_outcome(&report, "the soak's vm could not be set up".into(), "soak cases failed")
 }

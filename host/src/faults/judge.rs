@@ -2,11 +2,13 @@
 //! (QEMU killed) the transfers failing fast and resuming on a new VM; and the matrix's figures.
 
 use super::case::Leg;
-use super::suite::KILL_REPORT_LIMIT;
 use super::Fault;
 use crate::report::Verdict;
 use std::time::Duration;
 use vport_common::pattern::StreamDigest;
+
+/// How long after QEMU is killed the transfers in flight must have failed.
+pub(super) const KILL_REPORT_LIMIT: Duration = Duration::from_secs(1);
 
 /// What a case expected of its two streams: the size, each stream's digest, and whether the
 /// file received on the host is byte for byte the guest's.

@@ -30,8 +30,6 @@ const PATTERN_SEED: u64 = 0x5eed_0ff5;
 const AGENT_RESTARTS: u32 = 100_000;
 /// How long a new VM may take to give the first session.
 const BOOT_DEADLINE: Duration = Duration::from_secs(120);
-/// How long after QEMU is killed both transfers must have failed.
-pub(super) const KILL_REPORT_LIMIT: Duration = Duration::from_secs(1);
 
 /// The suite's VM and what every case shares.
 pub(super) struct Suite {

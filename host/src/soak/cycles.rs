@@ -196,7 +196,5 @@ pub(super) fn replugs(
     if let Some(f) = failure {
         return Err(f);
     }
-    fig.agent_before = 0;
-    fig.agent_after = source.renewed();
     Ok(ReplugFigures { cycles: fig, stream: result })
 }

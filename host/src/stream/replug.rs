@@ -23,11 +23,6 @@ impl ReplugSource {
     pub fn new(server: PortServer, port: PortInfo, qmp: Arc<Qmp>) -> ReplugSource {
         ReplugSource { server, port, qmp, renewed: 0 }
     }
-
-    /// How many times the port was found unplugged and served anew.
-    pub fn renewed(&self) -> u64 {
-        self.renewed
-    }
 }
 
 /// The next session of `port` from `server` within `timeout`; when the server finds the port
