@@ -53,8 +53,6 @@ pub(super) struct Core {
     /// offers one again is stale (an offer repeated by an agent that never got the last
     /// acknowledgement, or bytes of an old connection) and never becomes a new Session.
     pub(super) ended_ids: std::collections::VecDeque<SessionId>,
-    /// The ended session whose stale HELLO last made the server ask for a new one.
-    pub(super) reasked_for: Option<SessionId>,
     pub(super) request_hello: bool,
     pub(super) probe_pending: bool,
     pub(super) host_version: String,
@@ -133,19 +131,21 @@ impl Core {
     /// due at once, which makes the agent start a new session).
     pub(super) fn offered(&mut self, id: SessionId) -> Option<SessionId> {
         if self.ended_ids.contains(&id) {
-            // Ask for a new session once per stale session, not once per stale HELLO: a burst
-            // of them (the agent answering requests it got before the session ended here)
-            // would otherwise send a burst of requests, each of which makes a READY agent start
-            // yet another session, which the next stale HELLO ends: a loop.
-            let first = self.reasked_for != Some(id);
+            // Ask for a new session once, not once per stale HELLO: a burst of them (the agent
+            // answering requests it got before the session ended here) would otherwise send a
+            // burst of requests, each of which makes a READY agent start yet another session,
+            // which the next stale HELLO ends: a loop. A request sent within the interval (the
+            // one made on connecting) is still on its way, and an agent that saw the host come
+            // back starts a new session by itself: asking again then only races its HELLO. The
+            // pacing asks again if nothing comes.
+            let asked_lately = self.asked_at.is_some_and(|at| at.elapsed() < crate::link::HELLO_REQUEST_INTERVAL);
             log::info!(
                 "port {}: hello of session {:#010x}, which ended here, ignored; {}",
                 self.port,
                 id.session,
-                if first { "asking for a new one" } else { "a new one was asked for already" }
+                if asked_lately { "a request for a new one is on its way" } else { "asking for a new one" }
             );
-            if first {
-                self.reasked_for = Some(id);
+            if !asked_lately {
                 self.request_hello = true;
             }
             return None;

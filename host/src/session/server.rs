@@ -105,7 +105,6 @@ impl PortServer {
             generation: 0,
             ends: Vec::new(),
             ended_ids: Default::default(),
-            reasked_for: None,
             request_hello: false,
             probe_pending: false,
             host_version: concat!("vport-host ", env!("CARGO_PKG_VERSION")).into(),
