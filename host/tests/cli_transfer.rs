@@ -1,7 +1,8 @@
 //! `vport send` and `vport recv` as a user runs them, against a VM of `vport boot` (whose agent
 //! keeps streams in /var/lib/vport-streams): a file goes in and comes back out byte for byte;
 //! each command is killed once in the middle of its stream (the host leaves for good) and run
-//! again, and resumes from what the receiver had stored instead of starting over.
+//! again, and resumes from what the receiver had stored instead of starting over; `vport recv`
+//! run once more moves nothing.
 
 mod common;
 
@@ -89,6 +90,18 @@ fn send_and_recv_copy_a_file_each_way_and_resume_after_being_killed() {
     assert!(got["resumed_at"].as_u64().unwrap() > 0, "the second run resumed: {got}");
     assert_eq!(got["digest"].as_str(), Some(digest.as_str()));
     assert!(std::fs::read(&out).unwrap() == data, "the file came back changed");
+    let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().ends_with(".vport-part")), "part files left: {left:?}");
+
+    // Run again with the file already there: verified against the guest's, nothing moved, the
+    // same file kept (not replaced by a new copy).
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(&out).unwrap().ino();
+    let again = json_of(&run(runtime.path(), &recv));
+    eprintln!("recv again: {again}");
+    assert_eq!((again["moved_bytes"].as_u64(), again["resumed_at"].as_u64()), (Some(0), Some(SIZE as u64)), "{again}");
+    assert_eq!(std::fs::metadata(&out).unwrap().ino(), inode, "the destination was replaced");
+    assert!(std::fs::read(&out).unwrap() == data);
     let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(!left.iter().any(|n| n.to_string_lossy().ends_with(".vport-part")), "part files left: {left:?}");
 

@@ -19,7 +19,9 @@ the guest closes the port, the agent restarts, the VM is migrated or reset) vpor
 next session and resumes from the receiver's offset: nothing acknowledged is sent again or lost. Sessions that \
 keep ending without moving the stream on end the transfer once three in a row and --timeout have passed \
 (exit 1); QEMU exiting ends it at once (exit 3). Interrupted for good, run the same command again: it resumes from what is stored (the guest's part file, or DEST.ID.vport-part \
-on the host).\n\nThe agent must run with --stream-dir DIR: it reads and writes only plain names in that \
+on the host). `vport recv` into a DEST that is already there compares it with the guest's file first: the \
+same length and digest, nothing is moved again (run twice, or against a guest restored to an earlier state); \
+otherwise the file is received afresh and replaces DEST once verified.\n\nThe agent must run with --stream-dir DIR: it reads and writes only plain names in that \
 directory (docs/security.md). The port is found like `vport connect` finds it (a VM of `vport boot`, --vm PID), \
 or given as --socket PATH. Progress goes to stderr, the result line (or --json) to stdout.";
 

@@ -149,7 +149,7 @@ fn write_report(
             "result": what, "from": from, "to": to, "stream_id": format!("{:#018x}", r.id),
             "bytes": r.bytes, "digest": format!("{:#018x}", r.digest), "sessions": r.sessions,
             "interruptions": r.interruptions, "resent_bytes": r.resent, "duplicate_bytes": r.duplicates,
-            "resumed_at": r.started_at, "elapsed_s": r.elapsed.as_secs_f64(),
+            "resumed_at": r.started_at, "moved_bytes": r.bytes - r.started_at, "elapsed_s": r.elapsed.as_secs_f64(),
         });
         return writeln!(out, "{v}");
     }
@@ -162,7 +162,11 @@ fn write_report(
         r.sessions,
         r.interruptions,
         r.resent,
-        if r.started_at > 0 { format!(", resumed at {}", r.started_at) } else { String::new() },
+        match r.started_at {
+            0 => String::new(),
+            at if at == r.bytes => ", already there whole: nothing moved".into(),
+            at => format!(", resumed at {at}"),
+        },
         (r.bytes - r.started_at) as f64 / secs / (1024.0 * 1024.0)
     )
 }

@@ -119,3 +119,144 @@ fn sessions_that_move_nothing_end_the_stream_only_after_enough_of_them_and_the_t
     assert_eq!(mark.session_ended(6, at(32), timeout), None);
     assert_eq!(mark.session_ended(6, at(41), timeout), Some((3, Duration::from_secs(11))));
 }
+
+mod existing_destination {
+    //! `vport recv` run again: a destination already there is kept when it holds the stream
+    //! whole, and received afresh (then replaced) when it does not.
+    use super::*;
+    use crate::session::fakes::{agent, server, Agent};
+    use crate::session::SessionId;
+    use vport_common::Message;
+
+    const A: SessionId = SessionId { session: 0xA, nonce: 1 };
+    const GUEST: &[u8] = b"the guest's file";
+
+    fn digest(bytes: &[u8]) -> u64 {
+        let mut d = StreamDigest::new();
+        d.update(bytes);
+        d.digest()
+    }
+
+    /// The next STREAM_OPEN's offset (other messages, acknowledgements, skipped).
+    fn open_offset(g: &mut Agent) -> u64 {
+        open_request(g).0
+    }
+
+    /// The next STREAM_OPEN's offset and header.
+    fn open_request(g: &mut Agent) -> (u64, vport_common::Header) {
+        loop {
+            if let (h, Message::StreamOpen { offset, .. }) = g.recv_frame() {
+                return (offset, h);
+            }
+        }
+    }
+
+    /// The next STREAM_DONE's `ok`.
+    fn done_ok(g: &mut Agent) -> bool {
+        loop {
+            if let (_, Message::StreamDone { ok, .. }) = g.recv() {
+                return ok;
+            }
+        }
+    }
+
+    fn send_whole_from(g: &mut Agent, id: u64, from: u64) {
+        let total = GUEST.len() as u64;
+        g.send(A.session, &Message::StreamAccept { id, offset: from, total, window: 0 });
+        let bytes = GUEST[from as usize..].to_vec();
+        g.send(A.session, &Message::StreamData { id, offset: from, bytes });
+        g.send(A.session, &Message::StreamEnd { id, total, digest: digest(GUEST) });
+    }
+
+    /// Runs `vport recv` of "f" into `dest` against the scripted agent `script(agent, id)`.
+    fn recv(dest: &std::path::Path, script: impl FnOnce(&mut Agent, u64) + Send + 'static) -> TransferReport {
+        let (mut srv, agents, _qmp) = server();
+        let opts = TransferOptions { session_timeout: Duration::from_secs(5), ..Default::default() };
+        let mut side = to_host::ToHost::new("org.vport.fake", "f", dest, opts).unwrap();
+        let id = side.id();
+        let guest = std::thread::spawn(move || {
+            let mut g = agent(&agents);
+            assert!(matches!(g.recv(), (0, Message::HelloRequest)));
+            g.hello(A);
+            assert!(matches!(g.recv(), (0xA, Message::HelloAck { .. })));
+            script(&mut g, id);
+            g
+        });
+        let report = side.run(&mut srv, &mut |_| Control::Continue).unwrap();
+        drop(guest.join().unwrap());
+        report
+    }
+
+    fn no_part_file_left(dest: &std::path::Path) {
+        let dir = dest.parent().unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, [dest.file_name().unwrap()], "only the destination is left");
+    }
+
+    #[test]
+    fn a_destination_holding_the_stream_whole_is_verified_and_nothing_is_received_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        std::fs::write(&dest, GUEST).unwrap();
+        let report = recv(&dest, |g, id| {
+            let total = GUEST.len() as u64;
+            assert_eq!(open_offset(g), total, "opened at the destination's length");
+            g.send(A.session, &Message::StreamAccept { id, offset: total, total, window: 0 });
+            g.send(A.session, &Message::StreamEnd { id, total, digest: digest(GUEST) });
+            assert!(done_ok(g));
+        });
+        assert_eq!((report.bytes, report.started_at, report.digest), (16, 16, digest(GUEST)));
+        assert_eq!(std::fs::read(&dest).unwrap(), GUEST);
+        no_part_file_left(&dest);
+    }
+
+    #[test]
+    fn a_destination_of_the_same_length_but_other_bytes_is_received_again_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        std::fs::write(&dest, b"another file ...").unwrap();
+        let report = recv(&dest, |g, id| {
+            let total = GUEST.len() as u64;
+            assert_eq!(open_offset(g), total);
+            g.send(A.session, &Message::StreamAccept { id, offset: total, total, window: 0 });
+            g.send(A.session, &Message::StreamEnd { id, total, digest: digest(GUEST) });
+            assert!(!done_ok(g), "the destination's digest differs");
+            assert_eq!(open_offset(g), 0, "opened again from the part file");
+            send_whole_from(g, id, 0);
+            assert!(done_ok(g));
+        });
+        assert_eq!((report.bytes, report.started_at), (16, 0));
+        assert_eq!(std::fs::read(&dest).unwrap(), GUEST);
+        no_part_file_left(&dest);
+    }
+
+    #[test]
+    fn a_shorter_or_longer_destination_is_received_again_in_the_same_session() {
+        for existing in [&b"the guest"[..], b"the guest's file, longer"] {
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("out");
+            std::fs::write(&dest, existing).unwrap();
+            let len = existing.len() as u64;
+            let report = recv(&dest, move |g, id| {
+                let total = GUEST.len() as u64;
+                let (offset, request) = open_request(g);
+                assert_eq!(offset, len);
+                if len < total {
+                    // The agent starts sending from there before the host asks again.
+                    g.send(A.session, &Message::StreamAccept { id, offset: len, total, window: 0 });
+                    let bytes = GUEST[len as usize..].to_vec();
+                    g.send(A.session, &Message::StreamData { id, offset: len, bytes });
+                } else {
+                    let code = vport_common::message::error_code::BAD_STATE;
+                    g.send(A.session, &Message::error_for(&request, code, "offset past the file's end"));
+                }
+                assert_eq!(open_offset(g), 0, "opened again from the part file");
+                send_whole_from(g, id, 0);
+                assert!(done_ok(g));
+            });
+            assert_eq!((report.bytes, report.started_at, report.sessions), (16, 0, 1), "{existing:?}");
+            assert_eq!(std::fs::read(&dest).unwrap(), GUEST);
+            no_part_file_left(&dest);
+        }
+    }
+}
