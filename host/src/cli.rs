@@ -144,13 +144,18 @@ pub(crate) struct FaultsArgs {
     pub(crate) repeats: Option<u32>,
     /// Only this fault (repeatable): host-drop, guest-close-reopen, stop-cont,
     /// host-drop-during-stop, host-drop-queue-full, unplug-replug, agent-kill, migrate-live,
-    /// migrate-file, system-reset, qemu-kill.
+    /// migrate-file, restore-twice, system-reset, guest-reboot, qemu-kill.
     #[arg(long = "fault", value_name = "NAME", value_parser = vport_host::faults::Fault::from_name)]
     pub(crate) faults: Vec<vport_host::faults::Fault>,
     /// Seconds a connection may yield no session while the VM runs before the host leaves and
     /// connects again (the transfers' liveness deadline).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub(crate) stall: u64,
+    /// Also write the run's life-cycle trace to FILE (JSON lines: every VM's ports as vm1/...,
+    /// vm2/..., the injections and liveness reconnects as notes; check it with `vport trace
+    /// check FILE`). Each case's part is judged by the checker in any case.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) trace: Option<PathBuf>,
     /// Print the report as one JSON object on stdout instead of the matrix.
     #[arg(long)]
     pub(crate) json: bool,

@@ -104,6 +104,7 @@ fn main() {
                 repeats,
                 faults: args.faults,
                 stall: Duration::from_secs(args.stall),
+                trace: args.trace,
                 json: args.json,
                 junit: args.junit,
             };

@@ -23,17 +23,22 @@ pub struct FaultsCommand {
     pub faults: Vec<faults::Fault>,
     /// The transfers' liveness deadline.
     pub stall: Duration,
+    /// Also write the run's trace here.
+    pub trace: Option<PathBuf>,
     /// The report as JSON instead of the matrix.
     pub json: bool,
     /// Also write the report as JUnit XML here.
     pub junit: Option<PathBuf>,
 }
 
-/// `vport run faults`. A JUnit file that cannot be created is a usage error before anything
-/// boots; the results are on `out` before a JUnit file that cannot be written is reported.
+/// `vport run faults`. A JUnit or trace file that cannot be created is a usage error before
+/// anything boots; the results are on `out` before a JUnit file that cannot be written is reported.
 pub fn faults(cmd: FaultsCommand, out: &mut dyn Write, progress: &Progress) -> Result<(), CommandError> {
     if let Some(path) = &cmd.junit {
         crate::usage::check_output_file("--junit", path)?;
+    }
+    if let Some(path) = &cmd.trace {
+        crate::usage::check_output_file("--trace", path)?;
     }
     let img = prepare(&cmd.image, progress)?;
     let mut opts = FaultsOptions::new(img);
@@ -43,6 +48,7 @@ pub fn faults(cmd: FaultsCommand, out: &mut dyn Write, progress: &Progress) -> R
         opts.faults = cmd.faults;
     }
     opts.stall = cmd.stall;
+    opts.trace = cmd.trace;
     let (report, figures) = faults::run(&opts, &mut |ev| {
         if let Some(line) = human::progress_line(ev) {
             progress.say(&line);

@@ -40,19 +40,28 @@ Ctrl-C or until QEMU exits.";
 pub const FAULTS_ABOUT: &str =
     "Inject faults during a two-way acknowledged transfer on a real VM and check that nothing \
 acknowledged is lost or stored twice. One VM, two ports: a file streams into the guest on one while another \
-streams out on the other; at a third of a stream the fault is injected. A case PASSes when both files arrive \
-whole (digests equal on both sides) and the fault interrupted the stream it was aimed at. The matrix shows, per \
+streams out on the other. Both begin together; a per-port fault hits each stream at a third of it, a VM-wide \
+one is injected once, by the first stream to reach a third (the stop faults and a full queue by the to-host \
+stream). A case PASSes when both files arrive whole (digests equal on both sides) and the fault interrupted \
+the stream it was aimed at (each for a per-port fault and restore-twice, else the one that injected it). The \
+matrix shows, per \
 stream, the sessions it took, the bytes sent again (unacknowledged when the session ended), the duplicate bytes \
 the receiver dropped, and the time from the fault back to a READY session and to the stream's resumption.\n\n\
 Faults (--fault NAME picks some): host-drop, guest-close-reopen, stop-cont, host-drop-during-stop (the pause \
 bug), host-drop-queue-full (the host reads nothing until QEMU's trace says it throttled the port, then leaves), \
 unplug-replug (device_del + device_add of each port), agent-kill (SysRq-i through QMP send-key; the test image's \
-/init restarts the agent), migrate-live, migrate-file (saved with migrate exec:cat > FILE, restored in a new \
-QEMU), system-reset (the guest reboots and loses its RAM stream directory: the to-guest stream starts again from \
-0, the to-host one carries the agent's pattern), qemu-kill (the to-host transfer, and the to-guest one unless \
+/init restarts the agent), migrate-live, migrate-file (paused, saved with migrate exec:cat > FILE, restored in \
+a new QEMU), restore-twice (as migrate-file; once both transfers ended, the same state is restored again and both \
+run again: nothing may be delivered twice, so the host keeps its whole file and the rewound guest is sent only \
+what it lacked), system-reset (the guest reboots and loses its RAM stream directory: the to-guest stream starts \
+again from 0, the to-host one carries the agent's pattern), guest-reboot (Ctrl-Alt-Del through QMP send-key: \
+/init stops the agent, which says BYE, and reboots; then as system-reset), qemu-kill (the to-host transfer, and the to-guest one unless \
 already done, must fail within 1 s and QEMU's directory be gone; on a new VM both run again and end whole, the \
 to-host one resumed from the host's part file). After the matrix, a table per fault: the cases whole, bytes \
-resent, duplicates dropped, and the times back to READY and to resumption (median / max).";
+resent, duplicates dropped, and the times back to READY and to resumption (median / max).\n\n\
+Every case's trace (each VM's QMP port events, host connects and disconnects, in-band messages and stream \
+frames, the injection and any liveness reconnect as notes) is judged by `vport trace check`'s checker: a \
+broken life-cycle rule fails the case, naming the records. --trace FILE keeps the whole run's trace.";
 
 /// `vport run soak --help`.
 pub const SOAK_ABOUT: &str = "Drive a port's life cycle round many times on one real VM and check that nothing \

@@ -23,7 +23,7 @@ mod recorder;
 mod scale;
 mod shared;
 mod support;
-mod trace;
+pub(crate) mod trace;
 
 pub use case::{Case, CaseDef, CaseError, Observation};
 pub use options::{filter_selects, SuiteOptions};

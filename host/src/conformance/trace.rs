@@ -141,6 +141,10 @@ impl LinkObserver for TraceObserver {
         self.timeline.message(&format!("{}{port}", self.prefix), dir, session, msg, wire_len);
     }
 
+    fn stale(&self, port: &str, dir: Direction, session: u32, msg: &Message, wire_len: u64) {
+        self.timeline.stale_frame(&format!("{}{port}", self.prefix), dir, session, msg, wire_len);
+    }
+
     fn host_connected(&self, port: &str) {
         self.timeline.host_connect(&format!("{}{port}", self.prefix));
     }

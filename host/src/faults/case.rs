@@ -5,7 +5,7 @@
 use super::logwatch::{last_throttled, wait_for_line, wait_throttled, LogTail};
 use super::migration::Migration;
 use super::Fault;
-use crate::image::initscript::AGENT_RESTARTING;
+use crate::image::initscript::{AGENT_RESTARTING, GUEST_REBOOTING};
 use crate::qemu::PortInfo;
 use crate::qmp::Qmp;
 use crate::rig::replug_port;
@@ -16,16 +16,21 @@ use crate::stream::to_host::ToHost;
 use crate::stream::{
     Control, SessionSource, StreamSide, TransferError, TransferEvent, TransferOptions, TransferReport,
 };
+use crate::timeline::Timeline;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// How long a case's stream that has begun waits for the other to begin.
+const BEGIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How long QEMU may take to confirm an unplug.
 const UNPLUG_DEADLINE: Duration = Duration::from_secs(15);
 
-/// The fault of one case, shared by its two streams. VM-wide faults (`stop`, a reset, QEMU
-/// killed) are injected by the to-host stream only; the to-guest stream lives through them.
+/// The fault of one case, shared by its two streams. A per-port fault is injected by each
+/// stream on its own port; a VM-wide one (`stop`, a reset, a migration, QEMU killed) once,
+/// by the first stream a third through ([`Fault::to_host_injects`]: by the to-host stream).
 pub(super) struct Plan {
     pub(super) fault: Fault,
     pub(super) qmp: Arc<Qmp>,
@@ -38,13 +43,25 @@ pub(super) struct Plan {
     /// [`Fault::AgentKill`]).
     pub(super) console: Option<std::path::PathBuf>,
     /// Inject nothing: the streams run to their end (a case's second pass).
-    pub(super) quiet: bool,
+    quiet: bool,
     /// The migration of a migration fault.
     pub(super) migration: Option<Migration>,
+    /// The suite's trace: the injection and every liveness reconnect are noted on it.
+    pub(super) trace: Option<Timeline>,
     stopped: AtomicBool,
     /// QEMU throttled the port while the host held its reading ([`Fault::HostDropQueueFull`]).
     pub(super) throttled: AtomicBool,
     injected_at: Mutex<Option<Instant>>,
+    /// Streams that have begun (their first STREAM_ACCEPT): each waits for the other, so
+    /// that the fault finds both in flight whichever got its session first.
+    begun: Mutex<u8>,
+    both_begun: Condvar,
+    /// A stream claimed the VM-wide fault ([`Plan::claim`]).
+    claimed: AtomicBool,
+    /// Each stream's bytes acknowledged so far: [to-guest, to-host].
+    acked: [AtomicU64; 2],
+    /// Which stream injected the fault: [to-guest, to-host] (both for a per-port fault).
+    injected_by: [AtomicBool; 2],
 }
 
 impl Plan {
@@ -59,14 +76,50 @@ impl Plan {
             console: None,
             quiet: false,
             migration: None,
+            trace: None,
             stopped: AtomicBool::new(false),
             throttled: AtomicBool::new(false),
             injected_at: Mutex::new(None),
+            begun: Mutex::new(0),
+            both_begun: Condvar::new(),
+            claimed: AtomicBool::new(false),
+            acked: [AtomicU64::new(0), AtomicU64::new(0)],
+            injected_by: [AtomicBool::new(false), AtomicBool::new(false)],
         }
+    }
+
+    /// The plan of a case's second pass on the VM of `qmp` and `qemu_pid`: nothing injected.
+    pub(super) fn quiet(fault: Fault, qmp: Arc<Qmp>, qemu_pid: u32) -> Plan {
+        Plan { quiet: true, ..Plan::new(fault, qmp, qemu_pid) }
+    }
+
+    /// A stream has begun: waits (at most [`BEGIN_DEADLINE`]) until the other has too.
+    fn begin(&self) {
+        let mut begun = self.begun.lock().unwrap_or_else(|e| e.into_inner());
+        *begun += 1;
+        self.both_begun.notify_all();
+        let (begun, waited) =
+            self.both_begun.wait_timeout_while(begun, BEGIN_DEADLINE, |n| *n < 2).unwrap_or_else(|e| e.into_inner());
+        drop(begun);
+        if waited.timed_out() {
+            log::warn!("faults: the other stream did not begin within {BEGIN_DEADLINE:?}; going on alone");
+        }
+    }
+
+    /// Whether the caller is the first to claim the VM-wide fault (it then injects it).
+    fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::SeqCst)
     }
 
     fn injected_at(&self) -> Option<Instant> {
         *self.injected_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes `text` on the trace (about no one port: the ports' trace names carry the VM).
+    fn note(&self, text: &str) {
+        if let Some(trace) = &self.trace {
+            trace.note("", text);
+        }
     }
 
     fn mark_injected(&self) {
@@ -84,6 +137,8 @@ pub(super) struct Leg {
     pub(super) resumed: Option<Duration>,
     /// From the fault to the stream's failure, when it failed.
     pub(super) failed_after: Option<Duration>,
+    /// This stream injected the fault (it was in flight then: the fault is aimed at it).
+    pub(super) injected: bool,
 }
 
 /// The server of one stream, with the fault's session-side part: after the VM was stopped,
@@ -131,21 +186,51 @@ impl SessionSource for Injector<'_> {
     }
 }
 
-/// The hook of one stream: injects the fault at a third of the stream and times the recovery.
+/// The hook of one stream (`to_host` or into the guest): injects the fault at a third of the
+/// stream and times the recovery. A VM-wide fault is injected once, by the first stream to
+/// reach a third (the other has begun and is short of a third: in flight), except those that
+/// need the to-host stream's own server ([`Fault::to_host_injects`]).
 fn hook<'a>(
     plan: &'a Plan,
     port: &'a PortInfo,
-    owner: bool,
+    to_host: bool,
     back_to_ready: &'a mut Option<Duration>,
     resumed: &'a mut Option<Duration>,
 ) -> impl FnMut(&TransferEvent) -> Control + 'a {
-    let mut fired = false;
+    let (mut fired, mut begun) = (false, false);
     // When this stream's own fault was injected (per-port faults), else the VM-wide one's.
     let mut own: Option<Instant> = None;
     let since = move |own: Option<Instant>| own.or_else(|| plan.injected_at()).map(|t| t.elapsed());
     move |e| match *e {
-        TransferEvent::Progress { acked, total } if !fired && !plan.quiet && acked * 3 >= total => {
+        TransferEvent::Accepted { .. } if !begun && !plan.quiet => {
+            begun = true;
+            plan.begin();
+            Control::Continue
+        }
+        TransferEvent::Progress { acked, .. } if fired || plan.quiet => {
+            plan.acked[usize::from(to_host)].store(acked, Ordering::SeqCst);
+            Control::Continue
+        }
+        TransferEvent::Progress { acked, total } => {
+            plan.acked[usize::from(to_host)].store(acked, Ordering::SeqCst);
+            if acked * 3 < total {
+                return Control::Continue;
+            }
             fired = true;
+            let injects = match plan.fault {
+                f if f.per_port() => true,
+                f if f.to_host_injects() => to_host,
+                _ => plan.claim(),
+            };
+            if !injects {
+                return Control::Continue;
+            }
+            plan.injected_by[usize::from(to_host)].store(true, Ordering::SeqCst);
+            let [into, out] = [0, 1].map(|i| plan.acked[i].load(Ordering::SeqCst));
+            let by = if to_host { "to-host" } else { "to-guest" };
+            let text = format!("{} injected by the {by} stream; acknowledged: in {into}, out {out}", plan.fault.name());
+            log::info!("faults: {text}");
+            plan.note(&format!("fault: {text}"));
             match plan.fault {
                 Fault::HostDrop => {
                     own = Some(Instant::now());
@@ -168,7 +253,7 @@ fn hook<'a>(
                         }
                     }
                 }
-                Fault::StopCont | Fault::HostDropDuringStop if owner => {
+                Fault::StopCont | Fault::HostDropDuringStop => {
                     plan.mark_injected();
                     if let Err(e) = plan.qmp.stop() {
                         log::warn!("faults: stop failed: {e}");
@@ -176,7 +261,7 @@ fn hook<'a>(
                     plan.stopped.store(true, Ordering::SeqCst);
                     Control::Continue
                 }
-                Fault::HostDropQueueFull if owner => {
+                Fault::HostDropQueueFull => {
                     // The hook holds the receiving loop: the host reads nothing until QEMU
                     // says it throttled the port (its out queue and the socket are full).
                     own = Some(Instant::now());
@@ -187,7 +272,7 @@ fn hook<'a>(
                     }
                     Control::DropSession
                 }
-                Fault::MigrateLive | Fault::MigrateFile if owner => {
+                Fault::MigrateLive | Fault::MigrateFile | Fault::RestoreTwice => {
                     plan.mark_injected();
                     match plan.migration.as_ref().map(|m| m.run(&plan.qmp)) {
                         Some(Ok(took)) => log::info!("faults: migrated in {} ms", took.as_millis()),
@@ -196,7 +281,7 @@ fn hook<'a>(
                     }
                     Control::Continue
                 }
-                Fault::AgentKill if owner => {
+                Fault::AgentKill => {
                     // The key press reaches the guest some time after QMP returns: the hook
                     // holds the stream until /init says it restarted the killed agent.
                     plan.mark_injected();
@@ -211,7 +296,7 @@ fn hook<'a>(
                     }
                     Control::Continue
                 }
-                Fault::SystemReset if owner => {
+                Fault::SystemReset => {
                     plan.mark_injected();
                     // vport's VMs run with -no-reboot, under which system_reset would shut QEMU
                     // down; the suite sets the reboot action back to shutdown after the case.
@@ -221,7 +306,24 @@ fn hook<'a>(
                     }
                     Control::Continue
                 }
-                Fault::QemuKill if owner => {
+                Fault::GuestReboot => {
+                    // As for SystemReset, the reboot must not end QEMU (-no-reboot); the hook
+                    // holds the stream until /init says the agent ended and it reboots.
+                    plan.mark_injected();
+                    let tail = plan.console.as_deref().map(LogTail::from_end).transpose();
+                    let rebooting = tail.and_then(|tail| {
+                        let mut tail = tail.ok_or("no guest console to watch")?;
+                        plan.qmp.set_reboot_action("reset").map_err(|e| format!("set-action: {e}"))?;
+                        let keys = ["ctrl", "alt", "delete"];
+                        plan.qmp.send_keys(&keys).map_err(|e| format!("send-key ctrl-alt-delete: {e}"))?;
+                        wait_for_line(&mut tail, GUEST_REBOOTING, KEY_DEADLINE)
+                    });
+                    if let Err(e) = rebooting {
+                        log::warn!("faults: {e}");
+                    }
+                    Control::Continue
+                }
+                Fault::QemuKill => {
                     plan.mark_injected();
                     let pid = nix::unistd::Pid::from_raw(i32::try_from(plan.qemu_pid).unwrap_or(i32::MAX));
                     if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
@@ -229,9 +331,17 @@ fn hook<'a>(
                     }
                     Control::Continue
                 }
-                // A VM-wide fault, seen by the stream that does not inject it.
-                _ => Control::Continue,
             }
+        }
+        TransferEvent::Reconnecting { waited } => {
+            let to = if to_host { "to-host" } else { "to-guest" };
+            plan.note(&format!(
+                "liveness: the {to} stream's port {} gave no session within {} ms while the vm ran; the host \
+                 leaves and connects again",
+                port.name,
+                waited.as_millis()
+            ));
+            Control::Continue
         }
         TransferEvent::Session { number } if number > 1 && back_to_ready.is_none() => {
             *back_to_ready = since(own);
@@ -302,7 +412,8 @@ pub(super) fn run_case(
                 s.run(&mut source, &mut hook(plan, info, false, &mut ready, &mut resumed))
             });
             let failed_after = failed_after(&result);
-            Leg { result, back_to_ready: ready, resumed, failed_after }
+            let injected = plan.injected_by[0].load(Ordering::SeqCst);
+            Leg { result, back_to_ready: ready, resumed, failed_after, injected }
         });
         let to_host = scope.spawn(|| {
             let (mut ready, mut resumed) = (None, None);
@@ -317,7 +428,8 @@ pub(super) fn run_case(
                 s.run(&mut source, &mut hook(plan, info, true, &mut ready, &mut resumed))
             });
             let failed_after = failed_after(&result);
-            Leg { result, back_to_ready: ready, resumed, failed_after }
+            let injected = plan.injected_by[1].load(Ordering::SeqCst);
+            Leg { result, back_to_ready: ready, resumed, failed_after, injected }
         });
         let join = |h: std::thread::ScopedJoinHandle<'_, Leg>| {
             h.join().unwrap_or_else(|_| Leg {
@@ -329,6 +441,7 @@ pub(super) fn run_case(
                 back_to_ready: None,
                 resumed: None,
                 failed_after: None,
+                injected: false,
             })
         };
         (join(to_guest), join(to_host))

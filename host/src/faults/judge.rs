@@ -27,14 +27,19 @@ pub(super) struct Restart {
     pub(super) booted: Duration,
 }
 
-/// PASS when both streams ended whole and the fault interrupted the stream it was aimed at;
-/// FAIL otherwise, the note naming every problem.
+/// PASS when both streams ended whole and the fault interrupted the streams it was aimed at:
+/// both for a per-port fault and for [`Fault::RestoreTwice`] (the VM paused before its save);
+/// for another VM-wide fault the stream that injected it (in flight then; the other may have
+/// ended before the fault took effect, during a migration's copy for one). FAIL otherwise, the
+/// note naming every problem.
 pub(super) fn judge(fault: Fault, want: &Expected, into: &Leg, out: &Leg) -> (Verdict, String, String) {
     let observed = format!("in: {}; out: {}", leg_summary(into, false), leg_summary(out, true));
     let mut problems = whole(want, into, out);
-    // Per-port faults hit both streams; VM-wide ones are aimed at the to-host stream.
-    let aimed: &[(&str, &Leg)] =
-        if fault.per_port() { &[("to-guest", into), ("to-host", out)] } else { &[("to-host", out)] };
+    let legs = [("to-guest", into), ("to-host", out)];
+    let aimed: Vec<&(&str, &Leg)> = legs.iter().filter(|(_, leg)| fault.hits_both_streams() || leg.injected).collect();
+    if aimed.is_empty() {
+        problems.push("the fault was never injected: no stream reached a third".into());
+    }
     for (what, leg) in aimed {
         if leg.result.as_ref().is_ok_and(|r| r.interruptions == 0) {
             problems.push(format!("{what}: the fault did not interrupt the stream"));
@@ -84,6 +89,41 @@ pub(super) fn judge_kill(
         if restart.dir_gone { "removed" } else { "STILL THERE" },
         restart.booted.as_millis(),
         leg_summary(into2, false),
+        leg_summary(out2, true)
+    );
+    verdict(observed, problems)
+}
+
+/// [`Fault::RestoreTwice`]: PASS when the first pass is a PASS of [`judge`] (through the first
+/// restore, which took `migrated`), and after the second restore (`restored`) both transfers
+/// ended whole with nothing delivered twice: the to-host one moved no byte (the host
+/// recognised its whole file), the to-guest one resumed where the rewound guest stood.
+pub(super) fn judge_restored_twice(
+    want: &Expected,
+    (into, out): (&Leg, &Leg),
+    migrated: Option<Duration>,
+    restored: Duration,
+    (into2, out2): (&Leg, &Leg),
+) -> (Verdict, String, String) {
+    let (_, first, first_note) = judge(Fault::RestoreTwice, want, into, out);
+    let mut problems: Vec<String> = Some(first_note).filter(|n| !n.is_empty()).into_iter().collect();
+    problems.extend(whole(want, into2, out2).into_iter().map(|p| format!("after the second restore, {p}")));
+    if let Ok(r) = &out2.result {
+        if r.started_at != r.bytes {
+            problems.push(format!(
+                "after the second restore, to-host: {} bytes received again although the host held the stream whole",
+                r.bytes - r.started_at
+            ));
+        }
+    }
+    let resumed_at = |leg: &Leg| leg.result.as_ref().map_or("-".into(), |r| r.started_at.to_string());
+    let observed = format!(
+        "restored in {} ms; {first}; restored again in {} ms, then in: resumed at {} B ({}); out: {} B moved ({})",
+        migrated.map_or("-".into(), |d| d.as_millis().to_string()),
+        restored.as_millis(),
+        resumed_at(into2),
+        leg_summary(into2, false),
+        out2.result.as_ref().map_or("-".into(), |r| (r.bytes - r.started_at).to_string()),
         leg_summary(out2, true)
     );
     verdict(observed, problems)
@@ -167,6 +207,7 @@ mod tests {
             back_to_ready: None,
             resumed: None,
             failed_after: None,
+            injected: false,
         };
         assert!(leg_summary(&failed, true).starts_with("failed: "));
         let report = crate::stream::TransferReport {
@@ -185,24 +226,37 @@ mod tests {
             back_to_ready: Some(Duration::from_millis(12)),
             resumed: None,
             failed_after: None,
+            injected: true,
         };
         assert_eq!(leg_summary(&ok, false), "10 B whole, 2 session(s), resent 3 B, READY after 12 ms, resumed after -");
         let want = Expected { size: 10, into_digest: 2, out_digest: 2, received_equal: true };
-        let again = |interruptions| Leg {
+        let leg_of = |interruptions, injected| Leg {
             result: Ok(crate::stream::TransferReport { interruptions, ..report.clone() }),
             back_to_ready: None,
             resumed: None,
             failed_after: None,
+            injected,
         };
+        let again = |interruptions| leg_of(interruptions, true);
         assert_eq!(judge(Fault::HostDrop, &want, &again(1), &again(1)).0, Verdict::Pass);
         let (v, _, note) = judge(Fault::HostDrop, &want, &again(0), &again(1));
         assert_eq!(v, Verdict::Fail);
         assert!(note.contains("to-guest: the fault did not interrupt"), "{note}");
-        // A VM-wide fault is aimed at the to-host stream only.
-        assert_eq!(judge(Fault::StopCont, &want, &again(0), &again(1)).0, Verdict::Pass);
+        // A VM-wide fault is aimed at the stream that injected it only.
+        let (by_host, untouched_in) = (leg_of(1, true), leg_of(0, false));
+        assert_eq!(judge(Fault::StopCont, &want, &untouched_in, &by_host).0, Verdict::Pass);
+        let (v, _, note) = judge(Fault::StopCont, &want, &leg_of(1, true), &leg_of(0, false));
+        assert_eq!(v, Verdict::Pass, "{note}");
+        let (v, _, note) = judge(Fault::StopCont, &want, &leg_of(0, true), &leg_of(1, false));
+        assert!(v == Verdict::Fail && note.contains("to-guest: the fault did not interrupt"), "{note}");
+        let (v, _, note) = judge(Fault::StopCont, &want, &untouched_in, &leg_of(1, false));
+        assert!(v == Verdict::Fail && note.contains("never injected"), "{note}");
         let (v, _, note) = judge(Fault::StopCont, &want, &again(1), &failed);
         assert_eq!(v, Verdict::Fail);
         assert!(note.contains("to-host: "), "{note}");
+        // Restoring a saved state is aimed at both (the VM was paused before the save).
+        let (v, _, note) = judge(Fault::RestoreTwice, &want, &untouched_in, &by_host);
+        assert!(v == Verdict::Fail && note.contains("to-guest: the fault did not interrupt"), "{note}");
         let wrong = Expected { out_digest: 3, ..want };
         let (v, _, note) = judge(Fault::HostDrop, &wrong, &again(1), &again(1));
         assert!(v == Verdict::Fail && note.contains("expected 0x3"), "{note}");
@@ -225,7 +279,8 @@ mod tests {
     }
 
     fn leg(result: Result<crate::stream::TransferReport, crate::stream::TransferError>, failed_ms: Option<u64>) -> Leg {
-        Leg { result, back_to_ready: None, resumed: None, failed_after: failed_ms.map(Duration::from_millis) }
+        let failed_after = failed_ms.map(Duration::from_millis);
+        Leg { result, back_to_ready: None, resumed: None, failed_after, injected: true }
     }
 
     fn failed(ms: Option<u64>) -> Leg {
@@ -258,6 +313,33 @@ mod tests {
         let restarted = leg(Ok(report(0)), None);
         let (v, _, note) = judge_kill(&want, (&failed(Some(3)), &failed(Some(3))), &clean, (&resumed, &restarted));
         assert!(v == Verdict::Fail && note.contains("started again from 0"), "{note}");
+    }
+
+    #[test]
+    fn a_second_restore_must_deliver_nothing_twice() {
+        let want = Expected { size: 10, into_digest: 2, out_digest: 2, received_equal: true };
+        let interrupted = leg(Ok(crate::stream::TransferReport { interruptions: 1, ..report(0) }), None);
+        let (guest_resumed, host_kept) = (leg(Ok(report(4)), None), leg(Ok(report(10)), None));
+        let first = (&interrupted, &interrupted);
+        let ms = Some(Duration::from_millis(900));
+        let (v, observed, note) =
+            judge_restored_twice(&want, first, ms, Duration::from_millis(800), (&guest_resumed, &host_kept));
+        assert_eq!(v, Verdict::Pass, "{note}");
+        assert!(
+            observed.starts_with("restored in 900 ms; in: ")
+                && observed.contains("restored again in 800 ms, then in: resumed at 4 B")
+                && observed.contains("out: 0 B moved"),
+            "{observed}"
+        );
+        let received_again = leg(Ok(report(0)), None);
+        let (v, _, note) = judge_restored_twice(&want, first, ms, Duration::ZERO, (&guest_resumed, &received_again));
+        assert!(v == Verdict::Fail && note.contains("10 bytes received again"), "{note}");
+        let (v, _, note) = judge_restored_twice(&want, first, ms, Duration::ZERO, (&failed(None), &host_kept));
+        assert!(v == Verdict::Fail && note.starts_with("after the second restore, to-guest: "), "{note}");
+        let untouched = leg(Ok(report(0)), None);
+        let (v, _, note) =
+            judge_restored_twice(&want, (&untouched, &untouched), ms, Duration::ZERO, (&guest_resumed, &host_kept));
+        assert!(v == Verdict::Fail && note.contains("to-guest: the fault did not interrupt"), "{note}");
     }
 
     #[test]

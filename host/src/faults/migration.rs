@@ -2,15 +2,20 @@
 //! file and restored from it, with both streams in flight; the streams then go on with the
 //! destination's ports.
 //!
-//! The migration runs inside the to-host stream's hook (at a third of it); the other stream's
-//! session ends with the source's `STOP` and its next session waits here until the
+//! The migration runs inside the hook of the stream that reaches a third first; the other
+//! stream's session ends with the source's `STOP` (or, if it was blocked writing, when the
+//! source quits once the destination runs) and its next session waits here until the
 //! destination runs. The destination and its port servers are handed over through
 //! [`Migration`]: each stream takes its own server, and the suite takes the destination VM.
+//! A state saved to a file can be restored once more afterwards ([`Migration::restore`]): a
+//! second VM rewound to the same moment.
 
+use crate::conformance::trace::VmTrace;
 use crate::qemu::VmConfig;
 use crate::qmp::Qmp;
 use crate::rig::Rig;
 use crate::session::PortServer;
+use crate::timeline::Timeline;
 use crate::wait::wait_until;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +30,8 @@ pub(super) const MIGRATION_DEADLINE: Duration = Duration::from_secs(60);
 pub(super) enum Route {
     /// Live, into a second QEMU listening on this unix socket.
     Live(PathBuf),
-    /// Saved to this file (`exec:cat > FILE`), then restored from it in a new QEMU.
+    /// Saved to this file (`exec:cat > FILE`, the VM paused first), then restored from it in
+    /// a new QEMU.
     File(PathBuf),
 }
 
@@ -40,6 +46,8 @@ pub(super) struct Migration {
     /// Why the migration failed (the streams then go on with the source, if it runs).
     error: Mutex<Option<String>>,
     dest: Mutex<Option<Rig>>,
+    /// The destination's part of the suite's trace (its ports under their own prefix).
+    trace: VmTrace,
     servers: Mutex<[Option<PortServer>; 2]>,
     took: Mutex<Option<Duration>>,
 }
@@ -51,14 +59,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Migration {
     /// Starts the destination, configured as `config`, waiting for the state along `route`
     /// (live: on the route's socket; file: deferred until the file is written), serving
-    /// `ports` ([to-guest, to-host]). Call it from the thread that owns the suite's VMs: QEMU
-    /// is killed when the thread that started it ends.
-    pub(super) fn start(route: Route, mut config: VmConfig, ports: [String; 2]) -> Result<Migration, String> {
+    /// `ports` ([to-guest, to-host]), recorded on `trace` with its ports named `<prefix><name>`.
+    /// Call it from the thread that owns the suite's VMs: QEMU is killed when the thread that
+    /// started it ends.
+    pub(super) fn start(
+        route: Route,
+        mut config: VmConfig,
+        ports: [String; 2],
+        trace: &Timeline,
+        prefix: &str,
+    ) -> Result<Migration, String> {
         config.incoming = Some(match &route {
             Route::Live(socket) => format!("unix:{}", socket.display()),
             Route::File(_) => "defer".into(),
         });
         let dest = Rig::launch(config).map_err(|e| format!("cannot start the migration's destination: {e}"))?;
+        let trace = VmTrace::start(trace, &dest, prefix).map_err(|e| e.to_string())?;
         Ok(Migration {
             route,
             ports,
@@ -66,6 +82,7 @@ impl Migration {
             done: AtomicBool::new(false),
             error: Mutex::new(None),
             dest: Mutex::new(Some(dest)),
+            trace,
             servers: Mutex::new([None, None]),
             took: Mutex::new(None),
         })
@@ -86,21 +103,54 @@ impl Migration {
 
     fn migrate(&self, source: &Qmp) -> Result<Duration, String> {
         let t0 = Instant::now();
+        let target = match &self.route {
+            Route::Live(socket) => format!("unix:{}", socket.display()),
+            Route::File(file) => {
+                // Saved like `virsh save`: paused first, so that the state holds the streams
+                // in flight (a running VM would finish them during the copy).
+                source.stop().map_err(|e| format!("stop before the save: {e}"))?;
+                format!("exec:cat > {}", file.display())
+            }
+        };
+        source.migrate(&target).map_err(|e| format!("migrate: {e}"))?;
+        wait_completed(source)?;
+        let took = self.hand_over(t0)?;
+        // The source is done, as libvirt ends it: a stream blocked writing to its port (the
+        // socket full when the source stopped; it never reads again) gets EPIPE and goes on
+        // with the destination instead of hanging the case.
+        if let Err(e) = source.quit() {
+            log::warn!("faults: quit on the migrated source: {e}");
+        }
+        Ok(took)
+    }
+
+    /// Restores the state saved along a file route earlier into the destination, with no
+    /// source: the guest goes on from the moment of the save, whatever happened to the VM
+    /// that ran on from it. The destination's servers and VM wait here to be taken, as after
+    /// [`Migration::run`].
+    pub(super) fn restore(&self) -> Result<Duration, String> {
+        self.started.store(true, Ordering::SeqCst);
+        let outcome = match &self.route {
+            Route::File(_) => self.hand_over(Instant::now()),
+            Route::Live(socket) => Err(format!("nothing to restore from the live route {}", socket.display())),
+        };
+        if let Err(e) = &outcome {
+            *lock(&self.error) = Some(e.clone());
+        }
+        self.done.store(true, Ordering::SeqCst);
+        outcome
+    }
+
+    /// The destination loads the state (from the file, or as the live migration sends it),
+    /// its port servers are made, and it runs: how long since `t0`.
+    fn hand_over(&self, t0: Instant) -> Result<Duration, String> {
         let slot = lock(&self.dest);
         let dest = slot.as_ref().ok_or("the destination is gone")?;
-        match &self.route {
-            Route::Live(socket) => {
-                source.migrate(&format!("unix:{}", socket.display())).map_err(|e| format!("migrate: {e}"))?;
-                wait_completed(source)?;
-            }
-            Route::File(file) => {
-                source.migrate(&format!("exec:cat > {}", file.display())).map_err(|e| format!("migrate: {e}"))?;
-                wait_completed(source)?;
-                let uri = format!("exec:cat {}", file.display());
-                dest.qmp
-                    .execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
-                    .map_err(|e| format!("migrate-incoming: {e}"))?;
-            }
+        if let Route::File(file) = &self.route {
+            let uri = format!("exec:cat {}", file.display());
+            dest.qmp
+                .execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+                .map_err(|e| format!("migrate-incoming: {e}"))?;
         }
         wait_until(
             "the destination to load the state",
@@ -110,7 +160,7 @@ impl Migration {
             || dest.qmp.query_status().ok().filter(|s| s != "inmigrate"),
         )
         .map_err(|e| format!("{e}\n{}", dest.failure_context()))?;
-        let servers = [dest.port_server(&self.ports[0]), dest.port_server(&self.ports[1])];
+        let servers = [self.trace.serve(dest, &self.ports[0]), self.trace.serve(dest, &self.ports[1])];
         let [Ok(into), Ok(out_of)] = servers else {
             return Err("the destination has not the suite's ports".into());
         };

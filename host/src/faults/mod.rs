@@ -12,10 +12,11 @@
 //! `stop`/`cont`, the host leaving while the VM is stopped (the pause bug), the host leaving
 //! with the guest's out queue full, the port unplugged
 //! and plugged in again, the agent killed and restarted, live migration, a save to a file and
-//! its restore, `system_reset` (the guest reboots and loses its stream directory), and
-//! QEMU killed (the transfers must fail within a second; a new VM resumes them). Not in the
-//! suite yet (docs/reliability.md, "Not yet"): a saved state restored twice,
-//! guest suspend and module reload.
+//! its restore, the same saved state restored a second time (nothing may be delivered twice),
+//! `system_reset` (the guest reboots and loses its stream directory), the guest rebooting
+//! itself (Ctrl-Alt-Del: the agent stopped, then `reboot -f`), and QEMU killed (the
+//! transfers must fail within a second; a new VM resumes them). Not in the suite yet
+//! (docs/reliability.md, "Not yet"): guest suspend and module reload.
 
 mod case;
 mod judge;
@@ -57,16 +58,25 @@ pub enum Fault {
     /// The VM is saved to a file (migration `exec:cat > FILE`) and restored from it in a new
     /// QEMU with both streams in flight.
     MigrateFile,
+    /// As [`Fault::MigrateFile`]; once both transfers ended, the same saved state is restored
+    /// once more in a new QEMU (the guest rewound to the save) and both transfers are run
+    /// again: nothing may be delivered twice (the host keeps its whole file, the guest is sent
+    /// only what it lacked at the save).
+    RestoreTwice,
     /// `system_reset`: the guest reboots; its stream directory (in RAM) is gone, so the
     /// to-guest stream starts again from 0 and the to-host one is the agent's pattern.
     SystemReset,
+    /// Ctrl-Alt-Del (QMP `send-key`): the guest reboots itself the orderly way (`/init` stops
+    /// the agent with SIGTERM, which says BYE, then `reboot -f`); like [`Fault::SystemReset`],
+    /// the stream directory is gone and the to-host stream is the agent's pattern.
+    GuestReboot,
     /// QEMU is killed (SIGKILL); a new VM is booted and the transfers are run again.
     QemuKill,
 }
 
 impl Fault {
     /// Every fault, in the suite's order.
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 13] = [
         Fault::HostDrop,
         Fault::GuestReopen,
         Fault::StopCont,
@@ -76,7 +86,9 @@ impl Fault {
         Fault::AgentKill,
         Fault::MigrateLive,
         Fault::MigrateFile,
+        Fault::RestoreTwice,
         Fault::SystemReset,
+        Fault::GuestReboot,
         Fault::QemuKill,
     ];
 
@@ -99,9 +111,22 @@ impl Fault {
             | Fault::AgentKill
             | Fault::MigrateLive
             | Fault::MigrateFile
+            | Fault::RestoreTwice
             | Fault::SystemReset
+            | Fault::GuestReboot
             | Fault::QemuKill => false,
         }
+    }
+
+    /// Whether only the to-host stream injects the fault: it holds its own reading until the
+    /// out queue is full, or its server leaves while the VM is stopped and then resumes it.
+    pub(super) fn to_host_injects(self) -> bool {
+        matches!(self, Fault::HostDropQueueFull | Fault::StopCont | Fault::HostDropDuringStop)
+    }
+
+    /// Whether the fault must interrupt both streams (else only the to-host one is aimed at).
+    pub(super) fn hits_both_streams(self) -> bool {
+        self.per_port() || self == Fault::RestoreTwice
     }
 
     /// The case name's stem.
@@ -116,7 +141,9 @@ impl Fault {
             Fault::AgentKill => "agent-kill",
             Fault::MigrateLive => "migrate-live",
             Fault::MigrateFile => "migrate-file",
+            Fault::RestoreTwice => "restore-twice",
             Fault::SystemReset => "system-reset",
+            Fault::GuestReboot => "guest-reboot",
             Fault::QemuKill => "qemu-kill",
         }
     }
@@ -126,27 +153,40 @@ impl Fault {
             Fault::HostDrop => "the host's connection drops at a third of each stream",
             Fault::GuestReopen => "the agent closes and reopens each port at a third of its stream",
             Fault::StopCont => "stop at a third of the to-host stream, then cont",
-            Fault::HostDropDuringStop => "stop, the host leaves the to-host port, cont with no client (the pause bug)",
+            Fault::HostDropDuringStop => {
+                "stop at a third of the to-host stream, the host leaves its port, cont with no client (the pause bug)"
+            }
             Fault::HostDropQueueFull => {
                 "the host stops reading the to-host port at a third until QEMU throttles it (out queue full), then \
                  leaves"
             }
-            Fault::Replug => "each port is unplugged and plugged in again (device_del, device_add) at a third of its stream",
+            Fault::Replug => {
+                "each port is unplugged and plugged in again (device_del, device_add) at a third of its stream"
+            }
             Fault::AgentKill => {
-                "the agent is SIGKILLed (SysRq-i through QMP send-key) at a third of the to-host stream; /init \
+                "the agent is SIGKILLed (SysRq-i through QMP send-key) at a third of a stream; /init \
                  restarts it"
             }
-            Fault::MigrateLive => "live migration into a second QEMU at a third of the to-host stream, both streams in flight",
+            Fault::MigrateLive => "live migration into a second QEMU at a third of a stream, both streams in flight",
             Fault::MigrateFile => {
-                "the VM saved to a file at a third of the to-host stream (migrate exec:cat > FILE) and restored from it \
+                "the VM saved to a file at a third of a stream (migrate exec:cat > FILE) and restored from it \
                  in a new QEMU, both streams in flight"
             }
+            Fault::RestoreTwice => {
+                "the VM saved to a file at a third of a stream and restored from it; once both transfers \
+                 ended, the same state restored again in a new QEMU and both transfers run again"
+            }
             Fault::SystemReset => {
-                "system_reset at a third of the to-host stream (the agent's pattern); the guest reboots with an empty \
+                "system_reset at a third of a stream (the agent's pattern); the guest reboots with an empty \
                  stream directory, so the to-guest stream starts again from 0"
             }
+            Fault::GuestReboot => {
+                "Ctrl-Alt-Del at a third of a stream (QMP send-key): /init stops the agent (SIGTERM, it says BYE) and \
+                 reboots the guest; the to-guest stream starts again from 0 (the stream directory was in RAM), the \
+                 to-host one is the agent's pattern"
+            }
             Fault::QemuKill => {
-                "QEMU is SIGKILLed at a third of the to-host stream; then a new VM is booted and both transfers are run \
+                "QEMU is SIGKILLed at a third of a stream; then a new VM is booted and both transfers are run \
                  again"
             }
         }
@@ -155,6 +195,10 @@ impl Fault {
     /// What a case of this fault expects.
     fn expected(self) -> &'static str {
         match self {
+            Fault::RestoreTwice => {
+                "both files whole after the first restore; after the second, nothing delivered twice: the host keeps \
+                 its whole file (0 bytes moved), the guest is sent only what it lacked at the save, both whole"
+            }
             Fault::QemuKill => {
                 "the transfers in flight fail within 1 s of the kill; QEMU and its directory gone; on a new VM both run \
                  again and end whole, the to-host one resumed from the host's part file"
@@ -179,6 +223,9 @@ pub struct FaultsOptions {
     pub size: usize,
     /// The transfers' liveness deadline (`--stall`).
     pub stall: Duration,
+    /// Also write the run's trace to this file (`--trace`; JSON lines, docs/trace.md). The
+    /// trace is recorded and every case's part judged by the checker in any case.
+    pub trace: Option<std::path::PathBuf>,
 }
 
 impl FaultsOptions {
@@ -191,6 +238,7 @@ impl FaultsOptions {
             faults: Fault::ALL.to_vec(),
             size: 2 << 20,
             stall: Duration::from_secs(5),
+            trace: None,
         }
     }
 }
@@ -217,13 +265,28 @@ pub fn run(opts: &FaultsOptions, events: &mut dyn FnMut(&RunEvent)) -> (RunRepor
     emit(RunEvent::GroupStarted { group: GROUP.into(), cases: cases.len() }, &mut report);
     let mut environment = Environment::default();
     let mut figures = Vec::new();
-    match Suite::boot(opts, &mut environment) {
-        Ok(mut suite) => {
+    let trace = match &opts.trace {
+        Some(path) => crate::timeline::Timeline::create(path, Instant::now()).map_err(|e| {
+            let e: &dyn std::error::Error = &e;
+            let cause = e.source().map(|c| format!(": {c}")).unwrap_or_default();
+            format!("{e}{cause}")
+        }),
+        None => Ok(crate::timeline::Timeline::new(Instant::now())),
+    };
+    let booted = trace.and_then(|trace| {
+        let suite = Suite::boot(opts, &mut environment, trace.clone());
+        suite.map(|suite| (suite, trace))
+    });
+    match booted {
+        Ok((mut suite, trace)) => {
             for (fault, rep) in cases {
                 emit(RunEvent::CaseStarted { group: GROUP.into(), name: case_name(fault, rep) }, &mut report);
                 let (result, figs) = suite.case(fault, rep);
                 figures.extend(figs);
                 emit(RunEvent::CaseFinished(result), &mut report);
+            }
+            if let Err(e) = trace.flush() {
+                log::warn!("faults: the trace file is incomplete: {e}");
             }
         }
         Err(error) => {

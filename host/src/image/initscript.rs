@@ -24,6 +24,11 @@
 //!   keeps it running, for faults that kill the agent. Absent: 0, the VM powers off when the
 //!   agent exits. Build it with [`supervise_param`].
 //!
+//! When the agent runs as root, Ctrl-Alt-Del reboots the guest the orderly way, as an init
+//! does: `/init` turns the kernel's immediate restart off (`/proc/sys/kernel/ctrl-alt-del` 0,
+//! so the kernel sends it SIGINT), sends the agent SIGTERM (it says BYE on its ports), waits
+//! for it, prints [`GUEST_REBOOTING`] with its status, syncs, and reboots (`reboot -f`).
+//!
 //! `/init` also makes [`GUEST_STREAM_DIR`] for the agent's acknowledged streams.
 //!
 //! Console lines printed by `/init` (all start with `vport-init: `): `modules loaded` after
@@ -39,6 +44,9 @@ pub const MODULES_LOADED: &str = "vport-init: modules loaded";
 /// Prefix of the line printed when a signal killed the agent and `/init` starts it again
 /// (followed by the status and the count: `137 (restart 1 of 5)`).
 pub const AGENT_RESTARTING: &str = "vport-init: restarting vport-agent after status ";
+/// Prefix of the line printed when Ctrl-Alt-Del reboots the guest, once the agent has ended
+/// (followed by its status).
+pub const GUEST_REBOOTING: &str = "vport-init: ctrl-alt-del: rebooting after vport-agent ended with status ";
 /// Prefix of the line printed when the agent exits (followed by the exit status).
 pub const AGENT_EXITED: &str = "vport-init: vport-agent exited with status ";
 /// What the agent logs when a port's node is not accessible yet (the `late` grant waits for
@@ -170,10 +178,28 @@ if [ -n "$agent_user" ]; then
     fi
 else
     echo "vport-init: starting vport-agent $*"
+    # Ctrl-Alt-Del: SIGINT to this shell (not the kernel's immediate restart), an orderly
+    # reboot. The agent runs in the background so that the trap runs while it is waited for.
+    reboot_asked=0
+    agent_pid=
+    trap 'reboot_asked=1; [ -n "$agent_pid" ] && kill -TERM "$agent_pid"' INT
+    echo 0 > /proc/sys/kernel/ctrl-alt-del
     restarts=0
     while :; do
-        /bin/vport-agent "$@"
+        /bin/vport-agent "$@" &
+        agent_pid=$!
+        wait "$agent_pid"
         status=$?
+        # A trapped signal ends the wait early: wait again until the agent itself has ended.
+        while kill -0 "$agent_pid" 2>/dev/null; do
+            wait "$agent_pid"
+            status=$?
+        done
+        if [ "$reboot_asked" = 1 ]; then
+            echo "{GUEST_REBOOTING}$status"
+            sync
+            reboot -f
+        fi
         # Killed by a signal (status 128 + N): started again while restarts are left.
         if [ "$status" -gt 128 ] && [ "$restarts" -lt "$supervise" ]; then
             restarts=$((restarts + 1))
@@ -338,8 +364,8 @@ mod tests {
             return;
         }
         let script = init_script(&[]);
-        let start = script.find("    restarts=0").unwrap();
-        let end = script.find("    done\nfi").unwrap() + "    done\n".len();
+        let dir = tempfile::tempdir().unwrap();
+        let body = root_agent_loop(&script, &dir.path().join("ctrl-alt-del"));
         let run = |supervise: u32, kills: u32| -> String {
             let dir = tempfile::tempdir().unwrap();
             let agent = dir.path().join("agent");
@@ -354,7 +380,7 @@ mod tests {
             )
             .unwrap();
             std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-            let body = script[start..end].replace("/bin/vport-agent", &agent.to_string_lossy());
+            let body = body.replace("/bin/vport-agent", &agent.to_string_lossy());
             let full = format!("supervise={supervise}\n{body}echo \"status $status\"\n");
             let out = std::process::Command::new("/bin/busybox").args(["sh", "-c", &full]).output().unwrap();
             String::from_utf8(out.stdout).unwrap()
@@ -366,5 +392,57 @@ mod tests {
         assert_eq!(out.matches(AGENT_RESTARTING).count(), 1, "{out}");
         assert!(out.ends_with("status 137\n"), "out of restarts, the kill is the status: {out}");
         assert_eq!(run(0, 1), "status 137\n", "no supervision by default");
+    }
+
+    /// The root branch's agent loop of `script`, from the Ctrl-Alt-Del trap to the loop's end,
+    /// with the kernel's switch written to `cad` instead and `reboot -f` only printed.
+    fn root_agent_loop(script: &str, cad: &std::path::Path) -> String {
+        let start = script.find("    reboot_asked=0").unwrap();
+        let end = script.find("    done\nfi").unwrap() + "    done\n".len();
+        script[start..end]
+            .replace("/proc/sys/kernel/ctrl-alt-del", &cad.to_string_lossy())
+            .replace("reboot -f", "echo REBOOT; exit 0")
+    }
+
+    /// Ctrl-Alt-Del under the host busybox: SIGINT to the loop (as the kernel sends init once
+    /// its switch is 0) makes it SIGTERM the agent, wait for its end, and reboot.
+    #[test]
+    fn ctrl_alt_del_stops_the_agent_then_reboots_under_busybox_if_present() {
+        use std::io::Read;
+        use std::time::{Duration, Instant};
+        if !std::path::Path::new("/bin/busybox").exists() {
+            println!("skipped: /bin/busybox not present");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, ready, cad) = (dir.path().join("agent"), dir.path().join("ready"), dir.path().join("cad"));
+        // The fake agent says it got SIGTERM and exits 0, like the agent's BYE and exit.
+        std::fs::write(
+            &agent,
+            format!(
+                "#!/bin/busybox sh\ntrap 'echo agent: SIGTERM; exit 0' TERM\ntouch {}\nwhile :; do sleep 1 & wait $!; done\n",
+                ready.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let body = root_agent_loop(&init_script(&[]), &cad).replace("/bin/vport-agent", &agent.to_string_lossy());
+        let mut child = std::process::Command::new("/bin/busybox")
+            .args(["sh", "-c", &format!("supervise=3\n{body}echo \"ended $status\"\n")])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while !ready.exists() {
+            assert!(started.elapsed() < Duration::from_secs(10), "the fake agent never started");
+            std::thread::park_timeout(Duration::from_millis(5));
+        }
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        let mut out = String::new();
+        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        assert!(child.wait().unwrap().success());
+        assert_eq!(std::fs::read_to_string(&cad).unwrap(), "0\n", "the kernel's immediate restart turned off");
+        assert_eq!(out, format!("agent: SIGTERM\n{GUEST_REBOOTING}0\nREBOOT\n"), "no restart, no power-off");
     }
 }

@@ -36,6 +36,10 @@ pub use types::*;
 pub trait LinkObserver: Send + Sync {
     /// `msg` went `dir` on `port` in `session`, `wire_len` bytes on the wire.
     fn message(&self, port: &str, dir: Direction, session: u32, msg: &Message, wire_len: u64);
+    /// A frame of `session` that no session of this connection owns came `dir` on `port` and
+    /// was dropped (sent before this connection's handshake, or in a session that ended): not
+    /// session data, but worth knowing (a rewound guest's old session, for example).
+    fn stale(&self, port: &str, dir: Direction, session: u32, msg: &Message, wire_len: u64);
     /// The host end of `port` connected.
     fn host_connected(&self, port: &str);
     /// The host end of `port` disconnected, for `reason`.
@@ -157,6 +161,10 @@ impl<S: Stream> Link<S> {
                     Ok(frame) => {
                         if self.session != 0 && frame.header.session != 0 && frame.header.session != self.session {
                             self.stats.stale_frames += 1;
+                            if let (Some(o), Ok(m)) = (&self.observer, Message::from_frame(&frame)) {
+                                let wire = frame.wire_len() as u64;
+                                o.stale(&self.port, Direction::GuestToHost, frame.header.session, &m, wire);
+                            }
                             log::debug!(
                                 "port {}: dropping frame of stale session {:#x}",
                                 self.port,
@@ -175,7 +183,14 @@ impl<S: Stream> Link<S> {
                         );
                         if let (Some(o), Ok(m)) = (&self.observer, &message) {
                             let wire = frame.wire_len() as u64;
-                            o.message(&self.port, Direction::GuestToHost, frame.header.session, m, wire);
+                            // Before this connection's handshake, a frame of a session (other
+                            // than the HELLO that starts one) belongs to an earlier one.
+                            let before_handshake = self.session == 0 && frame.header.session != 0;
+                            if before_handshake && !matches!(m, Message::Hello(_)) {
+                                o.stale(&self.port, Direction::GuestToHost, frame.header.session, m, wire);
+                            } else {
+                                o.message(&self.port, Direction::GuestToHost, frame.header.session, m, wire);
+                            }
                         }
                         return Ok(Received { frame, message, at: Instant::now() });
                     }

@@ -242,3 +242,50 @@ fn handshake_keeps_frames_that_came_before_the_hello() {
     assert_eq!(hs.before.len(), 1);
     assert_eq!(hs.before[0].frame.header.session, 0x55);
 }
+
+/// What an observer heard: `message KIND session` or `stale KIND session`.
+#[derive(Default)]
+struct Heard(std::sync::Mutex<Vec<String>>);
+
+impl LinkObserver for Heard {
+    fn message(&self, _: &str, _: Direction, session: u32, m: &Message, _: u64) {
+        self.0.lock().unwrap().push(format!("message {:?} {session:#x}", m.kind()));
+    }
+    fn stale(&self, _: &str, _: Direction, session: u32, m: &Message, _: u64) {
+        self.0.lock().unwrap().push(format!("stale {:?} {session:#x}", m.kind()));
+    }
+    fn host_connected(&self, _: &str) {}
+    fn host_disconnected(&self, _: &str, _: &str) {}
+}
+
+#[test]
+fn frames_of_no_session_of_this_connection_are_reported_stale_not_as_messages() {
+    let mut host = agent(|g| {
+        // A rewound guest: its old session's acknowledgement reaches the new connection
+        // before the new session's HELLO, and another arrives once the session is live.
+        send_in(g, 0x55, &Message::EchoReply(b"old".to_vec()));
+        send_in(g, 0xAB, &hello(3));
+        for what in ["request", "ack"] {
+            let _ = g.recv(Instant::now() + T, what);
+        }
+        send_in(g, 0x55, &Message::EchoReply(b"older".to_vec()));
+        send_in(g, 0xAB, &Message::EchoReply(b"now".to_vec()));
+    });
+    let heard = Arc::new(Heard::default());
+    host.set_observer(heard.clone());
+    host.handshake(T, "test").unwrap();
+    let r = host.recv(Instant::now() + T, "echo").unwrap();
+    assert_eq!(r.frame.header.session, 0xAB, "the stale frame is dropped");
+    let heard = heard.0.lock().unwrap().clone();
+    assert_eq!(
+        heard,
+        [
+            "message HelloRequest 0x0",
+            "stale EchoReply 0x55",
+            "message Hello 0xab",
+            "message HelloAck 0xab",
+            "stale EchoReply 0x55",
+            "message EchoReply 0xab"
+        ]
+    );
+}

@@ -89,6 +89,12 @@ impl Qmp {
         self.execute("stop", None).map(drop)
     }
 
+    /// `quit`: QEMU exits, closing its chardevs' connections (a host end blocked writing to a
+    /// port gets EPIPE rather than waiting for a VM that will not run again).
+    pub fn quit(&self) -> Result<(), QmpError> {
+        self.execute("quit", None).map(drop)
+    }
+
     /// `system_reset`.
     pub fn system_reset(&self) -> Result<(), QmpError> {
         self.execute("system_reset", None).map(drop)

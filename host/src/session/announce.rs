@@ -79,22 +79,38 @@ impl Gate {
     }
 }
 
-impl LinkObserver for Gate {
-    fn message(&self, port: &str, dir: Direction, session: u32, msg: &Message, wire_len: u64) {
+impl Gate {
+    /// The observer to hear of a frame that went `dir` (`None` while the gate is shut): a
+    /// frame from the guest opens the gate (QEMU serves the connection), and the observer
+    /// first hears of the connect.
+    fn pass(&self, port: &str, dir: Direction) -> Option<Arc<dyn LinkObserver>> {
         let (opened, observer) = {
             let mut s = self.lock();
             let opened = dir == Direction::GuestToHost && !s.open;
             s.open |= opened;
             if !s.open {
-                return;
+                return None;
             }
             (opened, s.observer.clone())
         };
-        if let Some(o) = observer {
-            if opened {
-                o.host_connected(port);
-            }
+        let observer = observer?;
+        if opened {
+            observer.host_connected(port);
+        }
+        Some(observer)
+    }
+}
+
+impl LinkObserver for Gate {
+    fn message(&self, port: &str, dir: Direction, session: u32, msg: &Message, wire_len: u64) {
+        if let Some(o) = self.pass(port, dir) {
             o.message(port, dir, session, msg, wire_len);
+        }
+    }
+
+    fn stale(&self, port: &str, dir: Direction, session: u32, msg: &Message, wire_len: u64) {
+        if let Some(o) = self.pass(port, dir) {
+            o.stale(port, dir, session, msg, wire_len);
         }
     }
 

@@ -142,6 +142,9 @@ impl crate::link::LinkObserver for Recorded {
     fn message(&self, _: &str, _: vport_common::trace::Direction, _: u32, m: &Message, _: u64) {
         self.0.lock().unwrap().push(format!("{:?}", m.kind()));
     }
+    fn stale(&self, _: &str, _: vport_common::trace::Direction, _: u32, m: &Message, _: u64) {
+        self.0.lock().unwrap().push(format!("stale {:?}", m.kind()));
+    }
     fn host_connected(&self, _: &str) {
         self.0.lock().unwrap().push("connect".into());
     }

@@ -88,8 +88,10 @@ pub use vport_common::server::{Action, EndReason, Input, ServerError, ServerStat
 
 /// Longest read slice while waiting: QMP events are looked at least this often.
 pub const PUMP_SLICE: Duration = Duration::from_millis(100);
-/// Longest handshake attempt in [`PortServer::accept`] between looks at QMP events.
-pub const HANDSHAKE_SLICE: Duration = Duration::from_millis(1500);
+/// Longest wait for a HELLO in [`PortServer::accept`] between looks at QMP events: a `RESUME`
+/// that asks for a session at once is acted on within it (a longer slice held such a request
+/// back until the next paced one, about 1 s, on a port whose session a `stop` had ended).
+pub const HANDSHAKE_SLICE: Duration = Duration::from_millis(100);
 /// How long a connect waits for QEMU to accept the new connection (it does so asynchronously,
 /// from its main loop), so that the observer hears of it when it happens. A connection still
 /// queued after that waits for another client to leave.

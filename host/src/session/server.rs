@@ -171,6 +171,12 @@ impl PortServer {
         c.observer = Some(observer);
     }
 
+    /// The observer set with [`PortServer::set_observer`], if any: a server made anew for
+    /// the same port (after an unplug) reports to it too.
+    pub fn observer(&self) -> Option<Arc<dyn LinkObserver>> {
+        lock(&self.core).observer.clone()
+    }
+
     /// Whether the VM is paused for now, asked of QEMU (`query-status`, see
     /// [`paused_for_now`]): a VM that is paused, migrating in or saving yields no session, and
     /// a caller waiting for one does not count that time against the agent. `false` without

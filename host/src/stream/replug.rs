@@ -27,7 +27,8 @@ impl ReplugSource {
 
 /// The next session of `port` from `server` within `timeout`; when the server finds the port
 /// unplugged, `server` is replaced by a new one over the same chardev (the port plugged in
-/// again) and the session comes from it. `renewed` counts the replacements.
+/// again) and the session comes from it, reporting to the old one's observer (a trace goes on
+/// across the replug). `renewed` counts the replacements.
 pub fn accept_through_unplug(
     server: &mut PortServer,
     port: &PortInfo,
@@ -39,7 +40,11 @@ pub fn accept_through_unplug(
     match server.accept(timeout) {
         Err(SessionError::Closed { reason: EndReason::Unplugged, .. }) => {
             let endpoint = crate::chardev::endpoint(&port.name, &port.endpoint, None)?;
+            let observer = server.observer();
             *server = PortServer::new(port, endpoint, qmp.clone());
+            if let Some(observer) = observer {
+                server.set_observer(observer);
+            }
             *renewed += 1;
             log::info!("port {}: served anew after an unplug ({renewed} so far)", port.name);
             server.accept(deadline.saturating_duration_since(Instant::now()))

@@ -291,6 +291,18 @@ impl Timeline {
         self.record(port, Kind::Note { text: text.to_string() })
     }
 
+    /// Notes a frame the host dropped as stale (see [`LinkObserver::stale`]): a note, not
+    /// session data, so that the checker does not count it against the port's life cycle.
+    pub fn stale_frame(&self, port: &str, dir: Direction, session: u32, msg: &Message, wire_bytes: u64) -> u64 {
+        let text = format!(
+            "stale frame dropped: {} {:?} of session {session:#010x} ({wire_bytes} bytes), no session of this \
+             connection",
+            dir.name(),
+            msg.kind()
+        );
+        self.note(port, &text)
+    }
+
     /// Records a message the host sent (`HostToGuest`) or received (`GuestToHost`) in a frame
     /// of header session `session` that was `wire_bytes` long: HELLO, HELLO_ACK, HELLO_REQUEST
     /// and BYE as themselves; PING, PONG and ERROR not at all (they are legal outside READY);
@@ -396,6 +408,10 @@ impl Timeline {
 impl LinkObserver for Timeline {
     fn message(&self, port: &str, dir: Direction, session: u32, msg: &Message, wire_len: u64) {
         Timeline::message(self, port, dir, session, msg, wire_len);
+    }
+
+    fn stale(&self, port: &str, dir: Direction, session: u32, msg: &Message, wire_len: u64) {
+        self.stale_frame(port, dir, session, msg, wire_len);
     }
 
     fn host_connected(&self, port: &str) {

@@ -249,3 +249,17 @@ fn create_names_the_file_it_cannot_create() {
     let e = Timeline::create(Path::new("/nonexistent-dir/x/trace.jsonl"), Instant::now()).unwrap_err();
     assert_eq!(e.to_string(), "cannot create trace file /nonexistent-dir/x/trace.jsonl");
 }
+
+#[test]
+fn a_stale_frame_is_a_note_naming_its_session_not_data_outside_ready() {
+    let t = Timeline::new(Instant::now());
+    t.host_connect("p");
+    let seq = t.stale_frame("p", Direction::GuestToHost, 0x55, &Message::EchoReply(b"old".to_vec()), 44);
+    let records = t.records();
+    let Kind::Note { text } = &records[seq as usize].kind else { panic!("{:?}", records[seq as usize]) };
+    assert!(text.contains("g2h EchoReply of session 0x00000055 (44 bytes)"), "{text}");
+    assert!(t.check().is_clean(), "{:?}", t.check());
+    // The same frame recorded as a message is what the checker rejects.
+    t.message("p", Direction::GuestToHost, 0x55, &Message::EchoReply(b"old".to_vec()), 44);
+    assert!(!t.check().is_clean());
+}
