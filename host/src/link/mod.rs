@@ -57,6 +57,9 @@ pub struct Link<S: Stream> {
     buf: Vec<u8>,
     observer: Option<Arc<dyn LinkObserver>>,
     replies: Replies,
+    /// The session and nonce of the last HELLO acknowledged on this connection: a HELLO that
+    /// repeats them (the agent answering a HELLO_REQUEST) is not acknowledged again.
+    acked: Option<(u32, u64)>,
 }
 
 impl<S: Stream> Link<S> {
@@ -78,6 +81,7 @@ impl<S: Stream> Link<S> {
             buf: vec![0; 64 * 1024],
             observer: None,
             replies: Replies::new(port),
+            acked: None,
         }
     }
 
@@ -262,9 +266,21 @@ impl<S: Stream> Link<S> {
             match self.recv(slice, "HELLO") {
                 Ok(Received { frame, message: Ok(Message::Hello(hello)), at }) => {
                     self.session = frame.header.session;
-                    self.seq = 0;
                     let nonce = hello.nonce;
-                    self.send(&Message::HelloAck { nonce, host_version: host_version.into() })?;
+                    // One HELLO_ACK per session offer: the agent repeats its HELLO for every
+                    // HELLO_REQUEST it reads (a burst of them, queued while it was away), and
+                    // an acknowledgement of a session already READY breaks the life cycle.
+                    if self.acked == Some((self.session, nonce)) {
+                        log::debug!(
+                            "port {}: HELLO repeats session {:#010x}, acknowledged already on this connection",
+                            self.port,
+                            self.session
+                        );
+                    } else {
+                        self.seq = 0;
+                        self.send(&Message::HelloAck { nonce, host_version: host_version.into() })?;
+                        self.acked = Some((self.session, nonce));
+                    }
                     return Ok(Handshake { hello, session: frame.header.session, hello_at: at, requests_sent, before });
                 }
                 Ok(other) => {

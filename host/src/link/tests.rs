@@ -289,3 +289,29 @@ fn frames_of_no_session_of_this_connection_are_reported_stale_not_as_messages() 
         ]
     );
 }
+
+#[test]
+fn a_repeated_hello_of_the_acknowledged_session_is_not_acknowledged_again() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut host = agent(move |g| {
+        // The agent answers three HELLO_REQUESTs (queued while it was away) with its HELLO.
+        for _ in 0..3 {
+            send_in(g, 0xAB, &hello(3));
+        }
+        send_in(g, 0xCD, &hello(4)); // a new session: acknowledged
+        g.session = 0; // read the frames of every session
+        let mut acks = Vec::new();
+        while let Ok(r) = g.recv(Instant::now() + Duration::from_secs(1), "anything") {
+            if let Ok(Message::HelloAck { nonce, .. }) = r.message {
+                acks.push((r.frame.header.session, nonce));
+            }
+        }
+        tx.send(acks).unwrap();
+    });
+    for (session, nonce) in [(0xAB, 3), (0xAB, 3), (0xAB, 3), (0xCD, 4)] {
+        let hs = host.await_offer(T, "test").unwrap();
+        assert_eq!((hs.session, hs.hello.nonce), (session, nonce), "each HELLO is still a handshake");
+    }
+    let acks = rx.recv_timeout(T).unwrap();
+    assert_eq!(acks, [(0xAB, 3), (0xCD, 4)], "one HELLO_ACK per session offered");
+}

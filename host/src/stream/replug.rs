@@ -64,3 +64,39 @@ impl SessionSource for ReplugSource {
         self.server.vm_paused()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chardev::{EndpointAddr, EndpointKind};
+    use crate::link::LinkObserver;
+    use crate::qemu::PortKind;
+    use crate::session::fakes::{event, scripted_qmp, server_with, Recorded};
+    use serde_json::json;
+
+    #[test]
+    fn a_server_made_anew_after_an_unplug_reports_to_the_same_observer() {
+        let (qmp, dir) = scripted_qmp(|_| Some(json!({})));
+        let (mut server, _agents, events) = server_with(EndpointKind::UnixClient, None);
+        let observer = Arc::new(Recorded::default());
+        server.set_observer(observer.clone());
+        events.send(event("DEVICE_DELETED", json!({"device": "vport-port0", "path": "/x"}))).unwrap();
+        // Nothing listens on the new port's socket: the new server finds no session.
+        let path = dir.path().join("port.sock");
+        let port = PortInfo {
+            name: "org.vport.fake".into(),
+            id: "vport-port0".into(),
+            chardev_id: "vport-ch0".into(),
+            kind: PortKind::Serial,
+            socket: path.clone(),
+            endpoint: EndpointAddr::UnixClient { path },
+        };
+        let mut renewed = 0;
+        let outcome = accept_through_unplug(&mut server, &port, &qmp, Duration::from_millis(300), &mut renewed);
+        assert!(outcome.is_err(), "no session without a listener");
+        assert_eq!(renewed, 1, "the unplugged server was replaced");
+        let carried = server.observer().expect("the new server has an observer");
+        let expected: Arc<dyn LinkObserver> = observer;
+        assert!(Arc::ptr_eq(&carried, &expected), "the same observer");
+    }
+}
