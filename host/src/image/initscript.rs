@@ -182,18 +182,26 @@ else
     # reboot. The agent runs in the background so that the trap runs while it is waited for.
     reboot_asked=0
     agent_pid=
-    trap 'reboot_asked=1; [ -n "$agent_pid" ] && kill -TERM "$agent_pid"' INT
+    trap 'reboot_asked=1; interrupted=1; [ -n "$agent_pid" ] && kill -TERM "$agent_pid"' INT
     echo 0 > /proc/sys/kernel/ctrl-alt-del
     restarts=0
     while :; do
+        interrupted=0
         /bin/vport-agent "$@" &
         agent_pid=$!
+        # Ctrl-Alt-Del before the line above found no agent to stop: stop it now.
+        [ "$reboot_asked" = 1 ] && kill -TERM "$agent_pid"
         wait "$agent_pid"
         status=$?
-        # A trapped signal ends the wait early: wait again until the agent itself has ended.
-        while kill -0 "$agent_pid" 2>/dev/null; do
+        # A trapped signal ends the wait early with 128 + its number: wait again, for the
+        # agent's own status (the shell keeps a finished job's status until it is waited for,
+        # even when the shell reaped it first). 127 means the first wait had already collected
+        # the agent and the signal came after it: its status stands.
+        while [ "$interrupted" = 1 ]; do
+            interrupted=0
             wait "$agent_pid"
-            status=$?
+            again=$?
+            [ "$again" = 127 ] || status=$again
         done
         if [ "$reboot_asked" = 1 ]; then
             echo "{GUEST_REBOOTING}$status"
@@ -420,28 +428,61 @@ mod tests {
         std::fs::write(
             &agent,
             format!(
-                "#!/bin/busybox sh\ntrap 'echo agent: SIGTERM; exit 0' TERM\ntouch {}\nwhile :; do sleep 1 & wait $!; done\n",
+                "#!/bin/busybox sh\ntrap 'echo agent: SIGTERM; exit 0' TERM\necho $$ > {}\nwhile :; do sleep 1 & wait $!; done\n",
                 ready.display()
             ),
         )
         .unwrap();
         std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let body = root_agent_loop(&init_script(&[]), &cad).replace("/bin/vport-agent", &agent.to_string_lossy());
-        let mut child = std::process::Command::new("/bin/busybox")
-            .args(["sh", "-c", &format!("supervise=3\n{body}echo \"ended $status\"\n")])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut command = std::process::Command::new("/bin/busybox");
+        command.args(["sh", "-c", &format!("supervise=3\n{body}echo \"ended $status\"\n")]);
+        command.stdout(std::process::Stdio::piped());
+        // A shell cannot trap a signal ignored when it started (as SIGINT is for a test run
+        // in a background job): the loop gets SIGINT at its default, as the kernel's init does.
+        // SAFETY: between fork and exec only `sigaction`, which is async-signal-safe, runs.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                let default = nix::sys::signal::SigAction::new(
+                    nix::sys::signal::SigHandler::SigDfl,
+                    nix::sys::signal::SaFlags::empty(),
+                    nix::sys::signal::SigSet::empty(),
+                );
+                nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGINT, &default)
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = command.spawn().unwrap();
         let started = Instant::now();
-        while !ready.exists() {
+        while std::fs::read_to_string(&ready).map_or(true, |pid| !pid.ends_with('\n')) {
             assert!(started.elapsed() < Duration::from_secs(10), "the fake agent never started");
             std::thread::park_timeout(Duration::from_millis(5));
         }
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-        let mut out = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-        assert!(child.wait().unwrap().success());
+        let mut stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut out = String::new();
+            stdout.read_to_string(&mut out).map(|_| out)
+        });
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                child.kill().unwrap();
+                if let Ok(agent) = std::fs::read_to_string(&ready).unwrap_or_default().trim().parse::<i32>() {
+                    let _ =
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::Signal::SIGKILL);
+                }
+                panic!("the loop did not end within 10 s of SIGINT");
+            }
+            std::thread::park_timeout(Duration::from_millis(5));
+        };
+        assert!(status.success());
+        let out = reader.join().unwrap().unwrap();
         assert_eq!(std::fs::read_to_string(&cad).unwrap(), "0\n", "the kernel's immediate restart turned off");
         assert_eq!(out, format!("agent: SIGTERM\n{GUEST_REBOOTING}0\nREBOOT\n"), "no restart, no power-off");
     }
