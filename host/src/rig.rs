@@ -155,6 +155,8 @@ impl Rig {
             kind: crate::qemu::PortKind::Serial,
             socket: socket.clone(),
             endpoint: EndpointAddr::UnixClient { path: socket },
+            controller,
+            nr: None,
         };
         self.vm.add_port(info.clone());
         Ok(info)
@@ -179,13 +181,13 @@ impl Rig {
     }
 }
 
-/// Unplugs the serial port `port` (QMP `device_del`), waits for QEMU's `DEVICE_DELETED` of its
-/// device within `timeout`, and plugs the same port in again: `device_add` with its name, device
-/// id and chardev on controller `controller`. The chardev, and so the host's socket, stays; the
+/// Unplugs `port` (QMP `device_del`), waits for QEMU's `DEVICE_DELETED` of its device within
+/// `timeout`, and plugs the same port in again ([`replug_device_args`]: its driver, controller,
+/// number, name, device id and chardev). The chardev, and so the host's socket, stays; the
 /// guest sees the port removed and a new port of the same name. A
 /// [`PortServer`] of the port ends at the unplug ([`crate::session::EndReason::Unplugged`]):
 /// serve the new port with a new one.
-pub fn replug_port(qmp: &Qmp, port: &PortInfo, controller: usize, timeout: Duration) -> Result<(), RigError> {
+pub fn replug_port(qmp: &Qmp, port: &PortInfo, timeout: Duration) -> Result<(), RigError> {
     let events = qmp.subscribe();
     qmp.device_del(&port.id)?;
     let deadline = Instant::now() + timeout;
@@ -199,7 +201,7 @@ pub fn replug_port(qmp: &Qmp, port: &PortInfo, controller: usize, timeout: Durat
             Err(_) => return Err(RigError::NotDeleted { device: port.id.clone(), timeout }),
         }
     }
-    qmp.device_add(hotplug_device_args(&port.name, &port.id, &port.chardev_id, controller))?;
+    qmp.device_add(replug_device_args(port))?;
     Ok(())
 }
 
@@ -228,6 +230,22 @@ pub fn hotplug_device_args(name: &str, id: &str, chardev: &str, controller: usiz
         "bus": format!("{}.0", crate::qemu::controller_id(controller)),
         "chardev": chardev, "id": id, "name": name
     })
+}
+
+/// QMP `device_add` arguments that plug `port` in again as it was: the same driver
+/// (`virtserialport` or `virtconsole`), controller, number (when it was fixed), chardev, id
+/// and name.
+pub fn replug_device_args(port: &PortInfo) -> serde_json::Value {
+    let driver = match port.kind {
+        crate::qemu::PortKind::Serial => "virtserialport",
+        crate::qemu::PortKind::Console => "virtconsole",
+    };
+    let mut args = hotplug_device_args(&port.name, &port.id, &port.chardev_id, port.controller);
+    args["driver"] = driver.into();
+    if let Some(nr) = port.nr {
+        args["nr"] = nr.into();
+    }
+    args
 }
 
 /// Fills in the pty path of every pty port from `query-chardev` (`filename` `pty:/dev/pts/N`).
@@ -286,5 +304,30 @@ mod tests {
         assert_eq!(d["bus"], "vser1.0");
         assert_eq!(d["driver"], "virtserialport");
         assert_eq!(d["name"], "org.vport.hot");
+    }
+
+    /// A port comes back as it was planned: a console stays a console, a port on the second
+    /// controller goes back there, a fixed number is kept.
+    #[test]
+    fn a_replugged_port_keeps_its_driver_controller_and_number() {
+        let port = |kind, controller, nr| PortInfo {
+            name: "org.vport.c".into(),
+            id: "vport-port3".into(),
+            chardev_id: "vport-ch3".into(),
+            kind,
+            socket: "/t/port3.sock".into(),
+            endpoint: EndpointAddr::UnixClient { path: "/t/port3.sock".into() },
+            controller,
+            nr,
+        };
+        let d = replug_device_args(&port(crate::qemu::PortKind::Console, 1, Some(5)));
+        assert_eq!(d["driver"], "virtconsole");
+        assert_eq!(d["bus"], "vser1.0");
+        assert_eq!(d["nr"], 5);
+        assert_eq!((d["id"].as_str(), d["chardev"].as_str()), (Some("vport-port3"), Some("vport-ch3")));
+        let d = replug_device_args(&port(crate::qemu::PortKind::Serial, 0, None));
+        assert_eq!(d["driver"], "virtserialport");
+        assert_eq!(d["bus"], format!("{}.0", crate::qemu::controller_id(0)));
+        assert!(d.get("nr").is_none(), "QEMU picks the number: {d}");
     }
 }

@@ -25,6 +25,7 @@ mod shared;
 mod support;
 pub(crate) mod trace;
 
+pub(crate) use case::chain;
 pub use case::{Case, CaseDef, CaseError, Observation};
 pub use options::{filter_selects, SuiteOptions};
 pub use support::GUEST_OPS_FLAG;

@@ -245,7 +245,7 @@ fn hook<'a>(
                 Fault::Replug => {
                     own = Some(Instant::now());
                     plan.mark_injected();
-                    match replug_port(&plan.qmp, port, 0, UNPLUG_DEADLINE) {
+                    match replug_port(&plan.qmp, port, UNPLUG_DEADLINE) {
                         Ok(()) => Control::Continue,
                         Err(e) => {
                             log::warn!("faults: replug of {} failed: {e}", port.name);

@@ -266,11 +266,9 @@ pub fn run(opts: &FaultsOptions, events: &mut dyn FnMut(&RunEvent)) -> (RunRepor
     let mut environment = Environment::default();
     let mut figures = Vec::new();
     let trace = match &opts.trace {
-        Some(path) => crate::timeline::Timeline::create(path, Instant::now()).map_err(|e| {
-            let e: &dyn std::error::Error = &e;
-            let cause = e.source().map(|c| format!(": {c}")).unwrap_or_default();
-            format!("{e}{cause}")
-        }),
+        Some(path) => {
+            crate::timeline::Timeline::create(path, Instant::now()).map_err(|e| crate::conformance::chain(&e))
+        }
         None => Ok(crate::timeline::Timeline::new(Instant::now())),
     };
     let booted = trace.and_then(|trace| {

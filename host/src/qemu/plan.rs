@@ -57,6 +57,10 @@ pub struct PortInfo {
     pub socket: PathBuf,
     /// The host end.
     pub endpoint: EndpointAddr,
+    /// Index of the controller the port is on (0: the first).
+    pub controller: usize,
+    /// Fixed port number on the bus (`nr=`), or `None` where QEMU chose it.
+    pub nr: Option<u32>,
 }
 
 impl PortInfo {
@@ -72,6 +76,8 @@ impl PortInfo {
                 _ => PathBuf::new(),
             },
             endpoint,
+            controller: spec.controller,
+            nr: spec.nr,
         }
     }
 }

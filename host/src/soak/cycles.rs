@@ -171,7 +171,7 @@ pub(super) fn replugs(
             if acked < *base.get_or_insert(acked) + step {
                 return Control::Continue;
             }
-            match replug_port(qmp, port, 0, UNPLUG_DEADLINE) {
+            match replug_port(qmp, port, UNPLUG_DEADLINE) {
                 Ok(()) => {
                     unplugged_at = Some(Instant::now());
                     Control::Continue

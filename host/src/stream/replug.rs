@@ -90,6 +90,8 @@ mod tests {
             kind: PortKind::Serial,
             socket: path.clone(),
             endpoint: EndpointAddr::UnixClient { path },
+            controller: 0,
+            nr: None,
         };
         let mut renewed = 0;
         let outcome = accept_through_unplug(&mut server, &port, &qmp, Duration::from_millis(300), &mut renewed);
