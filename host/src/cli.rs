@@ -408,6 +408,14 @@ pub(crate) struct WatchArgs {
     /// Print every timeline record as a JSON line on stdout instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Seconds a READY session may stay silent while the VM runs before it is taken for dead
+    /// (a hung agent, a stuck port): at half of it the host sends a PING, which a live agent
+    /// answers; unanswered at the deadline, the host leaves and connects again, with a
+    /// `liveness:` note on the timeline. Once a session has ended, a connection that gives no
+    /// next one for as long is left and made again too (a port QEMU left stuck). Time the VM is paused does not count. 0: off
+    /// (an idle agent is then never woken by the host).
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub(crate) liveness: u64,
 }
 
 #[derive(Args)]

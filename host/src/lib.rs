@@ -64,6 +64,7 @@ pub mod faults;
 pub mod hello;
 pub mod image;
 pub mod link;
+pub mod liveness;
 pub mod qemu;
 pub mod qmp;
 pub mod registry;

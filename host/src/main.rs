@@ -181,7 +181,8 @@ fn cmd_watch(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
         let redraw = std::io::stdout().is_terminal();
         Timeline::with_sink(origin, watch::TableSink::new(stdout, redraw))
     };
-    let commands = watch::start(&rig, &timeline).context("cannot watch the ports").map_err(infra)?;
+    let liveness = (args.liveness > 0).then(|| Duration::from_secs(args.liveness));
+    let commands = watch::start(&rig, &timeline, liveness).context("cannot watch the ports").map_err(infra)?;
     rig.resume().context("cannot start the guest").map_err(infra)?;
     progress.say(&format!(
         "watching {} (commands on stdin: close PORT [MS], reopen PORT, ping PORT, quit)",

@@ -16,6 +16,7 @@
 //! [`vport_common::replay`]: the checker judges the very same per-port state.
 
 use crate::client::AgentClient;
+use crate::liveness::{IdleLiveness, LivenessAction, SessionWait};
 use crate::rig::Rig;
 use crate::session::{PortServer, Session, SessionError};
 use crate::timeline::{ClockOffset, Timeline};
@@ -198,8 +199,11 @@ pub fn serve_input(
 }
 
 /// Starts one watcher thread per port of `rig`, recording on `timeline`, plus a thread that
-/// records QMP events. Returns the command sender; the threads end when QEMU exits.
-pub fn start(rig: &Rig, timeline: &Timeline) -> Result<Sender<Command>, WatchError> {
+/// records QMP events. With `liveness`, a session silent that long while the VM runs is taken
+/// for dead ([`crate::liveness`]: probed with a PING at half of it) and the watcher leaves
+/// and connects again, with a `liveness:` note on the timeline. Returns the command sender;
+/// the threads end when QEMU exits.
+pub fn start(rig: &Rig, timeline: &Timeline, liveness: Option<Duration>) -> Result<Sender<Command>, WatchError> {
     let events = rig.qmp.subscribe();
     let tl = timeline.clone();
     spawn("watch-qmp".into(), move || {
@@ -216,7 +220,7 @@ pub fn start(rig: &Rig, timeline: &Timeline) -> Result<Sender<Command>, WatchErr
         let (tx, rx) = crossbeam_channel::unbounded();
         let tl = timeline.clone();
         let name = port.name.clone();
-        spawn(format!("watch-{name}"), move || watch_port(server, &tl, &rx))?;
+        spawn(format!("watch-{name}"), move || watch_port(server, &tl, &rx, liveness))?;
         senders.push((port.name.clone(), tx));
     }
     let (tx, rx) = crossbeam_channel::unbounded::<Command>();
@@ -233,9 +237,12 @@ pub fn start(rig: &Rig, timeline: &Timeline) -> Result<Sender<Command>, WatchErr
 
 /// The life of one port's watcher: each session from its handshake to its end, until the
 /// server closes (QEMU exits, the port is unplugged).
-fn watch_port(mut server: PortServer, tl: &Timeline, commands: &Receiver<Command>) {
+fn watch_port(mut server: PortServer, tl: &Timeline, commands: &Receiver<Command>, liveness: Option<Duration>) {
     let port = server.port();
     let mut agent_seq = 0;
+    // Armed once a session has ended: before the first one the guest may still be booting, or
+    // have no agent on this port, and leaving would only add connections to the timeline.
+    let mut waiting: Option<SessionWait> = None;
     loop {
         let mut session = match server.accept(ACCEPT_SLICE) {
             Ok(s) => s,
@@ -243,6 +250,14 @@ fn watch_port(mut server: PortServer, tl: &Timeline, commands: &Receiver<Command
                 // No session yet: commands for a port without one are answered by a warning.
                 while let Ok(cmd) = commands.try_recv() {
                     log::warn!("port {port}: no session to run {cmd:?} in");
+                }
+                if let (Some(deadline), Some(waiting)) = (liveness, waiting.as_mut()) {
+                    if let Some(text) = waiting.overdue(std::time::Instant::now(), deadline, &|| server.vm_paused()) {
+                        let text = format!("liveness: port {port} {text}; the host leaves and connects again");
+                        log::warn!("{text}");
+                        tl.note(&port, &text);
+                        server.disconnect();
+                    }
                 }
                 continue;
             }
@@ -252,17 +267,28 @@ fn watch_port(mut server: PortServer, tl: &Timeline, commands: &Receiver<Command
             }
         };
         match fetch_agent_events(&mut session, tl, &mut agent_seq) {
-            Ok(()) => serve_session(&mut session, tl, commands),
+            Ok(()) => {
+                let mut liveness = liveness.map(|d| IdleLiveness::new(d, std::time::Instant::now()));
+                serve_session(&mut session, tl, commands, liveness.as_mut(), &|| server.vm_paused())
+            }
             Err(e) => log::warn!("port {port}: {e}"),
         }
         if let Some(reason) = session.end_reason() {
             tl.note(&port, &format!("session ended: {reason}"));
         }
+        waiting = Some(SessionWait::new(std::time::Instant::now()));
     }
 }
 
-/// Reads session `session` and runs the commands for it until it ends.
-fn serve_session(session: &mut Session, tl: &Timeline, commands: &Receiver<Command>) {
+/// Reads session `session` and runs the commands for it until it ends, or until `liveness`
+/// finds it dead (`vm_paused` asks QEMU whether the VM runs, only when liveness would act).
+fn serve_session(
+    session: &mut Session,
+    tl: &Timeline,
+    commands: &Receiver<Command>,
+    mut liveness: Option<&mut IdleLiveness>,
+    vm_paused: &dyn Fn() -> bool,
+) {
     let port = session.port().to_string();
     loop {
         if let Ok(cmd) = commands.try_recv() {
@@ -270,14 +296,65 @@ fn serve_session(session: &mut Session, tl: &Timeline, commands: &Receiver<Comma
                 log::warn!("port {port}: {e}");
             }
         }
+        if let Some(l) = liveness.as_deref_mut() {
+            if !check_liveness(session, tl, l, vm_paused) {
+                return;
+            }
+        }
         match session.recv(POLL_SLICE) {
-            Ok(r) => log::debug!("port {port}: {:?}", r.message),
+            Ok(r) => {
+                if let Some(l) = liveness.as_deref_mut() {
+                    l.heard(std::time::Instant::now());
+                }
+                log::debug!("port {port}: {:?}", r.message)
+            }
             Err(SessionError::Timeout { .. }) => {}
             Err(SessionError::Ended(_)) => return,
             Err(e) => {
                 log::warn!("port {port}: {e}");
                 return;
             }
+        }
+    }
+}
+
+/// Acts on what `liveness` asks now: sends its PING, or, for a dead session, notes it on the
+/// timeline and leaves (the watcher then connects again). False when the session is over.
+fn check_liveness(
+    session: &mut Session,
+    tl: &Timeline,
+    liveness: &mut IdleLiveness,
+    vm_paused: &dyn Fn() -> bool,
+) -> bool {
+    let now = std::time::Instant::now();
+    if !liveness.due(now) {
+        return true;
+    }
+    if vm_paused() {
+        liveness.paused(now);
+        return true;
+    }
+    match liveness.poll(now) {
+        LivenessAction::Wait => true,
+        LivenessAction::SendPing => match session.send(&Message::Ping { time_ns: tl.now_ns() }) {
+            Ok(()) => true,
+            Err(e) => {
+                log::info!("port {}: liveness PING not sent: {e}", session.port());
+                false
+            }
+        },
+        LivenessAction::Dead { silent, probe_after } => {
+            let port = session.port().to_string();
+            let text = format!(
+                "liveness: port {port}'s session was silent for {} ms while the vm ran (a PING sent after {} ms went \
+                 unanswered); the host leaves and connects again",
+                silent.as_millis(),
+                probe_after.as_millis()
+            );
+            log::warn!("{text}");
+            tl.note(&port, &text);
+            session.close();
+            false
         }
     }
 }
@@ -454,6 +531,83 @@ mod tests {
         qemu_tx.send(()).unwrap(); // an event: still watching
         drop(qemu_tx);
         assert_eq!(waiter.join().unwrap(), WatchEnd::QemuExited);
+    }
+
+    /// An agent that handshakes session 0xA, answers the first PING, then hears the second
+    /// and stays silent (hung); returns what it saw after that: whether the host closed.
+    fn agent_that_hangs_after_one_pong(
+        agents: crossbeam_channel::Receiver<std::os::unix::net::UnixStream>,
+    ) -> std::thread::JoinHandle<bool> {
+        use crate::session::fakes::agent;
+        let a = crate::session::SessionId { session: 0xA, nonce: 1 };
+        std::thread::spawn(move || {
+            let mut g = agent(&agents);
+            assert!(matches!(g.recv(), (0, Message::HelloRequest)));
+            g.hello(a);
+            assert!(matches!(g.recv(), (0xA, Message::HelloAck { nonce: 1, .. })));
+            let (session, m) = g.recv();
+            let Message::Ping { time_ns } = m else { panic!("{m:?} instead of a PING") };
+            g.send(session, &Message::Pong { ping_time_ns: time_ns, time_ns: 1 });
+            assert!(matches!(g.recv(), (0xA, Message::Ping { .. })), "probed again once silent");
+            // Hung: no answer. The host must leave within the deadline.
+            g.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut buf = [0u8; 64];
+            matches!(std::io::Read::read(&mut g.s, &mut buf), Ok(0))
+        })
+    }
+
+    #[test]
+    fn a_session_silent_past_the_liveness_deadline_is_left_and_noted() {
+        let (mut srv, agents, _qmp) = crate::session::fakes::server();
+        let hung = agent_that_hangs_after_one_pong(agents);
+        let tl = Timeline::new(std::time::Instant::now());
+        let mut session = srv.accept(Duration::from_secs(5)).unwrap();
+        let (_tx, commands) = crossbeam_channel::unbounded();
+        let deadline = Duration::from_millis(400);
+        let mut liveness = IdleLiveness::new(deadline, std::time::Instant::now());
+        let started = std::time::Instant::now();
+        serve_session(&mut session, &tl, &commands, Some(&mut liveness), &|| false);
+        assert!(started.elapsed() >= deadline, "left only after a PONG and a whole silent deadline");
+        assert!(hung.join().unwrap(), "the host closed the connection");
+        assert_eq!(session.end_reason(), Some(crate::session::EndReason::HostClosed));
+        let notes: Vec<String> = tl
+            .records()
+            .into_iter()
+            .filter_map(|r| match r.kind {
+                Kind::Note { text } => Some(text),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with("liveness: port org.vport.fake's session was silent for "), "{notes:?}");
+    }
+
+    #[test]
+    fn a_paused_vm_is_never_probed_nor_left() {
+        use crate::session::fakes::agent;
+        let (mut srv, agents, _qmp) = crate::session::fakes::server();
+        let a = crate::session::SessionId { session: 0xA, nonce: 1 };
+        let silent = std::thread::spawn(move || {
+            let mut g = agent(&agents);
+            assert!(matches!(g.recv(), (0, Message::HelloRequest)));
+            g.hello(a);
+            assert!(matches!(g.recv(), (0xA, Message::HelloAck { nonce: 1, .. })));
+            // Three deadlines of silence from the host too: no PING, no close.
+            g.s.set_read_timeout(Some(Duration::from_millis(600))).unwrap();
+            let mut buf = [0u8; 64];
+            let quiet =
+                matches!(std::io::Read::read(&mut g.s, &mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            g.send(0xA, &Message::Bye { reopen_after_ms: vport_common::message::NO_REOPEN, reason: "test".into() });
+            quiet
+        });
+        let tl = Timeline::new(std::time::Instant::now());
+        let mut session = srv.accept(Duration::from_secs(5)).unwrap();
+        let (_tx, commands) = crossbeam_channel::unbounded();
+        let mut liveness = IdleLiveness::new(Duration::from_millis(200), std::time::Instant::now());
+        serve_session(&mut session, &tl, &commands, Some(&mut liveness), &|| true);
+        assert!(silent.join().unwrap(), "the host sent nothing while the vm was paused");
+        assert_eq!(session.end_reason(), Some(crate::session::EndReason::AgentBye));
+        assert!(!tl.records().iter().any(|r| matches!(&r.kind, Kind::Note { text } if text.starts_with("liveness"))));
     }
 
     fn record(seq: u64, port: &str, kind: Kind) -> Record {

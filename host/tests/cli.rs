@@ -215,7 +215,7 @@ fn watch_reports_guest_close_and_open_in_band_and_through_qmp() {
 
     let mut watch = KillOnDrop(
         vport()
-            .args(["watch", "--json"])
+            .args(["watch", "--json", "--liveness", "2"])
             .env("VPORT_AGENT", agent())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -298,6 +298,18 @@ fn watch_reports_guest_close_and_open_in_band_and_through_qmp() {
         "QMP open seen {} ms after the guest opened",
         ms(&qmp_opened, &reopened)
     );
+
+    // Liveness (`--liveness 2`): an idle session is probed after 1 s of silence; a live agent
+    // answers, so 3 s of idleness neither ends the session nor makes the host connect again.
+    let idle_end = Instant::now() + Duration::from_secs(3);
+    while let Ok(r) = rx.recv_deadline(idle_end) {
+        seen.push(r);
+    }
+    let liveness: Vec<_> =
+        seen.iter().filter(|r| matches!(&r.kind, Kind::Note { text } if text.starts_with("liveness"))).collect();
+    assert!(liveness.is_empty(), "a live idle agent was taken for dead: {liveness:#?}");
+    let connects = seen.iter().filter(|r| matches!(r.kind, Kind::HostConnect)).count();
+    assert_eq!(connects, 1, "the host connected once and stayed: {seen:#?}");
 
     writeln!(stdin, "quit").unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
