@@ -264,12 +264,15 @@ fn hook<'a>(
                 Fault::HostDropQueueFull => {
                     // The hook holds the receiving loop: the host reads nothing until QEMU
                     // says it throttled the port (its out queue and the socket are full).
-                    own = Some(Instant::now());
                     plan.mark_injected();
                     match watch_throttle(plan.qemu_stderr.as_deref()) {
                         Ok(()) => plan.throttled.store(true, Ordering::SeqCst),
                         Err(e) => log::warn!("faults: {e}"),
                     }
+                    // The fault is the host leaving, now: the times back to READY count from
+                    // here, not from the wait for the throttle (up to THROTTLE_SETTLE when the
+                    // port was throttled already).
+                    own = Some(Instant::now());
                     Control::DropSession
                 }
                 Fault::MigrateLive | Fault::MigrateFile | Fault::RestoreTwice => {
