@@ -160,7 +160,9 @@ pub enum Input {
     Hello(SessionId),
     /// BYE: the agent is closing the port.
     Bye,
-    /// The agent answered ERROR bad-session: it is in a newer session.
+    /// The agent answered ERROR bad-session to a frame of the live session (the server's probe):
+    /// it is in a newer session. An ERROR about a frame sent before the live session is not
+    /// this input: it says nothing of the live session.
     BadSession,
     /// `frontend-open` as confirmed after a `VSERPORT_CHANGE`.
     FrontendOpen(bool),

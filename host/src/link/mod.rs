@@ -247,16 +247,31 @@ impl<S: Stream> Link<S> {
     /// Sends HELLO_REQUEST only after each [`HELLO_REQUEST_INTERVAL`] without a HELLO, for
     /// callers that decide themselves when to ask (the session server).
     pub fn await_hello(&mut self, timeout: Duration, host_version: &str) -> Result<Handshake, LinkError> {
-        self.await_hello_asking(timeout, host_version, true)
+        self.await_hello_asking(timeout, host_version, true, &|_, _| false)
     }
 
     /// Waits up to `timeout` for a HELLO the agent offers without being asked (no
-    /// HELLO_REQUEST is sent) and acknowledges it.
-    pub fn await_offer(&mut self, timeout: Duration, host_version: &str) -> Result<Handshake, LinkError> {
-        self.await_hello_asking(timeout, host_version, false)
+    /// HELLO_REQUEST is sent) and acknowledges it, unless `refuse(session, nonce)` holds: a
+    /// HELLO of a session that ended at the caller (bytes of an old connection, or the agent
+    /// repeating an offer it made before the host left) is returned unacknowledged, and the
+    /// link stays outside any session. Acknowledging it would reach an agent that has moved
+    /// on, which answers ERROR bad-session.
+    pub fn await_offer(
+        &mut self,
+        timeout: Duration,
+        host_version: &str,
+        refuse: &dyn Fn(u32, u64) -> bool,
+    ) -> Result<Handshake, LinkError> {
+        self.await_hello_asking(timeout, host_version, false, refuse)
     }
 
-    fn await_hello_asking(&mut self, timeout: Duration, host_version: &str, ask: bool) -> Result<Handshake, LinkError> {
+    fn await_hello_asking(
+        &mut self,
+        timeout: Duration,
+        host_version: &str,
+        ask: bool,
+        refuse: &dyn Fn(u32, u64) -> bool,
+    ) -> Result<Handshake, LinkError> {
         let deadline = Instant::now() + timeout;
         let mut before = Vec::new();
         self.session = 0;
@@ -265,8 +280,23 @@ impl<S: Stream> Link<S> {
             let slice = if ask { (Instant::now() + HELLO_REQUEST_INTERVAL).min(deadline) } else { deadline };
             match self.recv(slice, "HELLO") {
                 Ok(Received { frame, message: Ok(Message::Hello(hello)), at }) => {
-                    self.session = frame.header.session;
                     let nonce = hello.nonce;
+                    if refuse(frame.header.session, nonce) {
+                        log::debug!(
+                            "port {}: HELLO of session {:#010x} refused by the caller: not acknowledged",
+                            self.port,
+                            frame.header.session
+                        );
+                        self.session = 0;
+                        return Ok(Handshake {
+                            hello,
+                            session: frame.header.session,
+                            hello_at: at,
+                            requests_sent,
+                            before,
+                        });
+                    }
+                    self.session = frame.header.session;
                     // One HELLO_ACK per session offer: the agent repeats its HELLO for every
                     // HELLO_REQUEST it reads (a burst of them, queued while it was away), and
                     // an acknowledgement of a session already READY breaks the life cycle.

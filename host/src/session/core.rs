@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use vport_common::message::error_code;
 use vport_common::server::{Action, EndReason, Input, ServerMachine, ServerState, SessionId};
-use vport_common::Message;
+use vport_common::{Message, MessageType};
 
 use super::announce::{service, Gate};
 use super::{Backlog, PROBE_PING, PUMP_SLICE};
@@ -54,7 +54,9 @@ pub(super) struct Core {
     /// acknowledgement, or bytes of an old connection) and never becomes a new Session.
     pub(super) ended_ids: std::collections::VecDeque<SessionId>,
     pub(super) request_hello: bool,
-    pub(super) probe_pending: bool,
+    /// The sequence number of the probe PING ([`PROBE_PING`]) in flight in the live session,
+    /// if one is: an ERROR bad-session answering it ends the session.
+    pub(super) probe: Option<u32>,
     pub(super) host_version: String,
     /// Watches every connection's messages (a timeline).
     pub(super) observer: Option<Arc<dyn LinkObserver>>,
@@ -101,7 +103,7 @@ impl Core {
             match a {
                 Action::Yield(id) => {
                     self.generation += 1;
-                    self.probe_pending = false;
+                    self.probe = None;
                     self.requests = 0;
                     log::info!("port {}: session {} ({:#010x}) ready", self.port, self.generation, id.session);
                     yielded = Some(id);
@@ -296,11 +298,13 @@ impl Core {
 
     /// Reads until `until` for a HELLO the agent offers without being asked, acknowledges it
     /// and applies it: the new session's id and handshake, `None` if none came (or it repeats
-    /// the last session's). A failure of the connection is applied and returned.
+    /// the last session's). A HELLO of a session that ended here is not acknowledged. A failure of the connection is applied and returned.
     pub(super) fn take_offer(&mut self, until: Instant) -> Result<Option<(SessionId, Handshake)>, LinkError> {
         let version = self.host_version.clone();
         let Some(link) = self.link.as_mut() else { return Ok(None) };
-        match link.await_offer(until.saturating_duration_since(Instant::now()), &version) {
+        let ended = &self.ended_ids;
+        let refuse = |session, nonce| ended.contains(&SessionId { session, nonce });
+        match link.await_offer(until.saturating_duration_since(Instant::now()), &version, &refuse) {
             Ok(mut hs) => {
                 hs.requests_sent = self.requests;
                 let id = SessionId { session: hs.session, nonce: hs.hello.nonce };
@@ -376,6 +380,20 @@ impl Core {
         self.generation == generation && matches!(self.state(), ServerState::Ready { .. })
     }
 
+    /// Asks whether the agent is still in the live session, unless a probe is in flight: a
+    /// PING in the session, answered with PONG if it is, with ERROR bad-session if the agent
+    /// moved on to another (see [`Core::pump`]). A failure to send is applied.
+    fn probe(&mut self) {
+        if self.probe.is_some() {
+            return;
+        }
+        let Some(link) = self.link.as_mut() else { return };
+        match link.send_request(&Message::Ping { time_ns: PROBE_PING }) {
+            Ok(seq) => self.probe = Some(seq),
+            Err(e) => self.link_failed(&e),
+        }
+    }
+
     /// Waits until `deadline` for a frame of live session `generation` that is not a life-cycle
     /// signal; life-cycle signals are applied.
     pub(super) fn pump(&mut self, generation: u64, deadline: Instant, what: &str) -> Pumped {
@@ -391,15 +409,10 @@ impl Core {
             let Some(link) = self.link.as_mut() else { return Pumped::Ended };
             let stale = link.stats().0.stale_frames;
             let r = link.recv(deadline.min(now + PUMP_SLICE), what);
-            if link.stats().0.stale_frames > stale && !self.probe_pending {
-                // A frame of another session: the agent may have started a newer one. A PING in
-                // our session is answered with PONG if not, with ERROR bad-session if so.
-                log::debug!("port {}: frame of another session dropped; probing", self.port);
-                self.probe_pending = true;
-                if let Err(e) = link.send(&Message::Ping { time_ns: PROBE_PING }) {
-                    self.link_failed(&e);
-                    continue;
-                }
+            if link.stats().0.stale_frames > stale {
+                // A frame of another session: the agent may have started a newer one.
+                log::debug!("port {}: frame of another session dropped", self.port);
+                self.probe();
             }
             let r = match r {
                 Ok(r) => r,
@@ -419,12 +432,22 @@ impl Core {
                     self.offered(SessionId { session: r.frame.header.session, nonce: h.nonce });
                     continue;
                 }
-                Ok(Message::Error { code: error_code::BAD_SESSION, text, .. }) => {
-                    log::debug!("port {}: agent says bad session: {text}", self.port);
+                Ok(Message::Error { code: error_code::BAD_SESSION, about_kind, about_seq, text })
+                    if *about_kind == MessageType::Ping as u8 && self.probe == Some(*about_seq) =>
+                {
+                    log::debug!("port {}: agent says bad session to the probe: {text}", self.port);
                     Input::BadSession
                 }
+                Ok(Message::Error { code: error_code::BAD_SESSION, text, .. }) => {
+                    // About a frame sent before this session (an acknowledgement of an offer the
+                    // agent had left already, a request of the last session): it says nothing of
+                    // this one. The probe asks.
+                    log::debug!("port {}: agent says bad session to an earlier frame: {text}", self.port);
+                    self.probe();
+                    continue;
+                }
                 Ok(Message::Pong { ping_time_ns: PROBE_PING, .. }) => {
-                    self.probe_pending = false;
+                    self.probe = None;
                     continue;
                 }
                 _ => return Pumped::Frame(r),

@@ -83,17 +83,19 @@ impl Agent {
         }
     }
     /// Answers requests like the agent in session `id` until `until` matches.
+    /// A frame of another session is answered as the agent does: ERROR bad-session about it,
+    /// in session 0.
     pub(crate) fn serve(&mut self, id: SessionId, mut until: impl FnMut(&Message) -> bool) {
         loop {
-            let (sess, m) = self.recv();
+            let (h, m) = self.recv_frame();
             if until(&m) {
                 return;
             }
             match m {
-                Message::Ping { time_ns } if sess == id.session || sess == 0 => {
-                    self.send(sess, &Message::Pong { ping_time_ns: time_ns, time_ns: 7 })
+                Message::Ping { time_ns } if h.session == id.session || h.session == 0 => {
+                    self.send(h.session, &Message::Pong { ping_time_ns: time_ns, time_ns: 7 })
                 }
-                Message::Ping { .. } => self.send(0, &Message::error_unsolicited(error_code::BAD_SESSION, "stale")),
+                Message::Ping { .. } => self.send(0, &Message::error_for(&h, error_code::BAD_SESSION, "stale")),
                 _ => {}
             }
         }

@@ -106,7 +106,7 @@ impl PortServer {
             ends: Vec::new(),
             ended_ids: Default::default(),
             request_hello: false,
-            probe_pending: false,
+            probe: None,
             host_version: concat!("vport-host ", env!("CARGO_PKG_VERSION")).into(),
             observer: None,
             connections: 0,
@@ -261,7 +261,9 @@ impl PortServer {
                     let next_ask =
                         core.asked_at.map_or(Duration::ZERO, |at| HELLO_REQUEST_INTERVAL.saturating_sub(at.elapsed()));
                     let slice = left.min(HANDSHAKE_SLICE).min(next_ask);
-                    match sent.and_then(|()| link.await_offer(slice, &version)) {
+                    let ended = &core.ended_ids;
+                    let refuse = |session, nonce| ended.contains(&SessionId { session, nonce });
+                    match sent.and_then(|()| link.await_offer(slice, &version, &refuse)) {
                         Ok(mut hs) => {
                             hs.requests_sent = core.requests;
                             let id = SessionId { session: hs.session, nonce: hs.hello.nonce };
