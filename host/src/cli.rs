@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use vport_host::command;
 use vport_host::command::boot::VmSettings;
-use vport_host::command::help::{CONNECT_ABOUT, FAULTS_ABOUT, SOAK_ABOUT, TRANSFER_ABOUT, WATCH_ABOUT};
+use vport_host::command::help::{BENCH_ABOUT, CONNECT_ABOUT, FAULTS_ABOUT, SOAK_ABOUT, TRANSFER_ABOUT, WATCH_ABOUT};
 use vport_host::command::image::ImageChoice;
 use vport_host::exit::HELP as EXIT_CODES;
 use vport_host::hello;
@@ -58,6 +58,10 @@ pub(crate) enum Command {
     /// interruptions, digest verified.
     #[command(after_help = EXIT_CODES, long_about = TRANSFER_ABOUT)]
     Recv(RecvArgs),
+    /// Measure throughput (raw port, plain, acknowledged; both ways) and the agent's idle
+    /// cost on a real VM, as ratios to the raw port of the same boot.
+    #[command(after_help = EXIT_CODES, long_about = BENCH_ABOUT)]
+    Bench(BenchArgs),
     /// Work with life-cycle traces (JSON lines, see docs/trace.md).
     #[command(subcommand, after_help = EXIT_CODES)]
     Trace(TraceCommand),
@@ -91,6 +95,37 @@ written at the end, the matrix (or --json) is printed first, then the error (exi
     /// stop/cont, unplug/replug under traffic) and check that nothing accumulates.
     #[command(long_about = SOAK_ABOUT, after_help = EXIT_CODES)]
     Soak(SoakArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    pub(crate) image: ImageArgs,
+    /// Accelerator: auto tries KVM once (the verdict is cached) and falls back to TCG.
+    #[arg(long, default_value = "auto", value_parser = parse_accel)]
+    pub(crate) accel: AccelChoice,
+    /// 8 MiB a sample, 3 rounds, 2 s idle (the default; well under 2 minutes under TCG).
+    #[arg(long, conflicts_with = "full")]
+    pub(crate) quick: bool,
+    /// 64 MiB a sample, 5 rounds, 10 s idle.
+    #[arg(long)]
+    pub(crate) full: bool,
+    /// MiB each sample moves (instead of the preset's), at most 192 (the guest's stream
+    /// directory is in its RAM).
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=vport_host::bench::MAX_SAMPLE_MIB))]
+    pub(crate) mib: Option<u64>,
+    /// Rounds: samples of each figure (instead of the preset's).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(crate) rounds: Option<u32>,
+    /// Seconds the agent is watched idle (instead of the preset's).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub(crate) idle: Option<u64>,
+    /// Print the report as one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Also write the JSON report to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json_out: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -53,6 +53,7 @@
 //! # }
 //! ```
 
+pub mod bench;
 pub mod cache;
 pub mod chardev;
 pub mod client;

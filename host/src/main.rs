@@ -9,6 +9,7 @@ use clap::Parser;
 use cli::*;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
+use vport_host::bench::BenchSize;
 use vport_host::command::boot::BootCommand;
 use vport_host::command::conformance::ConformanceCommand;
 use vport_host::command::connect::ConnectCommand;
@@ -109,6 +110,22 @@ fn main() {
                 junit: args.junit,
             };
             command::faults::faults(cmd, &mut out, &progress).map_err(Failure::from)
+        }
+        Command::Bench(args) => {
+            let preset = if args.full { BenchSize::FULL } else { BenchSize::QUICK };
+            let size = BenchSize {
+                bytes: args.mib.map_or(preset.bytes, |m| m << 20),
+                rounds: args.rounds.unwrap_or(preset.rounds),
+                idle_window: args.idle.map_or(preset.idle_window, Duration::from_secs),
+            };
+            let cmd = command::bench::BenchCommand {
+                image: args.image.choice(),
+                accel: args.accel,
+                size,
+                json: args.json,
+                json_out: args.json_out,
+            };
+            command::bench::bench(cmd, &mut out, &progress).map_err(Failure::from)
         }
         Command::Run(RunCommand::Soak(args)) => {
             let preset = if args.full { SoakCounts::FULL } else { SoakCounts::QUICK };

@@ -58,6 +58,7 @@ fn every_command_help_shows_the_one_exit_code_table() {
         &["connect"],
         &["trace", "check"],
         &["run", "conformance"],
+        &["bench"],
     ];
     for args in commands {
         let o = vport().args(*args).arg("--help").output().unwrap();
@@ -132,6 +133,19 @@ fn a_junit_file_that_cannot_be_created_is_refused_before_any_vm() {
         assert!(err.contains("writable directory"), "says the fix: {}", show(&o));
         assert_nothing_built(dir.path());
     }
+}
+
+#[test]
+fn a_bench_json_file_that_cannot_be_created_is_refused_before_any_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing_dir = dir.path().join("no/such/dir/bench.json");
+    let o = unbuildable(dir.path()).args(["bench", "--quick", "--json-out"]).arg(&missing_dir).output().unwrap();
+    assert_code(&o, ExitCode::Usage);
+    let err = stderr(&o);
+    assert!(err.contains("--json-out") && err.contains(&missing_dir.display().to_string()), "{}", show(&o));
+    assert_nothing_built(dir.path());
+    let o = vport().args(["bench", "--quick", "--full"]).output().unwrap();
+    assert_code(&o, ExitCode::Usage);
 }
 
 #[test]

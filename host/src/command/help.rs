@@ -75,3 +75,17 @@ no VM directory are left and that vport's own descriptors are back to their coun
 in scripts/test): 1,000 reconnects, 500 reopens, 50 stop/cont, 10 replugs. --full: 10,000, 10,000, 1,000, 100 \
 (docs/reliability.md has the last full run). --reconnects, --reopens, --stop-conts and --replugs override one \
 count of the preset. Ctrl-C kills the VM and removes its directory.";
+
+/// `vport bench --help`.
+pub const BENCH_ABOUT: &str = "Measure what vport costs over the raw virtio-serial port, side by side in one boot. \
+One VM gets three ports: one the agent serves for its plain SOURCE / SINK streams and for the guest operations \
+that drive the raw port, one for the acknowledged streams (what `vport send` / `vport recv` use), and `bench.raw`, \
+which the agent does not serve: the baseline, a guest write()/read() loop in 64 KiB calls with the host on the \
+chardev socket directly. Every round moves the same number of bytes each way by each carrier (raw, plain, acked) \
+in turn, every byte's digest checked; a figure is the median of its rounds and is printed as a ratio to the raw \
+port of the same direction, with the goal (at least 0.95x raw). Then the agent is watched idle with its READY \
+sessions: wakeups (goal 0), CPU and resident set (goal at most 4 MiB).\n\nUnder TCG only the ratios are stable: \
+the absolute figures belong to the machine. --quick (the default; scripts/test runs it) moves 8 MiB a sample \
+over 3 rounds; --full 64 MiB over 5. Progress goes to stderr, the table (or --json) to stdout; --json-out FILE \
+also writes the JSON. A missed goal does not fail the command: bytes that arrive other than sent do (exit 1), \
+and a VM that cannot be set up or driven is exit 3. docs/bench.md holds the latest figures.";

@@ -3,6 +3,7 @@
 //! [`crate::exit::ExitCode`]). Results go to the `out` writer (stdout), progress and
 //! diagnostics to stderr.
 
+pub mod bench;
 pub mod boot;
 pub mod conformance;
 pub mod connect;
@@ -73,6 +74,9 @@ pub enum CommandError {
     /// `vport hello` failed.
     #[error("vport hello failed")]
     Hello(#[source] crate::hello::HelloError),
+    /// The bench did not produce its figures.
+    #[error(transparent)]
+    Bench(#[from] crate::bench::BenchError),
     /// The conformance suite could not start.
     #[error(transparent)]
     Conformance(#[from] crate::conformance::ConformanceError),
@@ -118,6 +122,8 @@ impl CommandError {
             CommandError::Connect(e) => e.exit_code(),
             CommandError::Conformance(e) => e.exit_code(),
             CommandError::Hello(e) if e.is_infrastructure() => ExitCode::Infrastructure,
+            CommandError::Bench(e) if e.is_infrastructure() => ExitCode::Infrastructure,
+            CommandError::Bench(_) => ExitCode::CheckFailed,
             CommandError::Transfer(crate::stream::TransferError::File { .. }) => ExitCode::Infrastructure,
             CommandError::Transfer(crate::stream::TransferError::NoSession { source, .. })
                 if matches!(

@@ -1,0 +1,374 @@
+//! The bench's figures and how they are judged, pure: samples of one measurement, their
+//! median, a comparison of a candidate against its baseline of the same run as a ratio, and the
+//! report (a table for people, JSON for machines). No I/O here: the measurements are in
+//! [`super::measure`].
+
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Which way bytes move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// From the guest to the host.
+    GuestToHost,
+    /// From the host to the guest.
+    HostToGuest,
+}
+
+impl Direction {
+    /// `guest->host` or `host->guest`.
+    pub fn arrow(self) -> &'static str {
+        match self {
+            Direction::GuestToHost => "guest->host",
+            Direction::HostToGuest => "host->guest",
+        }
+    }
+}
+
+/// How the bytes are carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Carrier {
+    /// The raw port: a guest read/write loop on a port the agent does not serve, the host on
+    /// the chardev socket directly. The baseline.
+    Raw,
+    /// The agent's SOURCE / SINK: framed, checked, not acknowledged.
+    Plain,
+    /// An acknowledged stream (`vport send` / `vport recv`): framed, acknowledged, resumable.
+    Acked,
+}
+
+impl Carrier {
+    /// The carrier's name in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Carrier::Raw => "raw",
+            Carrier::Plain => "plain",
+            Carrier::Acked => "acked",
+        }
+    }
+}
+
+/// The repeated timings of moving `bytes` one way by one carrier. Every sample moved all the
+/// bytes with their digest checked (a sample that did not is an error, never a figure).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Throughput {
+    /// Which way.
+    pub direction: Direction,
+    /// By what.
+    pub carrier: Carrier,
+    /// Bytes per sample.
+    pub bytes: u64,
+    /// Size of each write: the guest's `write()` (raw), a DATA frame's payload (plain,
+    /// acked).
+    pub write_size: u32,
+    /// Wall time of each sample, in the order taken.
+    pub samples: Vec<Duration>,
+    /// The agent's CPU time (all its threads) over each sample: how busy the guest side was.
+    pub agent_cpu: Vec<Duration>,
+}
+
+impl Throughput {
+    /// The median sample; `None` without samples. With an even count, the lower middle one
+    /// (a measured time, never an average of two).
+    pub fn median(&self) -> Option<Duration> {
+        median(&self.samples)
+    }
+
+    /// The agent's CPU time as a share of the wall time, over all samples (1.0: one guest CPU
+    /// busy throughout); `None` without samples.
+    pub fn agent_busy(&self) -> Option<f64> {
+        let wall: Duration = self.samples.iter().sum();
+        let cpu: Duration = self.agent_cpu.iter().sum();
+        (!wall.is_zero()).then(|| cpu.as_secs_f64() / wall.as_secs_f64())
+    }
+
+    /// Megabytes (10^6 bytes) per second at the median sample; `None` without samples or with
+    /// a zero median.
+    pub fn mb_per_s(&self) -> Option<f64> {
+        let secs = self.median()?.as_secs_f64();
+        (secs > 0.0).then(|| self.bytes as f64 / 1e6 / secs)
+    }
+}
+
+/// The lower median of `samples`; `None` if empty.
+pub fn median(samples: &[Duration]) -> Option<Duration> {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len().checked_sub(1)? / 2).copied()
+}
+
+/// A candidate's figure against its baseline of the same run, and the goal it is held to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    /// What is compared, in words (`guest->host 64 KiB plain / raw`).
+    pub what: String,
+    /// The baseline's figure (MB/s).
+    pub baseline: f64,
+    /// The candidate's figure (MB/s).
+    pub candidate: f64,
+    /// candidate / baseline.
+    pub ratio: f64,
+    /// The least ratio the goal accepts.
+    pub goal: f64,
+    /// Whether the ratio reaches the goal.
+    pub met: bool,
+}
+
+/// The throughput goal: at least this fraction of the raw port's, both ways, plain and
+/// acknowledged (issue 13).
+pub const THROUGHPUT_GOAL: f64 = 0.95;
+
+/// `candidate` against `baseline` (MB/s at their medians): `None` if either has no figure.
+pub fn compare(candidate: &Throughput, baseline: &Throughput, goal: f64) -> Option<Comparison> {
+    let (c, b) = (candidate.mb_per_s()?, baseline.mb_per_s()?);
+    let ratio = c / b;
+    Some(Comparison {
+        what: format!(
+            "{} {} {} / {}",
+            candidate.direction.arrow(),
+            size_name(u64::from(candidate.write_size)),
+            candidate.carrier.name(),
+            baseline.carrier.name()
+        ),
+        baseline: b,
+        candidate: c,
+        ratio,
+        goal,
+        met: ratio >= goal,
+    })
+}
+
+/// The agent's own cost while idle, measured over a window: with a READY session and no
+/// traffic. `wakeups` and `cpu` are the agent's counters' growth over the window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IdleCost {
+    /// How long the agent was watched.
+    pub window_ms: u64,
+    /// Its wakeups over the window (goal: 0).
+    pub wakeups: u64,
+    /// CPU time it used over the window, ns.
+    pub cpu_ns: u64,
+    /// Its resident set at the end, KiB (goal: at most 4 MiB).
+    pub rss_kib: u64,
+    /// Wakeups one STATS request cost the agent, with the ones after its reply (the short
+    /// interval's count).
+    pub request_wakeups: u64,
+}
+
+/// The idle goals: no wakeup, resident set at most this many KiB.
+pub const RSS_GOAL_KIB: u64 = 4096;
+
+/// One bench run's figures.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BenchReport {
+    /// The machine and the VM: accelerator, QEMU, guest kernel, host CPU.
+    pub environment: Vec<(String, String)>,
+    /// Every throughput measured.
+    pub throughput: Vec<Throughput>,
+    /// The agent idle.
+    pub idle: Option<IdleCost>,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+impl BenchReport {
+    /// The throughput of `carrier` one way at `write_size`, if measured.
+    pub fn find(&self, direction: Direction, carrier: Carrier, write_size: u32) -> Option<&Throughput> {
+        self.throughput.iter().find(|t| t.direction == direction && t.carrier == carrier && t.write_size == write_size)
+    }
+
+    /// Plain and acknowledged against raw, each way, wherever the raw baseline of the same
+    /// write size was measured.
+    pub fn comparisons(&self) -> Vec<Comparison> {
+        let mut out = Vec::new();
+        for t in self.throughput.iter().filter(|t| t.carrier != Carrier::Raw) {
+            if let Some(c) =
+                self.find(t.direction, Carrier::Raw, t.write_size).and_then(|raw| compare(t, raw, THROUGHPUT_GOAL))
+            {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// The report as one JSON object: the environment, each throughput with its samples (ms)
+    /// and median MB/s, the comparisons with their goals, the idle cost.
+    pub fn to_json(&self) -> serde_json::Value {
+        let throughput: Vec<_> = self
+            .throughput
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "direction": t.direction,
+                    "carrier": t.carrier,
+                    "bytes": t.bytes,
+                    "write_size": t.write_size,
+                    "samples_ms": t.samples.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+                    "median_mb_per_s": t.mb_per_s(),
+                    "agent_cpu_ms": t.agent_cpu.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+                    "agent_busy": t.agent_busy(),
+                })
+            })
+            .collect();
+        let env: serde_json::Map<_, _> =
+            self.environment.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone()))).collect();
+        serde_json::json!({
+            "environment": env,
+            "throughput": throughput,
+            "comparisons": self.comparisons(),
+            "idle": self.idle,
+            "idle_goals": { "wakeups": 0, "rss_kib_at_most": RSS_GOAL_KIB },
+            "elapsed_s": self.elapsed.as_secs_f64(),
+        })
+    }
+
+    /// The report for people: the environment, the throughput table with each figure's ratio
+    /// to raw, the goals, the idle cost.
+    pub fn render_text(&self) -> String {
+        let mut s = String::new();
+        for (k, v) in &self.environment {
+            let _ = writeln!(s, "{k}: {v}");
+        }
+        let _ = writeln!(
+            s,
+            "\n{:<12} {:>8} {:<6} {:>9} {:>10} {:>8} {:>11}",
+            "direction", "write", "by", "MB/s", "x raw", "samples", "agent busy"
+        );
+        for t in &self.throughput {
+            let ratio = self
+                .find(t.direction, Carrier::Raw, t.write_size)
+                .and_then(|raw| Some(t.mb_per_s()? / raw.mb_per_s()?))
+                .map_or("-".to_string(), |r| format!("{r:.2}"));
+            let mbs = t.mb_per_s().map_or("-".to_string(), |v| format!("{v:.1}"));
+            let busy = t.agent_busy().map_or("-".to_string(), |b| format!("{:.0}%", b * 100.0));
+            let _ = writeln!(
+                s,
+                "{:<12} {:>8} {:<6} {:>9} {:>10} {:>8} {:>11}",
+                t.direction.arrow(),
+                size_name(u64::from(t.write_size)),
+                t.carrier.name(),
+                mbs,
+                ratio,
+                t.samples.len(),
+                busy
+            );
+        }
+        let comparisons = self.comparisons();
+        if !comparisons.is_empty() {
+            let _ = writeln!(s, "\ngoals (at least {THROUGHPUT_GOAL:.2}x raw):");
+            for c in &comparisons {
+                let verdict = if c.met { "met" } else { "MISSED" };
+                let _ = writeln!(s, "  {:<40} {:.2}x  {verdict}", c.what, c.ratio);
+            }
+        }
+        if let Some(idle) = &self.idle {
+            let _ = writeln!(
+                s,
+                "\nagent idle, its session READY, {} ms: {} wakeup(s) (goal 0: {}), {} us CPU, RSS {} KiB (goal at most {RSS_GOAL_KIB}: {}); one STATS request costs {} wakeup(s)",
+                idle.window_ms,
+                idle.wakeups,
+                if idle.wakeups == 0 { "met" } else { "MISSED" },
+                idle.cpu_ns / 1000,
+                idle.rss_kib,
+                if idle.rss_kib <= RSS_GOAL_KIB { "met" } else { "MISSED" },
+                idle.request_wakeups,
+            );
+        }
+        let _ = writeln!(s, "\nbench finished in {:.1} s", self.elapsed.as_secs_f64());
+        s
+    }
+}
+
+/// `64 B`, `4 KiB`, `1 MiB`: a size as written in the tables.
+pub fn size_name(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    fn tp(direction: Direction, carrier: Carrier, samples: &[u64]) -> Throughput {
+        let samples: Vec<_> = samples.iter().map(|v| ms(*v)).collect();
+        let agent_cpu = samples.iter().map(|d| *d / 2).collect();
+        Throughput { direction, carrier, bytes: 10_000_000, write_size: 65536, samples, agent_cpu }
+    }
+
+    #[test]
+    fn the_median_is_a_measured_sample() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[ms(5)]), Some(ms(5)));
+        assert_eq!(median(&[ms(9), ms(1), ms(5)]), Some(ms(5)));
+        assert_eq!(median(&[ms(4), ms(1), ms(9), ms(2)]), Some(ms(2)), "the lower middle of an even count");
+    }
+
+    #[test]
+    fn throughput_is_bytes_over_the_median() {
+        let t = tp(Direction::GuestToHost, Carrier::Raw, &[200, 100, 300]);
+        assert_eq!(t.mb_per_s(), Some(50.0));
+        assert_eq!(tp(Direction::GuestToHost, Carrier::Raw, &[]).mb_per_s(), None);
+        assert_eq!(tp(Direction::GuestToHost, Carrier::Raw, &[0]).mb_per_s(), None);
+        assert_eq!(t.agent_busy(), Some(0.5));
+        assert_eq!(tp(Direction::GuestToHost, Carrier::Raw, &[]).agent_busy(), None);
+    }
+
+    #[test]
+    fn each_carrier_is_compared_with_the_raw_port_of_its_direction() {
+        let report = BenchReport {
+            throughput: vec![
+                tp(Direction::GuestToHost, Carrier::Raw, &[100]),
+                tp(Direction::GuestToHost, Carrier::Plain, &[125]),
+                tp(Direction::HostToGuest, Carrier::Raw, &[200]),
+                tp(Direction::HostToGuest, Carrier::Acked, &[200]),
+                // No raw baseline at this size: not compared.
+                Throughput { write_size: 64, ..tp(Direction::HostToGuest, Carrier::Plain, &[1]) },
+            ],
+            ..Default::default()
+        };
+        let c = report.comparisons();
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(c[0].what, "guest->host 64 KiB plain / raw");
+        assert!((c[0].ratio - 0.8).abs() < 1e-9 && !c[0].met, "{:?}", c[0]);
+        assert_eq!(c[1].what, "host->guest 64 KiB acked / raw");
+        assert!((c[1].ratio - 1.0).abs() < 1e-9 && c[1].met, "{:?}", c[1]);
+        let text = report.render_text();
+        assert!(text.contains("0.80x  MISSED") && text.contains("1.00x  met"), "{text}");
+        assert!(text.contains("50%"), "the agent's share of the wall time: {text}");
+        let json = report.to_json();
+        assert_eq!(json["comparisons"].as_array().unwrap().len(), 2);
+        assert_eq!(json["throughput"][1]["carrier"], "plain");
+        assert_eq!(json["throughput"][1]["median_mb_per_s"], 80.0);
+        assert_eq!(json["throughput"][0]["direction"], "guest-to-host");
+    }
+
+    #[test]
+    fn the_idle_goals_are_judged_in_the_table() {
+        let idle = IdleCost { window_ms: 2000, wakeups: 0, cpu_ns: 1500, rss_kib: 5000, request_wakeups: 3 };
+        let text = BenchReport { idle: Some(idle), ..Default::default() }.render_text();
+        assert!(
+            text.contains("0 wakeup(s) (goal 0: met)")
+                && text.contains("RSS 5000 KiB (goal at most 4096: MISSED)")
+                && text.contains("costs 3 wakeup(s)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn sizes_are_named_in_their_largest_whole_unit() {
+        assert_eq!(size_name(64), "64 B");
+        assert_eq!(size_name(4096), "4 KiB");
+        assert_eq!(size_name(1 << 20), "1 MiB");
+        assert_eq!(size_name(1536), "1536 B");
+    }
+}

@@ -1,0 +1,216 @@
+//! One sample of each throughput figure on a live VM. Every sample moves all its bytes and
+//! checks their digest; one that does not is a [`BenchError::Integrity`], never a figure.
+//!
+//! - **raw** (the baseline): the guest side is the agent's guest operations on a port it does
+//!   not serve (GUEST_OP WRITE / READ `all`, a plain `write()` / `read()` loop in calls of at
+//!   most 64 KiB, as `dd` would), the host side the chardev's socket, read or written directly.
+//! - **plain**: SOURCE / SINK in a session: framed and checked, not acknowledged.
+//! - **acked**: an acknowledged stream (`vport recv` of a pattern, `vport send` of a file).
+//!
+//! Each time runs from the host's request to the last byte (raw guest->host), or to the
+//! receiver's verdict (SOURCE_DONE, SINK_RESULT, GUEST_OP_DONE of the READ, STREAM_DONE):
+//! one round trip over the control port more than the raw guest->host figure, which favours
+//! the baseline.
+
+use super::BenchError;
+use crate::client::AgentClient;
+use crate::session::{PortServer, Session};
+use crate::stream::to_guest::ToGuest;
+use crate::stream::to_host::ToHost;
+use crate::stream::{Control, StreamSide, TransferOptions};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vport_common::message::GuestOp;
+use vport_common::pattern::{self, StreamDigest};
+
+/// Longest wait for one sample (a stalled VM is an error, not a slow figure).
+pub const SAMPLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The raw port's guest calls move at most this much (the agent's guest-op limit).
+pub const RAW_WRITE: u32 = 64 << 10;
+/// `poll(2)` bits of a guest op's mask.
+const POLLHUP: u16 = 0x10;
+const POLLOUT: u16 = 0x4;
+
+/// The guest's handle on the raw port, opened through the control session, with the host's
+/// connection to the raw port's chardev.
+pub struct RawPort {
+    /// The handle of the agent's guest operations.
+    pub handle: u32,
+    /// The host end.
+    pub host: UnixStream,
+}
+
+/// Opens `port` in the guest through `ctl` and waits (up to `timeout`) until the guest sees
+/// `host` connected (its poll mask loses POLLHUP): before that a guest write would not reach
+/// the host.
+pub fn open_raw(ctl: &mut Session, port: &str, host: UnixStream, timeout: Duration) -> Result<RawPort, BenchError> {
+    let done = ctl.guest_op(GuestOp::Open { port: port.into(), nonblock: false, sigio: false }, timeout)?;
+    let handle = u32::try_from(done.ret).ok().filter(|h| *h > 0).ok_or_else(|| BenchError::Guest {
+        what: format!("open {port}"),
+        detail: format!("ret {} errno {} {}", done.ret, done.errno, String::from_utf8_lossy(&done.data)),
+    })?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        // POLL blocks in the guest for up to its timeout: an event-driven wait, bounded.
+        let poll = GuestOp::Poll { handle, events: POLLOUT, timeout_ms: 200 };
+        let done = ctl.guest_op(poll, timeout)?;
+        if done.ret >= 0 && done.mask & POLLHUP == 0 {
+            return Ok(RawPort { handle, host });
+        }
+        if Instant::now() >= deadline {
+            return Err(BenchError::Guest {
+                what: format!("wait for the host on {port}"),
+                detail: format!("the guest still sees POLLHUP after {timeout:?} (poll mask {:#x})", done.mask),
+            });
+        }
+    }
+}
+
+/// Raw guest->host: the guest writes `bytes` of the pattern of `seed` to the raw port, the host
+/// reads them off the socket. Time from the request to the last byte read.
+pub fn raw_to_host(ctl: &mut Session, raw: &mut RawPort, seed: u64, bytes: u64) -> Result<Duration, BenchError> {
+    let mut reader = raw.host.try_clone().map_err(|e| BenchError::io("clone the raw socket", e))?;
+    reader.set_read_timeout(Some(SAMPLE_TIMEOUT)).map_err(|e| BenchError::io("set a read timeout", e))?;
+    std::thread::scope(|scope| {
+        let t0 = Instant::now();
+        let read = scope.spawn(move || read_exactly(&mut reader, bytes));
+        let done = ctl.guest_op(GuestOp::Write { handle: raw.handle, seed, bytes }, SAMPLE_TIMEOUT);
+        let read = read.join().map_err(|_| BenchError::Integrity("the raw reader thread panicked".into()))?;
+        let done = done?;
+        let (digest, last) = read?;
+        if done.bytes != bytes || done.ret < 0 {
+            return Err(BenchError::Guest {
+                what: "raw write".into(),
+                detail: format!("{} of {bytes} bytes written, ret {} errno {}", done.bytes, done.ret, done.errno),
+            });
+        }
+        check_digest("raw guest->host", digest, seed, bytes)?;
+        Ok(last - t0)
+    })
+}
+
+/// Reads exactly `bytes` from `s`: their digest and when the last came.
+fn read_exactly(s: &mut UnixStream, bytes: u64) -> Result<(u64, Instant), BenchError> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut digest = StreamDigest::new();
+    while digest.bytes() < bytes {
+        let want = usize::try_from((bytes - digest.bytes()).min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = s.read(&mut buf[..want]).map_err(|e| BenchError::io("read the raw port", e))?;
+        if n == 0 {
+            return Err(BenchError::Integrity(format!(
+                "the raw port closed after {} of {bytes} bytes",
+                digest.bytes()
+            )));
+        }
+        digest.update(&buf[..n]);
+    }
+    Ok((digest.digest(), Instant::now()))
+}
+
+/// Raw host->guest: the guest reads `bytes` off the raw port (READ `all`) while the host writes
+/// `data` (the pattern of `seed`) to the socket in writes of [`RAW_WRITE`]. Time from the
+/// request to the READ's completion.
+pub fn raw_to_guest(ctl: &mut Session, raw: &mut RawPort, seed: u64, data: &[u8]) -> Result<Duration, BenchError> {
+    let bytes = data.len() as u64;
+    let t0 = Instant::now();
+    let op = ctl.start_guest_op(GuestOp::Read { handle: raw.handle, bytes, all: true })?;
+    for chunk in data.chunks(RAW_WRITE as usize) {
+        raw.host.write_all(chunk).map_err(|e| BenchError::io("write the raw port", e))?;
+    }
+    let done = ctl.await_guest_op(op, SAMPLE_TIMEOUT)?;
+    let took = t0.elapsed();
+    if done.bytes != bytes {
+        return Err(BenchError::Integrity(format!(
+            "raw host->guest: the guest read {} of {bytes} bytes (ret {} errno {})",
+            done.bytes, done.ret, done.errno
+        )));
+    }
+    check_digest("raw host->guest", done.digest, seed, bytes)?;
+    Ok(took)
+}
+
+/// Plain guest->host: SOURCE of `bytes` in DATA frames of `chunk` bytes, checked byte by byte.
+pub fn plain_to_host(ctl: &mut Session, seed: u64, bytes: u64, chunk: u32) -> Result<Duration, BenchError> {
+    let out = ctl.source(seed, bytes, chunk, SAMPLE_TIMEOUT)?;
+    if !out.verified || out.bytes != bytes {
+        return Err(BenchError::Integrity(format!(
+            "SOURCE: {} of {bytes} bytes, verified {}, first mismatch {:?}",
+            out.bytes, out.verified, out.first_mismatch
+        )));
+    }
+    Ok(out.elapsed)
+}
+
+/// Plain host->guest: SINK of `bytes` sent in DATA frames of `chunk` bytes, checked by the agent.
+pub fn plain_to_guest(ctl: &mut Session, seed: u64, bytes: u64, chunk: u32) -> Result<Duration, BenchError> {
+    let out = ctl.sink(seed, bytes, chunk, SAMPLE_TIMEOUT)?;
+    if !out.verified || out.bytes != bytes {
+        return Err(BenchError::Integrity(format!(
+            "SINK: the agent got {} of {bytes} bytes, verified {}, first mismatch {:?}",
+            out.bytes, out.verified, out.first_mismatch
+        )));
+    }
+    Ok(out.elapsed)
+}
+
+/// Acknowledged guest->host: a stream of `bytes` of the agent's pattern of `seed` into `dest`
+/// (removed again after the check, so that the next sample moves everything).
+pub fn acked_to_host(
+    server: &mut PortServer,
+    port: &str,
+    seed: u64,
+    bytes: u64,
+    dest: &Path,
+    opts: &TransferOptions,
+) -> Result<Duration, BenchError> {
+    let mut stream = ToHost::pattern(port, seed, bytes, dest, opts.clone())?;
+    let report = stream.run(server, &mut |_| Control::Continue)?;
+    let stored = std::fs::read(dest).map_err(|e| BenchError::io("read the received file", e))?;
+    std::fs::remove_file(dest).map_err(|e| BenchError::io("remove the received file", e))?;
+    if report.bytes != bytes || stored.len() as u64 != bytes {
+        return Err(BenchError::Integrity(format!("acked guest->host: {} of {bytes} bytes stored", stored.len())));
+    }
+    check_digest("acked guest->host", xxh3(&stored), seed, bytes)?;
+    Ok(report.elapsed)
+}
+
+/// Acknowledged host->guest: `local` (the pattern of `seed`) sent as guest file `name`. The
+/// guest keeps one file of that name: each sample's content differs, so each moves all of it.
+pub fn acked_to_guest(
+    server: &mut PortServer,
+    port: &str,
+    local: &Path,
+    name: &str,
+    seed: u64,
+    bytes: u64,
+    opts: &TransferOptions,
+) -> Result<Duration, BenchError> {
+    let mut stream = ToGuest::new(port, local, name, opts.clone())?;
+    let report = stream.run(server, &mut |_| Control::Continue)?;
+    if report.bytes != bytes || report.started_at != 0 {
+        return Err(BenchError::Integrity(format!(
+            "acked host->guest: {} of {bytes} bytes, started at {}",
+            report.bytes, report.started_at
+        )));
+    }
+    check_digest("acked host->guest", report.digest, seed, bytes)?;
+    Ok(report.elapsed)
+}
+
+fn xxh3(bytes: &[u8]) -> u64 {
+    let mut d = StreamDigest::new();
+    d.update(bytes);
+    d.digest()
+}
+
+/// The digest of `bytes` of the pattern of `seed` must be `got`.
+fn check_digest(what: &str, got: u64, seed: u64, bytes: u64) -> Result<(), BenchError> {
+    let want = pattern::pattern_digest(seed, bytes);
+    if got == want {
+        Ok(())
+    } else {
+        Err(BenchError::Integrity(format!("{what}: digest {got:#018x}, the pattern's is {want:#018x}")))
+    }
+}

@@ -1,0 +1,346 @@
+//! `vport bench`: what the agent and its protocol cost over the raw port, measured side by side
+//! in one boot (docs/bench.md).
+//!
+//! One VM with three ports: `org.vport.bench` (the agent serves it: SOURCE / SINK and the guest
+//! operations that drive the raw port), `org.vport.bench.stream` (the acknowledged streams) and
+//! `bench.raw`, which the agent does not serve: the raw baseline, a guest `write()` / `read()`
+//! loop with the host on the chardev socket directly. Each round measures every figure once,
+//! raw, plain and acked in turn both ways, so that a drift of the machine spreads over all of
+//! them; a figure is the median of its rounds and is printed as a ratio to the raw port of the
+//! same direction. Then the agent is watched idle with a READY session (wakeups, CPU, RSS).
+//!
+//! Under TCG only the ratios are stable; absolute figures belong to the machine.
+
+pub mod figures;
+pub mod measure;
+
+use crate::client::AgentClient;
+use crate::image::initscript::GUEST_STREAM_DIR;
+use crate::image::GuestImage;
+use crate::link::stat;
+use crate::qemu::AccelChoice;
+use crate::rig::{vm_config, Rig};
+use crate::session::{PortServer, Session, SessionError};
+use crate::stream::{TransferError, TransferOptions};
+use figures::{BenchReport, Carrier, Direction, IdleCost, Throughput};
+use measure::RawPort;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use vport_common::pattern;
+
+/// The port the agent serves for SOURCE / SINK and the guest operations.
+pub const PORT_CTL: &str = "org.vport.bench";
+/// The port of the acknowledged streams.
+pub const PORT_STREAM: &str = "org.vport.bench.stream";
+/// The raw port: outside the agent's prefix, so the agent leaves it alone.
+pub const PORT_RAW: &str = "bench.raw";
+/// The write size every carrier is measured at: the agent's DATA chunk and the raw loop's
+/// write (the goal is stated at 64 KiB).
+pub const WRITE_SIZE: u32 = 64 << 10;
+/// The guest file the acknowledged host->guest stream writes.
+const GUEST_FILE: &str = "bench.bin";
+/// The bench VM's memory, MiB.
+const BENCH_MEMORY_MIB: u32 = 1024;
+/// The largest sample, MiB: two of them fit the guest's stream directory.
+pub const MAX_SAMPLE_MIB: u64 = 192;
+/// Longest wait for the agent's first session.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait for a request's reply (STATS, OPEN).
+const REPLY: Duration = Duration::from_secs(10);
+
+/// How much a bench measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchSize {
+    /// Bytes each throughput sample moves.
+    pub bytes: u64,
+    /// Rounds: samples of each figure.
+    pub rounds: u32,
+    /// How long the agent is watched idle.
+    pub idle_window: Duration,
+}
+
+impl BenchSize {
+    /// `--quick` (scripts/test): 8 MiB, 3 rounds, 2 s idle.
+    pub const QUICK: BenchSize = BenchSize { bytes: 8 << 20, rounds: 3, idle_window: Duration::from_secs(2) };
+    /// The full set: 64 MiB, 5 rounds, 10 s idle.
+    pub const FULL: BenchSize = BenchSize { bytes: 64 << 20, rounds: 5, idle_window: Duration::from_secs(10) };
+}
+
+/// How the bench runs.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The guest image.
+    pub image: GuestImage,
+    /// Accelerator.
+    pub accel: AccelChoice,
+    /// What to measure.
+    pub size: BenchSize,
+}
+
+/// Why a bench did not produce its figures.
+#[derive(Debug, Error)]
+pub enum BenchError {
+    /// The VM could not be set up (the infrastructure's failure, not a figure).
+    #[error("cannot set up the bench's vm: {0}")]
+    Setup(String),
+    /// Bytes moved but not as sent (a wrong digest, a short count): vport or the VM is wrong.
+    #[error("integrity: {0}")]
+    Integrity(String),
+    /// A guest operation did not do what it was asked.
+    #[error("guest: {what}: {detail}")]
+    Guest {
+        /// What was asked.
+        what: String,
+        /// What the agent answered.
+        detail: String,
+    },
+    /// A session failed (the agent went away, a reply did not come).
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// An acknowledged stream failed.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// A host-side i/o call failed.
+    #[error("cannot {what}: {source}")]
+    Io {
+        /// What was done.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BenchError {
+    pub(crate) fn io(what: &'static str, source: std::io::Error) -> BenchError {
+        BenchError::Io { what, source }
+    }
+
+    /// Whether the error is the machine's or the VM's setup (exit 3), not a wrong result.
+    pub fn is_infrastructure(&self) -> bool {
+        matches!(self, BenchError::Setup(_) | BenchError::Io { .. })
+    }
+}
+
+/// Runs the bench; `progress` hears one line per sample. The VM is killed on return, whatever
+/// happened.
+pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, BenchError> {
+    let started = Instant::now();
+    let mut bench = Bench::boot(opts)?;
+    progress(&format!(
+        "booted ({}), agent READY; {} round(s) of {} each way",
+        bench.report.environment.first().map_or("", |(_, v)| v.as_str()),
+        opts.size.rounds,
+        figures::size_name(opts.size.bytes)
+    ));
+    for round in 0..opts.size.rounds {
+        for (direction, carrier) in PLAN {
+            let seed = 0xbe4c_0000 + u64::from(round) * 16 + bench.report.throughput.len() as u64;
+            let cpu_before = bench.usage()?.1;
+            let took = bench.sample(direction, carrier, seed, opts.size.bytes)?;
+            let cpu = Duration::from_nanos(bench.usage()?.1.saturating_sub(cpu_before));
+            let mb = opts.size.bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9);
+            progress(&format!(
+                "round {}/{}: {} {}: {:.1} MB/s ({} ms, agent CPU {} ms)",
+                round + 1,
+                opts.size.rounds,
+                direction.arrow(),
+                carrier.name(),
+                mb,
+                took.as_millis(),
+                cpu.as_millis()
+            ));
+            bench.record(direction, carrier, opts.size.bytes, took, cpu);
+        }
+    }
+    progress(&format!("watching the agent idle for {} s", opts.size.idle_window.as_secs()));
+    bench.report.idle = Some(bench.idle(opts.size.idle_window)?);
+    bench.report.elapsed = started.elapsed();
+    Ok(bench.report)
+}
+
+/// The order of a round.
+const PLAN: [(Direction, Carrier); 6] = [
+    (Direction::GuestToHost, Carrier::Raw),
+    (Direction::GuestToHost, Carrier::Plain),
+    (Direction::GuestToHost, Carrier::Acked),
+    (Direction::HostToGuest, Carrier::Raw),
+    (Direction::HostToGuest, Carrier::Plain),
+    (Direction::HostToGuest, Carrier::Acked),
+];
+
+/// The bench's VM and what its samples share.
+struct Bench {
+    rig: Rig,
+    ctl: Session,
+    raw: RawPort,
+    streams: PortServer,
+    work: crate::qemu::WorkDir,
+    transfer: TransferOptions,
+    report: BenchReport,
+}
+
+impl Bench {
+    fn boot(opts: &BenchOptions) -> Result<Bench, BenchError> {
+        let args: Vec<String> = ["--log-level", "info", "--stream-dir", GUEST_STREAM_DIR, "--allow-guest-ops"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let mut cfg = vm_config(&opts.image, &[PORT_CTL, PORT_STREAM, PORT_RAW], &args);
+        cfg.accel = opts.accel;
+        // The guest's stream directory is in its RAM (the initramfs, at most half of it) and
+        // holds the last file received and the next one's part file: room for two of the
+        // largest sample (`--mib` 192).
+        cfg.memory_mib = cfg.memory_mib.max(BENCH_MEMORY_MIB);
+        let mut rig = Rig::launch(cfg).map_err(|e| setup("cannot boot the vm", e))?;
+        let mut report = BenchReport::default();
+        report.environment.push(("accelerator".into(), rig.vm.accel().to_string()));
+        if let Ok(v) = rig.qmp.query_version() {
+            report
+                .environment
+                .push(("qemu".into(), format!("{}.{}.{} ({})", v.major, v.minor, v.micro, v.package.trim())));
+        }
+        report.environment.push(("host cpu".into(), host_cpu()));
+        let mut ctl_server = rig.port_server(PORT_CTL).map_err(|e| setup("port server", e))?;
+        let streams = rig.port_server(PORT_STREAM).map_err(|e| setup("port server", e))?;
+        let raw_host = rig.connect_raw(PORT_RAW).map_err(|e| setup("cannot connect to the raw port", e))?;
+        rig.resume().map_err(|e| setup("cont", e))?;
+        let mut ctl = ctl_server
+            .accept(BOOT_TIMEOUT)
+            .map_err(|e| BenchError::Setup(format!("the agent did not come up: {e}\n{}", rig.failure_context())))?;
+        report.environment.push(("guest kernel".into(), ctl.handshake().hello.kernel_release.clone()));
+        // The session holds the connection; the server is not needed again.
+        drop(ctl_server);
+        let raw = measure::open_raw(&mut ctl, PORT_RAW, raw_host, REPLY)?;
+        let work = crate::qemu::WorkDir::create().map_err(|e| BenchError::io("make a work directory", e))?;
+        let transfer = TransferOptions { session_timeout: Duration::from_secs(60), ..Default::default() };
+        Ok(Bench { rig, ctl, raw, streams, work, transfer, report })
+    }
+
+    /// One sample of `carrier` moving `bytes` of the pattern of `seed` in `direction`.
+    fn sample(
+        &mut self,
+        direction: Direction,
+        carrier: Carrier,
+        seed: u64,
+        bytes: u64,
+    ) -> Result<Duration, BenchError> {
+        use measure::*;
+        match (direction, carrier) {
+            (Direction::GuestToHost, Carrier::Raw) => raw_to_host(&mut self.ctl, &mut self.raw, seed, bytes),
+            (Direction::GuestToHost, Carrier::Plain) => plain_to_host(&mut self.ctl, seed, bytes, WRITE_SIZE),
+            (Direction::GuestToHost, Carrier::Acked) => {
+                let dest = self.work.path().join("from-guest.bin");
+                acked_to_host(&mut self.streams, PORT_STREAM, seed, bytes, &dest, &self.transfer)
+            }
+            (Direction::HostToGuest, Carrier::Raw) => {
+                let data = pattern_bytes(seed, bytes)?;
+                raw_to_guest(&mut self.ctl, &mut self.raw, seed, &data)
+            }
+            (Direction::HostToGuest, Carrier::Plain) => plain_to_guest(&mut self.ctl, seed, bytes, WRITE_SIZE),
+            (Direction::HostToGuest, Carrier::Acked) => {
+                let local = self.work.path().join("to-guest.bin");
+                std::fs::write(&local, pattern_bytes(seed, bytes)?)
+                    .map_err(|e| BenchError::io("write the file to send", e))?;
+                acked_to_guest(&mut self.streams, PORT_STREAM, &local, GUEST_FILE, seed, bytes, &self.transfer)
+            }
+        }
+        .map_err(|e| match e {
+            BenchError::Session(_) | BenchError::Transfer(_) => BenchError::Setup(format!(
+                "{} {}: {e}\n{}",
+                direction.arrow(),
+                carrier.name(),
+                self.rig.failure_context()
+            )),
+            e => e,
+        })
+    }
+
+    /// Adds a sample to its figure.
+    fn record(&mut self, direction: Direction, carrier: Carrier, bytes: u64, took: Duration, cpu: Duration) {
+        let write_size = WRITE_SIZE;
+        match self.report.throughput.iter_mut().find(|t| t.direction == direction && t.carrier == carrier) {
+            Some(t) => {
+                t.samples.push(took);
+                t.agent_cpu.push(cpu);
+            }
+            None => self.report.throughput.push(Throughput {
+                direction,
+                carrier,
+                bytes,
+                write_size,
+                samples: vec![took],
+                agent_cpu: vec![cpu],
+            }),
+        }
+    }
+
+    /// The agent idle with READY sessions: its wakeups and CPU over `window` of idle time. A
+    /// STATS request costs the agent wakeups of its own, some after its reply (they fall into
+    /// the next interval), so two intervals are measured, a short one (a quarter of `window`)
+    /// and one `window` longer: both hold one request's cost, and their difference is what
+    /// `window` of idle time cost.
+    fn idle(&mut self, window: Duration) -> Result<IdleCost, BenchError> {
+        close_guest_handle(&mut self.ctl, self.raw.handle)?;
+        let short = window / 4;
+        let a = self.usage()?;
+        // Measurement intervals, not synchronisation: nothing is waited for.
+        std::thread::sleep(short);
+        let b = self.usage()?;
+        std::thread::sleep(short + window);
+        let c = self.usage()?;
+        let (d_short, d_long) = ((b.0 - a.0.min(b.0), b.1 - a.1.min(b.1)), (c.0 - b.0.min(c.0), c.1 - b.1.min(c.1)));
+        Ok(IdleCost {
+            window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+            wakeups: d_long.0.saturating_sub(d_short.0),
+            cpu_ns: d_long.1.saturating_sub(d_short.1),
+            rss_kib: c.2,
+            request_wakeups: d_short.0,
+        })
+    }
+
+    /// The agent's (wakeups, cpu_ns, rss_kib).
+    fn usage(&mut self) -> Result<(u64, u64, u64), BenchError> {
+        let stats = self.ctl.agent_stats(REPLY)?;
+        match (stat(&stats, "wakeups"), stat(&stats, "cpu_ns"), stat(&stats, "rss_kib")) {
+            (Some(w), Some(c), Some(r)) => Ok((w, c, r)),
+            _ => Err(BenchError::Guest {
+                what: "STATS".into(),
+                detail: "no wakeups, cpu_ns or rss_kib: install the vport-agent of this vport".into(),
+            }),
+        }
+    }
+}
+
+/// Closes the guest's raw-port handle (its worker thread ends), so that the idle agent holds
+/// only what it holds for its served ports.
+fn close_guest_handle(ctl: &mut Session, handle: u32) -> Result<(), BenchError> {
+    let done = ctl.guest_op(vport_common::message::GuestOp::Close { handle }, REPLY)?;
+    if done.ret < 0 {
+        return Err(BenchError::Guest { what: "close the raw port".into(), detail: format!("errno {}", done.errno) });
+    }
+    Ok(())
+}
+
+fn setup(what: &str, e: impl std::fmt::Display) -> BenchError {
+    BenchError::Setup(format!("{what}: {e}"))
+}
+
+/// `bytes` of the pattern of `seed`.
+fn pattern_bytes(seed: u64, bytes: u64) -> Result<Vec<u8>, BenchError> {
+    let len = usize::try_from(bytes).map_err(|_| BenchError::Setup(format!("{bytes} bytes do not fit in memory")))?;
+    let mut data = vec![0u8; len];
+    pattern::fill(seed, 0, &mut data);
+    Ok(data)
+}
+
+/// The host CPU's model name and count, from `/proc/cpuinfo`.
+fn host_cpu() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into());
+    let count = info.lines().filter(|l| l.starts_with("processor")).count();
+    format!("{model} x {count}")
+}
