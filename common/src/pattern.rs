@@ -23,33 +23,61 @@ fn block(seed: u64, k: u64) -> [u8; 8] {
 }
 
 /// Fills `buf` with the pattern of `seed` starting at stream offset `offset`.
+///
+/// A block at a time: the partial blocks at the ends sliced, the whole blocks between as one
+/// 8-byte store each (2.8 instructions per byte natively, where copying each block's bytes took
+/// 6.6: it runs in the guest for every SOURCE and raw write, where each instruction is
+/// emulated).
 pub fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
-    let mut pos = offset;
-    let mut i = 0;
-    while i < buf.len() {
-        let b = block(seed, pos / 8);
-        let within = (pos % 8) as usize;
-        let n = (8 - within).min(buf.len() - i);
-        buf[i..i + n].copy_from_slice(&b[within..within + n]);
-        i += n;
-        pos += n as u64;
+    let head = usize::try_from((8 - offset % 8) % 8).unwrap_or(0).min(buf.len());
+    let (first, rest) = buf.split_at_mut(head);
+    if !first.is_empty() {
+        let within = (offset % 8) as usize;
+        first.copy_from_slice(&block(seed, offset / 8)[within..within + head]);
     }
+    let mut k = (offset + head as u64) / 8;
+    let mut words = rest.chunks_exact_mut(8);
+    for w in &mut words {
+        w.copy_from_slice(&block(seed, k));
+        // Kept scalar: vectorised, the 64-bit multiplies become SSE2 sequences that TCG
+        // emulates far more slowly than the plain multiplies (measured: the guest's raw writes
+        // fell from 128 to 85 MB/s).
+        k = std::hint::black_box(k + 1);
+    }
+    let tail = words.into_remainder();
+    let n = tail.len();
+    tail.copy_from_slice(&block(seed, k)[..n]);
 }
 
 /// Offset (in the stream) of the first byte of `data` that differs from the pattern of `seed`,
 /// for `data` found at stream offset `offset`.
+///
+/// Whole blocks are compared as one 8-byte word each (2.9 instructions per byte natively, where
+/// comparing against a filled buffer took 13: this runs in the guest for every SINK byte).
 pub fn first_mismatch(seed: u64, offset: u64, data: &[u8]) -> Option<u64> {
-    let mut expected = [0u8; 4096];
-    let mut done = 0;
-    while done < data.len() {
-        let n = (data.len() - done).min(expected.len());
-        fill(seed, offset + done as u64, &mut expected[..n]);
-        if let Some(i) = data[done..done + n].iter().zip(&expected[..n]).position(|(a, b)| a != b) {
-            return Some(offset + (done + i) as u64);
+    let bytewise = |at: u64, bytes: &[u8], expected: &[u8]| {
+        bytes.iter().zip(expected).position(|(a, b)| a != b).map(|i| at + i as u64)
+    };
+    let head = usize::try_from((8 - offset % 8) % 8).unwrap_or(0).min(data.len());
+    let (first, rest) = data.split_at(head);
+    if !first.is_empty() {
+        let within = (offset % 8) as usize;
+        if let Some(m) = bytewise(offset, first, &block(seed, offset / 8)[within..within + head]) {
+            return Some(m);
         }
-        done += n;
     }
-    None
+    let start = offset + head as u64;
+    let mut k = start / 8;
+    let mut words = rest.chunks_exact(8);
+    for w in &mut words {
+        let expected = block(seed, k);
+        if w != expected {
+            return bytewise(k * 8, w, &expected);
+        }
+        k += 1;
+    }
+    let tail = words.remainder();
+    bytewise(k * 8, tail, &block(seed, k)[..tail.len()])
 }
 
 /// Running xxh3-64 digest of a stream.
@@ -143,7 +171,39 @@ mod tests {
         assert_eq!(d.bytes(), 200_000);
     }
 
+    /// The byte-at-a-time definition the word-wise [`fill`] must equal.
+    fn fill_bytewise(seed: u64, offset: u64, buf: &mut [u8]) {
+        for (i, b) in buf.iter_mut().enumerate() {
+            let pos = offset + i as u64;
+            *b = block(seed, pos / 8)[(pos % 8) as usize];
+        }
+    }
+
     proptest! {
+        #[test]
+        fn word_wise_fill_equals_the_bytewise_definition(seed in any::<u64>(), off in 0u64..1000, len in 0usize..200) {
+            let mut fast = vec![0u8; len];
+            let mut slow = vec![0u8; len];
+            fill(seed, off, &mut fast);
+            fill_bytewise(seed, off, &mut slow);
+            prop_assert_eq!(fast, slow);
+        }
+
+        #[test]
+        fn any_flipped_byte_is_the_first_mismatch(seed in any::<u64>(), off in 0u64..1000, len in 1usize..200, at in any::<prop::sample::Index>(), flip in 1u8..=255) {
+            let mut data = vec![0u8; len];
+            fill_bytewise(seed, off, &mut data);
+            prop_assert_eq!(first_mismatch(seed, off, &data), None);
+            let i = at.index(len);
+            data[i] ^= flip;
+            prop_assert_eq!(first_mismatch(seed, off, &data), Some(off + i as u64));
+            // A later wrong byte does not hide the first.
+            if i + 1 < len {
+                data[len - 1] ^= 0x5a;
+                prop_assert_eq!(first_mismatch(seed, off, &data), Some(off + i as u64));
+            }
+        }
+
         #[test]
         fn any_window_equals_the_same_slice_of_the_whole(seed in any::<u64>(), off in 0usize..100, len in 0usize..100) {
             let mut whole = [0u8; 200];

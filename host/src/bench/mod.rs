@@ -39,6 +39,10 @@ pub const PORT_RAW: &str = "bench.raw";
 pub const WRITE_SIZE: u32 = 64 << 10;
 /// The guest file the acknowledged host->guest stream writes.
 const GUEST_FILE: &str = "bench.bin";
+/// How long after its last traffic the agent still wakes to re-check a port for a lost wakeup
+/// (its last re-check is 1 s after, `guest/src/recheck.rs`), with a margin: an interval shorter
+/// than this would miss a request's last wakeup and count it as idle.
+const AGENT_RECHECK_SPAN: Duration = Duration::from_millis(1500);
 /// The bench VM's memory, MiB.
 const BENCH_MEMORY_MIB: u32 = 1024;
 /// The largest sample, MiB: two of them fit the guest's stream directory.
@@ -277,12 +281,12 @@ impl Bench {
 
     /// The agent idle with READY sessions: its wakeups and CPU over `window` of idle time. A
     /// STATS request costs the agent wakeups of its own, some after its reply (they fall into
-    /// the next interval), so two intervals are measured, a short one (a quarter of `window`)
-    /// and one `window` longer: both hold one request's cost, and their difference is what
-    /// `window` of idle time cost.
+    /// the next interval), so two intervals are measured, a short one (a quarter of `window`,
+    /// at least [`AGENT_RECHECK_SPAN`]) and one `window` longer: both hold one request's cost,
+    /// and their difference is what `window` of idle time cost.
     fn idle(&mut self, window: Duration) -> Result<IdleCost, BenchError> {
         close_guest_handle(&mut self.ctl, self.raw.handle)?;
-        let short = window / 4;
+        let short = (window / 4).max(AGENT_RECHECK_SPAN);
         let a = self.usage()?;
         // Measurement intervals, not synchronisation: nothing is waited for.
         std::thread::sleep(short);
