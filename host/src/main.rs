@@ -117,6 +117,7 @@ fn main() {
                 bytes: args.mib.map_or(preset.bytes, |m| m << 20),
                 rounds: args.rounds.unwrap_or(preset.rounds),
                 idle_window: args.idle.map_or(preset.idle_window, Duration::from_secs),
+                ..preset
             };
             let cmd = command::bench::BenchCommand {
                 image: args.image.choice(),

@@ -122,6 +122,16 @@ guest_op_table! {
         /// The handle.
         handle: u32,
     };
+    /// A loopback, as a guest program echoing what it reads: `read(2)` (at most 64 KiB) and
+    /// `write(2)` back all that came, again and again, until `bytes` were echoed, a read
+    /// returned 0 or a call failed (CANCEL interrupts it): `bytes` echoed, `digest` of them,
+    /// `ret` the last call's result. The baseline of a round trip on the raw port.
+    Loopback = 10 {
+        /// The handle.
+        handle: u32,
+        /// Bytes to echo before completing.
+        bytes: u64,
+    };
 }
 
 impl GuestOp {
@@ -133,7 +143,8 @@ impl GuestOp {
             | GuestOp::Poll { handle, .. }
             | GuestOp::Close { handle }
             | GuestOp::Cancel { handle }
-            | GuestOp::SigioCount { handle } => Some(*handle),
+            | GuestOp::SigioCount { handle }
+            | GuestOp::Loopback { handle, .. } => Some(*handle),
             GuestOp::Open { .. } | GuestOp::Debugfs { .. } | GuestOp::Sysfs => None,
         }
     }

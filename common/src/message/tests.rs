@@ -90,7 +90,7 @@ fn samples() -> Vec<Message> {
     ]
 }
 
-fn guest_ops() -> [GuestOp; 9] {
+fn guest_ops() -> [GuestOp; 10] {
     [
         GuestOp::Open { port: "/dev/vport0p3".into(), nonblock: false, sigio: true },
         GuestOp::Read { handle: 2, bytes: 64 << 20, all: true },
@@ -101,6 +101,7 @@ fn guest_ops() -> [GuestOp; 9] {
         GuestOp::Debugfs { port: "vport0p1".into() },
         GuestOp::Sysfs,
         GuestOp::SigioCount { handle: 3 },
+        GuestOp::Loopback { handle: 3, bytes: 640 },
     ]
 }
 
@@ -233,6 +234,7 @@ fn payloads_are_protocol_v1_to_the_byte() {
         "0600000007080076706f7274307031",
         "0700000008",
         "080000000903000000",
+        "090000000a030000008002000000000000",
     ];
     for (i, (op, golden)) in guest_ops().into_iter().zip(ops).enumerate() {
         let m = Message::GuestOp { op_id: i as u32, op };

@@ -194,7 +194,7 @@ fn request(idx: u8, input: &mut Input) -> Message {
         10 => Message::Events { since_seq: u64::from(input.u8()) },
         11 => {
             let op_id = u32::from(input.u8());
-            let op = match input.u8() % 9 {
+            let op = match input.u8() % 10 {
                 0 => GuestOp::Open { port: "org.vport.1".into(), nonblock: true, sigio: false },
                 1 => GuestOp::Read { handle: 1, bytes: 16, all: false },
                 2 => GuestOp::Write { handle: 1, seed: 1, bytes: 16 },
@@ -203,7 +203,8 @@ fn request(idx: u8, input: &mut Input) -> Message {
                 5 => GuestOp::Cancel { handle: 1 },
                 6 => GuestOp::Debugfs { port: "vport0p2".into() },
                 7 => GuestOp::Sysfs,
-                _ => GuestOp::SigioCount { handle: 1 },
+                8 => GuestOp::SigioCount { handle: 1 },
+                _ => GuestOp::Loopback { handle: 1, bytes: 16 },
             };
             Message::GuestOp { op_id, op }
         }

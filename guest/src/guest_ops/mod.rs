@@ -175,7 +175,10 @@ impl GuestOps {
                 }
                 None => failed(op_id, Errno::EBADF, format!("no handle {handle}")),
             },
-            op @ (GuestOp::Read { handle, .. } | GuestOp::Write { handle, .. } | GuestOp::Poll { handle, .. }) => {
+            op @ (GuestOp::Read { handle, .. }
+            | GuestOp::Write { handle, .. }
+            | GuestOp::Poll { handle, .. }
+            | GuestOp::Loopback { handle, .. }) => {
                 let max = self.limits.max_guest_ops_per_handle;
                 match self.handles.get_mut(&handle) {
                     Some(h) if h.in_flight >= max => {

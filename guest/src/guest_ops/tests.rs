@@ -52,6 +52,21 @@ fn wait_done(poll: &mut Poll, g: &mut GuestOps, seen: &mut Vec<Completion>, op_i
     }
 }
 
+/// Sends CANCEL on `handle` until operation `op_id` completes (bounded): the first cancels may
+/// find the worker not yet inside its call.
+fn cancel_until_done(poll: &mut Poll, g: &mut GuestOps, handle: u32, op_id: u32) -> Completion {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        g.submit(owner(), op_id + 1, GuestOp::Cancel { handle });
+        if let Some(c) = g.completions().into_iter().find(|c| c.done.op_id == op_id) {
+            return c;
+        }
+        assert!(Instant::now() < end, "operation {op_id} was never interrupted");
+        let mut events = mio::Events::with_capacity(4);
+        poll.poll(&mut events, Some(Duration::from_millis(50))).unwrap();
+    }
+}
+
 #[test]
 fn a_fifo_carries_a_pattern_write_to_a_read_all_and_close_completes_after_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -89,17 +104,7 @@ fn a_blocked_read_is_cancelled_with_eintr_and_poll_reports_exact_masks() {
     let pl = wait_done(&mut poll, &mut g, &mut Vec::new(), 2);
     assert_eq!((pl.done.ret, pl.done.mask), (1, PollFlags::POLLOUT.bits() as u16));
     assert_eq!(g.submit(owner(), 3, GuestOp::Read { handle, bytes: 10, all: false }), Submitted::Queued);
-    // Cancel until the worker is inside read(): the first cancels may find it idle.
-    let end = Instant::now() + Duration::from_secs(10);
-    let r = loop {
-        g.submit(owner(), 4, GuestOp::Cancel { handle });
-        if let Some(c) = g.completions().into_iter().find(|c| c.done.op_id == 3) {
-            break c;
-        }
-        assert!(Instant::now() < end, "the blocked read was never interrupted");
-        let mut events = mio::Events::with_capacity(4);
-        poll.poll(&mut events, Some(Duration::from_millis(50))).unwrap();
-    };
+    let r = cancel_until_done(&mut poll, &mut g, handle, 3);
     assert_eq!((r.done.ret, r.done.errno), (-1, Errno::EINTR as i32));
 }
 
@@ -188,4 +193,36 @@ fn handles_per_session_and_operations_per_handle_are_bounded() {
     let other = Owner { dev: "vport0p1".into(), session: 8 };
     adopt(&mut g, other, 4, &fifo, false);
     g.release(|_| false);
+}
+
+#[test]
+fn a_loopback_echoes_every_byte_until_its_count_and_a_cancel_ends_it() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut poll, mut g) = ops(dir.path());
+    let (guest, mut host) = UnixStream::pair().unwrap();
+    let d = g.adopt(owner(), 1, guest.into(), dir.path().join("pair"), false);
+    let handle = u32::try_from(d.ret).unwrap();
+    assert_eq!(g.submit(owner(), 2, GuestOp::Loopback { handle, bytes: 3000 }), Submitted::Queued);
+    let mut sent = Vec::new();
+    host.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for seed in 1..=3 {
+        let mut out = vec![0u8; 1000];
+        pattern::fill(seed, 0, &mut out);
+        host.write_all(&out).unwrap();
+        let mut back = vec![0u8; 1000];
+        host.read_exact(&mut back).unwrap();
+        assert_eq!(back, out, "round {seed} echoed as sent");
+        sent.extend_from_slice(&out);
+    }
+    let c = wait_done(&mut poll, &mut g, &mut Vec::new(), 2);
+    let mut dg = pattern::StreamDigest::new();
+    dg.update(&sent);
+    assert_eq!((c.done.bytes, c.done.digest, c.done.errno), (3000, dg.digest(), 0));
+
+    // A loopback waiting for input ends with EINTR on CANCEL.
+    assert_eq!(g.submit(owner(), 3, GuestOp::Loopback { handle, bytes: 10 }), Submitted::Queued);
+    let r = cancel_until_done(&mut poll, &mut g, handle, 3);
+    assert_eq!((r.done.ret, r.done.errno, r.done.bytes), (-1, Errno::EINTR as i32, 0));
 }

@@ -163,7 +163,7 @@ pub(super) fn worker(
     }
 }
 
-/// Runs READ, WRITE or POLL on `fd` (the worker fills in `op_id` and `elapsed_ns`).
+/// Runs READ, WRITE, POLL or LOOPBACK on `fd` (the worker fills in `op_id` and `elapsed_ns`).
 fn run(fd: BorrowedFd<'_>, op: GuestOp) -> GuestOpDone {
     match op {
         GuestOp::Read { bytes, all: false, .. } => {
@@ -180,6 +180,7 @@ fn run(fd: BorrowedFd<'_>, op: GuestOp) -> GuestOpDone {
         }
         GuestOp::Read { bytes, all: true, .. } => read_all(fd, bytes),
         GuestOp::Write { seed, bytes, .. } => write_pattern(fd, seed, bytes),
+        GuestOp::Loopback { bytes, .. } => loopback(fd, bytes),
         GuestOp::Poll { events, timeout_ms, .. } => {
             let timeout = PollTimeout::try_from(timeout_ms.max(-1)).unwrap_or(PollTimeout::NONE);
             match revents(fd, PollFlags::from_bits_truncate(events as i16), timeout) {
@@ -223,6 +224,50 @@ fn read_all(fd: BorrowedFd<'_>, want: u64) -> GuestOpDone {
         }
     }
     GuestOpDone { ret, errno, bytes: dg.bytes(), digest: dg.digest(), data: head, ..Default::default() }
+}
+
+/// Echoes what `fd` gives back into it until `total` bytes were echoed, a read returns 0 or a
+/// call fails (an interrupted call, CANCEL or CLOSE, ends it with EINTR).
+fn loopback(fd: BorrowedFd<'_>, total: u64) -> GuestOpDone {
+    let mut buf = vec![0u8; MAX_IO];
+    let mut dg = StreamDigest::new();
+    let mut ret = 0i64;
+    let mut errno = 0;
+    'echo: while dg.bytes() < total {
+        let n = ((total - dg.bytes()) as usize).min(MAX_IO);
+        let got = match nix::unistd::read(fd, &mut buf[..n]) {
+            Ok(0) => {
+                ret = 0;
+                break;
+            }
+            Ok(k) => k,
+            Err(e) => {
+                ret = -1;
+                errno = e as i32;
+                break;
+            }
+        };
+        let mut sent = 0;
+        while sent < got {
+            match nix::unistd::write(fd, &buf[sent..got]) {
+                Ok(0) => {
+                    ret = 0;
+                    break 'echo;
+                }
+                Ok(k) => {
+                    ret = k as i64;
+                    dg.update(&buf[sent..sent + k]);
+                    sent += k;
+                }
+                Err(e) => {
+                    ret = -1;
+                    errno = e as i32;
+                    break 'echo;
+                }
+            }
+        }
+    }
+    GuestOpDone { ret, errno, bytes: dg.bytes(), digest: dg.digest(), ..Default::default() }
 }
 
 fn write_pattern(fd: BorrowedFd<'_>, seed: u64, total: u64) -> GuestOpDone {

@@ -141,6 +141,42 @@ pub fn compare(candidate: &Throughput, baseline: &Throughput, goal: f64) -> Opti
     })
 }
 
+/// Round trips of `size` bytes by one carrier: raw, the host's write echoed by a guest loopback
+/// (LOOPBACK) on the raw port; plain, ECHO in a session. Each sample is one round trip, timed on
+/// the host, the echo compared with what was sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundTrip {
+    /// By what ([`Carrier::Raw`] or [`Carrier::Plain`]).
+    pub carrier: Carrier,
+    /// Bytes each way.
+    pub size: u32,
+    /// Each round trip, in the order taken.
+    pub samples: Vec<Duration>,
+}
+
+impl RoundTrip {
+    /// The `p`-th percentile (0 < p <= 100), nearest rank: a measured sample; `None` without
+    /// samples.
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        percentile(&self.samples, p)
+    }
+}
+
+/// The nearest-rank `p`-th percentile of `samples` (0 < p <= 100, to a tenth); `None` if
+/// empty.
+pub fn percentile(samples: &[Duration], p: f64) -> Option<Duration> {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let n = sorted.len();
+    // In tenths of a percent, as integers: 99.9% of 1,000 is rank 999, not 1,000 by rounding.
+    let per_mille = (p * 10.0).round().clamp(1.0, 1000.0) as usize;
+    let rank = (per_mille * n).div_ceil(1000).max(1);
+    sorted.get(rank.min(n).checked_sub(1)?).copied()
+}
+
+/// The round-trip goal: ECHO's median at most this multiple of the raw loopback's (issue 13).
+pub const ROUND_TRIP_GOAL: f64 = 1.1;
+
 /// The agent's own cost while idle, measured over a window: with a READY session and no
 /// traffic. `wakeups` and `cpu` are the agent's counters' growth over the window.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -168,6 +204,8 @@ pub struct BenchReport {
     pub environment: Vec<(String, String)>,
     /// Every throughput measured.
     pub throughput: Vec<Throughput>,
+    /// Every round trip measured.
+    pub round_trips: Vec<RoundTrip>,
     /// The agent idle.
     pub idle: Option<IdleCost>,
     /// Wall time of the run.
@@ -194,6 +232,29 @@ impl BenchReport {
         out
     }
 
+    /// ECHO's median round trip against the raw loopback's of the same size (figures in µs;
+    /// met when the ratio is at most [`ROUND_TRIP_GOAL`]).
+    pub fn round_trip_comparisons(&self) -> Vec<Comparison> {
+        let mut out = Vec::new();
+        for t in self.round_trips.iter().filter(|t| t.carrier == Carrier::Plain) {
+            let raw = self.round_trips.iter().find(|r| r.carrier == Carrier::Raw && r.size == t.size);
+            let (Some(c), Some(b)) = (t.percentile(50.0), raw.and_then(|r| r.percentile(50.0))) else { continue };
+            if b.is_zero() {
+                continue;
+            }
+            let ratio = c.as_secs_f64() / b.as_secs_f64();
+            out.push(Comparison {
+                what: format!("round trip {} echo / raw loopback, p50", size_name(u64::from(t.size))),
+                baseline: b.as_secs_f64() * 1e6,
+                candidate: c.as_secs_f64() * 1e6,
+                ratio,
+                goal: ROUND_TRIP_GOAL,
+                met: ratio <= ROUND_TRIP_GOAL,
+            });
+        }
+        out
+    }
+
     /// The report as one JSON object: the environment, each throughput with its samples (ms)
     /// and median MB/s, the comparisons with their goals, the idle cost.
     pub fn to_json(&self) -> serde_json::Value {
@@ -213,12 +274,29 @@ impl BenchReport {
                 })
             })
             .collect();
+        let us = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e6);
+        let round_trips: Vec<_> = self
+            .round_trips
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "carrier": t.carrier,
+                    "size": t.size,
+                    "samples": t.samples.len(),
+                    "p50_us": us(t.percentile(50.0)),
+                    "p99_us": us(t.percentile(99.0)),
+                    "p99_9_us": us(t.percentile(99.9)),
+                })
+            })
+            .collect();
         let env: serde_json::Map<_, _> =
             self.environment.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone()))).collect();
         serde_json::json!({
             "environment": env,
             "throughput": throughput,
             "comparisons": self.comparisons(),
+            "round_trips": round_trips,
+            "round_trip_comparisons": self.round_trip_comparisons(),
             "idle": self.idle,
             "idle_goals": { "wakeups": 0, "rss_kib_at_most": RSS_GOAL_KIB },
             "elapsed_s": self.elapsed.as_secs_f64(),
@@ -261,7 +339,36 @@ impl BenchReport {
             let _ = writeln!(s, "\ngoals (at least {THROUGHPUT_GOAL:.2}x raw):");
             for c in &comparisons {
                 let verdict = if c.met { "met" } else { "MISSED" };
-                let _ = writeln!(s, "  {:<40} {:.2}x  {verdict}", c.what, c.ratio);
+                let _ = writeln!(s, "  {:<46} {:.2}x  {verdict}", c.what, c.ratio);
+            }
+        }
+        if !self.round_trips.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n{:<16} {:<6} {:>9} {:>9} {:>9} {:>8}",
+                "round trip", "by", "p50 us", "p99 us", "p99.9 us", "samples"
+            );
+            let us = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.0}", d.as_secs_f64() * 1e6));
+            for t in &self.round_trips {
+                let carrier = if t.carrier == Carrier::Raw { "raw" } else { "echo" };
+                let _ = writeln!(
+                    s,
+                    "{:<16} {:<6} {:>9} {:>9} {:>9} {:>8}",
+                    size_name(u64::from(t.size)),
+                    carrier,
+                    us(t.percentile(50.0)),
+                    us(t.percentile(99.0)),
+                    us(t.percentile(99.9)),
+                    t.samples.len()
+                );
+            }
+            let rtt = self.round_trip_comparisons();
+            if !rtt.is_empty() {
+                let _ = writeln!(s, "\ngoals (p50 at most {ROUND_TRIP_GOAL:.2}x raw):");
+                for c in &rtt {
+                    let verdict = if c.met { "met" } else { "MISSED" };
+                    let _ = writeln!(s, "  {:<46} {:.2}x  {verdict}", c.what, c.ratio);
+                }
             }
         }
         if let Some(idle) = &self.idle {
@@ -362,6 +469,40 @@ mod tests {
                 && text.contains("costs 3 wakeup(s)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank_samples() {
+        let samples: Vec<_> = (1..=1000).map(ms).collect();
+        assert_eq!(percentile(&samples, 50.0), Some(ms(500)));
+        assert_eq!(percentile(&samples, 99.0), Some(ms(990)));
+        assert_eq!(percentile(&samples, 99.9), Some(ms(999)));
+        assert_eq!(percentile(&samples, 100.0), Some(ms(1000)));
+        assert_eq!(percentile(&[ms(7)], 99.9), Some(ms(7)));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn echo_is_held_to_the_raw_loopback_of_its_size() {
+        let rt = |carrier, size, v: &[u64]| RoundTrip { carrier, size, samples: v.iter().map(|x| ms(*x)).collect() };
+        let report = BenchReport {
+            round_trips: vec![
+                rt(Carrier::Raw, 64, &[10, 10, 10]),
+                rt(Carrier::Plain, 64, &[11, 11, 50]),
+                rt(Carrier::Raw, 4096, &[20]),
+                rt(Carrier::Plain, 4096, &[30]),
+                rt(Carrier::Plain, 1, &[5]), // no raw baseline of its size
+            ],
+            ..Default::default()
+        };
+        let c = report.round_trip_comparisons();
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(c[0].what, "round trip 64 B echo / raw loopback, p50");
+        assert!((c[0].ratio - 1.1).abs() < 1e-9 && c[0].met, "at the goal is met: {:?}", c[0]);
+        assert!((c[1].ratio - 1.5).abs() < 1e-9 && !c[1].met, "{:?}", c[1]);
+        let text = report.render_text();
+        assert!(text.contains("p50 at most 1.10x raw") && text.contains("1.50x  MISSED"), "{text}");
+        assert_eq!(report.to_json()["round_trips"][1]["p99_us"], 50_000.0);
     }
 
     #[test]

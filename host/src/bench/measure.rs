@@ -131,6 +131,59 @@ pub fn raw_to_guest(ctl: &mut Session, raw: &mut RawPort, seed: u64, data: &[u8]
     Ok(took)
 }
 
+/// Raw round trips: `count` times, the host writes `size` bytes (the pattern of `seed`) to the
+/// raw port and reads them back from the guest's LOOPBACK; each round trip is timed and its
+/// echo compared with what was sent. The loopback's completion (all bytes echoed) closes it.
+pub fn raw_round_trips(
+    ctl: &mut Session,
+    raw: &mut RawPort,
+    seed: u64,
+    size: usize,
+    count: usize,
+) -> Result<Vec<Duration>, BenchError> {
+    let total = (size * count) as u64;
+    let op = ctl.start_guest_op(GuestOp::Loopback { handle: raw.handle, bytes: total })?;
+    raw.host.set_read_timeout(Some(SAMPLE_TIMEOUT)).map_err(|e| BenchError::io("set a read timeout", e))?;
+    let mut out = vec![0u8; size];
+    let mut back = vec![0u8; size];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count {
+        pattern::fill(seed, (i * size) as u64, &mut out);
+        let t0 = Instant::now();
+        raw.host.write_all(&out).map_err(|e| BenchError::io("write the raw port", e))?;
+        raw.host.read_exact(&mut back).map_err(|e| BenchError::io("read the raw port's echo", e))?;
+        samples.push(t0.elapsed());
+        if back != out {
+            return Err(BenchError::Integrity(format!("raw loopback: round trip {i} came back other than sent")));
+        }
+    }
+    let done = ctl.await_guest_op(op, SAMPLE_TIMEOUT)?;
+    if done.bytes != total {
+        return Err(BenchError::Guest {
+            what: "raw loopback".into(),
+            detail: format!("{} of {total} bytes echoed, ret {} errno {}", done.bytes, done.ret, done.errno),
+        });
+    }
+    Ok(samples)
+}
+
+/// ECHO round trips: `count` ECHOs of `size` bytes (the pattern of `seed`), each timed and
+/// its reply compared with what was sent.
+pub fn echo_round_trips(ctl: &mut Session, seed: u64, size: usize, count: usize) -> Result<Vec<Duration>, BenchError> {
+    let mut out = vec![0u8; size];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count {
+        pattern::fill(seed, (i * size) as u64, &mut out);
+        let t0 = Instant::now();
+        let back = ctl.echo(&out, SAMPLE_TIMEOUT)?;
+        samples.push(t0.elapsed());
+        if back != out {
+            return Err(BenchError::Integrity(format!("ECHO {i} of {size} B came back other than sent")));
+        }
+    }
+    Ok(samples)
+}
+
 /// Plain guest->host: SOURCE of `bytes` in DATA frames of `chunk` bytes, checked byte by byte.
 pub fn plain_to_host(ctl: &mut Session, seed: u64, bytes: u64, chunk: u32) -> Result<Duration, BenchError> {
     let out = ctl.source(seed, bytes, chunk, SAMPLE_TIMEOUT)?;

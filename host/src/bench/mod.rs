@@ -7,7 +7,9 @@
 //! loop with the host on the chardev socket directly. Each round measures every figure once,
 //! raw, plain and acked in turn both ways, so that a drift of the machine spreads over all of
 //! them; a figure is the median of its rounds and is printed as a ratio to the raw port of the
-//! same direction. Then the agent is watched idle with a READY session (wakeups, CPU, RSS).
+//! same direction. Round trips of 64 B and 4 KiB come next: the raw port with a guest loopback
+//! (LOOPBACK) against ECHO in a session. Then the agent is watched idle with a READY session
+//! (wakeups, CPU, RSS).
 //!
 //! Under TCG only the ratios are stable; absolute figures belong to the machine.
 
@@ -22,7 +24,7 @@ use crate::qemu::AccelChoice;
 use crate::rig::{vm_config, Rig};
 use crate::session::{PortServer, Session, SessionError};
 use crate::stream::{TransferError, TransferOptions};
-use figures::{BenchReport, Carrier, Direction, IdleCost, Throughput};
+use figures::{BenchReport, Carrier, Direction, IdleCost, RoundTrip, Throughput};
 use measure::RawPort;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -37,6 +39,8 @@ pub const PORT_RAW: &str = "bench.raw";
 /// The write size every carrier is measured at: the agent's DATA chunk and the raw loop's
 /// write (the goal is stated at 64 KiB).
 pub const WRITE_SIZE: u32 = 64 << 10;
+/// The sizes of the round trips (the goal's).
+pub const ROUND_TRIP_SIZES: [usize; 2] = [64, 4096];
 /// The guest file the acknowledged host->guest stream writes.
 const GUEST_FILE: &str = "bench.bin";
 /// How long after its last traffic the agent still wakes to re-check a port for a lost wakeup
@@ -61,13 +65,17 @@ pub struct BenchSize {
     pub rounds: u32,
     /// How long the agent is watched idle.
     pub idle_window: Duration,
+    /// Round trips of each size by each carrier.
+    pub round_trips: u32,
 }
 
 impl BenchSize {
-    /// `--quick` (scripts/test): 8 MiB, 3 rounds, 2 s idle.
-    pub const QUICK: BenchSize = BenchSize { bytes: 8 << 20, rounds: 3, idle_window: Duration::from_secs(2) };
-    /// The full set: 64 MiB, 5 rounds, 10 s idle.
-    pub const FULL: BenchSize = BenchSize { bytes: 64 << 20, rounds: 5, idle_window: Duration::from_secs(10) };
+    /// `--quick` (scripts/test): 8 MiB, 3 rounds, 300 round trips, 2 s idle.
+    pub const QUICK: BenchSize =
+        BenchSize { bytes: 8 << 20, rounds: 3, idle_window: Duration::from_secs(2), round_trips: 300 };
+    /// The full set: 64 MiB, 5 rounds, 2,000 round trips, 10 s idle.
+    pub const FULL: BenchSize =
+        BenchSize { bytes: 64 << 20, rounds: 5, idle_window: Duration::from_secs(10), round_trips: 2000 };
 }
 
 /// How the bench runs.
@@ -157,6 +165,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             bench.record(direction, carrier, opts.size.bytes, took, cpu);
         }
     }
+    bench.round_trips(opts.size, progress)?;
     progress(&format!("watching the agent idle for {} s", opts.size.idle_window.as_secs()));
     bench.report.idle = Some(bench.idle(opts.size.idle_window)?);
     bench.report.elapsed = started.elapsed();
@@ -258,6 +267,36 @@ impl Bench {
             )),
             e => e,
         })
+    }
+
+    /// Round trips of each of [`ROUND_TRIP_SIZES`], raw loopback then ECHO in turn, in
+    /// `size.rounds` batches: a drift of the machine spreads over both.
+    fn round_trips(&mut self, size: BenchSize, progress: &mut dyn FnMut(&str)) -> Result<(), BenchError> {
+        let per_batch = (size.round_trips / size.rounds.max(1)).max(1) as usize;
+        for round in 0..size.rounds {
+            for bytes in ROUND_TRIP_SIZES {
+                let seed = 0x4771_0000 + u64::from(round) * 8 + bytes as u64;
+                let raw = measure::raw_round_trips(&mut self.ctl, &mut self.raw, seed, bytes, per_batch)?;
+                let echo = measure::echo_round_trips(&mut self.ctl, seed, bytes, per_batch)?;
+                let p50 = |v: &[Duration]| figures::percentile(v, 50.0).map_or(0, |d| d.as_micros());
+                progress(&format!(
+                    "round {}/{}: round trips of {}: raw p50 {} us, echo p50 {} us ({per_batch} each)",
+                    round + 1,
+                    size.rounds,
+                    figures::size_name(bytes as u64),
+                    p50(&raw),
+                    p50(&echo)
+                ));
+                for (carrier, samples) in [(Carrier::Raw, raw), (Carrier::Plain, echo)] {
+                    let size = bytes as u32;
+                    match self.report.round_trips.iter_mut().find(|t| t.carrier == carrier && t.size == size) {
+                        Some(t) => t.samples.extend(samples),
+                        None => self.report.round_trips.push(RoundTrip { carrier, size, samples }),
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Adds a sample to its figure.

@@ -83,9 +83,12 @@ that drive the raw port, one for the acknowledged streams (what `vport send` / `
 which the agent does not serve: the baseline, a guest write()/read() loop in 64 KiB calls with the host on the \
 chardev socket directly. Every round moves the same number of bytes each way by each carrier (raw, plain, acked) \
 in turn, every byte's digest checked; a figure is the median of its rounds and is printed as a ratio to the raw \
-port of the same direction, with the goal (at least 0.95x raw). Then the agent is watched idle with its READY \
-sessions: wakeups (goal 0), CPU and resident set (goal at most 4 MiB).\n\nUnder TCG only the ratios are stable: \
+port of the same direction, with the goal (at least 0.95x raw). Round trips of 64 B and 4 KiB follow: the host \
+writing to the raw port and reading back what a guest loopback (the agent's LOOPBACK guest operation, a \
+read()/write() loop) returns, against ECHO in a session; p50, p99 and p99.9, with the goal (ECHO's p50 at most \
+1.1x raw). Then the agent is watched idle with its session READY: wakeups (goal 0), CPU and resident set (goal \
+at most 4 MiB).\n\nUnder TCG only the ratios are stable: \
 the absolute figures belong to the machine. --quick (the default; scripts/test runs it) moves 8 MiB a sample \
-over 3 rounds; --full 64 MiB over 5. Progress goes to stderr, the table (or --json) to stdout; --json-out FILE \
+over 3 rounds and times 300 round trips of each kind; --full 64 MiB over 5, 2,000 round trips. Progress goes to stderr, the table (or --json) to stdout; --json-out FILE \
 also writes the JSON. A missed goal does not fail the command: bytes that arrive other than sent do (exit 1), \
 and a VM that cannot be set up or driven is exit 3. docs/bench.md holds the latest figures.";
