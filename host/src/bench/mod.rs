@@ -332,7 +332,8 @@ impl Bench {
         let b = self.usage()?;
         std::thread::sleep(short + window);
         let c = self.usage()?;
-        let (d_short, d_long) = ((b.0 - a.0.min(b.0), b.1 - a.1.min(b.1)), (c.0 - b.0.min(c.0), c.1 - b.1.min(c.1)));
+        let d_short = (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1));
+        let d_long = (c.0.saturating_sub(b.0), c.1.saturating_sub(b.1));
         Ok(IdleCost {
             window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
             wakeups: d_long.0.saturating_sub(d_short.0),

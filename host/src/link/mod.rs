@@ -282,31 +282,24 @@ impl<S: Stream> Link<S> {
                 Ok(Received { frame, message: Ok(Message::Hello(hello)), at }) => {
                     let nonce = hello.nonce;
                     if refuse(frame.header.session, nonce) {
+                        // The link stays outside any session (session 0).
                         log::debug!(
                             "port {}: HELLO of session {:#010x} refused by the caller: not acknowledged",
                             self.port,
                             frame.header.session
                         );
-                        self.session = 0;
-                        return Ok(Handshake {
-                            hello,
-                            session: frame.header.session,
-                            hello_at: at,
-                            requests_sent,
-                            before,
-                        });
-                    }
-                    self.session = frame.header.session;
-                    // One HELLO_ACK per session offer: the agent repeats its HELLO for every
-                    // HELLO_REQUEST it reads (a burst of them, queued while it was away), and
-                    // an acknowledgement of a session already READY breaks the life cycle.
-                    if self.acked == Some((self.session, nonce)) {
+                    } else if self.acked == Some((frame.header.session, nonce)) {
+                        // One HELLO_ACK per session offer: the agent repeats its HELLO for every
+                        // HELLO_REQUEST it reads (a burst of them, queued while it was away), and
+                        // an acknowledgement of a session already READY breaks the life cycle.
+                        self.session = frame.header.session;
                         log::debug!(
                             "port {}: HELLO repeats session {:#010x}, acknowledged already on this connection",
                             self.port,
                             self.session
                         );
                     } else {
+                        self.session = frame.header.session;
                         self.seq = 0;
                         self.send(&Message::HelloAck { nonce, host_version: host_version.into() })?;
                         self.acked = Some((self.session, nonce));

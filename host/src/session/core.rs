@@ -298,7 +298,8 @@ impl Core {
 
     /// Reads until `until` for a HELLO the agent offers without being asked, acknowledges it
     /// and applies it: the new session's id and handshake, `None` if none came (or it repeats
-    /// the last session's). A HELLO of a session that ended here is not acknowledged. A failure of the connection is applied and returned.
+    /// the last session's). A HELLO of a session that ended here is not acknowledged. A failure
+    /// of the connection is applied and returned.
     pub(super) fn take_offer(&mut self, until: Instant) -> Result<Option<(SessionId, Handshake)>, LinkError> {
         let version = self.host_version.clone();
         let Some(link) = self.link.as_mut() else { return Ok(None) };

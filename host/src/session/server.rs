@@ -5,14 +5,14 @@ use super::announce::service;
 use super::core::{lock, Core, Pumped};
 use super::{Session, SessionError, HANDSHAKE_SLICE, PUMP_SLICE, SERVE_GRACE};
 use crate::chardev::{ChardevError, Endpoint, EndpointEvents};
-use crate::link::{Link, LinkError, LinkObserver, HELLO_REQUEST_INTERVAL};
+use crate::link::{Link, LinkObserver, HELLO_REQUEST_INTERVAL};
 use crate::qemu::PortInfo;
 use crate::qmp::{Qmp, QmpEvent};
 use crossbeam_channel::Receiver;
 use std::io::ErrorKind;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vport_common::server::{EndReason, Input, ServerMachine, ServerState, SessionId};
+use vport_common::server::{EndReason, Input, ServerMachine, ServerState};
 use vport_common::Message;
 
 /// When a [`PortServer`] connects the host end again.
@@ -245,37 +245,29 @@ impl PortServer {
                 ServerState::Connected { .. } => {
                     let due = c.asked_at.is_none_or(|at| at.elapsed() >= HELLO_REQUEST_INTERVAL);
                     let request = std::mem::take(&mut c.request_hello) || due;
-                    let version = c.host_version.clone();
                     let core = &mut *c;
                     let Some(link) = core.link.as_mut() else {
                         core.apply(Input::ConnectionLost);
                         continue;
                     };
-                    let sent = if request { link.send(&Message::HelloRequest) } else { Ok(()) };
-                    if request && sent.is_ok() {
+                    if request {
+                        if let Err(e) = link.send(&Message::HelloRequest) {
+                            core.link_failed(&e);
+                            continue;
+                        }
                         core.asked_at = Some(Instant::now());
                         core.requests += 1;
                     }
                     // Read until the next request is due: the interval is kept here, across
-                    // calls, so the link must not ask on its own (`await_offer`).
+                    // calls, so the link must not ask on its own (`take_offer`).
                     let next_ask =
                         core.asked_at.map_or(Duration::ZERO, |at| HELLO_REQUEST_INTERVAL.saturating_sub(at.elapsed()));
                     let slice = left.min(HANDSHAKE_SLICE).min(next_ask);
-                    let ended = &core.ended_ids;
-                    let refuse = |session, nonce| ended.contains(&SessionId { session, nonce });
-                    match sent.and_then(|()| link.await_offer(slice, &version, &refuse)) {
-                        Ok(mut hs) => {
-                            hs.requests_sent = core.requests;
-                            let id = SessionId { session: hs.session, nonce: hs.hello.nonce };
-                            if c.offered(id).is_some() {
-                                let generation = c.generation;
-                                drop(c);
-                                return Ok(Session::new(self.core.clone(), generation, id, port, hs));
-                            }
-                            log::debug!("port {port}: repeated hello of session {:#010x} ignored", id.session);
-                        }
-                        Err(LinkError::Timeout { .. }) => {}
-                        Err(e) => c.link_failed(&e),
+                    // A failure of the connection is applied there; the loop looks at the state.
+                    if let Ok(Some((id, hs))) = core.take_offer(Instant::now() + slice) {
+                        let generation = c.generation;
+                        drop(c);
+                        return Ok(Session::new(self.core.clone(), generation, id, port, hs));
                     }
                 }
             }
