@@ -62,7 +62,7 @@ pub struct Frame {
 }
 
 /// Why a frame could not be encoded.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum FrameError {
     /// The payload is larger than the format allows.
     #[error("payload of {len} bytes exceeds the protocol maximum of {max} bytes")]
@@ -85,27 +85,12 @@ impl Frame {
         OVERHEAD + self.payload.len()
     }
 
-    /// Appends the wire form of this frame to `out`.
+    /// Appends the wire form of this frame to `out`; on error nothing is appended.
     pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), FrameError> {
-        let len = u32::try_from(self.payload.len())
-            .ok()
-            .filter(|&l| l <= MAX_PAYLOAD)
-            .ok_or(FrameError::PayloadTooLarge { len: self.payload.len(), max: MAX_PAYLOAD })?;
-        let start = out.len();
         out.reserve(self.wire_len());
-        out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
-        out.push(self.header.kind);
-        out.extend_from_slice(&self.header.flags.to_le_bytes());
-        out.extend_from_slice(&self.header.session.to_le_bytes());
-        out.extend_from_slice(&self.header.seq.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
-        let hcrc = crc32fast::hash(&out[start..start + 20]);
-        out.extend_from_slice(&hcrc.to_le_bytes());
+        let start = begin_frame(out, &self.header);
         out.extend_from_slice(&self.payload);
-        let fcrc = crc32fast::hash(&out[start..]);
-        out.extend_from_slice(&fcrc.to_le_bytes());
-        Ok(())
+        seal_frame(out, start)
     }
 
     /// The wire form of this frame.
@@ -114,6 +99,40 @@ impl Frame {
         self.encode_into(&mut out)?;
         Ok(out)
     }
+}
+
+/// Starts a frame at the end of `out`: appends its header with the length and header CRC
+/// still zero, and returns where the frame starts. The caller appends the payload, then
+/// [`seal_frame`] completes the frame. Encoding a payload in place this way copies its bytes
+/// once, straight into the output.
+pub fn begin_frame(out: &mut Vec<u8>, header: &Header) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(header.kind);
+    out.extend_from_slice(&header.flags.to_le_bytes());
+    out.extend_from_slice(&header.session.to_le_bytes());
+    out.extend_from_slice(&header.seq.to_le_bytes());
+    out.extend_from_slice(&[0; 8]);
+    start
+}
+
+/// Completes the frame [`begin_frame`] started at `start`: everything after its header is the
+/// payload. Writes the length and the header CRC, and appends the frame CRC. A payload over
+/// [`MAX_PAYLOAD`] is an error, and then the frame is removed from `out` (truncated to
+/// `start`): a partial frame is never left behind.
+pub fn seal_frame(out: &mut Vec<u8>, start: usize) -> Result<(), FrameError> {
+    let payload = out.len().saturating_sub(start + HEADER_LEN);
+    let Some(len) = u32::try_from(payload).ok().filter(|&l| l <= MAX_PAYLOAD) else {
+        out.truncate(start);
+        return Err(FrameError::PayloadTooLarge { len: payload, max: MAX_PAYLOAD });
+    };
+    out[start + 16..start + 20].copy_from_slice(&len.to_le_bytes());
+    let hcrc = crc32fast::hash(&out[start..start + 20]);
+    out[start + 20..start + HEADER_LEN].copy_from_slice(&hcrc.to_le_bytes());
+    let fcrc = crc32fast::hash(&out[start..]);
+    out.extend_from_slice(&fcrc.to_le_bytes());
+    Ok(())
 }
 
 /// Reads a little-endian u16 at `at`; the caller guarantees the bounds.
@@ -151,5 +170,17 @@ mod tests {
     fn refuses_payload_over_the_protocol_maximum() {
         let f = Frame::new(1, 0, 0, vec![0; MAX_PAYLOAD as usize + 1]);
         assert_eq!(f.encode(), Err(FrameError::PayloadTooLarge { len: MAX_PAYLOAD as usize + 1, max: MAX_PAYLOAD }));
+    }
+
+    #[test]
+    fn a_refused_frame_leaves_what_was_queued_before_it_untouched() {
+        let mut out = b"queued".to_vec();
+        let f = Frame::new(0x10, 1, 2, vec![0; MAX_PAYLOAD as usize + 1]);
+        assert!(f.encode_into(&mut out).is_err());
+        assert_eq!(out, b"queued");
+        let ok = Frame::new(0x10, 1, 3, vec![7; 5]);
+        ok.encode_into(&mut out).unwrap();
+        assert_eq!(&out[..6], b"queued");
+        assert_eq!(&out[6..], &ok.encode().unwrap()[..]);
     }
 }

@@ -74,7 +74,9 @@ pub fn first_mismatch(seed: u64, offset: u64, data: &[u8]) -> Option<u64> {
         if w != expected {
             return bytewise(k * 8, w, &expected);
         }
-        k += 1;
+        // Kept scalar, as in `fill`: vectorised, this loop took twice as long under TCG (45
+        // against 23 ms for 32 MiB).
+        k = std::hint::black_box(k + 1);
     }
     let tail = words.remainder();
     bytewise(k * 8, tail, &block(seed, k)[..tail.len()])

@@ -27,10 +27,11 @@ fn parse(frame: &Frame) -> Result<Message, MessageError> {
 }
 
 /// The message type an error names; `None` for an unknown type byte (that error carries the
-/// byte itself). A new [`MessageError`] variant fails to compile here.
+/// byte itself) and for a frame-size error (the encoder's only). A new [`MessageError`] variant
+/// fails to compile here.
 fn error_kind(e: &MessageError) -> Option<MessageType> {
     match *e {
-        MessageError::UnknownType(_) => None,
+        MessageError::UnknownType(_) | MessageError::Frame(_) => None,
         MessageError::Truncated { kind, .. }
         | MessageError::TrailingBytes { kind, .. }
         | MessageError::InvalidUtf8 { kind, .. }
@@ -84,7 +85,7 @@ pub fn run(data: &[u8]) {
                 MessageError::TrailingBytes { extra, .. } => {
                     assert!(extra >= 1 && extra <= payload.len(), "{e:?} with a {}-byte payload", payload.len())
                 }
-                MessageError::ListTooLong { .. } | MessageError::StringTooLong { .. } => {
+                MessageError::ListTooLong { .. } | MessageError::StringTooLong { .. } | MessageError::Frame(_) => {
                     panic!("parsing reported an encoder-only error: {e:?}")
                 }
                 _ => {}

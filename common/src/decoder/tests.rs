@@ -326,3 +326,29 @@ proptest! {
         prop_assert_eq!(out, expected);
     }
 }
+
+proptest! {
+    /// The word-at-a-time search finds exactly the first needle, whatever the alignment, the
+    /// length and the bytes around it (bytes one bit away from the needle, which a zero-byte
+    /// test could mistake for it, are drawn often).
+    #[test]
+    fn find_byte_finds_the_first_needle_exactly(
+        needle in any::<u8>(),
+        picks in proptest::collection::vec((0u8..6, any::<u8>()), 0..80),
+        skip in 0usize..8,
+    ) {
+        let bytes: Vec<u8> = picks
+            .iter()
+            .map(|&(how, any)| match how {
+                0 => needle,
+                1 => needle ^ 0x01,
+                2 => needle ^ 0x80,
+                3 => needle.wrapping_add(1),
+                4 => needle.wrapping_sub(1),
+                _ => any,
+            })
+            .collect();
+        let b = &bytes[skip.min(bytes.len())..];
+        prop_assert_eq!(super::find_byte(b, needle), b.iter().position(|&x| x == needle));
+    }
+}

@@ -19,10 +19,16 @@ pub(super) struct Writer {
 impl Writer {
     /// An empty payload of a message of type `kind` (named in errors).
     pub(super) fn new(kind: MessageType) -> Writer {
-        Writer { out: Vec::new(), kind }
+        Writer::after(kind, Vec::new())
     }
 
-    /// The payload written so far.
+    /// A payload of a message of type `kind` written after the bytes `out` already holds
+    /// (a frame's header): [`Writer::finish`] gives `out` back, the payload appended.
+    pub(super) fn after(kind: MessageType, out: Vec<u8>) -> Writer {
+        Writer { out, kind }
+    }
+
+    /// The bytes written so far (after those given to [`Writer::after`]).
     pub(super) fn finish(self) -> Vec<u8> {
         self.out
     }
@@ -87,7 +93,12 @@ impl<'a> Reader<'a> {
 
     /// The rest of the payload as a byte blob (always the last field).
     pub(super) fn rest(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.b).to_vec()
+        self.rest_borrowed().to_vec()
+    }
+
+    /// The rest of the payload, borrowed (always the last field).
+    pub(super) fn rest_borrowed(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.b)
     }
 
     /// Succeeds when the whole payload was read.

@@ -22,11 +22,13 @@ use thiserror::Error;
 
 #[macro_use]
 mod codec;
+mod bulk;
 mod guest_op;
 mod table;
 #[cfg(test)]
 mod tests;
 
+pub use bulk::{BulkError, BulkHead, BulkRef};
 use codec::{ListItem, Reader};
 pub use guest_op::{GuestOp, GuestOpDone};
 pub use table::{Message, MessageType, SentBy};
@@ -264,6 +266,9 @@ pub enum MessageError {
         /// Its length.
         len: usize,
     },
+    /// The message does not fit in a frame.
+    #[error(transparent)]
+    Frame(#[from] crate::frame::FrameError),
 }
 
 impl Message {
@@ -280,6 +285,22 @@ impl Message {
     /// This message as a frame of session `session` with sequence number `seq`.
     pub fn to_frame(&self, session: u32, seq: u32) -> Result<Frame, MessageError> {
         Ok(Frame::new(self.kind() as u8, session, seq, self.encode_payload()?))
+    }
+
+    /// Appends this message to `out` as a frame of session `session` with sequence number
+    /// `seq`, its payload written in place (the bytes of a DATA frame are copied once, into
+    /// `out`). On error nothing is appended.
+    pub fn encode_into(&self, session: u32, seq: u32, out: &mut Vec<u8>) -> Result<(), MessageError> {
+        let header = crate::frame::Header { kind: self.kind() as u8, flags: 0, session, seq };
+        let start = crate::frame::begin_frame(out, &header);
+        let mut writer = codec::Writer::after(self.kind(), std::mem::take(out));
+        let written = self.write_payload(&mut writer);
+        *out = writer.finish();
+        if let Err(e) = written {
+            out.truncate(start);
+            return Err(e);
+        }
+        Ok(crate::frame::seal_frame(out, start)?)
     }
 
     /// Parses the message a frame carries.

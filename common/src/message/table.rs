@@ -86,7 +86,12 @@ macro_rules! message_table {
             /// The payload bytes of this message.
             pub fn encode_payload(&self) -> Result<Vec<u8>, MessageError> {
                 let mut writer = Writer::new(self.kind());
-                let w = &mut writer;
+                self.write_payload(&mut writer)?;
+                Ok(writer.finish())
+            }
+
+            /// Writes this message's fields in order.
+            pub(super) fn write_payload(&self, w: &mut Writer) -> Result<(), MessageError> {
                 match self {
                     $(
                         Message::$name $( ($tf) )? $( { $($f),* } )? => {
@@ -95,7 +100,7 @@ macro_rules! message_table {
                         }
                     )*
                 }
-                Ok(writer.finish())
+                Ok(())
             }
 
             /// Reads the payload of a message of type `kind`; the reader's end is checked by

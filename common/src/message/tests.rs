@@ -129,6 +129,20 @@ fn every_type_round_trips() {
 }
 
 #[test]
+fn encoding_in_place_gives_the_frame_to_the_byte() {
+    let mut out = b"before".to_vec();
+    let mut expected = out.clone();
+    for (seq, m) in samples().into_iter().enumerate() {
+        m.encode_into(7, seq as u32, &mut out).unwrap();
+        expected.extend(m.to_frame(7, seq as u32).unwrap().encode().unwrap());
+        assert_eq!(out, expected, "{m:?}");
+    }
+    let huge = Message::Data { offset: 0, bytes: vec![0; crate::frame::MAX_PAYLOAD as usize] };
+    assert!(matches!(huge.encode_into(7, 0, &mut out), Err(MessageError::Frame(_))));
+    assert_eq!(out, expected, "a refused message leaves nothing behind");
+}
+
+#[test]
 fn type_bytes_are_stable() {
     // These values are the wire format: changing one breaks every deployed agent.
     let bytes: Vec<u8> = MessageType::ALL.iter().map(|t| *t as u8).collect();

@@ -8,7 +8,7 @@
 
 use super::{AckedStreams, Incoming, OutSource, Outgoing, Port, PortIo, SOURCE_LOW_WATER};
 use crate::stream_dir::{self, StreamDir, StreamDirError};
-use vport_common::message::{error_code, StreamDirection};
+use vport_common::message::{error_code, BulkHead, StreamDirection};
 use vport_common::pattern;
 use vport_common::stream::{DataVerdict, Receiver, Sender, SenderInput, SenderState, DEFAULT_WINDOW, MAX_WINDOW};
 use vport_common::{Header, Message, MessageType};
@@ -44,6 +44,22 @@ impl AckedStreams {
             SenderState::Ending => !o.end_sent,
             _ => false,
         })
+    }
+}
+
+impl Outgoing {
+    /// Adds the bytes at `offset` being sent to the digest of what was sent: only the part
+    /// past what is digested already (a resent range counts once); a gap drops the digest.
+    pub(super) fn digest_sent(&mut self, offset: u64, bytes: &[u8]) {
+        let Some(digest) = self.sent_digest.as_mut() else { return };
+        let end = offset + bytes.len() as u64;
+        if offset > self.digested {
+            self.sent_digest = None;
+        } else if end > self.digested {
+            let new = usize::try_from(self.digested - offset).unwrap_or(usize::MAX);
+            digest.update(&bytes[new.min(bytes.len())..]);
+            self.digested = end;
+        }
     }
 }
 
@@ -169,7 +185,8 @@ impl<I: PortIo> Port<I> {
                 source: std::io::Error::other(e),
             });
         }
-        self.acked.outgoing = Some(Outgoing { session, sender, source, end_sent: false });
+        let sent_digest = Some(pattern::StreamDigest::new());
+        self.acked.outgoing = Some(Outgoing { session, sender, source, end_sent: false, sent_digest, digested: 0 });
         Ok((req.offset, total))
     }
 
@@ -289,9 +306,10 @@ impl<I: PortIo> Port<I> {
             if out.sender.state() == SenderState::Ending && !out.end_sent {
                 out.end_sent = true;
                 let total = out.sender.total();
-                let digest = match &mut out.source {
-                    OutSource::Pattern { seed } => Ok(pattern::pattern_digest(*seed, total)),
-                    OutSource::File { file, path } => stream_dir::digest_file(file, path, total).map(|(_, d)| d),
+                let digest = match (&out.sent_digest, &mut out.source) {
+                    (Some(sent), _) if out.digested == total => Ok(sent.digest()),
+                    (_, OutSource::Pattern { seed }) => Ok(pattern::pattern_digest(*seed, total)),
+                    (_, OutSource::File { file, path }) => stream_dir::digest_file(file, path, total).map(|(_, d)| d),
                 };
                 match digest {
                     Ok(digest) => {
@@ -302,18 +320,23 @@ impl<I: PortIo> Port<I> {
                 return;
             }
             let Some((offset, len)) = out.sender.take_chunk(STREAM_CHUNK) else { return };
-            let mut bytes = vec![0u8; len];
-            let filled = match &out.source {
-                OutSource::Pattern { seed } => {
-                    pattern::fill(*seed, offset, &mut bytes);
-                    Ok(())
-                }
-                OutSource::File { file, path } => stream_dir::read_at(file, offset, &mut bytes, path),
+            // The bytes are read or made straight into the output queue, in the frame.
+            let seq = self.seq;
+            let pushed = self.out.push_encoded(|buf| {
+                BulkHead::StreamData { id, offset }.encode_into(session, seq, len, buf, |bytes| {
+                    match &out.source {
+                        OutSource::Pattern { seed } => pattern::fill(*seed, offset, bytes),
+                        OutSource::File { file, path } => stream_dir::read_at(file, offset, bytes, path)?,
+                    }
+                    out.digest_sent(offset, bytes);
+                    Ok::<(), StreamDirError>(())
+                })
+            });
+            let queued = match self.settle(MessageType::StreamData, pushed) {
+                Ok(queued) => queued,
+                Err(e) => return self.abort_outgoing(MessageType::StreamData, e.to_string()),
             };
-            if let Err(e) = filled {
-                return self.abort_outgoing(MessageType::StreamData, e.to_string());
-            }
-            if !self.send(&Message::StreamData { id, offset, bytes }, session) {
+            if !queued {
                 return self.abort_outgoing(MessageType::StreamData, "STREAM_DATA could not be queued".into());
             }
         }

@@ -11,7 +11,7 @@ use super::acked::OpenRequest;
 use super::counters::{event_records, stats_listing};
 use super::{Env, GuestOpRequest, Port, PortIo, SigioState, MAX_EVENT_RECORDS, MAX_PROBE_READ, MAX_SIGIO_SAMPLES};
 use vport_common::message::{
-    error_code, GuestOp, GuestOpDone, ProbeKind, ProbeTarget, SigioAction, SigioSample, NO_REOPEN,
+    error_code, BulkRef, GuestOp, GuestOpDone, ProbeKind, ProbeTarget, SigioAction, SigioSample, NO_REOPEN,
 };
 use vport_common::stream::SenderInput;
 use vport_common::{Frame, Header, Message, MessageError, MessageType, PortState};
@@ -29,6 +29,16 @@ impl<I: PortIo> Port<I> {
         let h = frame.header;
         if self.drop_stale(&h, current) {
             return;
+        }
+        // The bulk frames (DATA, STREAM_DATA) are read in place: their bytes are checked or
+        // stored, never kept, so they are not copied out of the frame.
+        match BulkRef::from_frame(&frame) {
+            Ok(Some(bulk)) => return self.on_bulk(&h, bulk),
+            Ok(None) => {}
+            Err(e) => {
+                log::debug!("port {}: malformed frame: {e}", self.name);
+                return self.reply_error(&h, h.session, error_code::MALFORMED, e.to_string());
+            }
         }
         let msg = match Message::from_frame(&frame) {
             Ok(m) => m,
@@ -89,11 +99,6 @@ impl<I: PortIo> Port<I> {
                     self.on_sink(&h, seed, bytes);
                 }
             }
-            Message::Data { offset, bytes } => {
-                if self.require_ready(&h, MessageType::Data) {
-                    self.on_data(&h, offset, &bytes);
-                }
-            }
             Message::Stats => {
                 if self.require_ready(&h, MessageType::Stats) {
                     let stats = self.stats(env);
@@ -114,11 +119,6 @@ impl<I: PortIo> Port<I> {
                 if self.require_ready(&h, MessageType::StreamOpen) {
                     let req = OpenRequest { id, direction, name, seed, total, offset, window };
                     self.on_stream_open(&h, req);
-                }
-            }
-            Message::StreamData { id, offset, bytes } => {
-                if self.require_ready(&h, MessageType::StreamData) {
-                    self.on_stream_data(&h, id, offset, &bytes);
                 }
             }
             Message::StreamEnd { id, total, digest } => {
@@ -150,6 +150,27 @@ impl<I: PortIo> Port<I> {
             | Message::EventsReply { .. } => {
                 let text = format!("{:?} is sent by the agent, never to it", msg.kind());
                 self.reply_error(&h, h.session, error_code::WRONG_DIRECTION, text);
+            }
+            // Read in place above; served the same way should one come here.
+            Message::Data { offset, bytes } => self.on_bulk(&h, BulkRef::Data { offset, bytes: &bytes }),
+            Message::StreamData { id, offset, bytes } => {
+                self.on_bulk(&h, BulkRef::StreamData { id, offset, bytes: &bytes })
+            }
+        }
+    }
+
+    /// DATA for the running SINK, STREAM_DATA for the open to-guest stream.
+    fn on_bulk(&mut self, h: &Header, bulk: BulkRef<'_>) {
+        match bulk {
+            BulkRef::Data { offset, bytes } => {
+                if self.require_ready(h, MessageType::Data) {
+                    self.on_data(h, offset, bytes);
+                }
+            }
+            BulkRef::StreamData { id, offset, bytes } => {
+                if self.require_ready(h, MessageType::StreamData) {
+                    self.on_stream_data(h, id, offset, bytes);
+                }
             }
         }
     }

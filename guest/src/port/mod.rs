@@ -245,6 +245,12 @@ struct Outgoing {
     sender: vport_common::stream::Sender,
     source: OutSource,
     end_sent: bool,
+    /// The digest of bytes `0..digested` as sent, kept while the stream is sent from its start
+    /// in order (a resent range is not digested twice); `None` after a gap (a stream resumed
+    /// past 0), when STREAM_END's digest is computed over the source again.
+    sent_digest: Option<vport_common::pattern::StreamDigest>,
+    /// See `sent_digest`.
+    digested: u64,
 }
 
 /// One served port.
@@ -402,6 +408,11 @@ impl<I: PortIo> Port<I> {
     /// The I/O object.
     pub fn io(&self) -> &I {
         &self.io
+    }
+
+    /// The I/O object, to change (a test's or a measurement's in-memory device).
+    pub fn io_mut(&mut self) -> &mut I {
+        &mut self.io
     }
 
     /// Whether the port reads input now: not paused at [`READ_HIGH_WATER`] and not closing.

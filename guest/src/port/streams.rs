@@ -11,9 +11,10 @@
 //! session that ends (or a CLOSE) aborts them, counted in `stream_aborts` and logged.
 
 use super::{Port, PortIo, SinkJob, SourceJob, DEFAULT_CHUNK, MAX_CHUNK, SOURCE_LOW_WATER};
-use vport_common::message::{error_code, NO_MISMATCH};
+use std::convert::Infallible;
+use vport_common::message::{error_code, BulkHead, NO_MISMATCH};
 use vport_common::pattern::{self, StreamDigest};
-use vport_common::{Header, Message};
+use vport_common::{Header, Message, MessageType};
 
 impl<I: PortIo> Port<I> {
     /// SOURCE of `bytes` from `seed` in DATA frames of `chunk` bytes (0: [`DEFAULT_CHUNK`],
@@ -122,17 +123,33 @@ impl<I: PortIo> Port<I> {
                 self.send(&done, session);
                 return;
             }
-            let n = (job.total - job.offset).min(job.chunk as u64) as usize;
-            let mut bytes = vec![0u8; n];
-            pattern::fill(job.seed, job.offset, &mut bytes);
-            job.digest.update(&bytes);
             let offset = job.offset;
-            job.offset += n as u64;
-            if !self.send(&Message::Data { offset, bytes }, session) {
+            let queued = self.may_send(MessageType::Data) && self.queue_source_data();
+            if !queued {
                 self.counters.stream_aborts += 1;
                 log::error!("port {}: SOURCE aborted at {offset}: DATA frame could not be queued", self.name);
                 self.source = None;
             }
+        }
+    }
+
+    /// Queues the running SOURCE's next DATA frame, the pattern written straight into the
+    /// output queue (never copied); false if it could not be queued (logged and counted).
+    fn queue_source_data(&mut self) -> bool {
+        let Some(job) = self.source.as_mut() else { return false };
+        let (session, seed, offset, seq) = (job.session, job.seed, job.offset, self.seq);
+        let n = (job.total - offset).min(job.chunk as u64) as usize;
+        let pushed = self.out.push_encoded(|buf| {
+            BulkHead::Data { offset }.encode_into(session, seq, n, buf, |bytes| {
+                pattern::fill(seed, offset, bytes);
+                job.digest.update(bytes);
+                Ok::<(), Infallible>(())
+            })
+        });
+        job.offset += n as u64;
+        match self.settle(MessageType::Data, pushed) {
+            Ok(queued) => queued,
+            Err(never) => match never {},
         }
     }
 

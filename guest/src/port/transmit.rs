@@ -7,7 +7,10 @@
 //! (a short write leaves the rest of the frame at the front of the queue).
 
 use super::{Port, PortError, PortIo, MAX_WRITE, QUEUE_LIMIT};
+use crate::outqueue::PushError;
 use nix::errno::Errno;
+use std::convert::Infallible;
+use vport_common::message::BulkError;
 use vport_common::{Header, Message, MessageType};
 
 /// How a flush ended.
@@ -67,41 +70,58 @@ impl<I: PortIo> Port<I> {
     /// Queues `msg` as one frame with header session `session` and the next sequence number.
     /// Returns false (logged and counted) when it could not be queued.
     pub(super) fn send(&mut self, msg: &Message, session: u32) -> bool {
-        if self.bye_queued {
-            // BYE ends the session on the wire: a late reply (a guest-op completion, a second
-            // BYE at shutdown) is dropped, never sent after it.
-            self.counters.after_bye_dropped += 1;
-            log::debug!("port {}: {:?} after BYE dropped", self.name, msg.kind());
+        if !self.may_send(msg.kind()) {
             return false;
         }
-        let wire = match msg.to_frame(session, self.seq).map(|f| f.encode()) {
-            Ok(Ok(w)) => w,
-            Ok(Err(e)) => {
-                log::error!("port {}: cannot encode {:?}: {e}", self.name, msg.kind());
-                return false;
-            }
-            Err(e) => {
-                log::error!("port {}: cannot encode {:?}: {e}", self.name, msg.kind());
-                return false;
-            }
-        };
-        match self.out.push(&wire) {
+        let seq = self.seq;
+        let pushed = self.out.push_encoded(|buf| msg.encode_into(session, seq, buf).map_err(BulkError::Message));
+        match self.settle::<Infallible>(msg.kind(), pushed) {
+            Ok(queued) => queued,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Whether a frame of `kind` may still be sent: not after BYE, which ends the session on
+    /// the wire (a late reply, a guest-op completion or a second BYE at shutdown, is dropped
+    /// and counted).
+    pub(super) fn may_send(&mut self, kind: MessageType) -> bool {
+        if self.bye_queued {
+            self.counters.after_bye_dropped += 1;
+            log::debug!("port {}: {kind:?} after BYE dropped", self.name);
+        }
+        !self.bye_queued
+    }
+
+    /// The bookkeeping of a frame of `kind` given to the queue with the next sequence number
+    /// (after [`Port::may_send`]): `Ok(true)` queued; `Ok(false)` not queued (it could not be
+    /// encoded, or the queue is full: logged and counted); `Err` the filler's error (nothing
+    /// queued; the caller says what it means).
+    pub(super) fn settle<E>(
+        &mut self,
+        kind: MessageType,
+        pushed: Result<(), PushError<BulkError<E>>>,
+    ) -> Result<bool, E> {
+        match pushed {
             Ok(()) => {
                 self.seq = self.seq.wrapping_add(1);
                 self.counters.frames_out += 1;
-                self.bye_queued = msg.kind() == MessageType::Bye;
-                true
+                self.bye_queued = kind == MessageType::Bye;
+                Ok(true)
             }
-            Err(len) => {
+            Err(PushError::Encode(BulkError::Fill(e))) => Err(e),
+            Err(PushError::Encode(BulkError::Message(e))) => {
+                log::error!("port {}: cannot encode {kind:?}: {e}", self.name);
+                Ok(false)
+            }
+            Err(PushError::Full(len)) => {
                 self.counters.queue_overflows += 1;
                 self.counters.dropped_bytes += len as u64;
                 log::error!(
-                    "port {}: output queue full ({} bytes queued, limit {QUEUE_LIMIT}): dropped a {:?} frame of {len} bytes",
+                    "port {}: output queue full ({} bytes queued, limit {QUEUE_LIMIT}): dropped a {kind:?} frame of {len} bytes",
                     self.name,
                     self.out.len(),
-                    msg.kind()
                 );
-                false
+                Ok(false)
             }
         }
     }

@@ -148,12 +148,14 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     for round in 0..opts.size.rounds {
         for (direction, carrier) in PLAN {
             let seed = 0xbe4c_0000 + u64::from(round) * 16 + bench.report.throughput.len() as u64;
-            let cpu_before = bench.usage()?.1;
+            let before = bench.usage()?;
             let took = bench.sample(direction, carrier, seed, opts.size.bytes)?;
-            let cpu = Duration::from_nanos(bench.usage()?.1.saturating_sub(cpu_before));
+            let after = bench.usage()?;
+            let cpu = Duration::from_nanos(after.1.saturating_sub(before.1));
+            let wakeups = after.0.saturating_sub(before.0);
             let mb = opts.size.bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9);
             progress(&format!(
-                "round {}/{}: {} {}: {:.1} MB/s ({} ms, agent CPU {} ms)",
+                "round {}/{}: {} {}: {:.1} MB/s ({} ms, agent CPU {} ms, {wakeups} wakeups)",
                 round + 1,
                 opts.size.rounds,
                 direction.arrow(),

@@ -179,3 +179,27 @@ fn a_to_host_stream_keeps_its_window_and_resumes_from_the_hosts_offset() {
     .is_empty());
     expect_error(&request_all(&mut p, &mut e, &Message::StreamAck { id: 7, offset: 1 }, s), error_code::BAD_STATE);
 }
+
+#[test]
+fn the_digest_of_a_to_host_stream_counts_each_byte_once_and_gives_up_at_a_gap() {
+    let mut data = vec![0u8; 100];
+    pattern::fill(5, 0, &mut data);
+    let mut out = crate::port::Outgoing {
+        session: 1,
+        sender: vport_common::stream::Sender::new(1, 100, 0),
+        source: crate::port::OutSource::Pattern { seed: 5 },
+        end_sent: false,
+        sent_digest: Some(StreamDigest::new()),
+        digested: 0,
+    };
+    out.digest_sent(0, &data[..40]);
+    out.digest_sent(20, &data[20..40]); // resent: nothing new
+    out.digest_sent(30, &data[30..70]); // straddles: 40..70 is new
+    out.digest_sent(70, &data[70..]);
+    let mut whole = StreamDigest::new();
+    whole.update(&data);
+    assert_eq!((out.digested, out.sent_digest.as_ref().map(StreamDigest::digest)), (100, Some(whole.digest())));
+    let mut gap = crate::port::Outgoing { sent_digest: Some(StreamDigest::new()), digested: 0, ..out };
+    gap.digest_sent(10, &data[10..20]);
+    assert!(gap.sent_digest.is_none(), "a stream resumed past its start is digested again at its end");
+}
