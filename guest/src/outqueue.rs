@@ -14,8 +14,11 @@ use std::collections::VecDeque;
 /// to itself, and no byte is ever moved once queued (a single buffer compacted by `memmove`
 /// moved each byte of a SOURCE about twice: measured, a fifth of its cost).
 const SEGMENT: usize = 64 * 1024;
-/// A written segment up to this capacity is kept for the next one, not freed.
-const KEEP_SPARE: usize = 2 * SEGMENT;
+/// A written segment up to this capacity (one frame of the largest payload the agent takes)
+/// is kept for the next one, not freed: a stream of large frames reuses one buffer.
+const KEEP_SPARE: usize = vport_common::frame::DEFAULT_MAX_PAYLOAD as usize + 4096;
+/// What [`OutQueue::release_spare`] keeps.
+const KEEP_IDLE: usize = 2 * SEGMENT;
 
 /// Why [`OutQueue::push_encoded`] refused a frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -189,6 +192,14 @@ impl OutQueue {
         self.waiting = 0;
         self.ends.clear();
         n
+    }
+
+    /// Frees the kept segment buffer if it is larger than a small frame needs: for a port
+    /// that has gone idle after a stream of large frames.
+    pub fn release_spare(&mut self) {
+        if self.spare.capacity() > KEEP_IDLE {
+            self.spare = Vec::new();
+        }
     }
 
     /// Stream position of the first unwritten byte.

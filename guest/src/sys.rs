@@ -1,8 +1,30 @@
 //! Small wrappers around the system facts the agent needs: the monotonic clock, random session
-//! ids and nonces, and the values HELLO reports about the guest (kernel release, boot id).
+//! ids and nonces, the values HELLO reports about the guest (kernel release, boot id), its own
+//! costs (CPU, RSS, open files), and how its allocator gives memory back.
 
 use nix::time::{clock_gettime, ClockId};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Allocations of at least this size are mapped on their own and unmapped when freed.
+const MMAP_THRESHOLD: i32 = 128 * 1024;
+
+/// Makes large buffers (a 1 MiB frame's) go back to the system when freed. glibc raises its
+/// mmap threshold after each large free, so that later large buffers come from the heap, which
+/// keeps them: after a stream of 1 MiB frames the idle agent held 6 MiB (RSS) where it holds
+/// 3 MiB otherwise. A fixed threshold (glibc's default start, 128 KiB) stops that. Returns
+/// whether the allocator took the setting (`false` where it is not glibc's).
+pub fn return_large_buffers() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only sets an allocator tunable; it is called once at start, before
+        // any other thread exists, and takes plain integers.
+        unsafe { nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        false
+    }
+}
 
 /// Nanoseconds on `CLOCK_MONOTONIC` (what the kernel's own log timestamps approximate).
 pub fn monotonic_ns() -> u64 {
@@ -140,6 +162,12 @@ mod tests {
         std::hint::black_box(x);
         assert!(cpu_ns() > 0);
         assert!(rss_kib() > 0);
+    }
+
+    #[test]
+    #[cfg(target_env = "gnu")]
+    fn glibc_takes_the_fixed_mmap_threshold() {
+        assert!(return_large_buffers());
     }
 
     #[test]

@@ -126,6 +126,11 @@ pub(crate) struct BenchArgs {
     /// Also write the JSON report to FILE.
     #[arg(long, value_name = "FILE")]
     pub(crate) json_out: Option<PathBuf>,
+    /// Also draw SVG plots into DIR (created if missing): throughput-guest-to-host.svg and
+    /// throughput-host-to-guest.svg (MB/s against write size: raw, plain, acked) and
+    /// round-trips.svg (the distributions of the round trips).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) plots: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -125,6 +125,7 @@ fn main() {
                 size,
                 json: args.json,
                 json_out: args.json_out,
+                plots: args.plots,
             };
             command::bench::bench(cmd, &mut out, &progress).map_err(Failure::from)
         }

@@ -37,6 +37,16 @@ pub enum UsageError {
         /// Why not, from the system.
         reason: String,
     },
+    /// An output directory named on the command line cannot be made or written into.
+    #[error("{option} {path}: cannot write files there ({reason}); give a directory you can write to (it is created if missing)")]
+    OutputDir {
+        /// The option (`--plots`).
+        option: &'static str,
+        /// The path as given.
+        path: PathBuf,
+        /// Why not, from the system.
+        reason: String,
+    },
     /// `vport connect` was given neither a port nor a socket.
     #[error("give a port name (`vport connect --list` shows them) or --socket PATH")]
     MissingPort,
@@ -146,6 +156,14 @@ pub fn check_output_file(option: &'static str, path: &Path) -> Result<(), UsageE
     }
     std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(err)?;
     std::fs::remove_file(path).map_err(err)
+}
+
+/// Checks that `dir` (given with `option`) is a directory files can be written into, creating
+/// it (and its parents) if missing, so that a bad path fails before a VM boots.
+pub fn check_output_dir(option: &'static str, dir: &Path) -> Result<(), UsageError> {
+    let err = |e: std::io::Error| UsageError::OutputDir { option, path: dir.into(), reason: e.to_string() };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    tempfile::NamedTempFile::new_in(dir).map(drop).map_err(err)
 }
 
 /// Checks that `filter` (as given to `vport run conformance --filter`) selects at least one case.

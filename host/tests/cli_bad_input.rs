@@ -388,3 +388,18 @@ fn a_junit_report_that_cannot_be_written_at_the_end_comes_after_the_matrix() {
     assert!(text[matrix..error].contains("sysfs-name-appears"), "{text}");
     assert!(text[error..].contains("No space left on device"), "{text}");
 }
+
+#[test]
+fn a_bench_plot_directory_that_cannot_be_made_is_refused_before_any_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory cannot be made under a regular file.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let plots = file.join("plots");
+    let o = unbuildable(dir.path()).args(["bench", "--quick", "--plots"]).arg(&plots).output().unwrap();
+    assert_code(&o, ExitCode::Usage);
+    let err = stderr(&o);
+    assert!(err.contains("--plots") && err.contains(&plots.display().to_string()), "{}", show(&o));
+    assert!(err.contains("directory you can write to"), "says the fix: {}", show(&o));
+    assert_nothing_built(dir.path());
+}

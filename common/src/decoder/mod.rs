@@ -201,6 +201,18 @@ impl Decoder {
         self.stats.bytes_in += bytes.len() as u64;
     }
 
+    /// Gives the buffer's memory back beyond `keep` bytes of capacity when nothing is buffered
+    /// (a large frame grew it): frames and offsets are unaffected. A receiver calls this when
+    /// its input is drained, so that one 1 MiB frame does not hold a megabyte for ever.
+    pub fn release_spare(&mut self, keep: usize) {
+        if self.buffered() == 0 && self.buf.capacity() > keep {
+            self.base += self.buf.len() as u64;
+            self.buf = Vec::with_capacity(keep);
+            self.start = 0;
+            self.scan = None;
+        }
+    }
+
     /// Bytes held that are not yet part of a produced frame.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start

@@ -217,6 +217,26 @@ fn a_torn_frame_at_the_payload_limit_is_cut_and_each_byte_judged_once() {
 }
 
 #[test]
+fn releasing_spare_memory_keeps_offsets_and_pending_bytes() {
+    let mut d = Decoder::new(MAX_PAYLOAD);
+    let big = frame(0x32, 1, &vec![7; 300_000]).encode().unwrap();
+    d.push(&big);
+    assert!(matches!(d.next_frame(), Some(Ok(_))));
+    let half = frame(0x32, 2, b"next").encode().unwrap();
+    d.push(&half[..10]);
+    d.release_spare(1024);
+    assert_eq!(d.buffered(), 10, "bytes of a pending frame are never released");
+    d.push(&half[10..]);
+    assert!(matches!(d.next_frame(), Some(Ok(f)) if f.header.seq == 2));
+    let before = d.stream_offset();
+    d.release_spare(1024);
+    assert_eq!(d.stream_offset(), before);
+    assert_eq!(d.stats().skipped_bytes, 0);
+    d.push(&frame(0x32, 3, b"after").encode().unwrap());
+    assert!(matches!(d.next_frame(), Some(Ok(f)) if f.header.seq == 3));
+}
+
+#[test]
 fn magic_split_across_pushes_is_kept() {
     let w = frame(1, 1, b"z").encode().unwrap();
     let mut d = Decoder::default();

@@ -58,6 +58,8 @@ impl BulkHead {
         out: &mut Vec<u8>,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<(), BulkError<E>> {
+        // The whole frame at once: the buffer does not grow (and copy) as the bytes go in.
+        out.reserve(crate::frame::OVERHEAD + 16 + len);
         let start = begin_frame(out, &Header { kind: self.kind() as u8, flags: 0, session, seq });
         let mut w = Writer::after(self.kind(), std::mem::take(out));
         let fields = match self {

@@ -132,7 +132,23 @@ guest_op_table! {
         /// Bytes to echo before completing.
         bytes: u64,
     };
+    /// [`GuestOp::Write`] in calls of `each` bytes (1 to [`MAX_WRITE_EACH`]; the last call may
+    /// be shorter) instead of 64 KiB: a guest program's write size. `vport bench` measures the
+    /// raw port with it at every write size. `each` out of range: `ret` −1, EINVAL.
+    WriteEach = 11 {
+        /// The handle.
+        handle: u32,
+        /// Pattern seed ([`crate::pattern`]).
+        seed: u64,
+        /// Stream length.
+        bytes: u64,
+        /// Bytes per `write(2)` call.
+        each: u32,
+    };
 }
+
+/// The largest `each` of [`GuestOp::WriteEach`]: 1 MiB.
+pub const MAX_WRITE_EACH: u32 = 1 << 20;
 
 impl GuestOp {
     /// The handle the operation runs on, if any.
@@ -144,7 +160,8 @@ impl GuestOp {
             | GuestOp::Close { handle }
             | GuestOp::Cancel { handle }
             | GuestOp::SigioCount { handle }
-            | GuestOp::Loopback { handle, .. } => Some(*handle),
+            | GuestOp::Loopback { handle, .. }
+            | GuestOp::WriteEach { handle, .. } => Some(*handle),
             GuestOp::Open { .. } | GuestOp::Debugfs { .. } | GuestOp::Sysfs => None,
         }
     }

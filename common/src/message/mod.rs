@@ -30,7 +30,7 @@ mod tests;
 
 pub use bulk::{BulkError, BulkHead, BulkRef};
 use codec::{ListItem, Reader};
-pub use guest_op::{GuestOp, GuestOpDone};
+pub use guest_op::{GuestOp, GuestOpDone, MAX_WRITE_EACH};
 pub use table::{Message, MessageType, SentBy};
 
 /// Error codes carried by [`Message::Error`] (`docs/protocol.md`, "Errors").

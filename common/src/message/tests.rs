@@ -90,7 +90,7 @@ fn samples() -> Vec<Message> {
     ]
 }
 
-fn guest_ops() -> [GuestOp; 10] {
+fn guest_ops() -> [GuestOp; 11] {
     [
         GuestOp::Open { port: "/dev/vport0p3".into(), nonblock: false, sigio: true },
         GuestOp::Read { handle: 2, bytes: 64 << 20, all: true },
@@ -102,6 +102,7 @@ fn guest_ops() -> [GuestOp; 10] {
         GuestOp::Sysfs,
         GuestOp::SigioCount { handle: 3 },
         GuestOp::Loopback { handle: 3, bytes: 640 },
+        GuestOp::WriteEach { handle: 3, seed: 9, bytes: 1000, each: 64 },
     ]
 }
 

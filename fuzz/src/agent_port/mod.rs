@@ -194,7 +194,7 @@ fn request(idx: u8, input: &mut Input) -> Message {
         10 => Message::Events { since_seq: u64::from(input.u8()) },
         11 => {
             let op_id = u32::from(input.u8());
-            let op = match input.u8() % 10 {
+            let op = match input.u8() % 11 {
                 0 => GuestOp::Open { port: "org.vport.1".into(), nonblock: true, sigio: false },
                 1 => GuestOp::Read { handle: 1, bytes: 16, all: false },
                 2 => GuestOp::Write { handle: 1, seed: 1, bytes: 16 },
@@ -204,7 +204,8 @@ fn request(idx: u8, input: &mut Input) -> Message {
                 6 => GuestOp::Debugfs { port: "vport0p2".into() },
                 7 => GuestOp::Sysfs,
                 8 => GuestOp::SigioCount { handle: 1 },
-                _ => GuestOp::Loopback { handle: 1, bytes: 16 },
+                9 => GuestOp::Loopback { handle: 1, bytes: 16 },
+                _ => GuestOp::WriteEach { handle: 1, seed: 1, bytes: 16, each: 4 },
             };
             Message::GuestOp { op_id, op }
         }

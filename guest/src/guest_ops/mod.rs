@@ -178,7 +178,8 @@ impl GuestOps {
             op @ (GuestOp::Read { handle, .. }
             | GuestOp::Write { handle, .. }
             | GuestOp::Poll { handle, .. }
-            | GuestOp::Loopback { handle, .. }) => {
+            | GuestOp::Loopback { handle, .. }
+            | GuestOp::WriteEach { handle, .. }) => {
                 let max = self.limits.max_guest_ops_per_handle;
                 match self.handles.get_mut(&handle) {
                     Some(h) if h.in_flight >= max => {

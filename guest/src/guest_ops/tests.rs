@@ -93,6 +93,30 @@ fn a_fifo_carries_a_pattern_write_to_a_read_all_and_close_completes_after_them()
 }
 
 #[test]
+fn write_each_writes_in_calls_of_its_size_and_refuses_sizes_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+    let (mut poll, mut g) = ops(dir.path());
+    let handle = adopt(&mut g, owner(), 1, &fifo, false);
+    let write = GuestOp::WriteEach { handle, seed: 6, bytes: 5_500, each: 1_000 };
+    assert_eq!(g.submit(owner(), 2, write), Submitted::Queued);
+    assert_eq!(g.submit(owner(), 3, GuestOp::Read { handle, bytes: 5_500, all: true }), Submitted::Queued);
+    let mut seen = Vec::new();
+    let w = wait_done(&mut poll, &mut g, &mut seen, 2);
+    let r = wait_done(&mut poll, &mut g, &mut seen, 3);
+    // `ret` is the last call's result: the 500 bytes left after five calls of 1,000.
+    assert_eq!((w.done.ret, w.done.bytes, w.done.digest), (500, 5_500, pattern::pattern_digest(6, 5_500)));
+    assert_eq!((r.done.bytes, r.done.digest), (5_500, pattern::pattern_digest(6, 5_500)));
+    for (id, each) in [(4, 0), (5, vport_common::message::MAX_WRITE_EACH + 1)] {
+        let refused = GuestOp::WriteEach { handle, seed: 6, bytes: 10, each };
+        assert_eq!(g.submit(owner(), id, refused), Submitted::Queued);
+        let d = wait_done(&mut poll, &mut g, &mut seen, id);
+        assert_eq!((d.done.ret, d.done.errno, d.done.bytes), (-1, Errno::EINVAL as i32, 0), "each {each}");
+    }
+}
+
+#[test]
 fn a_blocked_read_is_cancelled_with_eintr_and_poll_reports_exact_masks() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("fifo");

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vport_common::message::{GuestOp, GuestOpDone};
+use vport_common::message::{GuestOp, GuestOpDone, MAX_WRITE_EACH};
 use vport_common::pattern::{self, StreamDigest};
 
 /// The signal that interrupts a worker's blocked call.
@@ -179,7 +179,12 @@ fn run(fd: BorrowedFd<'_>, op: GuestOp) -> GuestOpDone {
             }
         }
         GuestOp::Read { bytes, all: true, .. } => read_all(fd, bytes),
-        GuestOp::Write { seed, bytes, .. } => write_pattern(fd, seed, bytes),
+        GuestOp::Write { seed, bytes, .. } => write_pattern(fd, seed, bytes, MAX_IO),
+        GuestOp::WriteEach { each: 0, .. } => einval("each must be at least 1"),
+        GuestOp::WriteEach { each, .. } if each > MAX_WRITE_EACH => {
+            einval(&format!("each {each} is over the limit of {MAX_WRITE_EACH} bytes"))
+        }
+        GuestOp::WriteEach { seed, bytes, each, .. } => write_pattern(fd, seed, bytes, each as usize),
         GuestOp::Loopback { bytes, .. } => loopback(fd, bytes),
         GuestOp::Poll { events, timeout_ms, .. } => {
             let timeout = PollTimeout::try_from(timeout_ms.max(-1)).unwrap_or(PollTimeout::NONE);
@@ -188,13 +193,13 @@ fn run(fd: BorrowedFd<'_>, op: GuestOp) -> GuestOpDone {
                 Err(e) => GuestOpDone { ret: -1, errno: e as i32, ..Default::default() },
             }
         }
-        other => GuestOpDone {
-            ret: -1,
-            errno: Errno::EINVAL as i32,
-            data: format!("{other:?} does not run on a worker").into_bytes(),
-            ..Default::default()
-        },
+        other => einval(&format!("{other:?} does not run on a worker")),
     }
+}
+
+/// A completion refusing the operation before any system call: EINVAL, `data` says why.
+fn einval(why: &str) -> GuestOpDone {
+    GuestOpDone { ret: -1, errno: Errno::EINVAL as i32, data: why.as_bytes().to_vec(), ..Default::default() }
 }
 
 fn read_all(fd: BorrowedFd<'_>, want: u64) -> GuestOpDone {
@@ -270,29 +275,36 @@ fn loopback(fd: BorrowedFd<'_>, total: u64) -> GuestOpDone {
     GuestOpDone { ret, errno, bytes: dg.bytes(), digest: dg.digest(), ..Default::default() }
 }
 
-fn write_pattern(fd: BorrowedFd<'_>, seed: u64, total: u64) -> GuestOpDone {
-    let mut buf = vec![0u8; MAX_IO];
+/// Writes `total` bytes of the pattern of `seed` a block of `each` bytes at a time, as `dd`
+/// does: each block is filled once and written to its end, calling again after a short write
+/// (the guest's writes are cut at 32 KiB), never filled again for the rest.
+fn write_pattern(fd: BorrowedFd<'_>, seed: u64, total: u64, each: usize) -> GuestOpDone {
+    let mut buf = vec![0u8; each];
     let mut dg = StreamDigest::new();
     let mut ret = 0i64;
     let mut errno = 0;
-    while dg.bytes() < total {
+    'blocks: while dg.bytes() < total {
         let off = dg.bytes();
-        let n = ((total - off) as usize).min(MAX_IO);
+        let n = ((total - off) as usize).min(each);
         pattern::fill(seed, off, &mut buf[..n]);
-        match nix::unistd::write(fd, &buf[..n]) {
-            // A write that takes nothing would loop for ever: report it as the result.
-            Ok(0) => {
-                ret = 0;
-                break;
-            }
-            Ok(k) => {
-                ret = k as i64;
-                dg.update(&buf[..k]);
-            }
-            Err(e) => {
-                ret = -1;
-                errno = e as i32;
-                break;
+        let mut done = 0;
+        while done < n {
+            match nix::unistd::write(fd, &buf[done..n]) {
+                // A write that takes nothing would loop for ever: report it as the result.
+                Ok(0) => {
+                    ret = 0;
+                    break 'blocks;
+                }
+                Ok(k) => {
+                    ret = k as i64;
+                    dg.update(&buf[done..done + k]);
+                    done += k;
+                }
+                Err(e) => {
+                    ret = -1;
+                    errno = e as i32;
+                    break 'blocks;
+                }
             }
         }
     }

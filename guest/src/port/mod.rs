@@ -111,6 +111,9 @@ pub const QUEUE_LIMIT: usize = 8 << 20;
 pub const READ_HIGH_WATER: usize = 1 << 20;
 /// Read buffer size (the kernel hands out at most one page per read).
 const READ_BUF: usize = 16 * 1024;
+/// The decoder's buffer capacity kept while a port is drained (a frame up to about this size
+/// needs no allocation; a larger one's buffer is given back once it is decoded).
+const DECODER_KEEP: usize = 64 * 1024;
 /// A running SOURCE adds frames only while less than this is queued.
 pub const SOURCE_LOW_WATER: usize = 256 * 1024;
 /// Largest DATA chunk: the payload limit minus the 8-byte offset.

@@ -3,7 +3,7 @@
 //! whether the port needs to be served again without waiting for an event ([`Health`]).
 
 use super::transmit::FlushEnd;
-use super::{Env, Health, Port, PortError, PortIo, READ_HIGH_WATER};
+use super::{Env, Health, Port, PortError, PortIo, DECODER_KEEP, READ_HIGH_WATER};
 use nix::errno::Errno;
 use nix::poll::PollFlags;
 
@@ -64,8 +64,21 @@ impl<I: PortIo> Port<I> {
                 }
                 FlushEnd::Done if end == ReadEnd::Throttled => continue,
                 FlushEnd::Pending if end == ReadEnd::Throttled && self.out.len() < READ_HIGH_WATER => continue,
-                FlushEnd::Done | FlushEnd::Pending => return Ok(Health::Open),
+                FlushEnd::Done | FlushEnd::Pending => {
+                    self.release_idle_memory();
+                    return Ok(Health::Open);
+                }
             }
+        }
+    }
+
+    /// At the end of a turn with nothing left to do: the buffers a large frame grew are given
+    /// back (the decoder's when nothing is pending, the queue's spare when nothing is queued or
+    /// streaming), so that an idle agent's memory does not depend on the frames it once saw.
+    fn release_idle_memory(&mut self) {
+        self.decoder.release_spare(DECODER_KEEP);
+        if self.out.is_empty() && self.source.is_none() && self.acked.outgoing.is_none() {
+            self.out.release_spare();
         }
     }
 

@@ -2,8 +2,9 @@
 //! checks their digest; one that does not is a [`BenchError::Integrity`], never a figure.
 //!
 //! - **raw** (the baseline): the guest side is the agent's guest operations on a port it does
-//!   not serve (GUEST_OP WRITE / READ `all`, a plain `write()` / `read()` loop in calls of at
-//!   most 64 KiB, as `dd` would), the host side the chardev's socket, read or written directly.
+//!   not serve (GUEST_OP WRITE_EACH / READ `all`, a plain `write()` loop in calls of the write
+//!   size, as `dd bs=` would, and a `read()` loop of at most 64 KiB), the host side the
+//!   chardev's socket, read or written directly (writes of the write size).
 //! - **plain**: SOURCE / SINK in a session: framed and checked, not acknowledged.
 //! - **acked**: an acknowledged stream (`vport recv` of a pattern, `vport send` of a file).
 //!
@@ -27,8 +28,6 @@ use vport_common::pattern::{self, StreamDigest};
 
 /// Longest wait for one sample (a stalled VM is an error, not a slow figure).
 pub const SAMPLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// The raw port's guest calls move at most this much (the agent's guest-op limit).
-pub const RAW_WRITE: u32 = 64 << 10;
 /// `poll(2)` bits of a guest op's mask.
 const POLLHUP: u16 = 0x10;
 const POLLOUT: u16 = 0x4;
@@ -68,15 +67,22 @@ pub fn open_raw(ctl: &mut Session, port: &str, host: UnixStream, timeout: Durati
     }
 }
 
-/// Raw guest->host: the guest writes `bytes` of the pattern of `seed` to the raw port, the host
-/// reads them off the socket. Time from the request to the last byte read.
-pub fn raw_to_host(ctl: &mut Session, raw: &mut RawPort, seed: u64, bytes: u64) -> Result<Duration, BenchError> {
+/// Raw guest->host: the guest writes `bytes` of the pattern of `seed` to the raw port in
+/// `write()` calls of `each` bytes, the host reads them off the socket. Time from the request
+/// to the last byte read.
+pub fn raw_to_host(
+    ctl: &mut Session,
+    raw: &mut RawPort,
+    seed: u64,
+    bytes: u64,
+    each: u32,
+) -> Result<Duration, BenchError> {
     let mut reader = raw.host.try_clone().map_err(|e| BenchError::io("clone the raw socket", e))?;
     reader.set_read_timeout(Some(SAMPLE_TIMEOUT)).map_err(|e| BenchError::io("set a read timeout", e))?;
     std::thread::scope(|scope| {
         let t0 = Instant::now();
         let read = scope.spawn(move || read_exactly(&mut reader, bytes));
-        let done = ctl.guest_op(GuestOp::Write { handle: raw.handle, seed, bytes }, SAMPLE_TIMEOUT);
+        let done = ctl.guest_op(GuestOp::WriteEach { handle: raw.handle, seed, bytes, each }, SAMPLE_TIMEOUT);
         if !matches!(&done, Ok(d) if d.bytes == bytes) {
             // Not all will come: end the reader's wait now rather than at its timeout.
             if let Err(e) = raw.host.shutdown(std::net::Shutdown::Read) {
@@ -116,13 +122,19 @@ fn read_exactly(s: &mut UnixStream, bytes: u64) -> Result<(u64, Instant), BenchE
 }
 
 /// Raw host->guest: the guest reads `bytes` off the raw port (READ `all`) while the host writes
-/// `data` (the pattern of `seed`) to the socket in writes of [`RAW_WRITE`]. Time from the
+/// `data` (the pattern of `seed`) to the socket in writes of `each` bytes. Time from the
 /// request to the READ's completion.
-pub fn raw_to_guest(ctl: &mut Session, raw: &mut RawPort, seed: u64, data: &[u8]) -> Result<Duration, BenchError> {
+pub fn raw_to_guest(
+    ctl: &mut Session,
+    raw: &mut RawPort,
+    seed: u64,
+    data: &[u8],
+    each: u32,
+) -> Result<Duration, BenchError> {
     let bytes = data.len() as u64;
     let t0 = Instant::now();
     let op = ctl.start_guest_op(GuestOp::Read { handle: raw.handle, bytes, all: true })?;
-    for chunk in data.chunks(RAW_WRITE as usize) {
+    for chunk in data.chunks(each.max(1) as usize) {
         raw.host.write_all(chunk).map_err(|e| BenchError::io("write the raw port", e))?;
     }
     let done = ctl.await_guest_op(op, SAMPLE_TIMEOUT)?;

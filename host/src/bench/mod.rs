@@ -13,8 +13,10 @@
 //!
 //! Under TCG only the ratios are stable; absolute figures belong to the machine.
 
+pub mod events;
 pub mod figures;
 pub mod measure;
+pub mod plot;
 
 use crate::client::AgentClient;
 use crate::image::initscript::GUEST_STREAM_DIR;
@@ -36,9 +38,12 @@ pub const PORT_CTL: &str = "org.vport.bench";
 pub const PORT_STREAM: &str = "org.vport.bench.stream";
 /// The raw port: outside the agent's prefix, so the agent leaves it alone.
 pub const PORT_RAW: &str = "bench.raw";
-/// The write size every carrier is measured at: the agent's DATA chunk and the raw loop's
-/// write (the goal is stated at 64 KiB).
-pub const WRITE_SIZE: u32 = 64 << 10;
+/// The write size of the rounds every carrier is measured in: the agent's DATA chunk and the
+/// raw loop's write (the goal is stated at 64 KiB). The acknowledged streams move the same
+/// bytes in their own frames (32 KiB on the wire) whatever the write size.
+pub const WRITE_SIZE: u32 = figures::GOAL_WRITE_SIZE;
+/// The largest DATA payload after its 8-byte offset, the plain carrier's chunk at 1 MiB.
+const MAX_DATA_CHUNK: u32 = vport_common::frame::DEFAULT_MAX_PAYLOAD - 8;
 /// The sizes of the round trips (the goal's).
 pub const ROUND_TRIP_SIZES: [usize; 2] = [64, 4096];
 /// The guest file the acknowledged host->guest stream writes.
@@ -67,15 +72,48 @@ pub struct BenchSize {
     pub idle_window: Duration,
     /// Round trips of each size by each carrier.
     pub round_trips: u32,
+    /// The other write sizes raw and plain are measured at, both ways (the sweep).
+    pub sweep: &'static [u32],
+    /// Bytes each sweep sample moves: this many writes, at most `bytes`.
+    pub sweep_writes: u64,
+    /// Samples of each sweep figure.
+    pub sweep_rounds: u32,
+    /// Samples of each event latency.
+    pub events: u32,
 }
 
 impl BenchSize {
-    /// `--quick` (scripts/test): 8 MiB, 3 rounds, 300 round trips, 2 s idle.
-    pub const QUICK: BenchSize =
-        BenchSize { bytes: 8 << 20, rounds: 3, idle_window: Duration::from_secs(2), round_trips: 300 };
-    /// The full set: 64 MiB, 5 rounds, 2,000 round trips, 10 s idle.
-    pub const FULL: BenchSize =
-        BenchSize { bytes: 64 << 20, rounds: 5, idle_window: Duration::from_secs(10), round_trips: 2000 };
+    /// Bytes a sweep sample at `write_size` moves.
+    pub fn sweep_bytes(&self, write_size: u32) -> u64 {
+        (u64::from(write_size) * self.sweep_writes).min(self.bytes)
+    }
+}
+
+impl BenchSize {
+    /// `--quick` (scripts/test): 8 MiB, 3 rounds, 300 round trips, 2 s idle; the sweep at
+    /// 64 B, 4 KiB and 1 MiB, one sample each of at most 2,048 writes.
+    pub const QUICK: BenchSize = BenchSize {
+        bytes: 8 << 20,
+        rounds: 3,
+        idle_window: Duration::from_secs(2),
+        round_trips: 300,
+        sweep: &[64, 4 << 10, 1 << 20],
+        sweep_writes: 2048,
+        sweep_rounds: 1,
+        events: 3,
+    };
+    /// The full set: 64 MiB, 5 rounds, 2,000 round trips, 10 s idle; the sweep from 64 B to
+    /// 1 MiB, three samples each of at most 8,192 writes (16 MiB).
+    pub const FULL: BenchSize = BenchSize {
+        bytes: 64 << 20,
+        rounds: 5,
+        idle_window: Duration::from_secs(10),
+        round_trips: 2000,
+        sweep: &[64, 512, 4 << 10, 32 << 10, 256 << 10, 1 << 20],
+        sweep_writes: 8192,
+        sweep_rounds: 3,
+        events: 10,
+    };
 }
 
 /// How the bench runs.
@@ -149,7 +187,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         for (direction, carrier) in PLAN {
             let seed = 0xbe4c_0000 + u64::from(round) * 16 + bench.report.throughput.len() as u64;
             let before = bench.usage()?;
-            let took = bench.sample(direction, carrier, seed, opts.size.bytes)?;
+            let took = bench.sample(direction, carrier, seed, opts.size.bytes, WRITE_SIZE)?;
             let after = bench.usage()?;
             let cpu = Duration::from_nanos(after.1.saturating_sub(before.1));
             let wakeups = after.0.saturating_sub(before.0);
@@ -164,10 +202,12 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                 took.as_millis(),
                 cpu.as_millis()
             ));
-            bench.record(direction, carrier, opts.size.bytes, took, cpu);
+            bench.record(direction, carrier, opts.size.bytes, WRITE_SIZE, took, cpu);
         }
     }
+    bench.sweep(opts.size, progress)?;
     bench.round_trips(opts.size, progress)?;
+    bench.events(opts.size, progress)?;
     progress(&format!("watching the agent idle for {} s", opts.size.idle_window.as_secs()));
     bench.report.idle = Some(bench.idle(opts.size.idle_window)?);
     bench.report.elapsed = started.elapsed();
@@ -232,27 +272,33 @@ impl Bench {
         Ok(Bench { rig, ctl, raw, streams, work, transfer, report })
     }
 
-    /// One sample of `carrier` moving `bytes` of the pattern of `seed` in `direction`.
+    /// One sample of `carrier` moving `bytes` of the pattern of `seed` in `direction`, in
+    /// writes (raw) or DATA frames (plain) of `write_size` bytes; the acknowledged streams use
+    /// their own frames.
     fn sample(
         &mut self,
         direction: Direction,
         carrier: Carrier,
         seed: u64,
         bytes: u64,
+        write_size: u32,
     ) -> Result<Duration, BenchError> {
         use measure::*;
+        let chunk = write_size.min(MAX_DATA_CHUNK);
         match (direction, carrier) {
-            (Direction::GuestToHost, Carrier::Raw) => raw_to_host(&mut self.ctl, &mut self.raw, seed, bytes),
-            (Direction::GuestToHost, Carrier::Plain) => plain_to_host(&mut self.ctl, seed, bytes, WRITE_SIZE),
+            (Direction::GuestToHost, Carrier::Raw) => {
+                raw_to_host(&mut self.ctl, &mut self.raw, seed, bytes, write_size)
+            }
+            (Direction::GuestToHost, Carrier::Plain) => plain_to_host(&mut self.ctl, seed, bytes, chunk),
             (Direction::GuestToHost, Carrier::Acked) => {
                 let dest = self.work.path().join("from-guest.bin");
                 acked_to_host(&mut self.streams, PORT_STREAM, seed, bytes, &dest, &self.transfer)
             }
             (Direction::HostToGuest, Carrier::Raw) => {
                 let data = pattern_bytes(seed, bytes)?;
-                raw_to_guest(&mut self.ctl, &mut self.raw, seed, &data)
+                raw_to_guest(&mut self.ctl, &mut self.raw, seed, &data, write_size)
             }
-            (Direction::HostToGuest, Carrier::Plain) => plain_to_guest(&mut self.ctl, seed, bytes, WRITE_SIZE),
+            (Direction::HostToGuest, Carrier::Plain) => plain_to_guest(&mut self.ctl, seed, bytes, chunk),
             (Direction::HostToGuest, Carrier::Acked) => {
                 let local = self.work.path().join("to-guest.bin");
                 std::fs::write(&local, pattern_bytes(seed, bytes)?)
@@ -301,10 +347,59 @@ impl Bench {
         Ok(())
     }
 
+    /// Raw and plain, both ways, at each of `size.sweep`'s write sizes: `size.sweep_rounds`
+    /// samples of each, every figure once per round.
+    fn sweep(&mut self, size: BenchSize, progress: &mut dyn FnMut(&str)) -> Result<(), BenchError> {
+        for round in 0..size.sweep_rounds {
+            for &write_size in size.sweep {
+                let bytes = size.sweep_bytes(write_size);
+                for (direction, carrier) in PLAN.into_iter().filter(|(_, c)| *c != Carrier::Acked) {
+                    let seed = 0x5eeb_0000 + u64::from(round) * 64 + u64::from(write_size.trailing_zeros());
+                    let cpu_before = self.usage()?.1;
+                    let took = self.sample(direction, carrier, seed, bytes, write_size)?;
+                    let cpu = Duration::from_nanos(self.usage()?.1.saturating_sub(cpu_before));
+                    progress(&format!(
+                        "sweep {}/{}: {} {} in writes of {}: {:.1} MB/s",
+                        round + 1,
+                        size.sweep_rounds,
+                        direction.arrow(),
+                        carrier.name(),
+                        figures::size_name(u64::from(write_size)),
+                        bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9)
+                    ));
+                    self.record(direction, carrier, bytes, write_size, took, cpu);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Event latencies, `size.events` samples of each: the guest closes and opens the raw
+    /// port, the host connects to the streams' port, a port is hot-plugged.
+    fn events(&mut self, size: BenchSize, progress: &mut dyn FnMut(&str)) -> Result<(), BenchError> {
+        let mut figures = events::Events::new(&events::raw_64b(&self.report));
+        for i in 0..size.events {
+            self.raw.handle = figures.guest_close_and_open(&self.rig, &mut self.ctl, self.raw.handle)?;
+            figures.host_connects(&mut self.streams)?;
+            figures.device_add(&mut self.rig)?;
+            progress(&format!("events {}/{}: guest close and open, host connect, device_add", i + 1, size.events));
+        }
+        self.report.events = figures.into_figures();
+        Ok(())
+    }
+
     /// Adds a sample to its figure.
-    fn record(&mut self, direction: Direction, carrier: Carrier, bytes: u64, took: Duration, cpu: Duration) {
-        let write_size = WRITE_SIZE;
-        match self.report.throughput.iter_mut().find(|t| t.direction == direction && t.carrier == carrier) {
+    fn record(
+        &mut self,
+        direction: Direction,
+        carrier: Carrier,
+        bytes: u64,
+        write_size: u32,
+        took: Duration,
+        cpu: Duration,
+    ) {
+        let same = |t: &&mut Throughput| t.direction == direction && t.carrier == carrier && t.write_size == write_size;
+        match self.report.throughput.iter_mut().find(same) {
             Some(t) => {
                 t.samples.push(took);
                 t.agent_cpu.push(cpu);

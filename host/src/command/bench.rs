@@ -1,5 +1,5 @@
 //! `vport bench`: the bench on a real VM, a progress line per sample on stderr, the table (or
-//! JSON) on stdout, optionally the JSON to a file as well.
+//! JSON) on stdout, optionally the JSON to a file and SVG plots into a directory as well.
 
 use super::image::{prepare, ImageChoice};
 use super::{stdout_err, CommandError, Progress};
@@ -21,6 +21,8 @@ pub struct BenchCommand {
     pub json: bool,
     /// Also write the JSON report here.
     pub json_out: Option<PathBuf>,
+    /// Also draw the SVG plots into this directory.
+    pub plots: Option<PathBuf>,
 }
 
 /// `vport bench`. A report file that cannot be created is a usage error before anything boots;
@@ -31,9 +33,18 @@ pub fn bench(cmd: BenchCommand, out: &mut dyn Write, progress: &Progress) -> Res
     if let Some(path) = &cmd.json_out {
         crate::usage::check_output_file("--json-out", path)?;
     }
+    if let Some(dir) = &cmd.plots {
+        crate::usage::check_output_dir("--plots", dir)?;
+    }
     let image = prepare(&cmd.image, progress)?;
     let opts = BenchOptions { image, accel: cmd.accel, size: cmd.size };
-    let report = bench::run(&opts, &mut |line| progress.say(&format!("bench: {line}")))?;
+    let mut report = bench::run(&opts, &mut |line| progress.say(&format!("bench: {line}")))?;
+    // The agent's own size (the release build is stripped and static), beside the figures.
+    match crate::image::resolve_agent(cmd.image.agent.as_deref()).map(|p| std::fs::metadata(&p).map(|m| (p, m.len()))) {
+        Ok(Ok((_, size))) => report.environment.push(("agent binary".into(), format!("{size} bytes"))),
+        Ok(Err(e)) => log::warn!("cannot read the agent binary's size: {e}"),
+        Err(e) => log::warn!("cannot find the agent binary for its size: {e}"),
+    }
     let json = serde_json::to_string_pretty(&report.to_json())?;
     if cmd.json {
         writeln!(out, "{json}").map_err(stdout_err)?;
@@ -44,6 +55,15 @@ pub fn bench(cmd: BenchCommand, out: &mut dyn Write, progress: &Progress) -> Res
     if let Some(path) = cmd.json_out {
         if let Err(source) = std::fs::write(&path, format!("{json}\n")) {
             return Err(CommandError::Report { what: "JSON", path, source });
+        }
+    }
+    if let Some(dir) = cmd.plots {
+        for (name, svg) in bench::plot::write_all(&report).map_err(CommandError::Plot)? {
+            let path = dir.join(name);
+            if let Err(source) = std::fs::write(&path, svg) {
+                return Err(CommandError::Report { what: "SVG plot", path, source });
+            }
+            progress.say(&format!("bench: plot {}", path.display()));
         }
     }
     Ok(())

@@ -80,15 +80,20 @@ count of the preset. Ctrl-C kills the VM and removes its directory.";
 pub const BENCH_ABOUT: &str = "Measure what vport costs over the raw virtio-serial port, side by side in one boot. \
 One VM gets three ports: one the agent serves for its plain SOURCE / SINK streams and for the guest operations \
 that drive the raw port, one for the acknowledged streams (what `vport send` / `vport recv` use), and `bench.raw`, \
-which the agent does not serve: the baseline, a guest write()/read() loop in 64 KiB calls with the host on the \
+which the agent does not serve: the baseline, a guest write()/read() loop (as `dd` would) with the host on the \
 chardev socket directly. Every round moves the same number of bytes each way by each carrier (raw, plain, acked) \
-in turn, every byte's digest checked; a figure is the median of its rounds and is printed as a ratio to the raw \
-port of the same direction, with the goal (at least 0.95x raw). Round trips of 64 B and 4 KiB follow: the host \
+in writes of 64 KiB, in turn, every byte's digest checked; a figure is the median of its rounds and is printed \
+as a ratio to the raw port of the same direction and write size, with the goal at 64 KiB (at least 0.95x raw). \
+A sweep follows: raw and plain both ways in writes (raw) and DATA frames (plain) of other sizes, 64 B to 1 MiB, \
+each a ratio to raw at its size (the acknowledged streams move their bytes in their own 32 KiB frames whatever \
+the write size). Round trips of 64 B and 4 KiB come next: the host \
 writing to the raw port and reading back what a guest loopback (the agent's LOOPBACK guest operation, a \
 read()/write() loop) returns, against ECHO in a session; p50, p99 and p99.9, with the goal (ECHO's p50 at most \
 1.1x raw). Then the agent is watched idle with its session READY: wakeups (goal 0), CPU and resident set (goal \
 at most 4 MiB).\n\nUnder TCG only the ratios are stable: \
 the absolute figures belong to the machine. --quick (the default; scripts/test runs it) moves 8 MiB a sample \
-over 3 rounds and times 300 round trips of each kind; --full 64 MiB over 5, 2,000 round trips. Progress goes to stderr, the table (or --json) to stdout; --json-out FILE \
-also writes the JSON. A missed goal does not fail the command: bytes that arrive other than sent do (exit 1), \
+over 3 rounds, sweeps 64 B, 4 KiB and 1 MiB once and times 300 round trips of each kind; --full 64 MiB over 5, \
+sweeps six sizes three times, 2,000 round trips. Progress goes to stderr, the table (or --json) to stdout; \
+--json-out FILE also writes the JSON, --plots DIR draws SVG plots (throughput against write size each way, the \
+round-trip distributions). A missed goal does not fail the command: bytes that arrive other than sent do (exit 1), \
 and a VM that cannot be set up or driven is exit 3. docs/bench.md holds the latest figures.";

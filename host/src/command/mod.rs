@@ -102,6 +102,9 @@ pub enum CommandError {
         #[source]
         source: std::io::Error,
     },
+    /// The bench's plots could not be drawn (the results are on stdout).
+    #[error("cannot draw the bench's plots (the results are on stdout above)")]
+    Plot(#[source] crate::bench::plot::PlotError),
     /// Writing the results to stdout failed.
     #[error("cannot write to stdout")]
     Stdout(#[source] std::io::Error),
@@ -142,6 +145,7 @@ impl CommandError {
             | CommandError::Vm(_)
             | CommandError::Registry(_)
             | CommandError::Report { .. }
+            | CommandError::Plot(_)
             | CommandError::Stdout(_)
             | CommandError::Json(_) => ExitCode::Infrastructure,
         }
