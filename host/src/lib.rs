@@ -66,6 +66,7 @@ pub mod hello;
 pub mod image;
 pub mod link;
 pub mod liveness;
+pub mod logwatch;
 pub mod qemu;
 pub mod qmp;
 pub mod registry;

@@ -13,16 +13,23 @@
 //!   costs in round trips.
 //! - **`device_add` -> READY** (a new port in the agent's prefix; time from its `chardev-add` to
 //!   the handshake's end), against connect -> READY.
+//! - **The host drops a stream's session -> the stream resumed** (an acknowledged host->guest
+//!   stream; time from the drop after its first acknowledgement to STREAM_ACCEPT in the next
+//!   session, and to the first acknowledgement after it), against connect -> READY.
 
 use super::figures::{Carrier, EventLatency};
-use super::{BenchError, PORT_CTL, PORT_RAW, REPLY};
+use super::{BenchError, PORT_CTL, PORT_RAW, PORT_STREAM, REPLY};
 use crate::client::AgentClient;
 use crate::qmp::Qmp;
 use crate::rig::Rig;
 use crate::session::{PortServer, Session};
+use crate::stream::to_guest::ToGuest;
+use crate::stream::{Control, StreamSide, TransferEvent, TransferOptions};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vport_common::message::{GuestOp, GuestOpDone};
+use vport_common::pattern;
 
 /// QEMU's rate limit of `VSERPORT_CHANGE` per port, with a margin.
 const VSERPORT_CHANGE_WINDOW: Duration = Duration::from_millis(1100);
@@ -33,6 +40,11 @@ pub(super) const GUEST_OPENS: &str = "guest opens a port";
 pub(super) const GUEST_CLOSES: &str = "guest closes a port";
 pub(super) const HOST_CONNECTS: &str = "host connects -> READY";
 pub(super) const DEVICE_ADD: &str = "device_add -> READY";
+pub(super) const RESUMED: &str = "host drops -> stream resumed";
+/// The guest file of the stream that is dropped and resumed.
+const RESUME_FILE: &str = "bench-resume.bin";
+/// Bytes of the stream that is dropped and resumed.
+const RESUME_BYTES: usize = 4 << 20;
 
 /// What one guest open or close of the raw port showed.
 struct Change {
@@ -65,6 +77,9 @@ impl Events {
             figure(HOST_CONNECTS, "HELLO / HELLO_ACK"),
             figure(DEVICE_ADD, "host connects -> READY (reference)"),
             figure(DEVICE_ADD, "chardev-add, device_add, HELLO"),
+            figure(RESUMED, "host connects -> READY (reference)"),
+            figure(RESUMED, "STREAM_ACCEPT in the next session"),
+            figure(RESUMED, "first acknowledgement after it"),
         ];
         figures[6].samples = raw_64b_round_trips.to_vec();
         Events { figures, last_change: Instant::now(), hot_ports: 0 }
@@ -168,6 +183,7 @@ impl Events {
         drop(session);
         self.add(HOST_CONNECTS, "HELLO", Some(took));
         self.add(DEVICE_ADD, "host connects", Some(took));
+        self.add(RESUMED, "host connects", Some(took));
         Ok(())
     }
 
@@ -184,6 +200,51 @@ impl Events {
         self.add(DEVICE_ADD, "chardev-add", Some(took));
         Ok(())
     }
+}
+
+/// The host sends `local` (the pattern of `seed`) to the guest as an acknowledged stream and
+/// drops the session at its first acknowledgement; the stream resumes in the next session.
+pub(super) fn drop_and_resume(
+    events: &mut Events,
+    streams: &mut PortServer,
+    local: &Path,
+    seed: u64,
+    opts: &TransferOptions,
+) -> Result<(), BenchError> {
+    let mut data = vec![0u8; RESUME_BYTES];
+    pattern::fill(seed, 0, &mut data);
+    std::fs::write(local, &data).map_err(|e| BenchError::io("write the file to send", e))?;
+    let (mut dropped, mut accepted, mut first_ack) = (None::<Instant>, None::<Duration>, None::<Duration>);
+    let mut stream = ToGuest::new(PORT_STREAM, local, RESUME_FILE, opts.clone())?;
+    let report = stream.run(streams, &mut |event| match (event, dropped) {
+        (TransferEvent::Progress { .. }, None) => {
+            dropped = Some(Instant::now());
+            Control::DropSession
+        }
+        (TransferEvent::Accepted { .. }, Some(at)) if accepted.is_none() => {
+            accepted = Some(at.elapsed());
+            Control::Continue
+        }
+        (TransferEvent::Progress { .. }, Some(at)) if accepted.is_some() && first_ack.is_none() => {
+            first_ack = Some(at.elapsed());
+            Control::Continue
+        }
+        _ => Control::Continue,
+    })?;
+    if report.bytes != RESUME_BYTES as u64 || report.sessions < 2 {
+        return Err(BenchError::Integrity(format!(
+            "the dropped stream: {} of {RESUME_BYTES} bytes in {} session(s), not resumed in a second",
+            report.bytes, report.sessions
+        )));
+    }
+    let mut whole = pattern::StreamDigest::new();
+    whole.update(&data);
+    if report.digest != whole.digest() {
+        return Err(BenchError::Integrity(format!("the resumed stream's digest is {:#018x}", report.digest)));
+    }
+    events.add(RESUMED, "STREAM_ACCEPT", accepted);
+    events.add(RESUMED, "first ack", first_ack);
+    Ok(())
 }
 
 /// `query-chardev` back to back until `chardev` is seen `open` (or `stop`): when it was first

@@ -17,6 +17,7 @@ pub mod events;
 pub mod figures;
 pub mod measure;
 pub mod plot;
+pub mod ports;
 
 use crate::client::AgentClient;
 use crate::image::initscript::GUEST_STREAM_DIR;
@@ -80,6 +81,12 @@ pub struct BenchSize {
     pub sweep_rounds: u32,
     /// Samples of each event latency.
     pub events: u32,
+    /// vCPU counts of the many-ports VMs (none: not measured).
+    pub ports_cpus: &'static [u32],
+    /// How many ports move at once, in turn.
+    pub ports_counts: &'static [usize],
+    /// Bytes each port moves.
+    pub ports_bytes: u64,
 }
 
 impl BenchSize {
@@ -91,7 +98,8 @@ impl BenchSize {
 
 impl BenchSize {
     /// `--quick` (scripts/test): 8 MiB, 3 rounds, 300 round trips, 2 s idle; the sweep at
-    /// 64 B, 4 KiB and 1 MiB, one sample each of at most 2,048 writes.
+    /// 64 B, 4 KiB and 1 MiB, one sample each of at most 2,048 writes; 3 samples of each
+    /// event; 4 MiB a port on the many-ports VMs.
     pub const QUICK: BenchSize = BenchSize {
         bytes: 8 << 20,
         rounds: 3,
@@ -101,9 +109,13 @@ impl BenchSize {
         sweep_writes: 2048,
         sweep_rounds: 1,
         events: 3,
+        ports_cpus: &[1, 2],
+        ports_counts: &[1, 4, 16, 31],
+        ports_bytes: 4 << 20,
     };
     /// The full set: 64 MiB, 5 rounds, 2,000 round trips, 10 s idle; the sweep from 64 B to
-    /// 1 MiB, three samples each of at most 8,192 writes (16 MiB).
+    /// 1 MiB, three samples each of at most 8,192 writes (16 MiB); 10 samples of each event;
+    /// 16 MiB a port on the many-ports VMs.
     pub const FULL: BenchSize = BenchSize {
         bytes: 64 << 20,
         rounds: 5,
@@ -113,6 +125,9 @@ impl BenchSize {
         sweep_writes: 8192,
         sweep_rounds: 3,
         events: 10,
+        ports_cpus: &[1, 2],
+        ports_counts: &[1, 4, 16, 31],
+        ports_bytes: 16 << 20,
     };
 }
 
@@ -210,8 +225,16 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     bench.events(opts.size, progress)?;
     progress(&format!("watching the agent idle for {} s", opts.size.idle_window.as_secs()));
     bench.report.idle = Some(bench.idle(opts.size.idle_window)?);
-    bench.report.elapsed = started.elapsed();
-    Ok(bench.report)
+    let mut report = bench.finish();
+    for &cpus in opts.size.ports_cpus {
+        progress(&format!("booting a VM of {cpus} vCPU(s) with {} ports", ports::PORTS));
+        let (boot, figures) =
+            ports::measure(&opts.image, opts.accel, cpus, opts.size.ports_counts, opts.size.ports_bytes, progress)?;
+        report.boots.push(boot);
+        report.ports.extend(figures);
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
 }
 
 /// The order of a round.
@@ -382,7 +405,13 @@ impl Bench {
             self.raw.handle = figures.guest_close_and_open(&self.rig, &mut self.ctl, self.raw.handle)?;
             figures.host_connects(&mut self.streams)?;
             figures.device_add(&mut self.rig)?;
-            progress(&format!("events {}/{}: guest close and open, host connect, device_add", i + 1, size.events));
+            let local = self.work.path().join("resume.bin");
+            events::drop_and_resume(&mut figures, &mut self.streams, &local, 0x7e5u64 + u64::from(i), &self.transfer)?;
+            progress(&format!(
+                "events {}/{}: guest close and open, host connect, device_add, a stream dropped and resumed",
+                i + 1,
+                size.events
+            ));
         }
         self.report.events = figures.into_figures();
         Ok(())
@@ -438,6 +467,11 @@ impl Bench {
             rss_kib: c.2,
             request_wakeups: d_short.0,
         })
+    }
+
+    /// The report, the VM killed (one VM at a time: the next phase boots its own).
+    fn finish(self) -> BenchReport {
+        self.report
     }
 
     /// The agent's (wakeups, cpu_ns, rss_kib).

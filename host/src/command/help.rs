@@ -89,8 +89,12 @@ each a ratio to raw at its size (the acknowledged streams move their bytes in th
 the write size). Round trips of 64 B and 4 KiB come next: the host \
 writing to the raw port and reading back what a guest loopback (the agent's LOOPBACK guest operation, a \
 read()/write() loop) returns, against ECHO in a session; p50, p99 and p99.9, with the goal (ECHO's p50 at most \
-1.1x raw). Then the agent is watched idle with its session READY: wakeups (goal 0), CPU and resident set (goal \
-at most 4 MiB).\n\nUnder TCG only the ratios are stable: \
+1.1x raw). Event latencies next: a guest opening and closing a port as QMP VSERPORT_CHANGE, query-chardev polled \
+and the guest call's reply show it; host connect -> READY against the raw round trip; device_add -> READY. Then \
+the agent is watched idle with its session READY: wakeups (goal 0), CPU and resident set (goal at most 4 MiB). \
+Last, one VM of 1 and one of 2 vCPUs with 31 served ports each: boot to the first READY against boot to a raw \
+shell (the guest's /init with its virtio modules loaded), and SOURCE on 1, 4, 16 and 31 ports at once, the \
+aggregate as a ratio to one port.\n\nUnder TCG only the ratios are stable: \
 the absolute figures belong to the machine. --quick (the default; scripts/test runs it) moves 8 MiB a sample \
 over 3 rounds, sweeps 64 B, 4 KiB and 1 MiB once and times 300 round trips of each kind; --full 64 MiB over 5, \
 sweeps six sizes three times, 2,000 round trips. Progress goes to stderr, the table (or --json) to stdout; \

@@ -2,10 +2,10 @@
 //! acknowledged stream on its own port, with the fault injected when a stream is a third
 //! through; what both receivers hold is then checked against what was sent.
 
-use super::logwatch::{last_throttled, wait_for_line, wait_throttled, LogTail};
 use super::migration::Migration;
 use super::Fault;
 use crate::image::initscript::{AGENT_RESTARTING, GUEST_REBOOTING};
+use crate::logwatch::{last_throttled, wait_for_line, wait_throttled, LogTail};
 use crate::qemu::PortInfo;
 use crate::qmp::Qmp;
 use crate::rig::replug_port;

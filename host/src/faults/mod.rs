@@ -20,7 +20,6 @@
 
 mod case;
 mod judge;
-mod logwatch;
 mod migration;
 mod suite;
 pub mod summary;

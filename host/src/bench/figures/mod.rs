@@ -135,6 +135,45 @@ pub struct EventLatency {
     pub missed: u32,
 }
 
+/// Boot to READY against boot to a raw shell, on one VM (times from QEMU's `cont`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BootFigure {
+    /// The VM's vCPUs.
+    pub cpus: u32,
+    /// To the guest's `/init` saying its virtio modules are loaded: where a raw shell could
+    /// use the ports (the baseline).
+    pub raw_shell: Duration,
+    /// To the first session READY.
+    pub first_ready: Duration,
+    /// To every port's session READY.
+    pub all_ready: Duration,
+    /// How many ports.
+    pub ports: u32,
+    /// Host clients reconnected because their port stayed silent (it missed the connect).
+    pub reconnected: u32,
+}
+
+/// SOURCE on `ports` ports at once: the aggregate throughput.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PortsFigure {
+    /// The VM's vCPUs.
+    pub cpus: u32,
+    /// Ports moving at once.
+    pub ports: u32,
+    /// Bytes each port moved.
+    pub bytes_per_port: u64,
+    /// Wall time of them all.
+    pub took: Duration,
+}
+
+impl PortsFigure {
+    /// MB/s of all the ports together; `None` for a zero time.
+    pub fn mb_per_s(&self) -> Option<f64> {
+        let secs = self.took.as_secs_f64();
+        (secs > 0.0).then(|| (self.bytes_per_port * u64::from(self.ports)) as f64 / 1e6 / secs)
+    }
+}
+
 /// The write size the throughput goal is stated at; the other sizes are measured and shown
 /// as ratios to raw, without a goal.
 pub const GOAL_WRITE_SIZE: u32 = 64 << 10;
@@ -226,6 +265,10 @@ pub struct BenchReport {
     pub round_trips: Vec<RoundTrip>,
     /// Event latencies, grouped by event, each event's baseline first.
     pub events: Vec<EventLatency>,
+    /// Boot to READY, per vCPU count.
+    pub boots: Vec<BootFigure>,
+    /// Aggregate throughput of many ports, per vCPU count and port count.
+    pub ports: Vec<PortsFigure>,
     /// The agent idle.
     pub idle: Option<IdleCost>,
     /// Wall time of the run.
@@ -287,6 +330,12 @@ impl BenchReport {
         let base = self.events.iter().find(|b| b.event == e.event)?;
         let (c, b) = (median(&e.samples)?, median(&base.samples)?);
         (!b.is_zero()).then(|| c.as_secs_f64() / b.as_secs_f64())
+    }
+
+    /// `f`'s aggregate over one port's on a VM of the same vCPUs, if both are known.
+    pub fn ports_ratio(&self, f: &PortsFigure) -> Option<f64> {
+        let one = self.ports.iter().find(|o| o.cpus == f.cpus && o.ports == 1)?;
+        Some(f.mb_per_s()? / one.mb_per_s()?)
     }
 
     /// The throughput figures by direction, then write size, then carrier (raw, plain, acked).
@@ -351,6 +400,23 @@ impl BenchReport {
                 "median_ms": median(&e.samples).map(|d| d.as_secs_f64() * 1e3),
                 "missed": e.missed,
                 "x_baseline": self.event_ratio(e),
+            })).collect::<Vec<_>>(),
+            "boots": self.boots.iter().map(|b| serde_json::json!({
+                "cpus": b.cpus,
+                "ports": b.ports,
+                "raw_shell_ms": b.raw_shell.as_secs_f64() * 1e3,
+                "first_ready_ms": b.first_ready.as_secs_f64() * 1e3,
+                "all_ready_ms": b.all_ready.as_secs_f64() * 1e3,
+                "reconnected": b.reconnected,
+                "first_ready_x_raw_shell": ratio(b.first_ready, b.raw_shell),
+            })).collect::<Vec<_>>(),
+            "ports": self.ports.iter().map(|f| serde_json::json!({
+                "cpus": f.cpus,
+                "ports": f.ports,
+                "bytes_per_port": f.bytes_per_port,
+                "took_ms": f.took.as_secs_f64() * 1e3,
+                "mb_per_s": f.mb_per_s(),
+                "x_one_port": self.ports_ratio(f),
             })).collect::<Vec<_>>(),
             "idle": self.idle,
             "idle_goals": { "wakeups": 0, "rss_kib_at_most": RSS_GOAL_KIB },
@@ -446,6 +512,42 @@ impl BenchReport {
                 );
             }
         }
+        if !self.boots.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n{:<6} {:>15} {:>15} {:>12} {:>15}",
+                "vCPUs", "raw shell ms", "first READY ms", "x raw shell", "all READY ms"
+            );
+            for b in &self.boots {
+                let _ = writeln!(
+                    s,
+                    "{:<6} {:>15.0} {:>15.0} {:>12} {:>15}",
+                    b.cpus,
+                    b.raw_shell.as_secs_f64() * 1e3,
+                    b.first_ready.as_secs_f64() * 1e3,
+                    ratio(b.first_ready, b.raw_shell).map_or("-".to_string(), |r| format!("{r:.2}")),
+                    format!(
+                        "{:.0} ({} ports, {} reconnect(s))",
+                        b.all_ready.as_secs_f64() * 1e3,
+                        b.ports,
+                        b.reconnected
+                    )
+                );
+            }
+        }
+        if !self.ports.is_empty() {
+            let _ = writeln!(s, "\n{:<6} {:>6} {:>16} {:>11}", "vCPUs", "ports", "MB/s in all", "x 1 port");
+            for f in &self.ports {
+                let _ = writeln!(
+                    s,
+                    "{:<6} {:>6} {:>16} {:>11}",
+                    f.cpus,
+                    f.ports,
+                    f.mb_per_s().map_or("-".to_string(), |v| format!("{v:.1}")),
+                    self.ports_ratio(f).map_or("-".to_string(), |r| format!("{r:.2}"))
+                );
+            }
+        }
         if let Some(idle) = &self.idle {
             let _ = writeln!(
                 s,
@@ -462,6 +564,11 @@ impl BenchReport {
         let _ = writeln!(s, "\nbench finished in {:.1} s", self.elapsed.as_secs_f64());
         s
     }
+}
+
+/// `a / b`; `None` when `b` is zero.
+fn ratio(a: Duration, b: Duration) -> Option<f64> {
+    (!b.is_zero()).then(|| a.as_secs_f64() / b.as_secs_f64())
 }
 
 /// `64 B`, `4 KiB`, `1 MiB`: a size as written in the tables.

@@ -172,3 +172,28 @@ fn sizes_are_named_in_their_largest_whole_unit() {
     assert_eq!(size_name(1 << 20), "1 MiB");
     assert_eq!(size_name(1536), "1536 B");
 }
+
+#[test]
+fn many_ports_are_compared_with_one_port_of_the_same_vm_and_boot_with_the_raw_shell() {
+    let f = |cpus, ports, took_ms| PortsFigure { cpus, ports, bytes_per_port: 1_000_000, took: ms(took_ms) };
+    let report = BenchReport {
+        ports: vec![f(1, 1, 10), f(1, 4, 20), f(2, 1, 10), f(2, 4, 10)],
+        boots: vec![BootFigure {
+            cpus: 1,
+            raw_shell: ms(2000),
+            first_ready: ms(3000),
+            all_ready: ms(4000),
+            ports: 31,
+            reconnected: 1,
+        }],
+        ..BenchReport::default()
+    };
+    let ratios: Vec<_> = report.ports.iter().map(|p| report.ports_ratio(p)).collect();
+    assert_eq!(ratios, [Some(1.0), Some(2.0), Some(1.0), Some(4.0)]);
+    assert_eq!(report.ports[1].mb_per_s(), Some(200.0));
+    let json = report.to_json();
+    assert_eq!(json["boots"][0]["first_ready_x_raw_shell"], 1.5);
+    assert_eq!(json["ports"][3]["x_one_port"], 4.0);
+    let text = report.render_text();
+    assert!(text.contains("1.50") && text.contains("4000 (31 ports, 1 reconnect(s))"), "{text}");
+}

@@ -1,5 +1,5 @@
 //! Watching a growing log (QEMU's stderr with its trace, the guest console) for the event a
-//! fault waits for: only the bytes appended since the last look are read.
+//! fault or the bench waits for: only the bytes appended since the last look are read.
 
 use crate::wait::wait_until;
 use std::io::{Read, Seek, SeekFrom};
@@ -14,21 +14,21 @@ const POLL: Duration = Duration::from_millis(10);
 const THROTTLE_TRACE: &str = "virtio_serial_throttle_port";
 
 /// A log file read from where it ended when the watch began.
-pub(super) struct LogTail {
+pub struct LogTail {
     file: std::fs::File,
     partial: String,
 }
 
 impl LogTail {
     /// Watches `path` from its present end.
-    pub(super) fn from_end(path: &Path) -> Result<LogTail, String> {
+    pub fn from_end(path: &Path) -> Result<LogTail, String> {
         let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         file.seek(SeekFrom::End(0)).map_err(|e| format!("cannot seek {}: {e}", path.display()))?;
         Ok(LogTail { file, partial: String::new() })
     }
 
     /// The whole lines appended since the last call (a line still being written waits).
-    pub(super) fn new_lines(&mut self) -> Vec<String> {
+    pub fn new_lines(&mut self) -> Vec<String> {
         let mut bytes = Vec::new();
         if let Err(e) = self.file.read_to_end(&mut bytes) {
             log::warn!("faults: cannot read a log: {e}");
@@ -43,7 +43,7 @@ impl LogTail {
 
 /// Waits up to `deadline` (reading every 10 ms) until a line containing `needle` is appended
 /// to the file `tail` watches.
-pub(super) fn wait_for_line(tail: &mut LogTail, needle: &str, deadline: Duration) -> Result<(), String> {
+pub fn wait_for_line(tail: &mut LogTail, needle: &str, deadline: Duration) -> Result<(), String> {
     wait_until(
         &format!("a line with {needle:?}"),
         deadline,
@@ -65,7 +65,7 @@ fn throttle_state(line: &str) -> Option<bool> {
 }
 
 /// Whether the last throttle line of `text` says throttled.
-pub(super) fn last_throttled(text: &str) -> bool {
+pub fn last_throttled(text: &str) -> bool {
     text.lines().rev().find_map(throttle_state).unwrap_or(false)
 }
 
@@ -73,7 +73,7 @@ pub(super) fn last_throttled(text: &str) -> bool {
 /// `throttle 1` line in `tail`, or, when the port was already throttled as the wait began
 /// (`throttled_at_start`), no `throttle 0` for `settle` (QEMU unthrottles only when the host
 /// end can take data again, which a host that reads nothing never allows).
-pub(super) fn wait_throttled(
+pub fn wait_throttled(
     tail: &mut LogTail,
     throttled_at_start: bool,
     settle: Duration,
