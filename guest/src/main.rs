@@ -94,7 +94,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let selector = selector(&cli)?;
     let level = cli.log_level.parse::<::log::LevelFilter>().map_err(|e| anyhow::anyhow!("--log-level: {e}"))?;
     log::init(level).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if !sys::return_large_buffers() {
+    // SAFETY: `run` is called from `main` before the agent starts any thread (the guest-op
+    // workers start later; logging writes from the calling thread).
+    if !unsafe { sys::return_large_buffers() } {
         ::log::info!("the allocator keeps freed large buffers (no glibc mallopt): RSS may grow after large frames");
     }
     let info = AgentInfo {

@@ -108,6 +108,9 @@ impl OutQueue {
         }
         if !seg.is_empty() {
             self.segs.push_back(seg);
+        } else if seg.capacity() > self.spare.capacity() && seg.capacity() <= KEEP_SPARE {
+            // A refused frame in a fresh segment: its buffer stays the spare.
+            self.spare = seg;
         }
         if let Some(refused) = refused {
             return Err(refused);

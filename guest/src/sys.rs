@@ -13,11 +13,15 @@ const MMAP_THRESHOLD: i32 = 128 * 1024;
 /// keeps them: after a stream of 1 MiB frames the idle agent held 6 MiB (RSS) where it holds
 /// 3 MiB otherwise. A fixed threshold (glibc's default start, 128 KiB) stops that. Returns
 /// whether the allocator took the setting (`false` where it is not glibc's).
-pub fn return_large_buffers() -> bool {
+///
+/// # Safety
+///
+/// glibc's `mallopt` is not thread-safe: call this before the process starts any other thread.
+pub unsafe fn return_large_buffers() -> bool {
     #[cfg(target_env = "gnu")]
     {
-        // SAFETY: mallopt only sets an allocator tunable; it is called once at start, before
-        // any other thread exists, and takes plain integers.
+        // SAFETY: the caller guarantees no other thread exists; mallopt only sets an allocator
+        // tunable from plain integers.
         unsafe { nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 }
     }
     #[cfg(not(target_env = "gnu"))]
@@ -162,12 +166,6 @@ mod tests {
         std::hint::black_box(x);
         assert!(cpu_ns() > 0);
         assert!(rss_kib() > 0);
-    }
-
-    #[test]
-    #[cfg(target_env = "gnu")]
-    fn glibc_takes_the_fixed_mmap_threshold() {
-        assert!(return_large_buffers());
     }
 
     #[test]

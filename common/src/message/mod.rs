@@ -292,6 +292,9 @@ impl Message {
     /// `out`). On error nothing is appended.
     pub fn encode_into(&self, session: u32, seq: u32, out: &mut Vec<u8>) -> Result<(), MessageError> {
         let header = crate::frame::Header { kind: self.kind() as u8, flags: 0, session, seq };
+        // Room for the whole frame first: a large payload would otherwise grow the buffer
+        // (and copy it) on the way, and the trailer double it once more.
+        out.reserve(crate::frame::OVERHEAD + self.bulk_len() + 64);
         let start = crate::frame::begin_frame(out, &header);
         let mut writer = codec::Writer::after(self.kind(), std::mem::take(out));
         let written = self.write_payload(&mut writer);
@@ -301,6 +304,17 @@ impl Message {
             return Err(e);
         }
         Ok(crate::frame::seal_frame(out, start)?)
+    }
+
+    /// The length of the message's byte blob (its `rest` field), the bulk of a large payload;
+    /// 0 for messages without one.
+    fn bulk_len(&self) -> usize {
+        match self {
+            Message::Echo(b) | Message::EchoReply(b) => b.len(),
+            Message::Data { bytes, .. } | Message::StreamData { bytes, .. } => bytes.len(),
+            Message::GuestOpDone(done) => done.data.len(),
+            _ => 0,
+        }
     }
 
     /// Parses the message a frame carries.

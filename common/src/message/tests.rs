@@ -144,6 +144,13 @@ fn encoding_in_place_gives_the_frame_to_the_byte() {
 }
 
 #[test]
+fn a_large_message_is_encoded_without_growing_its_buffer_twice() {
+    let mut out = Vec::new();
+    Message::EchoReply(vec![5; 1 << 20]).encode_into(1, 1, &mut out).unwrap();
+    assert!(out.capacity() < out.len() + 4096, "capacity {} for {} bytes", out.capacity(), out.len());
+}
+
+#[test]
 fn type_bytes_are_stable() {
     // These values are the wire format: changing one breaks every deployed agent.
     let bytes: Vec<u8> = MessageType::ALL.iter().map(|t| *t as u8).collect();

@@ -279,6 +279,7 @@ fn loopback(fd: BorrowedFd<'_>, total: u64) -> GuestOpDone {
 /// does: each block is filled once and written to its end, calling again after a short write
 /// (the guest's writes are cut at 32 KiB), never filled again for the rest.
 fn write_pattern(fd: BorrowedFd<'_>, seed: u64, total: u64, each: usize) -> GuestOpDone {
+    let each = each.min(usize::try_from(total).unwrap_or(usize::MAX)).max(1);
     let mut buf = vec![0u8; each];
     let mut dg = StreamDigest::new();
     let mut ret = 0i64;

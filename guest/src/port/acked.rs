@@ -185,7 +185,9 @@ impl<I: PortIo> Port<I> {
                 source: std::io::Error::other(e),
             });
         }
-        let sent_digest = Some(pattern::StreamDigest::new());
+        // A pattern's digest is kept as it is sent; a file's is taken from the file at the end
+        // (STREAM_END then says what the file holds, even if it changed while being sent).
+        let sent_digest = matches!(source, OutSource::Pattern { .. }).then(pattern::StreamDigest::new);
         self.acked.outgoing = Some(Outgoing { session, sender, source, end_sent: false, sent_digest, digested: 0 });
         Ok((req.offset, total))
     }
@@ -319,6 +321,12 @@ impl<I: PortIo> Port<I> {
                 }
                 return;
             }
+            if self.bye_queued {
+                // Nothing follows BYE (`may_send` counts it when a frame is refused).
+                return;
+            }
+            let Some(out) = self.acked.outgoing.as_mut() else { return };
+            let (id, session) = (out.sender.id(), out.session);
             let Some((offset, len)) = out.sender.take_chunk(STREAM_CHUNK) else { return };
             // The bytes are read or made straight into the output queue, in the frame.
             let seq = self.seq;

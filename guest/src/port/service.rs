@@ -76,7 +76,10 @@ impl<I: PortIo> Port<I> {
     /// back (the decoder's when nothing is pending, the queue's spare when nothing is queued or
     /// streaming), so that an idle agent's memory does not depend on the frames it once saw.
     fn release_idle_memory(&mut self) {
-        self.decoder.release_spare(DECODER_KEEP);
+        // Not while bytes are coming: a stream of large frames keeps its buffer.
+        if self.sink.is_none() && self.acked.incoming.is_none() {
+            self.decoder.release_spare(DECODER_KEEP);
+        }
         if self.out.is_empty() && self.source.is_none() && self.acked.outgoing.is_none() {
             self.out.release_spare();
         }

@@ -105,7 +105,8 @@ impl<I: PortIo> Port<I> {
             Ok(()) => {
                 self.seq = self.seq.wrapping_add(1);
                 self.counters.frames_out += 1;
-                self.bye_queued = kind == MessageType::Bye;
+                // Once BYE is queued nothing may follow it: the flag is only ever set here.
+                self.bye_queued |= kind == MessageType::Bye;
                 Ok(true)
             }
             Err(PushError::Encode(BulkError::Fill(e))) => Err(e),
