@@ -109,6 +109,9 @@ pub const MAX_WRITE: usize = 32 * 1024;
 pub const QUEUE_LIMIT: usize = 8 << 20;
 /// Reading pauses while this much output is queued.
 pub const READ_HIGH_WATER: usize = 1 << 20;
+/// Input kept while no session is live (read before the guest learnt of the host that sent
+/// it); reading stops there until a session starts.
+pub const HELD_INPUT_LIMIT: usize = 1 << 20;
 /// Read buffer size (the kernel hands out at most one page per read).
 const READ_BUF: usize = 16 * 1024;
 /// The decoder's buffer capacity kept while a port is drained (a frame up to about this size

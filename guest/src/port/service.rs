@@ -3,7 +3,7 @@
 //! whether the port needs to be served again without waiting for an event ([`Health`]).
 
 use super::transmit::FlushEnd;
-use super::{Env, Health, Port, PortError, PortIo, DECODER_KEEP, READ_HIGH_WATER};
+use super::{Env, Health, Port, PortError, PortIo, DECODER_KEEP, HELD_INPUT_LIMIT, READ_HIGH_WATER};
 use nix::errno::Errno;
 use nix::poll::PollFlags;
 
@@ -20,6 +20,9 @@ enum ReadEnd {
     Budget,
     /// Not read: a CLOSE or REOPEN was served, the port closes once its BYE is out.
     Closing,
+    /// Not read: no session, and [`HELD_INPUT_LIMIT`] bytes already wait for one (the
+    /// host's arrival wakes the port again).
+    Held,
     /// ENODEV.
     Unplugged,
 }
@@ -37,7 +40,7 @@ impl<I: PortIo> Port<I> {
             match end {
                 ReadEnd::Unplugged => return Ok(Health::Unplugged),
                 ReadEnd::NoHost => self.host_gone(env, "read returned 0"),
-                ReadEnd::WouldBlock | ReadEnd::Throttled | ReadEnd::Budget | ReadEnd::Closing => {}
+                ReadEnd::WouldBlock | ReadEnd::Throttled | ReadEnd::Budget | ReadEnd::Closing | ReadEnd::Held => {}
             }
             let mask = self.poll_mask()?;
             self.apply_mask(mask, env);
@@ -103,7 +106,7 @@ impl<I: PortIo> Port<I> {
 
     /// Reads until EAGAIN, 0 or an error, handing frames over as they complete; stops early
     /// at the output high-water mark, when `budget` bytes were read (decreased by what was
-    /// read), or once a CLOSE was served.
+    /// read), once a CLOSE was served, or when [`HELD_INPUT_LIMIT`] bytes wait for a session.
     fn drain_reads(&mut self, budget: &mut usize, env: &mut impl Env) -> Result<ReadEnd, PortError> {
         loop {
             if self.close_request.is_some() {
@@ -114,6 +117,9 @@ impl<I: PortIo> Port<I> {
             }
             if *budget == 0 {
                 return Ok(ReadEnd::Budget);
+            }
+            if self.machine.state().session().is_none() && self.decoder.buffered() >= HELD_INPUT_LIMIT {
+                return Ok(ReadEnd::Held);
             }
             match self.io.read(&mut self.read_buf) {
                 Ok(0) => return Ok(ReadEnd::NoHost),

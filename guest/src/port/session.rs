@@ -120,12 +120,20 @@ impl<I: PortIo> Port<I> {
         self.send(&hello, session);
     }
 
-    /// No host: the session (if any) ends, and nothing buffered belongs to anyone any more.
+    /// No host: the session (if any) ends, and what it buffered goes with it.
+    ///
+    /// Without a session nothing is dropped: bytes read since the last session ended belong
+    /// to the next client. The guest learns of a connection on the control queue, which a
+    /// kernel worker serves after the data interrupt already delivered the client's first
+    /// bytes, so a new client's HELLO_REQUEST and requests can be read while `read()` still
+    /// says "no host" (`read() == 0` once they are taken). They are handled when the poll
+    /// shows the host; bytes an old client left are cut by that HELLO_REQUEST or answered as
+    /// stale (`vport_common::decoder`, "Torn frames").
     pub(super) fn host_gone(&mut self, env: &mut impl Env, cause: &'static str) {
         if self.machine.state() != PortState::Disconnected {
             let _ = self.step(PortEvent::HostDisconnected, cause, env);
+            self.end_session_buffers();
         }
-        self.end_session_buffers();
     }
 
     /// The session ended: its streams stop, and its buffered input and unsent output go.

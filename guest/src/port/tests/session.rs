@@ -144,14 +144,59 @@ fn hello_requests_queued_before_the_agent_opened_repeat_the_pending_offer() {
 }
 
 #[test]
-fn data_from_a_departed_host_is_discarded() {
+fn data_without_a_host_starts_nothing() {
     let (mut p, mut e) = (port(), env());
-    // Data buffered before the host left, then "not connected": no session is started.
+    // Data readable while poll says "not connected": no session is started, nothing is sent.
     p.io.reads.push_back(Read::Data(wire(&Message::Ping { time_ns: 1 }, 0, 0)));
     p.service(&mut e).unwrap();
     assert_eq!(p.state(), PortState::Disconnected);
     assert!(p.io.written.is_empty());
     assert!(p.history().is_empty());
+}
+
+#[test]
+fn a_new_clients_requests_read_before_its_connection_is_known_are_answered() {
+    let (mut p, mut e) = (port(), env());
+    let old = ready(&mut p, &mut e);
+    // The old client leaves: POLLHUP, the session ends.
+    p.io.mask = NO_HOST;
+    p.service(&mut e).unwrap();
+    assert_eq!(p.state(), PortState::Disconnected);
+    // A queued client is accepted at once. Its first bytes arrive on the data queue before
+    // the guest serves the control message that says a host is there: readable, then
+    // read() == 0 with POLLHUP still set (seen on a real VM, `second-host-client-queued`).
+    let mut bytes = wire(&Message::HelloRequest, 0, 0);
+    bytes.extend(wire(&Message::Echo(b"queued".to_vec()), 0, 1));
+    p.io.reads.push_back(Read::Data(bytes));
+    p.io.reads.push_back(Read::Zero);
+    p.service(&mut e).unwrap();
+    assert_eq!(p.state(), PortState::Disconnected);
+    assert!(p.io.written.is_empty());
+    // The control message arrives: the host is there. The offer, the offer again for the
+    // HELLO_REQUEST, and the ECHO refused (no READY session yet), all to the new client.
+    p.io.mask = HOST;
+    p.service(&mut e).unwrap();
+    let sent = take_sent(&mut p);
+    let kinds: Vec<MessageType> = sent.iter().map(|(_, m)| m.kind()).collect();
+    assert_eq!(kinds, [MessageType::Hello, MessageType::Hello, MessageType::Error], "{sent:?}");
+    assert_ne!(sent[0].0.session, old);
+    assert_eq!(sent[0].0.session, sent[1].0.session);
+    assert!(matches!(&sent[2].1, Message::Error { code: error_code::BAD_STATE, .. }), "{sent:?}");
+    assert_eq!(p.counters().hello_repeats, 1);
+}
+
+#[test]
+fn input_held_for_a_session_is_bounded() {
+    let (mut p, mut e) = (port(), env());
+    let big = vec![0x11; READ_BUF];
+    for _ in 0..(HELD_INPUT_LIMIT / READ_BUF + 8) {
+        p.io.reads.push_back(Read::Data(big.clone()));
+    }
+    let before = p.io.reads.len();
+    service_until_idle(&mut p, &mut e);
+    let taken = before - p.io.reads.len();
+    assert_eq!(taken * READ_BUF, HELD_INPUT_LIMIT, "reading stops at the limit");
+    assert_eq!(p.decoder.buffered(), HELD_INPUT_LIMIT);
 }
 
 #[test]
