@@ -325,8 +325,6 @@ impl<I: PortIo> Port<I> {
                 // Nothing follows BYE (`may_send` counts it when a frame is refused).
                 return;
             }
-            let Some(out) = self.acked.outgoing.as_mut() else { return };
-            let (id, session) = (out.sender.id(), out.session);
             let Some((offset, len)) = out.sender.take_chunk(STREAM_CHUNK) else { return };
             // The bytes are read or made straight into the output queue, in the frame.
             let seq = self.seq;

@@ -251,15 +251,14 @@ pub(super) fn drop_and_resume(
 /// seen so, after `t0`. `None` if it never was (the state came and went between two answers,
 /// or QMP failed).
 fn poll_frontend(qmp: &Qmp, chardev: &str, open: bool, t0: Instant, stop: &AtomicBool) -> Option<Duration> {
+    let seen = || qmp.query_chardev().ok().map(|all| all.iter().any(|c| c.label == chardev && c.frontend_open == open));
     loop {
-        let seen = qmp.query_chardev().ok()?.iter().any(|c| c.label == chardev && c.frontend_open == open);
-        if seen {
+        if seen()? {
             return Some(t0.elapsed());
         }
         if stop.load(Ordering::Relaxed) {
             // One answer after the stop: the state may have come just before it.
-            let seen = qmp.query_chardev().ok()?.iter().any(|c| c.label == chardev && c.frontend_open == open);
-            return seen.then(|| t0.elapsed());
+            return seen()?.then(|| t0.elapsed());
         }
     }
 }

@@ -201,11 +201,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     for round in 0..opts.size.rounds {
         for (direction, carrier) in PLAN {
             let seed = 0xbe4c_0000 + u64::from(round) * 16 + bench.report.throughput.len() as u64;
-            let before = bench.usage()?;
-            let took = bench.sample(direction, carrier, seed, opts.size.bytes, WRITE_SIZE)?;
-            let after = bench.usage()?;
-            let cpu = Duration::from_nanos(after.1.saturating_sub(before.1));
-            let wakeups = after.0.saturating_sub(before.0);
+            let (took, cpu, wakeups) = bench.measure(direction, carrier, seed, opts.size.bytes, WRITE_SIZE)?;
             let mb = opts.size.bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9);
             progress(&format!(
                 "round {}/{}: {} {}: {:.1} MB/s ({} ms, agent CPU {} ms, {wakeups} wakeups)",
@@ -217,7 +213,6 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                 took.as_millis(),
                 cpu.as_millis()
             ));
-            bench.record(direction, carrier, opts.size.bytes, WRITE_SIZE, took, cpu);
         }
     }
     bench.sweep(opts.size, progress)?;
@@ -378,9 +373,7 @@ impl Bench {
                 let bytes = size.sweep_bytes(write_size);
                 for (direction, carrier) in PLAN.into_iter().filter(|(_, c)| *c != Carrier::Acked) {
                     let seed = 0x5eeb_0000 + u64::from(round) * 64 + u64::from(write_size.trailing_zeros());
-                    let cpu_before = self.usage()?.1;
-                    let took = self.sample(direction, carrier, seed, bytes, write_size)?;
-                    let cpu = Duration::from_nanos(self.usage()?.1.saturating_sub(cpu_before));
+                    let (took, _, _) = self.measure(direction, carrier, seed, bytes, write_size)?;
                     progress(&format!(
                         "sweep {}/{}: {} {} in writes of {}: {:.1} MB/s",
                         round + 1,
@@ -390,7 +383,6 @@ impl Bench {
                         figures::size_name(u64::from(write_size)),
                         bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9)
                     ));
-                    self.record(direction, carrier, bytes, write_size, took, cpu);
                 }
             }
         }
@@ -415,6 +407,24 @@ impl Bench {
         }
         self.report.events = figures.into_figures();
         Ok(())
+    }
+
+    /// One sample (see [`Bench::sample`]) with the agent's CPU time and wakeups over it, added
+    /// to its figure; returns (time, agent CPU, agent wakeups).
+    fn measure(
+        &mut self,
+        direction: Direction,
+        carrier: Carrier,
+        seed: u64,
+        bytes: u64,
+        write_size: u32,
+    ) -> Result<(Duration, Duration, u64), BenchError> {
+        let before = self.usage()?;
+        let took = self.sample(direction, carrier, seed, bytes, write_size)?;
+        let after = self.usage()?;
+        let cpu = Duration::from_nanos(after.1.saturating_sub(before.1));
+        self.record(direction, carrier, bytes, write_size, took, cpu);
+        Ok((took, cpu, after.0.saturating_sub(before.0)))
     }
 
     /// Adds a sample to its figure.
