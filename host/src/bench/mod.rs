@@ -16,6 +16,7 @@
 pub mod events;
 pub mod figures;
 pub mod measure;
+mod pause;
 pub mod plot;
 pub mod ports;
 
@@ -81,6 +82,8 @@ pub struct BenchSize {
     pub sweep_rounds: u32,
     /// Samples of each event latency.
     pub events: u32,
+    /// Samples of the pause bug (each stops and resumes the VM; the last phase on its VM).
+    pub pauses: u32,
     /// vCPU counts of the many-ports VMs (none: not measured).
     pub ports_cpus: &'static [u32],
     /// How many ports move at once, in turn.
@@ -109,6 +112,7 @@ impl BenchSize {
         sweep_writes: 2048,
         sweep_rounds: 1,
         events: 3,
+        pauses: 2,
         ports_cpus: &[1, 2],
         ports_counts: &[1, 4, 16, 31],
         ports_bytes: 4 << 20,
@@ -125,6 +129,7 @@ impl BenchSize {
         sweep_writes: 8192,
         sweep_rounds: 3,
         events: 10,
+        pauses: 5,
         ports_cpus: &[1, 2],
         ports_counts: &[1, 4, 16, 31],
         ports_bytes: 16 << 20,
@@ -220,6 +225,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     bench.events(opts.size, progress)?;
     progress(&format!("watching the agent idle for {} s", opts.size.idle_window.as_secs()));
     bench.report.idle = Some(bench.idle(opts.size.idle_window)?);
+    bench.pauses(opts.size.pauses, progress)?;
     let mut report = bench.finish();
     for &cpus in opts.size.ports_cpus {
         progress(&format!("booting a VM of {cpus} vCPU(s) with {} ports", ports::PORTS));
@@ -406,6 +412,47 @@ impl Bench {
             ));
         }
         self.report.events = figures.into_figures();
+        Ok(())
+    }
+
+    /// The pause bug, `count` samples ([`pause`]); the events' connect -> READY samples are
+    /// its reference. Stopping the VM ends the control session: nothing may use it after this.
+    fn pauses(&mut self, count: u32, progress: &mut dyn FnMut(&str)) -> Result<(), BenchError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let reference = self
+            .report
+            .events
+            .iter()
+            .find(|e| e.event == events::HOST_CONNECTS && e.by.starts_with("HELLO"))
+            .map_or_else(Vec::new, |e| e.samples.clone());
+        pause::set_trace(&self.rig.qmp, true)?;
+        let (stderr, dest) = (self.rig.vm.stderr_log(), self.work.path().join("pause.bin"));
+        let mut samples = Vec::new();
+        for i in 0..count {
+            let vm = &self.rig.vm;
+            let s = pause::sample(
+                &mut self.streams,
+                &self.rig.qmp,
+                &stderr,
+                &|| vm.check_alive(),
+                0x9a05 + u64::from(i),
+                &dest,
+            )?;
+            let ms = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{} ms", d.as_millis()));
+            progress(&format!(
+                "pause {}/{count}: port throttled after cont: {}; liveness left the connection at {}; the stream flowed \
+                 again at {}",
+                i + 1,
+                if s.throttled { "yes" } else { "no" },
+                ms(s.detected),
+                ms(s.resumed)
+            ));
+            samples.push(s);
+        }
+        pause::set_trace(&self.rig.qmp, false)?;
+        self.report.events.extend(pause::figures(&reference, &samples));
         Ok(())
     }
 

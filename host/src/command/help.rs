@@ -90,9 +90,13 @@ the write size). Round trips of 64 B and 4 KiB come next: the host \
 writing to the raw port and reading back what a guest loopback (the agent's LOOPBACK guest operation, a \
 read()/write() loop) returns, against ECHO in a session; p50, p99 and p99.9, with the goal (ECHO's p50 at most \
 1.1x raw). Event latencies next: a guest opening and closing a port as QMP VSERPORT_CHANGE, query-chardev polled \
-and the guest call's reply show it; host connect -> READY against the raw round trip; device_add -> READY. Then \
-the agent is watched idle with its session READY: wakeups (goal 0), CPU and resident set (goal at most 4 MiB). \
-Last, one VM of 1 and one of 2 vCPUs with 31 served ports each: boot to the first READY against boot to a raw \
+and the guest call's reply show it; host connect -> READY against the raw round trip; device_add -> READY; a \
+dropped acknowledged stream resumed. Then the agent is watched idle with its session READY: wakeups (goal 0), CPU \
+and resident set (goal at most 4 MiB). Then the pause bug, last on that VM (a stop ends every session): a \
+guest->host acknowledged stream, the VM stopped at its first acknowledgement, the host gone while it is stopped, \
+the VM resumed; QEMU's throttle trace (switched on through QMP) shows whether the port was left stuck, and the \
+times from cont to the stream's liveness leaving the stuck connection (its stall deadline is 2 s here) and to the \
+stream flowing again are ratios to host connect -> READY (--quick 2 samples, --full 5). Last, one VM of 1 and one of 2 vCPUs with 31 served ports each: boot to the first READY against boot to a raw \
 shell (the guest's /init with its virtio modules loaded), and SOURCE on 1, 4, 16 and 31 ports at once, the \
 aggregate as a ratio to one port.\n\nUnder TCG only the ratios are stable: \
 the absolute figures belong to the machine. --quick (the default; scripts/test runs it) moves 8 MiB a sample \
