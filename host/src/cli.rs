@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 use vport_host::command;
 use vport_host::command::boot::VmSettings;
-use vport_host::command::help::{BENCH_ABOUT, CONNECT_ABOUT, FAULTS_ABOUT, SOAK_ABOUT, TRANSFER_ABOUT, WATCH_ABOUT};
+use vport_host::command::help::{
+    ATTACH_QMP_HELP, ATTACH_SOCKET_HELP, BENCH_ABOUT, CONNECT_ABOUT, FAULTS_ABOUT, SOAK_ABOUT, TRANSFER_ABOUT,
+    WATCH_ABOUT,
+};
 use vport_host::command::image::ImageChoice;
 use vport_host::exit::HELP as EXIT_CODES;
 use vport_host::hello;
@@ -445,6 +448,13 @@ pub(crate) struct WatchArgs {
     /// A virtio-serial port to create and watch (repeatable, each name once): A-Z a-z 0-9 . _ - only.
     #[arg(long = "port", default_value = hello::DEFAULT_PORT)]
     pub(crate) ports: Vec<String>,
+    /// Watch a VM vport did not start: port NAME's chardev is at ADDR (repeatable, one per port;
+    /// instead of --port).
+    #[arg(long = "socket", value_name = "NAME=ADDR", conflicts_with = "ports", long_help = ATTACH_SOCKET_HELP)]
+    pub(crate) sockets: Vec<String>,
+    /// QMP socket of the VM given with --socket (optional: without it QMP facts are unavailable).
+    #[arg(long, value_name = "PATH", requires = "sockets", long_help = ATTACH_QMP_HELP)]
+    pub(crate) qmp: Option<PathBuf>,
     /// Print every timeline record as a JSON line on stdout instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -467,7 +477,14 @@ pub(crate) struct HelloArgs {
     /// The port to create and talk to: A-Z a-z 0-9 . _ - only.
     #[arg(long, default_value = hello::DEFAULT_PORT)]
     pub(crate) port: String,
-    /// Seconds from the guest starting until the agent's HELLO must have arrived.
+    /// Talk to a VM vport did not start: port NAME's chardev is at ADDR (instead of --port).
+    #[arg(long, value_name = "NAME=ADDR", conflicts_with = "port", long_help = ATTACH_SOCKET_HELP)]
+    pub(crate) socket: Option<String>,
+    /// QMP socket of the VM given with --socket (optional: without it QMP facts are unavailable).
+    #[arg(long, value_name = "PATH", requires = "socket", long_help = ATTACH_QMP_HELP)]
+    pub(crate) qmp: Option<PathBuf>,
+    /// Seconds from the guest starting (or from connecting, with --socket) until the agent's
+    /// HELLO must have arrived.
     #[arg(long, default_value_t = 45, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub(crate) timeout: u64,
     /// Pings to send after the handshake.

@@ -7,7 +7,7 @@
 //! requests, [`session`] the session server, [`rig`] ties a VM, its QMP session and its ports
 //! together, [`timeline`] records every observation as a trace that [`trace_check`] judges, [`hello`], [`watch`] and
 //! [`connect`] are the `vport hello`, `vport watch` and `vport connect` commands, [`registry`]
-//! lists the VMs `vport boot` keeps up. [`conformance`] is the conformance suite, which reports
+//! lists the VMs `vport boot` keeps up, [`attach`] reaches a VM vport did not start. [`conformance`] is the conformance suite, which reports
 //! through [`report`]'s typed run events (rendered as text, JSON and JUnit). [`command`] holds
 //! the bodies of the `vport` commands (the binary only parses, dispatches and exits), [`usage`]
 //! checks command-line values before anything is built, and [`exit`] is the one table of the
@@ -53,6 +53,7 @@
 //! # }
 //! ```
 
+pub mod attach;
 pub mod bench;
 pub mod cache;
 pub mod chardev;

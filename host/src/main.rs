@@ -9,6 +9,7 @@ use clap::Parser;
 use cli::*;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
+use vport_host::attach::{AttachSpec, Attached};
 use vport_host::bench::BenchSize;
 use vport_host::command::boot::BootCommand;
 use vport_host::command::conformance::ConformanceCommand;
@@ -61,20 +62,7 @@ fn main() {
                 BootCommand { image: args.image.choice(), vm: args.vm.settings(), ports: args.ports, json: args.json };
             command::boot::boot(&cmd, &mut out, &progress).map_err(Failure::from)
         }
-        Command::Hello(args) => {
-            let opts = HelloOptions {
-                port: args.port,
-                accel: args.vm.accel,
-                memory_mib: args.vm.memory,
-                cpus: args.vm.cpus,
-                hello_timeout: Duration::from_secs(args.timeout),
-                pings: args.pings,
-                agent_args: args.vm.agent_args(),
-                trace: args.trace,
-            };
-            let cmd = HelloCommand { image: args.image.choice(), hello: opts, json: args.json };
-            command::hello::hello(cmd, &mut out, &progress).map_err(Failure::from)
-        }
+        Command::Hello(args) => cmd_hello(args, &mut out, &progress),
         Command::Watch(args) => cmd_watch(args, &progress),
         Command::Connect(args) => {
             let cmd = ConnectCommand {
@@ -179,42 +167,107 @@ fn build_image(args: &ImageArgs, progress: &Progress) -> Result<GuestImage, Fail
     Ok(command::image::prepare(&args.choice(), progress)?)
 }
 
+fn cmd_hello(args: HelloArgs, out: &mut dyn std::io::Write, progress: &Progress) -> Result<(), Failure> {
+    let attach = match &args.socket {
+        Some(socket) => Some(AttachSpec::parse(std::slice::from_ref(socket), args.qmp.clone()).map_err(usage)?),
+        None => None,
+    };
+    let opts = HelloOptions {
+        port: args.port,
+        accel: args.vm.accel,
+        memory_mib: args.vm.memory,
+        cpus: args.vm.cpus,
+        hello_timeout: Duration::from_secs(args.timeout),
+        pings: args.pings,
+        agent_args: args.vm.agent_args(),
+        trace: args.trace,
+    };
+    let cmd = HelloCommand { image: args.image.choice(), hello: opts, attach, json: args.json };
+    command::hello::hello(cmd, out, progress).map_err(Failure::from)
+}
+
 fn cmd_watch(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
-    use std::io::IsTerminal;
-    use vport_host::timeline::Timeline;
     use vport_host::watch;
+    if !args.sockets.is_empty() {
+        return cmd_watch_attached(args, progress);
+    }
     usage::check_port_names(&args.ports).map_err(usage)?;
     let img = build_image(&args.image, progress)?;
     let cfg = args.vm.vm_config(&img, &args.ports);
     progress.say("starting qemu");
     let origin = Instant::now();
     let mut rig = Rig::launch(cfg).context("cannot boot the vm").map_err(infra)?;
+    let timeline = watch_timeline(args.json, origin)?;
+    let liveness = (args.liveness > 0).then(|| Duration::from_secs(args.liveness));
+    let commands = watch::start(&rig, &timeline, liveness).context("cannot watch the ports").map_err(infra)?;
+    rig.resume().context("cannot start the guest").map_err(infra)?;
+    match serve_watch(progress, &args.ports, rig.qmp.events(), commands)? {
+        watch::WatchEnd::Quit => Ok(()),
+        watch::WatchEnd::QemuExited => qemu_gone(&rig),
+    }
+}
+
+/// `vport watch --socket NAME=ADDR... [--qmp PATH]`: watching a VM vport did not start.
+fn cmd_watch_attached(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
+    use vport_host::watch;
+    let spec = AttachSpec::parse(&args.sockets, args.qmp.clone()).map_err(usage)?;
+    if let Some(qmp) = &spec.qmp {
+        vport_host::attach::check_qmp_path(qmp).map_err(usage)?;
+    }
+    let origin = Instant::now();
+    let attached = Attached::attach(&spec).map_err(|e| Failure::from(CommandError::Attach(e)))?;
+    if attached.qmp.is_none() {
+        progress.say("no --qmp: no QMP events; watching ends on quit or Ctrl-C");
+    }
+    let events = attached.events();
+    let timeline = watch_timeline(args.json, origin)?;
+    let liveness = (args.liveness > 0).then(|| Duration::from_secs(args.liveness));
+    let commands =
+        watch::start_attached(&attached, &timeline, liveness).context("cannot watch the ports").map_err(infra)?;
+    match serve_watch(progress, &spec.names(), &events, commands)? {
+        watch::WatchEnd::Quit => Ok(()),
+        watch::WatchEnd::QemuExited => Err(CommandError::CheckFailed(format!(
+            "qemu exited (its QMP connection closed)\n{}",
+            attached.failure_context()
+        ))
+        .into()),
+    }
+}
+
+/// Says what is watched, then passes the commands on stdin to the watchers until `quit` or
+/// QEMU's exit (`qemu_events` closing).
+fn serve_watch(
+    progress: &Progress,
+    ports: &[String],
+    qemu_events: &crossbeam_channel::Receiver<vport_host::qmp::QmpEvent>,
+    commands: crossbeam_channel::Sender<vport_host::watch::Command>,
+) -> Result<vport_host::watch::WatchEnd, Failure> {
+    progress.say(&format!(
+        "watching {} (commands on stdin: close PORT [MS], reopen PORT, ping PORT, quit)",
+        ports.join(", ")
+    ));
+    let stdin = std::io::BufReader::new(std::io::stdin());
+    vport_host::watch::serve_input_until(qemu_events, stdin, commands, |e| eprintln!("vport: {e}"))
+        .context("cannot read commands")
+        .map_err(infra)
+}
+
+/// The timeline `vport watch` prints on stdout: every record as a JSON line (`json`), or the
+/// live table.
+fn watch_timeline(json: bool, origin: Instant) -> Result<vport_host::timeline::Timeline, Failure> {
+    use std::io::IsTerminal;
+    use vport_host::timeline::Timeline;
     // Raw fd 1: every record reaches a pipe reader at once (stdout is line-buffered anyway,
     // but a table redraw is several lines).
     let stdout = std::fs::File::from(
         std::io::stdout().as_fd().try_clone_to_owned().context("cannot duplicate stdout").map_err(infra)?,
     );
-    let timeline = if args.json {
+    Ok(if json {
         Timeline::with_sink(origin, stdout)
     } else {
         let redraw = std::io::stdout().is_terminal();
-        Timeline::with_sink(origin, watch::TableSink::new(stdout, redraw))
-    };
-    let liveness = (args.liveness > 0).then(|| Duration::from_secs(args.liveness));
-    let commands = watch::start(&rig, &timeline, liveness).context("cannot watch the ports").map_err(infra)?;
-    rig.resume().context("cannot start the guest").map_err(infra)?;
-    progress.say(&format!(
-        "watching {} (commands on stdin: close PORT [MS], reopen PORT, ping PORT, quit)",
-        args.ports.join(", ")
-    ));
-    let stdin = std::io::BufReader::new(std::io::stdin());
-    let end = watch::serve_input(&rig, stdin, commands, |e| eprintln!("vport: {e}"))
-        .context("cannot read commands")
-        .map_err(infra)?;
-    match end {
-        watch::WatchEnd::Quit => Ok(()),
-        watch::WatchEnd::QemuExited => qemu_gone(&rig),
-    }
+        Timeline::with_sink(origin, vport_host::watch::TableSink::new(stdout, redraw))
+    })
 }
 
 /// QEMU went away while `watch` kept the VM up ([`command::boot::qemu_gone`]).

@@ -66,6 +66,22 @@ pub enum UsageError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A `--socket` value is not `NAME=ADDR` with a port name and a chardev address.
+    #[error("bad --socket {value:?}: {reason}")]
+    BadSocket {
+        /// The value as given.
+        value: String,
+        /// What is wrong with it, and the forms that are accepted.
+        reason: String,
+    },
+    /// A `--qmp` path that is no socket one can reach.
+    #[error("--qmp {path}: cannot use it ({reason}); give the path of the VM's -qmp unix:PATH,server=on,wait=off socket, or leave --qmp out (QMP facts are then reported unavailable)")]
+    QmpPath {
+        /// The path as given.
+        path: PathBuf,
+        /// Why not, from the system.
+        reason: String,
+    },
     /// `--filter` selects no conformance case.
     #[error(
         "--filter {filter:?} matches no conformance case (it selects the cases whose name contains one of its \

@@ -12,11 +12,21 @@
 //! [`serve_input`] reads them from a stream (stdin for `vport watch`) until `quit` or QEMU's
 //! exit.
 //!
-//! The live table ([`Table`], [`TableSink`]) renders the trace replay of
+//! The live table ([`Table`], [`TableSink`], in `watch/table.rs`) renders the trace replay of
 //! [`vport_common::replay`]: the checker judges the very same per-port state.
+//!
+//! A VM vport did not start is watched alike ([`start_attached`], see [`crate::attach`]);
+//! without its QMP, sessions end on in-band signals and connection loss only, and watching ends
+//! on `quit` (or Ctrl-C), as nothing tells vport that QEMU exited.
 
+mod table;
+
+pub use table::{Table, TableSink};
+
+use crate::attach::Attached;
 use crate::client::AgentClient;
 use crate::liveness::{IdleLiveness, LivenessAction, SessionWait};
+use crate::qmp::QmpEvent;
 use crate::rig::Rig;
 use crate::session::{PortServer, Session, SessionError};
 use crate::timeline::{ClockOffset, Timeline};
@@ -26,8 +36,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use vport_common::message::MAX_REOPEN_DELAY_MS;
-use vport_common::replay::{PortReplay, Replay};
-use vport_common::trace::Record;
 use vport_common::Message;
 
 /// How long a watcher blocks in one read before it looks at its command channel.
@@ -73,6 +81,9 @@ pub enum WatchError {
     /// A port could not be connected.
     #[error(transparent)]
     Rig(#[from] crate::rig::RigError),
+    /// A port of an attached VM could not be served.
+    #[error(transparent)]
+    Attach(#[from] crate::attach::AttachError),
     /// A watcher thread could not be started.
     #[error("cannot start the {name} thread")]
     Thread {
@@ -131,7 +142,7 @@ pub enum InputEnd {
 pub enum WatchEnd {
     /// The user quit.
     Quit,
-    /// QEMU exited (its QMP event channel closed).
+    /// QEMU exited (its QMP event channel closed; never without QMP).
     QemuExited,
 }
 
@@ -189,13 +200,24 @@ pub fn serve_input(
     commands: Sender<Command>,
     on_bad_line: impl FnMut(&ParseCommandError) + Send + 'static,
 ) -> Result<WatchEnd, WatchError> {
+    serve_input_until(rig.qmp.events(), input, commands, on_bad_line)
+}
+
+/// Like [`serve_input`], watching for QEMU's exit on `qemu_events` (an attached VM's
+/// [`Attached::events`]: without QMP, nothing ever ends it but `quit`).
+pub fn serve_input_until(
+    qemu_events: &Receiver<QmpEvent>,
+    input: impl BufRead + Send + 'static,
+    commands: Sender<Command>,
+    on_bad_line: impl FnMut(&ParseCommandError) + Send + 'static,
+) -> Result<WatchEnd, WatchError> {
     let (end_tx, end_rx) = crossbeam_channel::bounded(1);
     spawn("watch-input".into(), move || {
         let end = read_commands(input, &commands, on_bad_line);
         // The receiver lives until watching ends; after that nobody waits for this.
         let _ = end_tx.send(end);
     })?;
-    Ok(wait_for_end(&end_rx, rig.qmp.events()))
+    Ok(wait_for_end(&end_rx, qemu_events))
 }
 
 /// Starts one watcher thread per port of `rig`, recording on `timeline`, plus a thread that
@@ -205,23 +227,57 @@ pub fn serve_input(
 /// the threads end when QEMU exits.
 pub fn start(rig: &Rig, timeline: &Timeline, liveness: Option<Duration>) -> Result<Sender<Command>, WatchError> {
     let events = rig.qmp.subscribe();
-    let tl = timeline.clone();
-    spawn("watch-qmp".into(), move || {
-        for ev in events.iter() {
-            tl.qmp_event(&ev);
-        }
-    })?;
-    let mut senders = Vec::new();
+    let mut servers = Vec::new();
     for port in rig.vm.ports() {
         timeline.alias(&port.id, &port.name);
         timeline.alias(&port.chardev_id, &port.name);
-        let mut server = rig.port_server(&port.name)?;
+        servers.push(rig.port_server(&port.name)?);
+    }
+    start_servers(Some(events), servers, timeline, liveness)
+}
+
+/// Like [`start`], for the ports of a VM vport did not start. Without its QMP, no QMP event
+/// is recorded and the watcher threads end only with the process.
+pub fn start_attached(
+    attached: &Attached,
+    timeline: &Timeline,
+    liveness: Option<Duration>,
+) -> Result<Sender<Command>, WatchError> {
+    let events = attached.qmp.as_ref().map(|q| q.subscribe());
+    let mut servers = Vec::new();
+    for port in attached.ports() {
+        for id in [&port.device_id, &port.chardev_id].into_iter().flatten() {
+            timeline.alias(id, &port.name);
+        }
+        servers.push(attached.port_server(&port.name)?);
+    }
+    start_servers(events, servers, timeline, liveness)
+}
+
+/// The threads of [`start`]: QMP `events` recorded (when there is QMP), one watcher per server,
+/// and the dispatcher of commands to them.
+fn start_servers(
+    events: Option<Receiver<QmpEvent>>,
+    servers: Vec<PortServer>,
+    timeline: &Timeline,
+    liveness: Option<Duration>,
+) -> Result<Sender<Command>, WatchError> {
+    if let Some(events) = events {
+        let tl = timeline.clone();
+        spawn("watch-qmp".into(), move || {
+            for ev in events.iter() {
+                tl.qmp_event(&ev);
+            }
+        })?;
+    }
+    let mut senders = Vec::new();
+    for mut server in servers {
         server.set_observer(Arc::new(timeline.clone()));
         let (tx, rx) = crossbeam_channel::unbounded();
         let tl = timeline.clone();
-        let name = port.name.clone();
+        let name = server.port();
         spawn(format!("watch-{name}"), move || watch_port(server, &tl, &rx, liveness))?;
-        senders.push((port.name.clone(), tx));
+        senders.push((name, tx));
     }
     let (tx, rx) = crossbeam_channel::unbounded::<Command>();
     spawn("watch-dispatch".into(), move || {
@@ -387,106 +443,10 @@ fn fetch_agent_events(session: &mut Session, tl: &Timeline, since: &mut u64) -> 
     Ok(())
 }
 
-/// The live table: the trace replay of the records so far, rendered one row per port.
-#[derive(Debug, Default)]
-pub struct Table {
-    replay: Replay,
-}
-
-impl Table {
-    /// Applies one record; returns whether a row changed (every record about a port does).
-    pub fn apply(&mut self, r: &Record) -> bool {
-        self.replay.apply(r).is_some()
-    }
-
-    /// The ports, in first-seen order.
-    pub fn ports(&self) -> &[PortReplay] {
-        self.replay.ports()
-    }
-
-    /// The table as text: port, guest open (by the latest evidence, in band or QMP), host
-    /// connected, in-band phase, session, bytes each way, and the last record.
-    pub fn render(&self) -> String {
-        let mut out = format!(
-            "{:<20} {:<6} {:<5} {:<12} {:<10} {:>10} {:>10}  {}\n",
-            "PORT", "GUEST", "HOST", "STATE", "SESSION", "H2G B", "G2H B", "LAST EVENT"
-        );
-        for p in self.replay.ports() {
-            let guest = match p.guest_open() {
-                Some(true) => "open",
-                Some(false) => "closed",
-                None => "?",
-            };
-            let session = p.session().map_or_else(|| "-".to_string(), |s| format!("{s:#010x}"));
-            let last = p
-                .last()
-                .map(|r| format!("{:>8.3}s {:?} {}", r.t_ns as f64 / 1e9, r.source, r.kind))
-                .unwrap_or_default();
-            out.push_str(&format!(
-                "{:<20} {:<6} {:<5} {:<12} {:<10} {:>10} {:>10}  {}\n",
-                p.port(),
-                guest,
-                if p.host_connected() { "yes" } else { "no" },
-                p.phase().name(),
-                session,
-                p.counts().bytes_h2g,
-                p.counts().bytes_g2h,
-                last
-            ));
-        }
-        out
-    }
-}
-
-/// A timeline sink that keeps a [`Table`] and prints it on every change: redrawn in place on
-/// a terminal, appended (one table per change) otherwise.
-pub struct TableSink<W: std::io::Write> {
-    out: W,
-    table: Table,
-    pending: Vec<u8>,
-    redraw: bool,
-}
-
-impl<W: std::io::Write> TableSink<W> {
-    /// A sink printing to `out`; `redraw` clears the screen before each table.
-    pub fn new(out: W, redraw: bool) -> Self {
-        TableSink { out, table: Table::default(), pending: Vec::new(), redraw }
-    }
-}
-
-impl<W: std::io::Write> std::io::Write for TableSink<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.pending.extend_from_slice(buf);
-        while let Some(nl) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=nl).collect();
-            let text = String::from_utf8_lossy(&line);
-            match vport_common::trace::parse_record(&text, 0) {
-                Ok(Some(r)) if self.table.apply(&r) => {
-                    if self.redraw {
-                        self.out.write_all(b"\x1b[H\x1b[2J")?;
-                    }
-                    self.out.write_all(self.table.render().as_bytes())?;
-                    if !self.redraw {
-                        self.out.write_all(b"\n")?;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => log::warn!("watch: cannot show a record: {e}"),
-            }
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vport_common::trace::{Direction, Kind};
-    use vport_common::Phase;
+    use vport_common::trace::Kind;
 
     #[test]
     fn commands_parse_and_bad_lines_say_what_is_accepted() {
@@ -608,43 +568,5 @@ mod tests {
         assert!(silent.join().unwrap(), "the host sent nothing while the vm was paused");
         assert_eq!(session.end_reason(), Some(crate::session::EndReason::AgentBye));
         assert!(!tl.records().iter().any(|r| matches!(&r.kind, Kind::Note { text } if text.starts_with("liveness"))));
-    }
-
-    fn record(seq: u64, port: &str, kind: Kind) -> Record {
-        Record { seq, t_ns: seq * 250_000_000, port: port.into(), source: kind.default_source(), kind }
-    }
-
-    #[test]
-    fn the_table_renders_the_replay() {
-        let mut t = Table::default();
-        let p = "org.vport.0";
-        for (i, kind) in [
-            Kind::VserportChange { id: "vport0".into(), open: true },
-            Kind::HostConnect,
-            Kind::Hello { session: 7, nonce: 1 },
-            Kind::HelloAck { session: 7, nonce: 1 },
-            Kind::Data { dir: Direction::HostToGuest, bytes: 64, session: 7 },
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            assert!(t.apply(&record(i as u64, p, kind)));
-        }
-        assert!(t.apply(&record(5, "org.vport.1", Kind::HostConnect)));
-        assert!(!t.apply(&record(6, "", Kind::Note { text: "phase 2".into() })), "a rig note is about no port");
-        let text = t.render();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
-        assert!(lines[0].starts_with("PORT "), "{text}");
-        let row: Vec<&str> = lines[1].split_whitespace().collect();
-        assert_eq!(row[..7], ["org.vport.0", "open", "yes", "READY", "0x00000007", "64", "0"], "{text}");
-        assert!(lines[1].ends_with("1.000s Host data h2g 64 bytes session=0x00000007"), "{text}");
-        let row: Vec<&str> = lines[2].split_whitespace().collect();
-        assert_eq!(row[..7], ["org.vport.1", "?", "yes", "DISCONNECTED", "-", "0", "0"], "{text}");
-
-        // The guest closes: in band first (BYE), the session ends.
-        t.apply(&record(7, p, Kind::Bye { session: 7, reopen_after_ms: Some(100), reason: "close".into() }));
-        assert_eq!(t.ports()[0].phase(), Phase::Disconnected);
-        assert_eq!((t.ports()[0].guest_open(), t.ports()[0].session()), (Some(false), None));
     }
 }

@@ -42,7 +42,7 @@ mod server;
 mod stream;
 pub mod unix_diag;
 
-pub use addr::{EndpointAddr, EndpointKind};
+pub use addr::{BadEndpointAddr, EndpointAddr, EndpointKind, ADDR_FORMS};
 pub use client::{connect_unix, PtyEndpoint, TcpClientEndpoint, UnixClientEndpoint};
 pub use connection::Connection;
 pub use endpoint::Endpoint;

@@ -34,7 +34,26 @@ Output: a table on stdout, redrawn on every change (on a terminal) or appended; 
 record of the timeline as one JSON line (the trace format of docs/trace.md; `vport trace check` judges it).\n\n\
 Commands, one per line on stdin: `close PORT [MS]` (the agent closes the port and reopens it after MS \
 milliseconds, default 1000), `reopen PORT`, `ping PORT`, `quit`. At end of input, watching goes on until \
-Ctrl-C or until QEMU exits.";
+Ctrl-C or until QEMU exits.\n\n\
+A VM vport did not start (a hand-written command line, libvirt): give --socket NAME=ADDR for each of its \
+ports instead of --port, and --qmp PATH for its QMP socket if it has one. Nothing is booted and the VM is \
+never stopped or killed. Without --qmp, no QMP event is recorded, sessions end on in-band signals and on \
+the connection's loss only, and nothing tells vport that QEMU exited: watching ends on `quit` or Ctrl-C.";
+
+/// `--socket` of `vport hello` and `vport watch`: attaching to a VM vport did not start.
+pub const ATTACH_SOCKET_HELP: &str = "Talk to a VM vport did not start: port NAME (its name= as the guest sees \
+it) has its chardev at ADDR. ADDR is PATH or unix:PATH for `-chardev socket,path=PATH,server=on,wait=off` \
+(QEMU listens, vport connects), unix-listen:PATH for `server=off,reconnect=N` (vport listens at PATH, which \
+must not exist yet; QEMU connects within N seconds), tcp:HOST:PORT (QEMU listens), tcp-listen:127.0.0.1:PORT \
+(vport listens on loopback), or pty:/dev/pts/N (`-chardev pty`). No image is built and no VM booted; the VM is \
+left running as it was. Example: --socket org.vport.0=/run/vm/port0.sock --qmp /run/vm/qmp.sock";
+
+/// `--qmp` of `vport hello` and `vport watch`.
+pub const ATTACH_QMP_HELP: &str = "The QMP socket of the VM given with --socket (`-qmp \
+unix:PATH,server=on,wait=off`; QEMU serves one QMP client at a time, so give a monitor no other tool holds). \
+With it vport finds each port's device and chardev by name (QOM), follows VSERPORT_CHANGE, STOP, RESET and \
+unplugs, and reports QEMU's version and frontend-open. Without it those are reported as unavailable (no \
+--qmp), not as failures.";
 
 /// `vport run faults --help`.
 pub const FAULTS_ABOUT: &str =

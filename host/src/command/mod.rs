@@ -71,6 +71,9 @@ pub enum CommandError {
     /// `vport send` / `vport recv` did not complete the stream.
     #[error(transparent)]
     Transfer(#[from] crate::stream::TransferError),
+    /// The VM to attach to (`--socket`, `--qmp`) could not be reached.
+    #[error("cannot attach to the vm")]
+    Attach(#[source] crate::attach::AttachError),
     /// `vport hello` failed.
     #[error("vport hello failed")]
     Hello(#[source] crate::hello::HelloError),
@@ -124,6 +127,7 @@ impl CommandError {
             CommandError::Usage(e) => e.exit_code(),
             CommandError::Connect(e) => e.exit_code(),
             CommandError::Conformance(e) => e.exit_code(),
+            CommandError::Attach(e) | CommandError::Hello(crate::hello::HelloError::Attach(e)) => e.exit_code(),
             CommandError::Hello(e) if e.is_infrastructure() => ExitCode::Infrastructure,
             CommandError::Bench(e) if e.is_infrastructure() => ExitCode::Infrastructure,
             CommandError::Bench(_) => ExitCode::CheckFailed,
