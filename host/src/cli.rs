@@ -7,8 +7,8 @@ use std::time::Duration;
 use vport_host::command;
 use vport_host::command::boot::VmSettings;
 use vport_host::command::help::{
-    ATTACH_QMP_HELP, ATTACH_SOCKET_HELP, BENCH_ABOUT, CONNECT_ABOUT, FAULTS_ABOUT, SOAK_ABOUT, TRANSFER_ABOUT,
-    WATCH_ABOUT,
+    ATTACH_QMP_HELP, ATTACH_SOCKET_HELP, BENCH_ABOUT, CONNECT_ABOUT, ENVIRONMENT, FAULTS_ABOUT, SOAK_ABOUT,
+    TRANSFER_ABOUT, WATCH_ABOUT,
 };
 use vport_host::command::image::ImageChoice;
 use vport_host::exit::HELP as EXIT_CODES;
@@ -25,7 +25,7 @@ use vport_host::qemu::accel::AccelChoice;
 connects to the VM's virtio-serial ports from the host, and checks what both sides observe.\n\n\
 First time on a machine: scripts/bootstrap (installs qemu, busybox, the kernel package), then \
 scripts/build-agent (the static guest agent).",
-    after_help = EXIT_CODES
+    after_help = format!("{ENVIRONMENT}\n\n{EXIT_CODES}")
 )]
 pub(crate) struct Cli {
     /// Diagnostics on stderr: error, warn, info, debug (full QEMU command lines, QMP traffic), trace.
@@ -355,7 +355,9 @@ pub(crate) struct ImageArgs {
     /// downloaded with apt-get when absent).
     #[arg(long, conflicts_with = "kernel")]
     pub(crate) kernel_deb: Option<PathBuf>,
-    /// The statically linked vport-agent (default: scripts/build-agent's output).
+    /// The statically linked vport-agent (default: the first static one of: scripts/build-agent's
+    /// build beside this vport's build, vport-agent beside this vport (cargo install), on PATH,
+    /// /usr/libexec/vport/, /usr/local/libexec/vport/, /usr/lib/vport/).
     #[arg(long, env = "VPORT_AGENT")]
     pub(crate) agent: Option<PathBuf>,
     /// A statically linked busybox.

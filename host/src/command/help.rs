@@ -124,3 +124,39 @@ sweeps six sizes three times, 2,000 round trips. Progress goes to stderr, the ta
 --json-out FILE also writes the JSON, --plots DIR draws SVG plots (throughput against write size each way, the \
 round-trip distributions). A missed goal does not fail the command: bytes that arrive other than sent do (exit 1), \
 and a VM that cannot be set up or driven is exit 3. docs/bench.md holds the latest figures.";
+
+/// `vport --help`: every environment variable vport reads.
+pub const ENVIRONMENT: &str = "Environment:\n  \
+VPORT_LOG             diagnostics level, as --log-level\n  \
+VPORT_AGENT           the static vport-agent, as --agent (else searched: see --agent in a command's --help)\n  \
+VPORT_BUSYBOX         the static busybox, as --busybox\n  \
+VPORT_KERNEL          your own bzImage, as --kernel; VPORT_KERNEL_MODULES its lib/modules/RELEASE\n  \
+VPORT_QEMU            the qemu-system-x86_64 to run (default: the one on PATH)\n  \
+VPORT_CACHE_DIR       where images and downloaded packages are kept (default: $XDG_CACHE_HOME/vport, \
+$HOME/.cache/vport, /var/tmp/vport-cache)\n  \
+VPORT_KEEP_VM_DIR     set (not 0) to keep each VM's directory (console log, QEMU stderr, sockets) after it ends\n  \
+XDG_RUNTIME_DIR       where `vport boot` registers its VMs for `vport connect` (default: /tmp/vport-UID)";
+
+#[cfg(test)]
+mod tests {
+    use super::ENVIRONMENT;
+
+    #[test]
+    fn every_environment_variable_vport_reads_is_in_the_help() {
+        let read = [
+            "VPORT_LOG",
+            crate::image::AGENT_ENV,
+            crate::image::BUSYBOX_ENV,
+            crate::image::kernel::KERNEL_ENV,
+            crate::image::kernel::KERNEL_MODULES_ENV,
+            crate::qemu::binary::QEMU_ENV,
+            crate::cache::CACHE_DIR_ENV,
+            crate::qemu::cleanup::KEEP_DIR_ENV,
+            "XDG_CACHE_HOME",
+            "XDG_RUNTIME_DIR",
+        ];
+        for var in read {
+            assert!(ENVIRONMENT.contains(var), "{var} is read but not in vport --help");
+        }
+    }
+}

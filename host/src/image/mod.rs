@@ -51,7 +51,11 @@ pub enum ImageError {
     #[error("cannot unpack kernel package {deb}: {reason}")]
     Unpack { deb: PathBuf, reason: String },
     /// No agent binary was given and none was found at the default build locations.
-    #[error("vport-agent binary not found (looked at {looked_at}): run scripts/build-agent, or pass --agent PATH / set VPORT_AGENT")]
+    #[error(
+        "no statically linked vport-agent found (looked at {looked_at}): run scripts/build-agent in a checkout, or \
+         install it beside vport with RUSTFLAGS='-C target-feature=+crt-static' cargo install --locked --path guest \
+         --target x86_64-unknown-linux-gnu, or pass --agent PATH / set VPORT_AGENT"
+    )]
     AgentNotFound { looked_at: String },
     /// A binary the image needs does not exist.
     #[error("{what} {path} not found: {hint}")]
@@ -127,23 +131,46 @@ pub fn default_busybox() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BUSYBOX))
 }
 
-/// Default places a `scripts/build-agent` build lands, for a vport binary at `exe` and a
-/// workspace at `workspace`.
-pub fn agent_candidates(exe: Option<&Path>, workspace: &Path) -> Vec<PathBuf> {
-    let rel = Path::new("x86_64-unknown-linux-gnu/release/vport-agent");
+/// The agent's file name.
+pub const AGENT_FILE: &str = "vport-agent";
+/// System places an agent is looked for last, for packagers (`/usr/libexec/vport/vport-agent`
+/// first).
+pub const AGENT_SYSTEM_PATHS: [&str; 3] =
+    ["/usr/libexec/vport/vport-agent", "/usr/local/libexec/vport/vport-agent", "/usr/lib/vport/vport-agent"];
+
+/// Where the agent is looked for when neither `--agent` nor `$VPORT_AGENT` names it, in order,
+/// for a vport binary at `exe` and a `$PATH` of `path_var`:
+///
+/// 1. a `scripts/build-agent` build beside the vport build (`<target>/debug/vport` ->
+///    `<target>/x86_64-unknown-linux-gnu/release/vport-agent`; test binaries live one level
+///    deeper, `<target>/debug/deps/`);
+/// 2. `vport-agent` beside `vport` (both installed with `cargo install` into one `bin/`);
+/// 3. `vport-agent` in each `$PATH` directory;
+/// 4. [`AGENT_SYSTEM_PATHS`].
+///
+/// No path of the source tree vport was built from is compiled in: an installed vport finds
+/// its agent where it is installed.
+pub fn agent_candidates(exe: Option<&Path>, path_var: Option<&std::ffi::OsStr>) -> Vec<PathBuf> {
+    let rel = Path::new("x86_64-unknown-linux-gnu/release").join(AGENT_FILE);
     let mut v = Vec::new();
-    // <target>/debug/vport → <target>/x86_64-unknown-linux-gnu/release/vport-agent; test
-    // binaries live one level deeper (<target>/debug/deps/...).
     if let Some(dir) = exe.and_then(Path::parent) {
-        v.push(dir.join("..").join(rel));
-        v.push(dir.join("../..").join(rel));
+        v.push(dir.join("..").join(&rel));
+        v.push(dir.join("../..").join(&rel));
+        v.push(dir.join(AGENT_FILE));
     }
-    v.push(workspace.join("target").join(rel));
+    if let Some(paths) = path_var {
+        v.extend(std::env::split_paths(paths).filter(|d| d.is_absolute()).map(|d| d.join(AGENT_FILE)));
+    }
+    v.extend(AGENT_SYSTEM_PATHS.iter().map(PathBuf::from));
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|p| seen.insert(p.clone()));
     v
 }
 
-/// The agent binary: `explicit` (from `--agent`), else `$VPORT_AGENT`, else the first
-/// existing of [`agent_candidates`] (current exe, this crate's workspace).
+/// The agent binary: `explicit` (from `--agent`), else `$VPORT_AGENT`, else the first of
+/// [`agent_candidates`] that is a statically linked executable (a dynamically linked
+/// `vport-agent`, such as a plain `cargo build` makes, is passed over and named in the error
+/// if nothing better is found).
 pub fn resolve_agent(explicit: Option<&Path>) -> Result<PathBuf, ImageError> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
@@ -152,15 +179,25 @@ pub fn resolve_agent(explicit: Option<&Path>) -> Result<PathBuf, ImageError> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().ok();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let candidates = agent_candidates(exe.as_deref(), &workspace);
-    if let Some(p) = candidates.iter().find(|p| p.is_file()) {
-        log::debug!("using agent {}", p.display());
-        return Ok(p.clone());
+    let path_var = std::env::var_os("PATH");
+    let candidates = agent_candidates(exe.as_deref(), path_var.as_deref());
+    let mut passed_over = Vec::new();
+    for p in candidates.iter().filter(|p| p.is_file()) {
+        match std::fs::read(p).map(|bytes| elf::has_interpreter(&bytes)) {
+            Ok(Ok(false)) => {
+                log::debug!("using agent {}", p.display());
+                return Ok(p.clone());
+            }
+            Ok(Ok(true)) => passed_over.push(format!("{} (dynamically linked)", p.display())),
+            Ok(Err(e)) => passed_over.push(format!("{} ({e})", p.display())),
+            Err(e) => passed_over.push(format!("{} ({e})", p.display())),
+        }
     }
-    Err(ImageError::AgentNotFound {
-        looked_at: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-    })
+    let mut looked_at = candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    if !passed_over.is_empty() {
+        looked_at.push_str(&format!("; passed over: {}", passed_over.join(", ")));
+    }
+    Err(ImageError::AgentNotFound { looked_at })
 }
 
 /// What to do about a bad or missing agent binary.
@@ -318,10 +355,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn agent_candidates_cover_exe_and_workspace() {
-        let c = agent_candidates(Some(Path::new("/w/target/debug/vport")), Path::new("/w"));
-        assert_eq!(c[0], Path::new("/w/target/debug/../x86_64-unknown-linux-gnu/release/vport-agent"));
-        assert_eq!(c.last().unwrap(), Path::new("/w/target/x86_64-unknown-linux-gnu/release/vport-agent"));
+    fn agent_candidates_are_the_build_beside_vport_then_its_bin_then_path_then_system_places() {
+        let path = std::ffi::OsString::from("/opt/bin:relative/bin:/home/u/.cargo/bin");
+        let c = agent_candidates(Some(Path::new("/home/u/.cargo/bin/vport")), Some(&path));
+        let want: Vec<PathBuf> = [
+            "/home/u/.cargo/bin/../x86_64-unknown-linux-gnu/release/vport-agent",
+            "/home/u/.cargo/bin/../../x86_64-unknown-linux-gnu/release/vport-agent",
+            "/home/u/.cargo/bin/vport-agent",
+            "/opt/bin/vport-agent",
+            "/usr/libexec/vport/vport-agent",
+            "/usr/local/libexec/vport/vport-agent",
+            "/usr/lib/vport/vport-agent",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        // A relative $PATH entry is skipped; the bin/ directory, on $PATH too, is listed once.
+        assert_eq!(c, want);
+        assert!(c.iter().all(|p| !p.starts_with(env!("CARGO_MANIFEST_DIR"))), "no source path compiled in");
     }
 
     #[test]
