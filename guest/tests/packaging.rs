@@ -28,7 +28,7 @@ fn which(cmd: &str) -> Option<PathBuf> {
 }
 
 /// A root with the distribution's unit directory, the unit installed as its header says, and
-/// an executable at /usr/local/bin/vport-agent.
+/// an executable at /usr/bin/vport-agent (where the unit and the .deb put the agent).
 fn root() -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
     let units = root.path().join("usr/lib/systemd/system");
@@ -42,7 +42,7 @@ fn root() -> tempfile::TempDir {
     let etc = root.path().join("etc/systemd/system");
     std::fs::create_dir_all(&etc).unwrap();
     std::fs::copy(dist().join(UNIT), etc.join(UNIT)).unwrap();
-    let bin = root.path().join("usr/local/bin");
+    let bin = root.path().join("usr/bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::copy(std::env::current_exe().unwrap(), bin.join("vport-agent")).unwrap();
     root
