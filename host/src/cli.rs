@@ -388,6 +388,10 @@ pub(crate) struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub(crate) cpus: u32,
+    /// QEMU machine type: pc (i440FX) or q35 (PCIe); the virtio-serial controller is
+    /// virtio-serial-pci on both. (microvm needs the virtio-mmio transport, not built yet.)
+    #[arg(long, default_value = "pc", value_parser = ["pc", "q35"])]
+    pub(crate) machine: String,
     /// Log level of vport-agent inside the guest (its log goes to the guest console).
     #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     pub(crate) agent_log_level: String,
@@ -417,7 +421,13 @@ impl VmArgs {
     }
 
     pub(crate) fn settings(&self) -> VmSettings {
-        VmSettings { accel: self.accel, memory_mib: self.memory, cpus: self.cpus, agent_args: self.agent_args() }
+        VmSettings {
+            accel: self.accel,
+            machine: self.machine.clone(),
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            agent_args: self.agent_args(),
+        }
     }
 
     /// The VM settings for `img` with `ports` and these options.

@@ -37,6 +37,8 @@ pub struct HelloOptions {
     pub port: String,
     /// Accelerator choice.
     pub accel: AccelChoice,
+    /// QEMU machine type (`pc`, `q35`).
+    pub machine: String,
     /// Guest memory, MiB.
     pub memory_mib: u32,
     /// vCPUs.
@@ -57,6 +59,7 @@ impl Default for HelloOptions {
         HelloOptions {
             port: DEFAULT_PORT.into(),
             accel: AccelChoice::Auto,
+            machine: "pc".into(),
             memory_mib: 256,
             cpus: 1,
             hello_timeout: Duration::from_secs(45),
@@ -313,6 +316,7 @@ pub fn run(image: &GuestImage, opts: &HelloOptions, progress: &mut dyn FnMut(&st
     note_port_prefix(&opts.port, progress);
     let mut cfg = vm_config(image, &[opts.port.as_str()], &opts.agent_args);
     cfg.accel = opts.accel;
+    cfg.machine.clone_from(&opts.machine);
     cfg.memory_mib = opts.memory_mib;
     cfg.cpus = opts.cpus;
     let timeline = new_timeline(opts)?;

@@ -175,6 +175,7 @@ fn cmd_hello(args: HelloArgs, out: &mut dyn std::io::Write, progress: &Progress)
     let opts = HelloOptions {
         port: args.port,
         accel: args.vm.accel,
+        machine: args.vm.machine.clone(),
         memory_mib: args.vm.memory,
         cpus: args.vm.cpus,
         hello_timeout: Duration::from_secs(args.timeout),

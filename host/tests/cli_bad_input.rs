@@ -109,6 +109,16 @@ fn bad_port_values_are_usage_errors_before_anything_is_built() {
 }
 
 #[test]
+fn a_machine_type_vport_does_not_build_is_a_usage_error_naming_the_ones_it_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for cmd in ["boot", "watch", "hello"] {
+        let o = unbuildable(dir.path()).args([cmd, "--machine", "microvm"]).output().unwrap();
+        assert_fails_with(&o, ExitCode::Usage, &["microvm", "pc", "q35"], &cmd);
+        assert_nothing_built(dir.path());
+    }
+}
+
+#[test]
 fn connect_to_an_unknown_port_without_any_vm_says_how_to_start_one() {
     let dir = tempfile::tempdir().unwrap();
     let o = unbuildable(dir.path()).args(["connect", "nosuch"]).output().unwrap();

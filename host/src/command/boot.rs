@@ -15,6 +15,8 @@ use std::time::Duration;
 pub struct VmSettings {
     /// Accelerator choice.
     pub accel: AccelChoice,
+    /// QEMU machine type (`pc`, `q35`).
+    pub machine: String,
     /// Guest memory, MiB.
     pub memory_mib: u32,
     /// vCPUs.
@@ -29,6 +31,7 @@ impl VmSettings {
         let names: Vec<&str> = ports.iter().map(String::as_str).collect();
         let mut cfg = vm_config(img, &names, &self.agent_args);
         cfg.accel = self.accel;
+        cfg.machine.clone_from(&self.machine);
         cfg.memory_mib = self.memory_mib;
         cfg.cpus = self.cpus;
         cfg
