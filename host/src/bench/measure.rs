@@ -238,12 +238,7 @@ pub fn acked_to_host(
 ) -> Result<Duration, BenchError> {
     let mut stream = ToHost::pattern(port, seed, bytes, dest, opts.clone())?;
     let report = stream.run(server, &mut |_| Control::Continue)?;
-    let stored = std::fs::read(dest).map_err(|e| BenchError::io("read the received file", e))?;
-    std::fs::remove_file(dest).map_err(|e| BenchError::io("remove the received file", e))?;
-    if report.bytes != bytes || stored.len() as u64 != bytes {
-        return Err(BenchError::Integrity(format!("acked guest->host: {} of {bytes} bytes stored", stored.len())));
-    }
-    check_digest("acked guest->host", xxh3(&stored), seed, bytes)?;
+    take_stored_pattern("acked guest->host", dest, report.bytes, seed, bytes)?;
     Ok(report.elapsed)
 }
 
@@ -268,6 +263,25 @@ pub fn acked_to_guest(
     }
     check_digest("acked host->guest", report.digest, seed, bytes)?;
     Ok(report.elapsed)
+}
+
+/// Reads and removes `dest`, a received stream that the transfer reported as `reported` bytes:
+/// both must be `bytes` of the pattern of `seed`. Returns the file's digest.
+pub(super) fn take_stored_pattern(
+    what: &str,
+    dest: &Path,
+    reported: u64,
+    seed: u64,
+    bytes: u64,
+) -> Result<u64, BenchError> {
+    let stored = std::fs::read(dest).map_err(|e| BenchError::io("read the received file", e))?;
+    std::fs::remove_file(dest).map_err(|e| BenchError::io("remove the received file", e))?;
+    if reported != bytes || stored.len() as u64 != bytes {
+        return Err(BenchError::Integrity(format!("{what}: {} of {bytes} bytes stored", stored.len())));
+    }
+    let digest = xxh3(&stored);
+    check_digest(what, digest, seed, bytes)?;
+    Ok(digest)
 }
 
 fn xxh3(bytes: &[u8]) -> u64 {

@@ -30,7 +30,6 @@ use crate::wait::wait_until;
 use std::cell::Cell;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use vport_common::pattern;
 use vport_common::server::EndReason;
 
 /// The event's name in the report.
@@ -129,19 +128,10 @@ pub(super) fn sample(
     if let Some(e) = stop_failed {
         return Err(BenchError::Setup(format!("QMP stop: {e}")));
     }
-    let stored = std::fs::read(dest).map_err(|e| BenchError::io("read the received file", e))?;
-    std::fs::remove_file(dest).map_err(|e| BenchError::io("remove the received file", e))?;
-    let mut digest = pattern::StreamDigest::new();
-    digest.update(&stored);
-    if report.bytes != PAUSE_BYTES || stored.len() as u64 != PAUSE_BYTES || report.digest != digest.digest() {
-        return Err(BenchError::Integrity(format!(
-            "the stream through the pause: {} of {PAUSE_BYTES} bytes stored in {} session(s)",
-            stored.len(),
-            report.sessions
-        )));
-    }
-    if digest.digest() != pattern::pattern_digest(seed, PAUSE_BYTES) {
-        return Err(BenchError::Integrity("the stream through the pause arrived changed".into()));
+    let what = "the stream through the pause";
+    let digest = super::measure::take_stored_pattern(what, dest, report.bytes, seed, PAUSE_BYTES)?;
+    if report.digest != digest {
+        return Err(BenchError::Integrity(format!("{what}: the transfer's digest is not the stored file's")));
     }
     let Some(throttled) = throttled else {
         return Err(BenchError::Setup(
