@@ -15,6 +15,7 @@
 
 pub mod events;
 pub mod figures;
+pub mod insns;
 pub mod measure;
 mod pause;
 pub mod plot;
@@ -257,6 +258,8 @@ struct Bench {
     work: crate::qemu::WorkDir,
     transfer: TransferOptions,
     report: BenchReport,
+    /// The guest's instruction count, when it can be counted ([`insns`]).
+    insns: Option<insns::InsnCounter>,
 }
 
 impl Bench {
@@ -271,9 +274,24 @@ impl Bench {
         // holds the last file received and the next one's part file: room for two of the
         // largest sample (`--mib` 192).
         cfg.memory_mib = cfg.memory_mib.max(BENCH_MEMORY_MIB);
-        let mut rig = Rig::launch(cfg).map_err(|e| setup("cannot boot the vm", e))?;
+        let work = crate::qemu::WorkDir::create().map_err(|e| BenchError::io("make a work directory", e))?;
         let mut report = BenchReport::default();
-        report.environment.push(("accelerator".into(), rig.vm.accel().to_string()));
+        let insns = match count_insns(&cfg, work.path()) {
+            Ok((args, counter)) => {
+                cfg.extra_args.extend(args);
+                report.environment.push((
+                    INSNS_KEY.into(),
+                    "counted by a TCG plugin: every instruction of the guest's vCPU, kernel and user".into(),
+                ));
+                Some(counter)
+            }
+            Err(reason) => {
+                report.environment.push((INSNS_KEY.into(), format!("not counted: {reason}")));
+                None
+            }
+        };
+        let mut rig = Rig::launch(cfg).map_err(|e| setup("cannot boot the vm", e))?;
+        report.environment.insert(0, ("accelerator".into(), rig.vm.accel().to_string()));
         if let Ok(v) = rig.qmp.query_version() {
             report
                 .environment
@@ -291,9 +309,8 @@ impl Bench {
         // The session holds the connection; the server is not needed again.
         drop(ctl_server);
         let raw = measure::open_raw(&mut ctl, PORT_RAW, raw_host, REPLY)?;
-        let work = crate::qemu::WorkDir::create().map_err(|e| BenchError::io("make a work directory", e))?;
         let transfer = TransferOptions { session_timeout: Duration::from_secs(60), ..Default::default() };
-        Ok(Bench { rig, ctl, raw, streams, work, transfer, report })
+        Ok(Bench { rig, ctl, raw, streams, work, transfer, report, insns })
     }
 
     /// One sample of `carrier` moving `bytes` of the pattern of `seed` in `direction`, in
@@ -467,28 +484,33 @@ impl Bench {
         write_size: u32,
     ) -> Result<(Duration, Duration, u64), BenchError> {
         let before = self.usage()?;
+        let insns_before = self.guest_insns()?;
         let took = self.sample(direction, carrier, seed, bytes, write_size)?;
+        let insns = self.guest_insns()?.zip(insns_before).map(|(after, before)| after.saturating_sub(before));
         let after = self.usage()?;
         let cpu = Duration::from_nanos(after.1.saturating_sub(before.1));
-        self.record(direction, carrier, bytes, write_size, took, cpu);
+        self.record(direction, carrier, write_size, Cost { bytes, took, cpu, insns });
         Ok((took, cpu, after.0.saturating_sub(before.0)))
     }
 
+    /// The guest's instruction count so far, when it is counted.
+    fn guest_insns(&self) -> Result<Option<u64>, BenchError> {
+        self.insns
+            .as_ref()
+            .map(|c| c.read())
+            .transpose()
+            .map_err(|e| BenchError::io("read the guest's instruction count", e))
+    }
+
     /// Adds a sample to its figure.
-    fn record(
-        &mut self,
-        direction: Direction,
-        carrier: Carrier,
-        bytes: u64,
-        write_size: u32,
-        took: Duration,
-        cpu: Duration,
-    ) {
+    fn record(&mut self, direction: Direction, carrier: Carrier, write_size: u32, cost: Cost) {
+        let Cost { bytes, took, cpu, insns } = cost;
         let same = |t: &&mut Throughput| t.direction == direction && t.carrier == carrier && t.write_size == write_size;
         match self.report.throughput.iter_mut().find(same) {
             Some(t) => {
                 t.samples.push(took);
                 t.agent_cpu.push(cpu);
+                t.guest_insns.extend(insns);
             }
             None => self.report.throughput.push(Throughput {
                 direction,
@@ -497,6 +519,7 @@ impl Bench {
                 write_size,
                 samples: vec![took],
                 agent_cpu: vec![cpu],
+                guest_insns: insns.into_iter().collect(),
             }),
         }
     }
@@ -544,6 +567,18 @@ impl Bench {
     }
 }
 
+/// What one throughput sample moved and cost.
+struct Cost {
+    /// Bytes moved.
+    bytes: u64,
+    /// Wall time.
+    took: Duration,
+    /// The agent's CPU time.
+    cpu: Duration,
+    /// The guest's instructions, where counted.
+    insns: Option<u64>,
+}
+
 /// Closes the guest's raw-port handle (its worker thread ends), so that the idle agent holds
 /// only what it holds for its served ports.
 fn close_guest_handle(ctl: &mut Session, handle: u32) -> Result<(), BenchError> {
@@ -552,6 +587,21 @@ fn close_guest_handle(ctl: &mut Session, handle: u32) -> Result<(), BenchError> 
         return Err(BenchError::Guest { what: "close the raw port".into(), detail: format!("errno {}", done.errno) });
     }
     Ok(())
+}
+
+/// The environment entry saying whether guest instructions are counted, and if not, why.
+const INSNS_KEY: &str = "guest instructions";
+
+/// Sets up the count of the guest's instructions for the VM of `cfg` ([`insns::prepare`]).
+fn count_insns(
+    cfg: &crate::qemu::VmConfig,
+    work: &std::path::Path,
+) -> Result<(Vec<std::ffi::OsString>, insns::InsnCounter), String> {
+    let qemu = crate::qemu::find_qemu(cfg.qemu.as_deref()).map_err(|e| e.to_string())?;
+    let accel =
+        crate::qemu::probe::resolve(cfg.accel, &qemu, Some(&cfg.kernel), &cfg.cache_dir).map_err(|e| e.to_string())?;
+    let version = crate::qemu::query_version(&qemu)?;
+    insns::prepare(&cfg.cache_dir, work, accel, version, cfg.cpus)
 }
 
 fn setup(what: &str, e: impl std::fmt::Display) -> BenchError {

@@ -306,7 +306,15 @@ mod tests {
 
     fn tp(direction: Direction, carrier: Carrier, write_size: u32, ms: u64) -> Throughput {
         let samples = vec![Duration::from_millis(ms); 3];
-        Throughput { direction, carrier, bytes: 10_000_000, write_size, agent_cpu: samples.clone(), samples }
+        Throughput {
+            direction,
+            carrier,
+            bytes: 10_000_000,
+            write_size,
+            agent_cpu: samples.clone(),
+            samples,
+            guest_insns: Vec::new(),
+        }
     }
 
     fn rt(carrier: Carrier, size: u32, us: impl IntoIterator<Item = u64>) -> RoundTrip {

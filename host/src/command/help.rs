@@ -103,6 +103,8 @@ which the agent does not serve: the baseline, a guest write()/read() loop (as `d
 chardev socket directly. Every round moves the same number of bytes each way by each carrier (raw, plain, acked) \
 in writes of 64 KiB, in turn, every byte's digest checked; a figure is the median of its rounds and is printed \
 as a ratio to the raw port of the same direction and write size, with the goal at 64 KiB (at least 0.95x raw). \
+Under TCG (one vCPU, QEMU 4.2 to 8.x) each figure also gets the guest's instructions per MiB, counted by a TCG \
+plugin vport builds with the C compiler into its cache, as a ratio to raw (stable where seconds are not). \
 A sweep follows: raw and plain both ways in writes (raw) and DATA frames (plain) of other sizes, 64 B to 1 MiB, \
 each a ratio to raw at its size (the acknowledged streams move their bytes in their own 32 KiB frames whatever \
 the write size). Round trips of 64 B and 4 KiB come next: the host \

@@ -114,6 +114,16 @@ pub fn incoming_args(uri: &str) -> Vec<OsString> {
     vec![os("-incoming"), os(uri)]
 }
 
+/// `-plugin file=<plugin>,<key>=<value>...`: a TCG plugin and its arguments (values escaped).
+pub fn plugin_args(plugin: &Path, plugin_args: &[(&str, &OsStr)]) -> Vec<OsString> {
+    let mut spec = cat(&[OsStr::new("file="), &escape(plugin.as_os_str())]);
+    for (key, value) in plugin_args {
+        spec.push(format!(",{key}="));
+        spec.push(escape(value));
+    }
+    vec![os("-plugin"), spec]
+}
+
 /// The host side of a port: which kind of QEMU chardev backs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChardevBackend {
@@ -339,6 +349,12 @@ mod tests {
             )),
             ["-chardev", "socket,id=c4,host=127.0.0.1,port=5555,server=off,reconnect=1"]
         );
+    }
+
+    #[test]
+    fn plugin() {
+        let args = plugin_args(Path::new("/c/p,1.so"), &[("out", OsStr::new("/w/n,2")), ("x", OsStr::new("y"))]);
+        assert_eq!(args, [os("-plugin"), os("file=/c/p,,1.so,out=/w/n,,2,x=y")]);
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct Throughput {
     pub samples: Vec<Duration>,
     /// The agent's CPU time (all its threads) over each sample: how busy the guest side was.
     pub agent_cpu: Vec<Duration>,
+    /// The guest's instructions over each sample (kernel and user, every process), where they
+    /// were counted (`super::insns`); empty where not.
+    pub guest_insns: Vec<u64>,
 }
 
 impl Throughput {
@@ -83,6 +86,15 @@ impl Throughput {
         let wall: Duration = self.samples.iter().sum();
         let cpu: Duration = self.agent_cpu.iter().sum();
         (!wall.is_zero()).then(|| cpu.as_secs_f64() / wall.as_secs_f64())
+    }
+
+    /// The guest's instructions per MiB moved, at the lower median of the counted samples;
+    /// `None` where none were counted.
+    pub fn insns_per_mib(&self) -> Option<f64> {
+        let mut sorted = self.guest_insns.clone();
+        sorted.sort_unstable();
+        let mid = *sorted.get(sorted.len().checked_sub(1)? / 2)?;
+        (self.bytes > 0).then(|| mid as f64 / (self.bytes as f64 / f64::from(1u32 << 20)))
     }
 
     /// Megabytes (10^6 bytes) per second at the median sample; `None` without samples or with
@@ -324,6 +336,13 @@ impl BenchReport {
         Some(t.mb_per_s()? / raw.mb_per_s()?)
     }
 
+    /// `t`'s guest instructions per MiB over raw's of the same direction and write size (lower
+    /// is cheaper), if both were counted.
+    pub fn insns_ratio_to_raw(&self, t: &Throughput) -> Option<f64> {
+        let raw = self.find(t.direction, Carrier::Raw, t.write_size)?.insns_per_mib()?;
+        (raw > 0.0).then(|| t.insns_per_mib().map(|c| c / raw)).flatten()
+    }
+
     /// `e`'s median over its event's baseline's (the first figure of that event), if both are
     /// known and the baseline's is not zero.
     pub fn event_ratio(&self, e: &EventLatency) -> Option<f64> {
@@ -367,6 +386,9 @@ impl BenchReport {
                     "x_raw": self.ratio_to_raw(t),
                     "agent_cpu_ms": t.agent_cpu.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
                     "agent_busy": t.agent_busy(),
+                    "guest_insns": t.guest_insns,
+                    "guest_insns_per_mib": t.insns_per_mib(),
+                    "guest_insns_x_raw": self.insns_ratio_to_raw(t),
                 })
             })
             .collect();
@@ -433,23 +455,27 @@ impl BenchReport {
         }
         let _ = writeln!(
             s,
-            "\n{:<12} {:>8} {:<6} {:>9} {:>10} {:>8} {:>11}",
-            "direction", "write", "by", "MB/s", "x raw", "samples", "agent busy"
+            "\n{:<12} {:>8} {:<6} {:>9} {:>10} {:>8} {:>11} {:>12} {:>10}",
+            "direction", "write", "by", "MB/s", "x raw", "samples", "agent busy", "Minsn/MiB", "insn x raw"
         );
         for t in self.sorted_throughput() {
             let ratio = self.ratio_to_raw(t).map_or("-".to_string(), |r| format!("{r:.2}"));
             let mbs = t.mb_per_s().map_or("-".to_string(), |v| format!("{v:.1}"));
             let busy = t.agent_busy().map_or("-".to_string(), |b| format!("{:.0}%", b * 100.0));
+            let insns = t.insns_per_mib().map_or("-".to_string(), |i| format!("{:.2}", i / 1e6));
+            let insns_ratio = self.insns_ratio_to_raw(t).map_or("-".to_string(), |r| format!("{r:.2}"));
             let _ = writeln!(
                 s,
-                "{:<12} {:>8} {:<6} {:>9} {:>10} {:>8} {:>11}",
+                "{:<12} {:>8} {:<6} {:>9} {:>10} {:>8} {:>11} {:>12} {:>10}",
                 t.direction.arrow(),
                 size_name(u64::from(t.write_size)),
                 t.carrier.name(),
                 mbs,
                 ratio,
                 t.samples.len(),
-                busy
+                busy,
+                insns,
+                insns_ratio
             );
         }
         let comparisons = self.comparisons();

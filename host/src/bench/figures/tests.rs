@@ -9,7 +9,32 @@ fn ms(v: u64) -> Duration {
 fn tp(direction: Direction, carrier: Carrier, samples: &[u64]) -> Throughput {
     let samples: Vec<_> = samples.iter().map(|v| ms(*v)).collect();
     let agent_cpu = samples.iter().map(|d| *d / 2).collect();
-    Throughput { direction, carrier, bytes: 10_000_000, write_size: 65536, samples, agent_cpu }
+    Throughput { direction, carrier, bytes: 10_000_000, write_size: 65536, samples, agent_cpu, guest_insns: Vec::new() }
+}
+
+#[test]
+fn guest_instructions_are_per_mib_at_their_median_and_compared_with_raw() {
+    let mib = |t: &Throughput| t.bytes as f64 / f64::from(1u32 << 20);
+    let counted = |carrier, insns: &[u64]| Throughput {
+        guest_insns: insns.to_vec(),
+        ..tp(Direction::GuestToHost, carrier, &[10, 10, 10])
+    };
+    let raw = counted(Carrier::Raw, &[900, 100, 500]);
+    let plain = counted(Carrier::Plain, &[1500, 1000, 2000]);
+    assert_eq!(raw.insns_per_mib(), Some(500.0 / mib(&raw)), "the median count, per MiB");
+    let uncounted = tp(Direction::GuestToHost, Carrier::Acked, &[10]);
+    assert_eq!(uncounted.insns_per_mib(), None);
+    let report = BenchReport { throughput: vec![raw, plain, uncounted], ..Default::default() };
+    let ratio = report.insns_ratio_to_raw(&report.throughput[1]).unwrap();
+    assert!((ratio - 3.0).abs() < 1e-9, "{ratio}");
+    assert_eq!(report.insns_ratio_to_raw(&report.throughput[2]), None, "not counted: no ratio");
+    let json = report.to_json();
+    assert!((json["throughput"][1]["guest_insns_x_raw"].as_f64().unwrap() - 3.0).abs() < 1e-9);
+    assert_eq!(json["throughput"][1]["guest_insns"], serde_json::json!([1500, 1000, 2000]));
+    assert!(json["throughput"][2]["guest_insns_per_mib"].is_null());
+    let text = report.render_text();
+    let plain_row = text.lines().find(|l| l.contains(" plain ")).unwrap();
+    assert!(plain_row.trim_end().ends_with("3.00"), "{text}");
 }
 
 #[test]

@@ -64,8 +64,22 @@ pub(super) fn sigio_host_disconnect_connect(st: &mut Shared) -> Result<Observati
     session.sigio(SigioAction::Disable, t)?;
     let masks: Vec<String> = s.samples.iter().map(|x| format!("{:#x}", x.mask)).collect();
     let hup = s.samples.iter().filter(|x| x.mask & POLLHUP != 0).count();
-    Ok(Observation::check(
-        s.count >= 2,
-        format!("{} signals (handshake data included), poll masks at delivery {masks:?}, {hup} with POLLHUP", s.count),
-    ))
+    let mut observed =
+        format!("{} signals (handshake data included), poll masks at delivery {masks:?}, {hup} with POLLHUP", s.count);
+    if s.count < 2 {
+        // What the agent saw in all, to tell a signal never sent from one lost on its way
+        // (the real-time queue overflowed into plain SIGIO) or a port that lost its setting.
+        let stats = session.agent_stats(t)?;
+        let stat = |k| crate::link::stat(&stats, k).map_or("?".to_string(), |v| v.to_string());
+        observed.push_str(&format!(
+            "; still enabled: {}; this port: {} SIGIO counted ever, {} opens, {} closes; agent-wide: {} plain SIGIO \
+             (queue overflow)",
+            s.enabled,
+            stat("sigio_signals"),
+            stat("opens"),
+            stat("closes"),
+            stat("sigio_overflows")
+        ));
+    }
+    Ok(Observation::check(s.count >= 2, observed))
 }
