@@ -7,8 +7,8 @@ use std::time::Duration;
 use vport_host::command;
 use vport_host::command::boot::VmSettings;
 use vport_host::command::help::{
-    ATTACH_QMP_HELP, ATTACH_SOCKET_HELP, BENCH_ABOUT, CONNECT_ABOUT, ENVIRONMENT, FAULTS_ABOUT, SOAK_ABOUT,
-    TRANSFER_ABOUT, WATCH_ABOUT,
+    ATTACH_QMP_HELP, ATTACH_SOCKET_HELP, BENCH_ABOUT, CONNECT_ABOUT, ENVIRONMENT, FAULTS_ABOUT, MATRIX_ABOUT,
+    SOAK_ABOUT, TRANSFER_ABOUT, WATCH_ABOUT,
 };
 use vport_host::command::image::ImageChoice;
 use vport_host::exit::HELP as EXIT_CODES;
@@ -98,6 +98,10 @@ written at the end, the matrix (or --json) is printed first, then the error (exi
     /// stop/cont, unplug/replug under traffic) and check that nothing accumulates.
     #[command(long_about = SOAK_ABOUT, after_help = EXIT_CODES)]
     Soak(SoakArgs),
+    /// Run the suites (conformance, faults --quick, bench --quick) once per platform cell:
+    /// every combination of QEMU, guest kernel, machine type, vCPUs and accelerator.
+    #[command(long_about = MATRIX_ABOUT, after_help = EXIT_CODES)]
+    Matrix(MatrixArgs),
 }
 
 #[derive(Args)]
@@ -107,6 +111,8 @@ pub(crate) struct BenchArgs {
     /// Accelerator: auto tries KVM once (the verdict is cached) and falls back to TCG.
     #[arg(long, default_value = "auto", value_parser = parse_accel)]
     pub(crate) accel: AccelChoice,
+    #[command(flatten)]
+    pub(crate) platform: PlatformArgs,
     /// 8 MiB a sample, 3 rounds, 2 s idle (the default; well under 2 minutes under TCG).
     #[arg(long, conflicts_with = "full")]
     pub(crate) quick: bool,
@@ -137,12 +143,64 @@ pub(crate) struct BenchArgs {
 }
 
 #[derive(Args)]
+pub(crate) struct MatrixArgs {
+    /// QEMU binaries, comma-separated or repeated (default: qemu-system-x86_64 on PATH, or
+    /// VPORT_QEMU).
+    #[arg(long = "qemu", value_name = "PATH", value_delimiter = ',')]
+    pub(crate) qemus: Vec<PathBuf>,
+    /// Guest kernel packages (linux-image-*.deb), comma-separated or repeated; `cached` is the
+    /// default kernel in vport's cache (the default when none is given), e.g.
+    /// `--kernel-deb cached,$kernel_deb` for Linux 6.1 and 6.12.
+    #[arg(long = "kernel-deb", value_name = "DEB", value_delimiter = ',')]
+    pub(crate) kernel_debs: Vec<PathBuf>,
+    /// Machine types; microvm is listed and skipped (its virtio-mmio transport is not built).
+    #[arg(long = "machine", value_name = "NAME", value_delimiter = ',', default_value = "pc,q35", value_parser = ["pc", "q35", "microvm"])]
+    pub(crate) machines: Vec<String>,
+    /// vCPU counts.
+    #[arg(long = "cpus", value_name = "N", value_delimiter = ',', default_value = "1,2", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(crate) cpus: Vec<u32>,
+    /// Accelerators: tcg, kvm (a KVM cell is skipped, with the probe's reason, where KVM does
+    /// not run a guest).
+    #[arg(long = "accel", value_name = "NAME", value_delimiter = ',', default_value = "tcg,kvm", value_parser = parse_matrix_accel)]
+    pub(crate) accels: Vec<vport_host::qemu::Accel>,
+    /// The suites each cell runs: conformance, faults, bench.
+    #[arg(long = "suite", value_name = "NAME", value_delimiter = ',', default_value = "conformance,faults,bench", value_parser = vport_host::matrix::Suite::from_name)]
+    pub(crate) suites: Vec<vport_host::matrix::Suite>,
+    /// Cells at once (default: half the cores, at least one: a TCG guest keeps a core busy).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub(crate) jobs: Option<u16>,
+    /// The directory of the results: one directory per cell (each suite's JSON, log and JUnit),
+    /// junit.xml and summary.json (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "vport-matrix")]
+    pub(crate) out: PathBuf,
+    /// The statically linked vport-agent every suite puts in its image.
+    #[arg(long, value_name = "PATH", env = "VPORT_AGENT")]
+    pub(crate) agent: Option<PathBuf>,
+    /// Minutes one suite of one cell may run before it is stopped (an error, not a hang).
+    #[arg(long, value_name = "MIN", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=1440))]
+    pub(crate) suite_deadline: u64,
+    /// Print the summary as one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+fn parse_matrix_accel(s: &str) -> Result<vport_host::qemu::Accel, String> {
+    match s {
+        "tcg" => Ok(vport_host::qemu::Accel::Tcg),
+        "kvm" => Ok(vport_host::qemu::Accel::Kvm),
+        _ => Err(format!("unknown accelerator `{s}`: give tcg, kvm or both (tcg,kvm)")),
+    }
+}
+
+#[derive(Args)]
 pub(crate) struct SoakArgs {
     #[command(flatten)]
     pub(crate) image: ImageArgs,
     /// Accelerator: auto tries KVM once (the verdict is cached) and falls back to TCG.
     #[arg(long, default_value = "auto", value_parser = parse_accel)]
     pub(crate) accel: AccelChoice,
+    #[command(flatten)]
+    pub(crate) platform: PlatformArgs,
     /// 1,000 reconnects, 500 reopens, 50 stop/cont, 10 replugs (the default; about a minute).
     #[arg(long, conflicts_with = "full")]
     pub(crate) quick: bool,
@@ -176,6 +234,8 @@ pub(crate) struct FaultsArgs {
     /// Accelerator: auto tries KVM once (the verdict is cached) and falls back to TCG.
     #[arg(long, default_value = "auto", value_parser = parse_accel)]
     pub(crate) accel: AccelChoice,
+    #[command(flatten)]
+    pub(crate) platform: PlatformArgs,
     /// Each fault 3 times (the default).
     #[arg(long, conflicts_with_all = ["full", "repeats"])]
     pub(crate) quick: bool,
@@ -214,6 +274,8 @@ pub(crate) struct ConformanceArgs {
     /// Accelerator: auto tries KVM once (the verdict is cached) and falls back to TCG.
     #[arg(long, default_value = "auto", value_parser = parse_accel)]
     pub(crate) accel: AccelChoice,
+    #[command(flatten)]
+    pub(crate) platform: PlatformArgs,
     /// Run only the cases whose name contains one of these comma-separated strings (see --list).
     #[arg(long)]
     pub(crate) filter: Option<String>,
@@ -374,6 +436,31 @@ impl ImageArgs {
             agent: self.agent.clone(),
             busybox: self.busybox.clone(),
         }
+    }
+}
+
+/// Which QEMU, machine type and vCPU count a suite's VMs run on (`vport run matrix` runs a
+/// suite once per combination).
+#[derive(Args, Clone)]
+pub(crate) struct PlatformArgs {
+    /// The QEMU binary (default: qemu-system-x86_64 on PATH), e.g. one scripts/fetch-platforms
+    /// unpacked into the cache.
+    #[arg(long, value_name = "PATH", env = "VPORT_QEMU")]
+    pub(crate) qemu: Option<PathBuf>,
+    /// QEMU machine type of the suite's VMs: pc (i440FX, the default) or q35 (PCIe);
+    /// virtio-serial-pci on both.
+    #[arg(long, value_parser = vport_host::qemu::MACHINES)]
+    pub(crate) machine: Option<String>,
+    /// vCPUs of the suite's VMs (default: the suite's own, one; the bench's many-ports VMs keep
+    /// their 1 and 2).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(crate) cpus: Option<u32>,
+}
+
+impl PlatformArgs {
+    /// The platform these options name.
+    pub(crate) fn platform(&self) -> vport_host::qemu::Platform {
+        vport_host::qemu::Platform { qemu: self.qemu.clone(), machine: self.machine.clone(), cpus: self.cpus }
     }
 }
 

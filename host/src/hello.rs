@@ -105,6 +105,11 @@ pub struct HelloReport {
     pub kernel_release: String,
     /// Agent version.
     pub agent_version: String,
+    /// The agent's effective user and group ids (STATS `euid`, `egid`): 0 in vport's own image,
+    /// a dynamic user under the packaged systemd unit. `None` if the agent did not say.
+    pub agent_uid: Option<u64>,
+    /// See [`HelloReport::agent_uid`].
+    pub agent_gid: Option<u64>,
     /// Port name, as the agent reported it.
     pub port: String,
     /// QEMU device id of the port (empty when not known: attached without `--qmp`).
@@ -191,13 +196,17 @@ impl HelloReport {
         };
         format!(
             "accelerator        {}\nqemu               {}\nguest kernel       {}\nagent              vport-agent {}\n\
-             port               {} (device id {}, session {}, nonce {})\n{:<19}{} ms{}\n\
+             agent user         {}\nport               {} (device id {}, session {}, nonce {})\n{:<19}{} ms{}\n\
              ping round trip    min {} us, median {} us, max {} us ({} pings)\nVSERPORT_CHANGE    open=true seen: {}\n\
              frontend-open      {}\ntrace              {} records, {} violations, {} notes{}\n{}",
             self.accel.as_deref().unwrap_or(NO_QMP),
             self.qemu_version.as_deref().unwrap_or(NO_QMP),
             self.kernel_release,
             self.agent_version,
+            match (self.agent_uid, self.agent_gid) {
+                (Some(u), Some(g)) => format!("uid {u}, gid {g}{}", if u == 0 { " (root)" } else { "" }),
+                _ => "unknown (no euid/egid in STATS)".into(),
+            },
             self.port,
             if self.port_id.is_empty() { "unknown" } else { &self.port_id },
             self.session,
@@ -309,6 +318,8 @@ struct Exchange {
     vserport_change_open_seen: Option<bool>,
     frontend_open: Option<bool>,
     trace: TraceSummary,
+    /// STATS `euid`, `egid`.
+    agent_ids: (Option<u64>, Option<u64>),
 }
 
 /// Boots `image`, handshakes with the agent on `opts.port`, pings, and checks QEMU's view.
@@ -455,6 +466,9 @@ fn exchange(
     }
     // The agent's own record of the port's life cycle, mapped onto the host clock.
     let agent_events = session.events(0, Duration::from_secs(10)).map_err(agent_err)?;
+    // Who the agent runs as: root in vport's own image, a dynamic user under the packaged unit.
+    let stats = session.agent_stats(Duration::from_secs(10)).map_err(agent_err)?;
+    let agent_ids = (crate::link::stat(&stats, "euid"), crate::link::stat(&stats, "egid"));
     if let Some(offset) = ClockOffset::from_ping_samples(timeline.origin(), &samples) {
         timeline.agent_events(&opts.port, &agent_events.records, &offset);
     }
@@ -470,7 +484,7 @@ fn exchange(
         notes: check.notes.len(),
         file: opts.trace.clone(),
     };
-    Ok(Exchange { hs, waited_from, samples, vserport_change_open_seen: seen, frontend_open, trace })
+    Ok(Exchange { hs, waited_from, samples, vserport_change_open_seen: seen, frontend_open, trace, agent_ids })
 }
 
 fn report(
@@ -489,6 +503,8 @@ fn report(
         qemu_version,
         kernel_release: hello.kernel_release.clone(),
         agent_version: hello.agent_version.clone(),
+        agent_uid: x.agent_ids.0,
+        agent_gid: x.agent_ids.1,
         port: hello.port_name.clone(),
         port_id,
         session: format!("{:#010x}", x.hs.session),

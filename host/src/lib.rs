@@ -68,6 +68,7 @@ pub mod image;
 pub mod link;
 pub mod liveness;
 pub mod logwatch;
+pub mod matrix;
 pub mod qemu;
 pub mod qmp;
 pub mod registry;

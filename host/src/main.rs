@@ -90,6 +90,7 @@ fn main() {
             let cmd = command::faults::FaultsCommand {
                 image: args.image.choice(),
                 accel: args.accel,
+                platform: args.platform.platform(),
                 repeats,
                 faults: args.faults,
                 stall: Duration::from_secs(args.stall),
@@ -110,6 +111,7 @@ fn main() {
             let cmd = command::bench::BenchCommand {
                 image: args.image.choice(),
                 accel: args.accel,
+                platform: args.platform.platform(),
                 size,
                 json: args.json,
                 json_out: args.json_out,
@@ -128,16 +130,34 @@ fn main() {
             let cmd = command::soak::SoakCommand {
                 image: args.image.choice(),
                 accel: args.accel,
+                platform: args.platform.platform(),
                 counts,
                 json: args.json,
                 junit: args.junit,
             };
             command::soak::soak(cmd, &mut out, &progress).map_err(Failure::from)
         }
+        Command::Run(RunCommand::Matrix(args)) => {
+            let cmd = command::matrix::MatrixCommand {
+                qemus: args.qemus,
+                kernel_debs: args.kernel_debs,
+                machines: args.machines,
+                cpus: args.cpus,
+                accels: args.accels,
+                suites: args.suites,
+                jobs: args.jobs.map(usize::from),
+                out_dir: args.out,
+                agent: args.agent,
+                suite_deadline: Duration::from_secs(args.suite_deadline * 60),
+                json: args.json,
+            };
+            command::matrix::matrix(cmd, &mut out, &progress).map_err(Failure::from)
+        }
         Command::Run(RunCommand::Conformance(args)) => {
             let cmd = ConformanceCommand {
                 image: args.image.choice(),
                 accel: args.accel,
+                platform: args.platform.platform(),
                 filter: args.filter,
                 list: args.list,
                 agent_log_level: args.agent_log_level,

@@ -93,6 +93,18 @@ pub enum UsageError {
         /// Every case name, comma-separated.
         names: String,
     },
+    /// A value names something that is not there or cannot be used; `fix` says what to give.
+    #[error("{option} {value}: {reason}; {fix}")]
+    BadValue {
+        /// The option (`--qemu`).
+        option: &'static str,
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+        /// What to give instead.
+        fix: &'static str,
+    },
 }
 
 impl UsageError {

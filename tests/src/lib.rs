@@ -39,6 +39,19 @@ pub fn guest_image() -> &'static GuestImage {
     })
 }
 
+/// The `vport` binary under test: `$VPORT_BIN`, or `vport` in the test's profile directory
+/// (`target/<profile>/deps/<test>-<hash>` -> `target/<profile>/vport`; `cargo test --workspace`
+/// builds it, alone `cargo build -p vport-host --bin vport`).
+pub fn vport_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("VPORT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("the test's own path");
+    let bin = exe.parent().and_then(std::path::Path::parent).map(|d| d.join("vport")).expect("a profile directory");
+    assert!(bin.exists(), "{} is missing: cargo build -p vport-host --bin vport (or set VPORT_BIN)", bin.display());
+    bin
+}
+
 /// A booted test VM. Killed on drop; on a panicking test, prints the guest console and QEMU
 /// stderr tails first.
 pub struct TestVm {

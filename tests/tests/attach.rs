@@ -10,12 +10,12 @@
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use vport_tests::vport_host::qemu::{self, Accel, AccelChoice};
 use vport_tests::vport_host::{cache, wait::wait_until};
-use vport_tests::{guest_image, HELLO_TIMEOUT};
+use vport_tests::{guest_image, vport_bin, HELLO_TIMEOUT};
 
 const PORT: &str = "org.vport.0";
 
@@ -105,18 +105,6 @@ impl Drop for HandQemu {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The `vport` binary under test.
-fn vport_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("VPORT_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("the test's own path");
-    // target/<profile>/deps/attach-<hash> -> target/<profile>/vport
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("vport")).expect("a profile directory");
-    assert!(bin.exists(), "{} is missing: cargo build -p vport-host --bin vport (or set VPORT_BIN)", bin.display());
-    bin
 }
 
 /// Runs `vport hello` with `args` against the hand-started VM and returns its output.

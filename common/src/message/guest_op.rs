@@ -145,6 +145,23 @@ guest_op_table! {
         /// Bytes per `write(2)` call.
         each: u32,
     };
+    /// A vsock stream as a handle: `socket(AF_VSOCK, SOCK_STREAM)`, `bind` to
+    /// `VMADDR_CID_ANY:port` and `listen`, done before the agent runs the next guest operation
+    /// (so the completion of a later one, SYSFS say, tells the host that the guest listens:
+    /// guest operations are started in order), then one `accept` within
+    /// `timeout_ms` on the new handle's worker; the listener is closed after it, whatever
+    /// happened. Done: `ret` = the handle of the accepted connection (> 0), on which READ,
+    /// WRITE, WRITE_EACH, POLL, LOOPBACK and CLOSE run as on a port, `data` = the peer as
+    /// `vsock:CID:PORT`; or −1 and `errno`: EAFNOSUPPORT (the guest kernel has no AF_VSOCK:
+    /// the `vsock` and `vmw_vsock_virtio_transport` modules are not loaded), EADDRINUSE,
+    /// ETIMEDOUT (no connection within `timeout_ms`), EINTR (the session ended). `vport bench`
+    /// measures the virtio-vsock reference with it.
+    VsockAccept = 12 {
+        /// The vsock port to listen on.
+        port: u32,
+        /// How long to wait for the connection, ms (0: no wait, a connection must be pending).
+        timeout_ms: u32,
+    };
 }
 
 /// The largest `each` of [`GuestOp::WriteEach`]: 1 MiB.
@@ -162,7 +179,7 @@ impl GuestOp {
             | GuestOp::SigioCount { handle }
             | GuestOp::Loopback { handle, .. }
             | GuestOp::WriteEach { handle, .. } => Some(*handle),
-            GuestOp::Open { .. } | GuestOp::Debugfs { .. } | GuestOp::Sysfs => None,
+            GuestOp::Open { .. } | GuestOp::Debugfs { .. } | GuestOp::Sysfs | GuestOp::VsockAccept { .. } => None,
         }
     }
 }

@@ -90,7 +90,7 @@ fn samples() -> Vec<Message> {
     ]
 }
 
-fn guest_ops() -> [GuestOp; 11] {
+fn guest_ops() -> [GuestOp; 12] {
     [
         GuestOp::Open { port: "/dev/vport0p3".into(), nonblock: false, sigio: true },
         GuestOp::Read { handle: 2, bytes: 64 << 20, all: true },
@@ -103,6 +103,7 @@ fn guest_ops() -> [GuestOp; 11] {
         GuestOp::SigioCount { handle: 3 },
         GuestOp::Loopback { handle: 3, bytes: 640 },
         GuestOp::WriteEach { handle: 3, seed: 9, bytes: 1000, each: 64 },
+        GuestOp::VsockAccept { port: 5000, timeout_ms: 30_000 },
     ]
 }
 
@@ -257,7 +258,10 @@ fn payloads_are_protocol_v1_to_the_byte() {
         "0700000008",
         "080000000903000000",
         "090000000a030000008002000000000000",
+        "0a0000000b030000000900000000000000e80300000000000040000000",
+        "0b0000000c8813000030750000",
     ];
+    assert_eq!(ops.len(), guest_ops().len(), "a golden payload for every guest op");
     for (i, (op, golden)) in guest_ops().into_iter().zip(ops).enumerate() {
         let m = Message::GuestOp { op_id: i as u32, op };
         assert_eq!(hex(&m.encode_payload().unwrap()), golden, "{m:?}");
@@ -273,6 +277,25 @@ proptest! {
         if let Ok(m) = Message::from_frame(&f) {
             // Whatever parses must re-encode to the same bytes: the codec is canonical.
             prop_assert_eq!(m.encode_payload().unwrap(), payload);
+        }
+    }
+
+    #[test]
+    fn any_vsock_accept_round_trips_and_decodes_from_its_layout(
+        op_id in any::<u32>(), port in any::<u32>(), timeout_ms in any::<u32>()
+    ) {
+        let m = Message::GuestOp { op_id, op: GuestOp::VsockAccept { port, timeout_ms } };
+        let payload = m.encode_payload().unwrap();
+        // op_id, the op byte 12, port, timeout_ms: all little-endian.
+        let mut layout = op_id.to_le_bytes().to_vec();
+        layout.push(12);
+        layout.extend(port.to_le_bytes());
+        layout.extend(timeout_ms.to_le_bytes());
+        prop_assert_eq!(&payload, &layout);
+        prop_assert_eq!(Message::from_frame(&m.to_frame(1, 2).unwrap()).unwrap(), m);
+        // Cut short anywhere, it is an error, never a panic or another op.
+        for cut in 0..payload.len() {
+            prop_assert!(Message::from_frame(&Frame::new(MessageType::GuestOp as u8, 0, 0, payload[..cut].to_vec())).is_err());
         }
     }
 }

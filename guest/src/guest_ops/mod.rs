@@ -16,9 +16,11 @@
 //!
 //! `mod.rs` holds the handle table: what is open, the limits, and the operations that do not
 //! block (OPEN, DEBUGFS, SYSFS, SIGIO_COUNT, CANCEL, CLOSE); `worker.rs` holds the worker
-//! threads that run the others, and the cancel. The event loop imports this module, never the
+//! threads that run the others, and the cancel; `vsock.rs` the listen and accept of
+//! VSOCK_ACCEPT (a vsock stream as a handle). The event loop imports this module, never the
 //! reverse.
 
+mod vsock;
 mod worker;
 
 #[cfg(test)]
@@ -125,8 +127,10 @@ impl GuestOps {
     /// Starts `op` for `owner`. Operations that do not block (OPEN, CLOSE of an unknown handle,
     /// CANCEL, DEBUGFS, SYSFS, SIGIO_COUNT, anything on an unknown handle) are
     /// [`Submitted::Done`] at once; the others are [`Submitted::Queued`] on their handle's
-    /// worker. An OPEN of something that is not a virtio-ports node, or over the handle limit,
-    /// and an operation over the per-handle queue limit, are [`Submitted::Refused`].
+    /// worker. VSOCK_ACCEPT listens at once (a failure is [`Submitted::Done`]) and is
+    /// [`Submitted::Queued`] on its new handle's worker, which accepts. An OPEN of something that
+    /// is not a virtio-ports node, an OPEN or VSOCK_ACCEPT over the handle limit, and an
+    /// operation over the per-handle queue limit, are [`Submitted::Refused`].
     pub fn submit(&mut self, owner: Owner, op_id: u32, op: GuestOp) -> Submitted {
         let start = Instant::now();
         let mut done = match op {
@@ -137,6 +141,10 @@ impl GuestOps {
             GuestOp::Debugfs { port } => match self.debugfs(op_id, &port) {
                 Ok(done) => done,
                 Err(refused) => return refused,
+            },
+            GuestOp::VsockAccept { port, timeout_ms } => match self.vsock_accept(owner, op_id, port, timeout_ms) {
+                Ok(submitted) => return submitted,
+                Err(done) => done,
             },
             GuestOp::Sysfs => match list_sysfs(&self.sysfs_root) {
                 Ok(list) => {
@@ -214,7 +222,10 @@ impl GuestOps {
     pub fn completions(&mut self) -> Vec<Completion> {
         let done: Vec<Completion> = self.done_rx.try_iter().collect();
         for c in &done {
-            if let Some(h) = self.handles.get_mut(&c.handle) {
+            if c.handle_gone {
+                // Dropping its sender ends the worker once the jobs before are done.
+                self.handles.remove(&c.handle);
+            } else if let Some(h) = self.handles.get_mut(&c.handle) {
                 h.in_flight = h.in_flight.saturating_sub(1);
             }
         }
@@ -262,12 +273,8 @@ impl GuestOps {
         nonblock: bool,
         sigio: bool,
     ) -> Result<GuestOpDone, Submitted> {
-        let max = self.limits.max_guest_op_handles;
-        if self.handles.values().filter(|h| h.owner == owner).count() >= max {
-            return Err(Submitted::Refused {
-                code: error_code::LIMIT,
-                text: format!("guest op {op_id}: this session already holds {max} handles (the limit); close one"),
-            });
+        if let Some(refused) = self.over_handle_limit(&owner, op_id) {
+            return Err(refused);
         }
         let fd = match resolve(port, &self.sysfs_root, &self.dev_root).and_then(|node| {
             let fd = open_node(&node, nonblock)?;
@@ -285,6 +292,58 @@ impl GuestOps {
         Ok(self.adopt(owner, op_id, fd, node.path, sigio))
     }
 
+    /// VSOCK_ACCEPT: listens at once (see [`vsock`]), then queues the accept on the new
+    /// handle's worker: `Ok` is what became of the request ([`Submitted::Queued`], or refused
+    /// over the handle limit), `Err` a completion at once (the listen failed).
+    fn vsock_accept(&mut self, owner: Owner, op_id: u32, port: u32, timeout_ms: u32) -> Result<Submitted, GuestOpDone> {
+        if let Some(refused) = self.over_handle_limit(&owner, op_id) {
+            return Ok(refused);
+        }
+        let listener = vsock::listen(port).map_err(|(e, why)| {
+            log::info!("guest op {op_id}: {why}");
+            failed(op_id, e, why)
+        })?;
+        self.queue_accept(owner, op_id, listener, &format!("vsock port {port}"), timeout_ms)
+    }
+
+    /// A new handle of `owner` whose worker accepts one connection on `listener` (named `what`
+    /// in logs) within `timeout_ms`: [`Submitted::Queued`], or `Err` a completion at once.
+    fn queue_accept(
+        &mut self,
+        owner: Owner,
+        op_id: u32,
+        listener: OwnedFd,
+        what: &str,
+        timeout_ms: u32,
+    ) -> Result<Submitted, GuestOpDone> {
+        // No SIGIO on an accepted handle; -1 matches no fd in `on_sigio`.
+        let (handle, jobs) = self
+            .start_worker(owner.clone(), listener, -1, None)
+            .map_err(|e| failed(op_id, Errno::EAGAIN, format!("cannot start a worker thread: {e}")))?;
+        log::debug!("guest op: handle {handle} listens on {what} for {timeout_ms} ms");
+        match jobs.send(Job::Accept { op_id, owner, timeout_ms }) {
+            Ok(()) => {
+                if let Some(h) = self.handles.get_mut(&handle) {
+                    h.in_flight += 1;
+                }
+                Ok(Submitted::Queued)
+            }
+            Err(_) => {
+                self.handles.remove(&handle);
+                Err(failed(op_id, Errno::EIO, format!("handle {handle}: worker gone")))
+            }
+        }
+    }
+
+    /// ERROR 7 when `owner` holds the most handles allowed.
+    fn over_handle_limit(&self, owner: &Owner, op_id: u32) -> Option<Submitted> {
+        let max = self.limits.max_guest_op_handles;
+        (self.handles.values().filter(|h| &h.owner == owner).count() >= max).then(|| Submitted::Refused {
+            code: error_code::LIMIT,
+            text: format!("guest op {op_id}: this session already holds {max} handles (the limit); close one"),
+        })
+    }
+
     /// Makes `fd` (opened from `path`) a new handle of `owner`, with its worker thread.
     fn adopt(&mut self, owner: Owner, op_id: u32, fd: OwnedFd, path: PathBuf, sigio: bool) -> GuestOpDone {
         let raw_fd = fd.as_raw_fd();
@@ -293,27 +352,40 @@ impl GuestOps {
                 return failed(op_id, e, format!("{}: cannot enable SIGIO", path.display()));
             }
         }
-        let handle = self.next_handle;
-        let ctl = Arc::new(WorkerCtl::new());
-        let (jobs, rx) = channel();
-        let (c, done, waker) = (Arc::clone(&ctl), self.done_tx.clone(), Arc::clone(&self.waker));
-        let spawned = std::thread::Builder::new()
-            .name(format!("gop-{handle}"))
-            .stack_size(256 * 1024)
-            .spawn(move || worker(handle, fd, rx, c, done, waker));
-        if let Err(e) = spawned {
-            return failed(op_id, Errno::EAGAIN, format!("cannot start a worker thread: {e}"));
-        }
-        self.next_handle += 1;
+        let sigio_log = sigio.then(|| SigioLog { count: 0, masks: Vec::new() });
+        let handle = match self.start_worker(owner, fd, raw_fd, sigio_log) {
+            Ok((handle, _)) => handle,
+            Err(e) => return failed(op_id, Errno::EAGAIN, format!("cannot start a worker thread: {e}")),
+        };
         log::debug!("guest op: handle {handle} is {} (sigio {sigio})", path.display());
-        let sigio = sigio.then(|| SigioLog { count: 0, masks: Vec::new() });
-        self.handles.insert(handle, Handle { owner, raw_fd, in_flight: 0, jobs, ctl, sigio });
         GuestOpDone {
             op_id,
             ret: i64::from(handle),
             data: path.display().to_string().into_bytes(),
             ..Default::default()
         }
+    }
+
+    /// Starts the worker of a new handle of `owner` on `fd` (`raw_fd`: what SIGIO reports it as)
+    /// and lists it: the handle and the sender of its jobs.
+    fn start_worker(
+        &mut self,
+        owner: Owner,
+        fd: OwnedFd,
+        raw_fd: RawFd,
+        sigio: Option<SigioLog>,
+    ) -> std::io::Result<(u32, Sender<Job>)> {
+        let handle = self.next_handle;
+        let ctl = Arc::new(WorkerCtl::new());
+        let (jobs, rx) = channel();
+        let (c, done, waker) = (Arc::clone(&ctl), self.done_tx.clone(), Arc::clone(&self.waker));
+        std::thread::Builder::new()
+            .name(format!("gop-{handle}"))
+            .stack_size(256 * 1024)
+            .spawn(move || worker(handle, fd, rx, c, done, waker))?;
+        self.next_handle += 1;
+        self.handles.insert(handle, Handle { owner, raw_fd, in_flight: 0, jobs: jobs.clone(), ctl, sigio });
+        Ok((handle, jobs))
     }
 
     fn debugfs(&self, op_id: u32, port: &str) -> Result<GuestOpDone, Submitted> {

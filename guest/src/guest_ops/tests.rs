@@ -250,3 +250,117 @@ fn a_loopback_echoes_every_byte_until_its_count_and_a_cancel_ends_it() {
     let r = cancel_until_done(&mut poll, &mut g, handle, 3);
     assert_eq!((r.done.ret, r.done.errno, r.done.bytes), (-1, Errno::EINTR as i32, 0));
 }
+
+#[test]
+fn an_accepted_connection_is_a_handle_that_writes_reads_and_closes_like_a_port() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut poll, mut g) = ops(dir.path());
+    let path = dir.path().join("l.sock");
+    // VSOCK_ACCEPT's accept, on a unix listener instead of a vsock one (no AF_VSOCK needed).
+    let listener: OwnedFd = UnixListener::bind(&path).unwrap().into();
+    assert_eq!(g.queue_accept(owner(), 1, listener, "a unix socket", 10_000), Ok(Submitted::Queued));
+    assert_eq!(g.open_handles(), 1);
+    let mut host = UnixStream::connect(&path).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut seen = Vec::new();
+    let a = wait_done(&mut poll, &mut g, &mut seen, 1);
+    assert!(!a.handle_gone, "{a:?}");
+    assert_eq!((a.done.errno, a.done.data.as_slice()), (0, b"unix".as_slice()), "{a:?}");
+    let handle = u32::try_from(a.done.ret).unwrap();
+    assert!(handle > 0);
+    // The listener is closed once the connection is accepted.
+    assert!(UnixStream::connect(&path).is_err(), "nobody listens any more");
+
+    let write = GuestOp::WriteEach { handle, seed: 8, bytes: 100_000, each: 4_096 };
+    assert_eq!(g.submit(owner(), 2, write), Submitted::Queued);
+    let mut got = vec![0u8; 100_000];
+    host.read_exact(&mut got).unwrap();
+    let w = wait_done(&mut poll, &mut g, &mut seen, 2);
+    assert_eq!((w.done.bytes, w.done.digest), (100_000, pattern::pattern_digest(8, 100_000)));
+    let mut dg = pattern::StreamDigest::new();
+    dg.update(&got);
+    assert_eq!(dg.digest(), pattern::pattern_digest(8, 100_000), "the host got the pattern");
+
+    assert_eq!(g.submit(owner(), 3, GuestOp::Read { handle, bytes: 70_000, all: true }), Submitted::Queued);
+    let mut out = vec![0u8; 70_000];
+    pattern::fill(9, 0, &mut out);
+    host.write_all(&out).unwrap();
+    let r = wait_done(&mut poll, &mut g, &mut seen, 3);
+    assert_eq!((r.done.bytes, r.done.digest), (70_000, pattern::pattern_digest(9, 70_000)));
+
+    assert_eq!(g.submit(owner(), 4, GuestOp::Close { handle }), Submitted::Queued);
+    assert_eq!(wait_done(&mut poll, &mut g, &mut seen, 4).done.ret, 0);
+    assert_eq!(host.read(&mut [0u8; 1]).unwrap(), 0, "the guest end is closed");
+    assert_eq!(g.open_handles(), 0);
+}
+
+#[test]
+fn an_accept_that_times_out_or_whose_session_ends_leaves_no_handle_and_no_listener() {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut poll, mut g) = ops(dir.path());
+    let path = dir.path().join("l.sock");
+    let listener: OwnedFd = UnixListener::bind(&path).unwrap().into();
+    assert_eq!(g.queue_accept(owner(), 1, listener, "a unix socket", 30), Ok(Submitted::Queued));
+    let t = wait_done(&mut poll, &mut g, &mut Vec::new(), 1);
+    assert!(t.handle_gone, "{t:?}");
+    assert_eq!((t.done.ret, t.done.errno), (-1, Errno::ETIMEDOUT as i32));
+    assert!(String::from_utf8_lossy(&t.done.data).contains("no connection within 30 ms"), "{t:?}");
+    assert_eq!(g.open_handles(), 0);
+    assert!(UnixStream::connect(&path).is_err(), "the listener was closed before the completion");
+    let gone = done(g.submit(owner(), 2, GuestOp::Read { handle: t.handle, bytes: 1, all: false }));
+    assert_eq!(gone.errno, Errno::EBADF as i32);
+
+    std::fs::remove_file(&path).unwrap();
+    let listener: OwnedFd = UnixListener::bind(&path).unwrap().into();
+    assert_eq!(g.queue_accept(owner(), 3, listener, "a unix socket", 60_000), Ok(Submitted::Queued));
+    // The session ends while the worker waits: the wait is interrupted (or never starts).
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    g.release(|_| false);
+    let c = loop {
+        seen.extend(g.completions());
+        if let Some(c) = seen.iter().find(|c| c.done.op_id == 3) {
+            break c;
+        }
+        assert!(Instant::now() < end, "the accept was never interrupted");
+        poll.poll(&mut mio::Events::with_capacity(4), Some(Duration::from_millis(50))).unwrap();
+    };
+    assert!(c.handle_gone && c.done.ret == -1, "{c:?}");
+    assert!([Errno::EINTR as i32, Errno::ECANCELED as i32].contains(&c.done.errno), "{c:?}");
+    assert_eq!(g.open_handles(), 0);
+}
+
+#[test]
+fn vsock_accept_fails_at_once_without_af_vsock_or_times_out_and_frees_its_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut poll, mut g) = ops(dir.path());
+    // This machine may or may not have AF_VSOCK: either way the answer is exact.
+    let port = 40_000 + std::process::id() % 20_000;
+    for op_id in [1, 2] {
+        match g.submit(owner(), op_id, GuestOp::VsockAccept { port, timeout_ms: 20 }) {
+            Submitted::Done(d) => {
+                let text = String::from_utf8_lossy(&d.data).into_owned();
+                assert_eq!(d.ret, -1, "{d:?}");
+                if d.errno == Errno::EAFNOSUPPORT as i32 {
+                    assert!(text.contains("has no AF_VSOCK") && text.contains("vmw_vsock_virtio_transport"), "{text}");
+                } else {
+                    assert!(text.starts_with(&format!("vsock port {port}: ")), "{text}");
+                }
+                assert_eq!(g.open_handles(), 0);
+            }
+            Submitted::Queued => {
+                let t = wait_done(&mut poll, &mut g, &mut Vec::new(), op_id);
+                // The second round binds the same port: the first listener is closed.
+                assert_eq!((t.done.ret, t.done.errno, t.handle_gone), (-1, Errno::ETIMEDOUT as i32, true), "{t:?}");
+                assert_eq!(g.open_handles(), 0);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    g.limits = Limits { max_guest_op_handles: 0, ..Limits::default() };
+    let r = g.submit(owner(), 3, GuestOp::VsockAccept { port, timeout_ms: 20 });
+    assert!(matches!(&r, Submitted::Refused { code: error_code::LIMIT, .. }), "{r:?}");
+}

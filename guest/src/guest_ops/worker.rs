@@ -45,12 +45,18 @@ pub struct Completion {
     pub handle: u32,
     /// The result.
     pub done: GuestOpDone,
+    /// The handle ended with this completion (a VSOCK_ACCEPT that got no connection): its fd
+    /// is closed and [`super::GuestOps::completions`] drops it from the table.
+    pub handle_gone: bool,
 }
 
 /// What the loop sends a handle's worker.
 pub(super) enum Job {
     /// Run READ, WRITE or POLL for `owner`.
     Op { op_id: u32, op: GuestOp, owner: Owner },
+    /// The handle's fd is a listener: wait up to `timeout_ms` for one connection, which
+    /// replaces it (VSOCK_ACCEPT; [`super::vsock::accept_within`]).
+    Accept { op_id: u32, owner: Owner, timeout_ms: u32 },
     /// Close the fd (after the jobs before it) and end the thread.
     Close { op_id: u32, owner: Owner },
 }
@@ -111,7 +117,8 @@ pub(super) fn cancel(ctl: &Arc<WorkerCtl>) {
 }
 
 /// The thread of one handle: runs its jobs in order until Close (or the loop drops the
-/// sender), each completion sent on `done` with a wake of the loop.
+/// sender), each completion sent on `done` with a wake of the loop. After an Accept that got no
+/// connection the handle has no fd: later operations on it fail with EBADF.
 pub(super) fn worker(
     handle: u32,
     fd: OwnedFd,
@@ -128,8 +135,9 @@ pub(super) fn worker(
     if let Ok(mut t) = ctl.thread.lock() {
         *t = Some(pthread_self());
     }
-    let send = |owner: Owner, d: GuestOpDone| {
-        if done.send(Completion { owner, handle, done: d }).is_ok() {
+    let mut fd = Some(fd);
+    let send = |owner: Owner, d: GuestOpDone, handle_gone: bool| {
+        if done.send(Completion { owner, handle, done: d, handle_gone }).is_ok() {
             if let Err(e) = waker.wake() {
                 log::error!("guest op worker: cannot wake the event loop: {e}");
             }
@@ -145,18 +153,49 @@ pub(super) fn worker(
                 if ctl.released.load(Ordering::SeqCst) {
                     ctl.busy.store(false, Ordering::SeqCst);
                     let why = "not run: the session that asked for it ended".to_owned();
-                    send(owner, failed(op_id, Errno::ECANCELED, why));
+                    send(owner, failed(op_id, Errno::ECANCELED, why), false);
                     continue;
                 }
-                let mut d = run(fd.as_fd(), op);
+                let mut d = match &fd {
+                    Some(fd) => run(fd.as_fd(), op),
+                    None => failed(op_id, Errno::EBADF, format!("handle {handle}: no connection was accepted")),
+                };
                 ctl.busy.store(false, Ordering::SeqCst);
                 d.op_id = op_id;
                 d.elapsed_ns = start.elapsed().as_nanos() as u64;
-                send(owner, d);
+                send(owner, d, false);
+            }
+            Job::Accept { op_id, owner, timeout_ms } => {
+                let start = Instant::now();
+                ctl.busy.store(true, Ordering::SeqCst);
+                let accepted = if ctl.released.load(Ordering::SeqCst) {
+                    Err((Errno::ECANCELED, "not run: the session that asked for it ended".to_owned()))
+                } else {
+                    match &fd {
+                        Some(listener) => super::vsock::accept_within(listener.as_fd(), timeout_ms),
+                        None => Err((Errno::EBADF, format!("handle {handle} has no listener"))),
+                    }
+                };
+                ctl.busy.store(false, Ordering::SeqCst);
+                // The listener is closed here, before the completion goes out, either way: a
+                // host that asks again on the same port at once finds it free.
+                let (mut d, gone) = match accepted {
+                    Ok((conn, peer)) => {
+                        fd = Some(conn);
+                        (GuestOpDone { ret: i64::from(handle), data: peer.into_bytes(), ..Default::default() }, false)
+                    }
+                    Err((e, why)) => {
+                        fd = None;
+                        (failed(op_id, e, why), true)
+                    }
+                };
+                d.op_id = op_id;
+                d.elapsed_ns = start.elapsed().as_nanos() as u64;
+                send(owner, d, gone);
             }
             Job::Close { op_id, owner } => {
                 drop(fd);
-                send(owner, GuestOpDone { op_id, ..Default::default() });
+                send(owner, GuestOpDone { op_id, ..Default::default() }, false);
                 return;
             }
         }

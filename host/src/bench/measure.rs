@@ -77,42 +77,56 @@ pub fn raw_to_host(
     bytes: u64,
     each: u32,
 ) -> Result<Duration, BenchError> {
-    let mut reader = raw.host.try_clone().map_err(|e| BenchError::io("clone the raw socket", e))?;
+    write_each_to_host(ctl, raw, "raw", seed, bytes, each)
+}
+
+/// [`raw_to_host`] on any guest-op handle whose host end is a unix socket (the raw port, a
+/// vsock stream); `name` names the carrier in errors.
+pub(super) fn write_each_to_host(
+    ctl: &mut Session,
+    raw: &mut RawPort,
+    name: &str,
+    seed: u64,
+    bytes: u64,
+    each: u32,
+) -> Result<Duration, BenchError> {
+    let mut reader = raw.host.try_clone().map_err(|e| BenchError::io("clone the host's socket", e))?;
     reader.set_read_timeout(Some(SAMPLE_TIMEOUT)).map_err(|e| BenchError::io("set a read timeout", e))?;
     std::thread::scope(|scope| {
         let t0 = Instant::now();
-        let read = scope.spawn(move || read_exactly(&mut reader, bytes));
+        let read = scope.spawn(move || read_exactly(&mut reader, name, bytes));
         let done = ctl.guest_op(GuestOp::WriteEach { handle: raw.handle, seed, bytes, each }, SAMPLE_TIMEOUT);
         if !matches!(&done, Ok(d) if d.bytes == bytes) {
             // Not all will come: end the reader's wait now rather than at its timeout.
             if let Err(e) = raw.host.shutdown(std::net::Shutdown::Read) {
-                log::debug!("raw port: shutdown after a failed write: {e}");
+                log::debug!("{name}: shutdown after a failed write: {e}");
             }
         }
-        let read = read.join().map_err(|_| BenchError::Integrity("the raw reader thread panicked".into()))?;
+        let read = read.join().map_err(|_| BenchError::Integrity(format!("the {name} reader thread panicked")))?;
         let done = done?;
         if done.bytes != bytes || done.ret < 0 {
             return Err(BenchError::Guest {
-                what: "raw write".into(),
+                what: format!("{name} write"),
                 detail: format!("{} of {bytes} bytes written, ret {} errno {}", done.bytes, done.ret, done.errno),
             });
         }
         let (digest, last) = read?;
-        check_digest("raw guest->host", digest, seed, bytes)?;
+        check_digest(&format!("{name} guest->host"), digest, seed, bytes)?;
         Ok(last - t0)
     })
 }
 
-/// Reads exactly `bytes` from `s`: their digest and when the last came.
-fn read_exactly(s: &mut UnixStream, bytes: u64) -> Result<(u64, Instant), BenchError> {
+/// Reads exactly `bytes` from `s` (the host end of carrier `name`): their digest and when the
+/// last came.
+fn read_exactly(s: &mut UnixStream, name: &str, bytes: u64) -> Result<(u64, Instant), BenchError> {
     let mut buf = vec![0u8; 64 << 10];
     let mut digest = StreamDigest::new();
     while digest.bytes() < bytes {
         let want = usize::try_from((bytes - digest.bytes()).min(buf.len() as u64)).unwrap_or(buf.len());
-        let n = s.read(&mut buf[..want]).map_err(|e| BenchError::io("read the raw port", e))?;
+        let n = s.read(&mut buf[..want]).map_err(|e| BenchError::io("read the host's socket", e))?;
         if n == 0 {
             return Err(BenchError::Integrity(format!(
-                "the raw port closed after {} of {bytes} bytes",
+                "the {name} host socket closed after {} of {bytes} bytes",
                 digest.bytes()
             )));
         }
@@ -131,21 +145,34 @@ pub fn raw_to_guest(
     data: &[u8],
     each: u32,
 ) -> Result<Duration, BenchError> {
+    read_all_from_host(ctl, raw, "raw", seed, data, each)
+}
+
+/// [`raw_to_guest`] on any guest-op handle whose host end is a unix socket (the raw port, a
+/// vsock stream); `name` names the carrier in errors.
+pub(super) fn read_all_from_host(
+    ctl: &mut Session,
+    raw: &mut RawPort,
+    name: &str,
+    seed: u64,
+    data: &[u8],
+    each: u32,
+) -> Result<Duration, BenchError> {
     let bytes = data.len() as u64;
     let t0 = Instant::now();
     let op = ctl.start_guest_op(GuestOp::Read { handle: raw.handle, bytes, all: true })?;
     for chunk in data.chunks(each.max(1) as usize) {
-        raw.host.write_all(chunk).map_err(|e| BenchError::io("write the raw port", e))?;
+        raw.host.write_all(chunk).map_err(|e| BenchError::io("write the host's socket", e))?;
     }
     let done = ctl.await_guest_op(op, SAMPLE_TIMEOUT)?;
     let took = t0.elapsed();
     if done.bytes != bytes {
         return Err(BenchError::Integrity(format!(
-            "raw host->guest: the guest read {} of {bytes} bytes (ret {} errno {})",
+            "{name} host->guest: the guest read {} of {bytes} bytes (ret {} errno {})",
             done.bytes, done.ret, done.errno
         )));
     }
-    check_digest("raw host->guest", done.digest, seed, bytes)?;
+    check_digest(&format!("{name} host->guest"), done.digest, seed, bytes)?;
     Ok(took)
 }
 

@@ -20,6 +20,7 @@ pub mod measure;
 mod pause;
 pub mod plot;
 pub mod ports;
+pub mod vsock;
 
 use crate::client::AgentClient;
 use crate::image::initscript::GUEST_STREAM_DIR;
@@ -144,6 +145,8 @@ pub struct BenchOptions {
     pub image: GuestImage,
     /// Accelerator.
     pub accel: AccelChoice,
+    /// Which QEMU, machine type and vCPU count the VMs run on.
+    pub platform: crate::qemu::Platform,
     /// What to measure.
     pub size: BenchSize,
 }
@@ -204,8 +207,10 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         opts.size.rounds,
         figures::size_name(opts.size.bytes)
     ));
+    progress(&format!("{}: {}", vsock::REPORT_KEY, bench.vsock.describe()));
+    let vsock_runs = bench.vsock.runs();
     for round in 0..opts.size.rounds {
-        for (direction, carrier) in PLAN {
+        for (direction, carrier) in PLAN.into_iter().filter(|(_, c)| *c != Carrier::Vsock || vsock_runs) {
             let seed = 0xbe4c_0000 + u64::from(round) * 16 + bench.report.throughput.len() as u64;
             let (took, cpu, wakeups) = bench.measure(direction, carrier, seed, opts.size.bytes, WRITE_SIZE)?;
             let mb = opts.size.bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9);
@@ -230,8 +235,15 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let mut report = bench.finish();
     for &cpus in opts.size.ports_cpus {
         progress(&format!("booting a VM of {cpus} vCPU(s) with {} ports", ports::PORTS));
-        let (boot, figures) =
-            ports::measure(&opts.image, opts.accel, cpus, opts.size.ports_counts, opts.size.ports_bytes, progress)?;
+        let (boot, figures) = ports::measure(
+            &opts.image,
+            opts.accel,
+            &opts.platform,
+            cpus,
+            opts.size.ports_counts,
+            opts.size.ports_bytes,
+            progress,
+        )?;
         report.boots.push(boot);
         report.ports.extend(figures);
     }
@@ -239,14 +251,16 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     Ok(report)
 }
 
-/// The order of a round.
-const PLAN: [(Direction, Carrier); 6] = [
+/// The order of a round (vsock where it runs: [`vsock::Reference::runs`]).
+const PLAN: [(Direction, Carrier); 8] = [
     (Direction::GuestToHost, Carrier::Raw),
     (Direction::GuestToHost, Carrier::Plain),
     (Direction::GuestToHost, Carrier::Acked),
+    (Direction::GuestToHost, Carrier::Vsock),
     (Direction::HostToGuest, Carrier::Raw),
     (Direction::HostToGuest, Carrier::Plain),
     (Direction::HostToGuest, Carrier::Acked),
+    (Direction::HostToGuest, Carrier::Vsock),
 ];
 
 /// The bench's VM and what its samples share.
@@ -260,6 +274,9 @@ struct Bench {
     report: BenchReport,
     /// The guest's instruction count, when it can be counted ([`insns`]).
     insns: Option<insns::InsnCounter>,
+    /// The vsock reference: its daemon (dropped after the VM, which uses it) and connection,
+    /// or why it was skipped.
+    vsock: vsock::Reference,
 }
 
 impl Bench {
@@ -270,6 +287,7 @@ impl Bench {
             .collect();
         let mut cfg = vm_config(&opts.image, &[PORT_CTL, PORT_STREAM, PORT_RAW], &args);
         cfg.accel = opts.accel;
+        opts.platform.apply(&mut cfg);
         // The guest's stream directory is in its RAM (the initramfs, at most half of it) and
         // holds the last file received and the next one's part file: room for two of the
         // largest sample (`--mib` 192).
@@ -290,6 +308,7 @@ impl Bench {
                 None
             }
         };
+        let daemon = vsock::prepare(&mut cfg, work.path());
         let mut rig = Rig::launch(cfg).map_err(|e| setup("cannot boot the vm", e))?;
         report.environment.insert(0, ("accelerator".into(), rig.vm.accel().to_string()));
         if let Ok(v) = rig.qmp.query_version() {
@@ -309,8 +328,10 @@ impl Bench {
         // The session holds the connection; the server is not needed again.
         drop(ctl_server);
         let raw = measure::open_raw(&mut ctl, PORT_RAW, raw_host, REPLY)?;
+        let vsock = vsock::Reference::connect(daemon, &mut ctl, REPLY);
+        report.environment.push((vsock::REPORT_KEY.into(), vsock.describe()));
         let transfer = TransferOptions { session_timeout: Duration::from_secs(60), ..Default::default() };
-        Ok(Bench { rig, ctl, raw, streams, work, transfer, report, insns })
+        Ok(Bench { rig, ctl, raw, streams, work, transfer, report, insns, vsock })
     }
 
     /// One sample of `carrier` moving `bytes` of the pattern of `seed` in `direction`, in
@@ -340,6 +361,13 @@ impl Bench {
                 raw_to_guest(&mut self.ctl, &mut self.raw, seed, &data, write_size)
             }
             (Direction::HostToGuest, Carrier::Plain) => plain_to_guest(&mut self.ctl, seed, bytes, chunk),
+            (Direction::GuestToHost, Carrier::Vsock) => {
+                vsock::to_host(&mut self.ctl, &mut self.vsock, seed, bytes, write_size)
+            }
+            (Direction::HostToGuest, Carrier::Vsock) => {
+                let data = pattern_bytes(seed, bytes)?;
+                vsock::to_guest(&mut self.ctl, &mut self.vsock, seed, &data, write_size)
+            }
             (Direction::HostToGuest, Carrier::Acked) => {
                 let local = self.work.path().join("to-guest.bin");
                 std::fs::write(&local, pattern_bytes(seed, bytes)?)
@@ -394,7 +422,8 @@ impl Bench {
         for round in 0..size.sweep_rounds {
             for &write_size in size.sweep {
                 let bytes = size.sweep_bytes(write_size);
-                for (direction, carrier) in PLAN.into_iter().filter(|(_, c)| *c != Carrier::Acked) {
+                for (direction, carrier) in PLAN.into_iter().filter(|(_, c)| matches!(c, Carrier::Raw | Carrier::Plain))
+                {
                     let seed = 0x5eeb_0000 + u64::from(round) * 64 + u64::from(write_size.trailing_zeros());
                     let (took, _, _) = self.measure(direction, carrier, seed, bytes, write_size)?;
                     progress(&format!(
@@ -531,6 +560,9 @@ impl Bench {
     /// and their difference is what `window` of idle time cost.
     fn idle(&mut self, window: Duration) -> Result<IdleCost, BenchError> {
         close_guest_handle(&mut self.ctl, self.raw.handle)?;
+        if let Some(v) = self.vsock.take() {
+            close_guest_handle(&mut self.ctl, v.handle)?;
+        }
         let short = (window / 4).max(AGENT_RECHECK_SPAN);
         let a = self.usage()?;
         // Measurement intervals, not synchronisation: nothing is waited for.

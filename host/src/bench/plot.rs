@@ -25,12 +25,16 @@ pub enum PlotError {
 
 /// Width and height of every figure, pixels.
 const SIZE: (u32, u32) = (800, 500);
-/// Series colours (Tableau 10's first four), in turn; the carriers take the first three.
+/// Series colours (Tableau 10's first four), in turn; the carriers take them in their order.
 const PALETTE: [RGBColor; 4] =
     [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
 /// The carriers in drawing order, each with its colour.
-const CARRIERS: [(Carrier, RGBColor); 3] =
-    [(Carrier::Raw, PALETTE[0]), (Carrier::Plain, PALETTE[1]), (Carrier::Acked, PALETTE[2])];
+const CARRIERS: [(Carrier, RGBColor); 4] = [
+    (Carrier::Raw, PALETTE[0]),
+    (Carrier::Plain, PALETTE[1]),
+    (Carrier::Acked, PALETTE[2]),
+    (Carrier::Vsock, PALETTE[3]),
+];
 /// At most this many labelled ticks on the write-size axis.
 const MAX_SIZE_TICKS: usize = 12;
 /// At most this many steps in one empirical CDF (finer is below a pixel).
@@ -344,11 +348,13 @@ mod tests {
         }
         let svg = throughput_svg(&report, Direction::GuestToHost).unwrap().unwrap();
         let found = texts(&svg);
-        for label in ["guest-&gt;host throughput (median MB/s)", "raw", "plain", "acked", "64 B", "4 KiB", "1 MiB"] {
+        for label in
+            ["guest-&gt;host throughput (median MB/s)", "raw", "plain", "acked", "vsock", "64 B", "4 KiB", "1 MiB"]
+        {
             assert!(found.contains(&label), "{label}: {found:?}");
         }
         assert!(CARRIERS.iter().all(|(_, color)| lines(&svg, *color) == 1), "one line per carrier: {svg}");
-        assert_eq!(svg.matches("<circle").count(), 12, "a point per figure");
+        assert_eq!(svg.matches("<circle").count(), 4 * CARRIERS.len(), "a point per figure");
         assert_eq!(throughput_svg(&report, Direction::HostToGuest).unwrap(), None, "no figure that way");
     }
 

@@ -40,6 +40,7 @@ const CHUNK: u32 = 64 << 10;
 pub(super) fn measure(
     image: &GuestImage,
     accel: AccelChoice,
+    platform: &crate::qemu::Platform,
     cpus: u32,
     counts: &[usize],
     bytes: u64,
@@ -50,6 +51,7 @@ pub(super) fn measure(
     let args = vec!["--log-level".to_string(), "info".to_string()];
     let mut cfg = vm_config(image, &refs, &args);
     cfg.accel = accel;
+    platform.apply(&mut cfg);
     cfg.cpus = cpus;
     // Half the ports on a second controller: 31 announced at once on one controller run its
     // guest's control queue out of buffers, and QEMU drops the host's PORT_OPEN messages

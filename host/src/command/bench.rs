@@ -15,6 +15,8 @@ pub struct BenchCommand {
     pub image: ImageChoice,
     /// Accelerator choice.
     pub accel: AccelChoice,
+    /// Which QEMU, machine type and vCPU count the VMs run on.
+    pub platform: crate::qemu::Platform,
     /// How much to measure.
     pub size: BenchSize,
     /// The report as JSON instead of the table.
@@ -37,7 +39,7 @@ pub fn bench(cmd: BenchCommand, out: &mut dyn Write, progress: &Progress) -> Res
         crate::usage::check_output_dir("--plots", dir)?;
     }
     let image = prepare(&cmd.image, progress)?;
-    let opts = BenchOptions { image, accel: cmd.accel, size: cmd.size };
+    let opts = BenchOptions { image, accel: cmd.accel, platform: cmd.platform, size: cmd.size };
     let mut report = bench::run(&opts, &mut |line| progress.say(&format!("bench: {line}")))?;
     // The agent's own size (the release build is stripped and static), beside the figures.
     match crate::image::resolve_agent(cmd.image.agent.as_deref()).map(|p| std::fs::metadata(&p).map(|m| (p, m.len()))) {

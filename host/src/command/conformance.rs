@@ -16,6 +16,8 @@ pub struct ConformanceCommand {
     pub image: ImageChoice,
     /// Accelerator choice.
     pub accel: AccelChoice,
+    /// Which QEMU, machine type and vCPU count the VMs run on.
+    pub platform: crate::qemu::Platform,
     /// Only the cases whose name contains one of these comma-separated strings.
     pub filter: Option<String>,
     /// Only list the selected cases.
@@ -52,6 +54,7 @@ pub fn conformance(cmd: ConformanceCommand, out: &mut dyn Write, progress: &Prog
     let img = prepare(&cmd.image, progress)?;
     let mut opts = SuiteOptions::new(img);
     opts.accel = cmd.accel;
+    opts.platform = cmd.platform;
     opts.filter = cmd.filter;
     opts.reopen_cycles = cmd.cycles;
     opts.agent_args = vec!["--log-level".into(), cmd.agent_log_level];

@@ -17,6 +17,8 @@ pub struct FaultsCommand {
     pub image: ImageChoice,
     /// Accelerator choice.
     pub accel: AccelChoice,
+    /// Which QEMU, machine type and vCPU count the VMs run on.
+    pub platform: crate::qemu::Platform,
     /// Repetitions of each fault.
     pub repeats: u32,
     /// The faults (empty: all).
@@ -43,6 +45,7 @@ pub fn faults(cmd: FaultsCommand, out: &mut dyn Write, progress: &Progress) -> R
     let img = prepare(&cmd.image, progress)?;
     let mut opts = FaultsOptions::new(img);
     opts.accel = cmd.accel;
+    opts.platform = cmd.platform;
     opts.repeats = cmd.repeats;
     if !cmd.faults.is_empty() {
         opts.faults = cmd.faults;

@@ -103,6 +103,10 @@ which the agent does not serve: the baseline, a guest write()/read() loop (as `d
 chardev socket directly. Every round moves the same number of bytes each way by each carrier (raw, plain, acked) \
 in writes of 64 KiB, in turn, every byte's digest checked; a figure is the median of its rounds and is printed \
 as a ratio to the raw port of the same direction and write size, with the goal at 64 KiB (at least 0.95x raw). \
+Where the machine allows it, a fourth carrier is the reference: vsock, the same guest loops on a virtio-vsock \
+stream (QEMU's vhost-user-vsock-pci served by vhost-device-vsock, found on PATH or in <cache>/tools/bin: \
+scripts/install-vhost-vsock installs it), shown as a ratio to raw and held to no goal; where it cannot run, the \
+report's `vsock reference` line says why and what to do. \
 Under TCG (one vCPU, QEMU 4.2 to 8.x) each figure also gets the guest's instructions per MiB, counted by a TCG \
 plugin vport builds with the C compiler into its cache, as a ratio to raw (stable where seconds are not). \
 A sweep follows: raw and plain both ways in writes (raw) and DATA frames (plain) of other sizes, 64 B to 1 MiB, \
@@ -138,6 +142,22 @@ VPORT_CACHE_DIR       where images and downloaded packages are kept (default: $X
 $HOME/.cache/vport, /var/tmp/vport-cache)\n  \
 VPORT_KEEP_VM_DIR     set (not 0) to keep each VM's directory (console log, QEMU stderr, sockets) after it ends\n  \
 XDG_RUNTIME_DIR       where `vport boot` registers its VMs for `vport connect` (default: /tmp/vport-UID)";
+
+/// `vport run matrix --help`.
+pub const MATRIX_ABOUT: &str = "Run vport's suites once per platform cell: every combination of the QEMU binaries \
+(--qemu), guest kernel packages (--kernel-deb), machine types (--machine: pc, q35; microvm is listed and skipped, \
+its virtio-mmio transport is not built), vCPU counts (--cpus) and accelerators (--accel: a KVM cell is skipped, with \
+the probe's reason, where KVM does not run a guest). Each cell runs the suites (--suite: conformance, faults \
+--quick, bench --quick) one after another, each as a child vport process with the cell's --qemu, --kernel-deb, \
+--machine, --cpus and --accel; cells run --jobs at a time (default half the cores: a TCG guest keeps a core busy). \
+scripts/fetch-platforms puts QEMU 10.0 and Linux 6.12 from Debian's bookworm-backports into vport's cache and prints \
+their paths.\n\nWhile the cells run, a line per suite started and ended goes to stderr. At the end the summary goes \
+to stdout (or --json): a row per cell, a column per suite (passed, FAILED, ERROR, skipped), each suite's result in a \
+line (verdict counts; the bench's ratios to the raw port), and the conformance cases whose verdict differs between \
+cells. --out DIR (default ./vport-matrix) gets a directory per cell (each suite's JSON report, its log, its JUnit), \
+junit.xml (a test suite per cell, a test case per suite: skipped cells as skipped, with the reason) and \
+summary.json. Exit 1 when a suite failed, else 3 when one could not run or outlived --suite-deadline, else 0: \
+skipped cells do not fail the run.";
 
 #[cfg(test)]
 mod tests {

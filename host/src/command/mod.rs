@@ -11,6 +11,7 @@ pub mod faults;
 pub mod hello;
 pub mod help;
 pub mod image;
+pub mod matrix;
 pub mod soak;
 pub mod trace;
 pub mod transfer;

@@ -16,6 +16,8 @@ pub struct SoakCommand {
     pub image: ImageChoice,
     /// Accelerator choice.
     pub accel: AccelChoice,
+    /// Which QEMU, machine type and vCPU count the VMs run on.
+    pub platform: crate::qemu::Platform,
     /// How many of each cycle.
     pub counts: SoakCounts,
     /// The report as JSON instead of the matrix.
@@ -31,7 +33,7 @@ pub fn soak(cmd: SoakCommand, out: &mut dyn Write, progress: &Progress) -> Resul
         crate::usage::check_output_file("--junit", path)?;
     }
     let image = prepare(&cmd.image, progress)?;
-    let opts = SoakOptions { image, accel: cmd.accel, counts: cmd.counts };
+    let opts = SoakOptions { image, accel: cmd.accel, platform: cmd.platform, counts: cmd.counts };
     let report = soak::run(&opts, &mut |ev| {
         if let Some(line) = human::progress_line(ev) {
             progress.say(&line);

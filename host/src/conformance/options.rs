@@ -12,6 +12,8 @@ pub struct SuiteOptions {
     pub image: GuestImage,
     /// Accelerator choice.
     pub accel: AccelChoice,
+    /// Which QEMU, machine type and vCPU count the VMs run on.
+    pub platform: crate::qemu::Platform,
     /// Run only cases whose name contains one of these comma-separated strings (and the
     /// groups they are in).
     pub filter: Option<String>,
@@ -38,6 +40,7 @@ impl SuiteOptions {
         SuiteOptions {
             image,
             accel: AccelChoice::Auto,
+            platform: Default::default(),
             filter: None,
             names: None,
             reopen_cycles: 1000,

@@ -31,6 +31,7 @@ pub(crate) fn boot(
     }
     let mut cfg = vm_config(&opts.image, &[], &args);
     cfg.accel = opts.accel;
+    opts.platform.apply(&mut cfg);
     cfg.ports = ports;
     tweak(&mut cfg);
     Ok(Rig::launch(cfg)?)

@@ -214,6 +214,8 @@ pub struct FaultsOptions {
     pub image: GuestImage,
     /// Accelerator.
     pub accel: AccelChoice,
+    /// Which QEMU, machine type and vCPU count the VMs run on.
+    pub platform: crate::qemu::Platform,
     /// Repetitions of each fault (`--quick` 3, `--full` 50).
     pub repeats: u32,
     /// The faults to inject, in the suite's order (`--fault`; all by default).
@@ -233,6 +235,7 @@ impl FaultsOptions {
         FaultsOptions {
             image,
             accel: AccelChoice::Auto,
+            platform: Default::default(),
             repeats: 3,
             faults: Fault::ALL.to_vec(),
             size: 2 << 20,

@@ -64,6 +64,7 @@ fn suite_config(opts: &FaultsOptions) -> VmConfig {
         ["--log-level", "info", "--stream-dir", GUEST_STREAM_DIR].iter().map(|a| a.to_string()).collect();
     let mut cfg = vm_config(&opts.image, &[PORT_IN, PORT_OUT], &args);
     cfg.accel = opts.accel;
+    opts.platform.apply(&mut cfg);
     // Fault::AgentKill: SysRq-i (SIGKILL to every process but init) from the keyboard, and
     // /init restarting the agent it kills.
     cfg.cmdline.push_str(&format!(" sysrq_always_enabled {}", supervise_param(AGENT_RESTARTS)));

@@ -172,13 +172,24 @@ fn auto_deb(debs: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, Imag
 
 /// Unpacks the kernel and its virtio modules from `deb` into `<cache>/kernels/<stem>/`
 /// (once; later calls reuse the directory).
+/// The directory a package is unpacked into: its file stem and a key of the module set vport
+/// keeps ([`modules::REQUIRED_MODULES`], [`modules::OPTIONAL_MODULES`]), so that a vport wanting
+/// other modules unpacks the package again instead of reusing a copy without them.
+pub fn unpack_dir_name(stem: &str) -> String {
+    use sha2::Digest;
+    let wanted = [modules::REQUIRED_MODULES, modules::OPTIONAL_MODULES].map(|m| m.join(",")).join(";");
+    let digest = sha2::Sha256::digest(wanted.as_bytes());
+    let key: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("{stem}.m{key}")
+}
+
 fn unpack_deb(deb: &Path, cache_dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<ResolvedKernel, ImageError> {
     let stem = deb
         .file_stem()
         .and_then(|s| s.to_str())
         .ok_or_else(|| no_kernel(format!("{} is not a .deb file name", deb.display())))?;
     let kernels = cache_dir.join("kernels");
-    let dest = kernels.join(stem);
+    let dest = kernels.join(unpack_dir_name(stem));
     let release_file = dest.join("release");
     if let Ok(release) = std::fs::read_to_string(&release_file) {
         let release = release.trim().to_string();
@@ -326,5 +337,59 @@ mod tests {
         let src = KernelSource::Image { path: dir.path().join("nope"), modules_dir: None };
         let err = resolve(&src, dir.path(), &mut |_| {}).unwrap_err();
         assert!(err.to_string().contains("pass --kernel PATH, set VPORT_KERNEL, or run scripts/bootstrap"), "{err}");
+    }
+
+    #[test]
+    fn the_unpack_directory_follows_the_module_set() {
+        let name = unpack_dir_name("linux-image-6.1.0-57-amd64_6.1.192-3_amd64");
+        assert!(name.starts_with("linux-image-6.1.0-57-amd64_6.1.192-3_amd64.m"), "{name}");
+        assert_eq!(name.len(), "linux-image-6.1.0-57-amd64_6.1.192-3_amd64".len() + 2 + 8);
+        assert_eq!(name, unpack_dir_name("linux-image-6.1.0-57-amd64_6.1.192-3_amd64"), "stable");
+    }
+
+    /// Debian's 6.12 kernel (bookworm-backports) has virtio_pci and virtio_console built in
+    /// (listed in `modules.builtin`, no `.ko`): its package unpacks, and the image loads none of
+    /// them, only the optional modules the package ships.
+    #[test]
+    fn unpacks_a_kernel_package_whose_virtio_drivers_are_built_in() {
+        use crate::image::elf::tests::fake_elf;
+        if Command::new("dpkg-deb").arg("--version").output().is_err() {
+            println!("skipped: dpkg-deb not found");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let release = "6.12.95+deb12-amd64";
+        let pkg = dir.path().join("pkg");
+        let mods = pkg.join("lib/modules").join(release);
+        for d in [pkg.join("DEBIAN"), pkg.join("boot"), mods.join("kernel/drivers/virtio")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let control = format!(
+            "Package: linux-image-{release}\nVersion: 6.12.95-1~bpo12+1\nArchitecture: amd64\n\
+             Maintainer: vport <vport@localhost>\nDescription: test kernel\n"
+        );
+        std::fs::write(pkg.join("DEBIAN/control"), control).unwrap();
+        std::fs::write(pkg.join("boot").join(format!("vmlinuz-{release}")), b"not a real bzImage").unwrap();
+        let builtin = "kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio_ring.ko\n\
+                       kernel/drivers/virtio/virtio_pci.ko\nkernel/drivers/char/virtio_console.ko\n";
+        std::fs::write(mods.join("modules.builtin"), builtin).unwrap();
+        let mmio = fake_elf(&[], ".modinfo", b"license=GPL\0depends=\0name=virtio_mmio\0");
+        std::fs::write(mods.join("kernel/drivers/virtio/virtio_mmio.ko"), mmio).unwrap();
+        let deb = dir.path().join(format!("linux-image-{release}_6.12.95-1~bpo12+1_amd64.deb"));
+        let mut build = Command::new("dpkg-deb");
+        build.args(["--root-owner-group", "-Zgzip", "--build"]).arg(&pkg).arg(&deb);
+        run(&mut build, "dpkg-deb --build").unwrap();
+
+        let cache = dir.path().join("cache");
+        let k = resolve(&KernelSource::Deb(deb.clone()), &cache, &mut |_| {}).unwrap();
+        assert_eq!(k.release, release);
+        let mdir = k.modules_dir.clone().expect("the module tree is kept");
+        assert!(mdir.join("modules.builtin").is_file());
+        let names: Vec<String> = modules::collect(&mdir).unwrap().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["virtio_mmio"], "virtio_pci and virtio_console are built in, not loaded");
+        // The unpacked copy is reused.
+        std::fs::remove_file(&deb).unwrap();
+        let again = resolve(&KernelSource::Deb(deb), &cache, &mut |_| {}).unwrap();
+        assert_eq!((again.image, again.release), (k.image, k.release));
     }
 }

@@ -7,6 +7,7 @@
 //! is created complete or not at all (built in a temporary directory, then renamed).
 
 pub mod cpio;
+pub mod distro;
 pub mod elf;
 pub mod initscript;
 pub mod kernel;
@@ -208,7 +209,7 @@ pub const BUSYBOX_HINT: &str = "install the Debian package busybox-static (scrip
 
 /// Reads a binary that will run in the guest and checks it is a static ELF executable; errors
 /// name the file and carry `hint`, what to do about it.
-fn read_static(what: &'static str, path: &Path, hint: &'static str) -> Result<Vec<u8>, ImageError> {
+pub(crate) fn read_static(what: &'static str, path: &Path, hint: &'static str) -> Result<Vec<u8>, ImageError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -13,8 +13,11 @@ use super::elf::{modinfo, ElfError};
 
 /// Modules the guest must have (unless built into the kernel), PCI transport first.
 pub const REQUIRED_MODULES: &[&str] = &["virtio_pci", "virtio_console"];
-/// Modules loaded when the kernel has them (virtio-mmio for a future `microvm` machine).
-pub const OPTIONAL_MODULES: &[&str] = &["virtio_mmio"];
+/// Modules loaded when the kernel has them, with their dependencies: virtio-mmio for a future
+/// `microvm` machine; AF_VSOCK over a virtio-vsock device (GUEST_OP VSOCK_ACCEPT, `vport
+/// bench`'s vsock reference).
+pub const OPTIONAL_MODULES: &[&str] =
+    &["virtio_mmio", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"];
 
 /// Why the module set could not be worked out.
 #[derive(Debug, thiserror::Error)]
@@ -347,16 +350,18 @@ kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/driv
         assert!(b.contains("virtio") && b.contains("virtio_console") && b.len() == 2);
     }
 
+    /// A fake module `rel` under `tree` that depends on `deps` (comma-separated).
+    fn write_fake_module(tree: &Path, rel: &str, deps: &str) {
+        let p = tree.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let info = format!("license=GPL\0depends={deps}\0");
+        std::fs::write(p, crate::image::elf::tests::fake_elf(&[], ".modinfo", info.as_bytes())).unwrap();
+    }
+
     #[test]
     fn collects_from_modinfo_when_no_modules_dep() {
-        use crate::image::elf::tests::fake_elf;
         let dir = tempfile::tempdir().unwrap();
-        let write = |rel: &str, deps: &str| {
-            let p = dir.path().join(rel);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            let info = format!("license=GPL\0depends={deps}\0");
-            std::fs::write(p, fake_elf(&[], ".modinfo", info.as_bytes())).unwrap();
-        };
+        let write = |rel: &str, deps: &str| write_fake_module(dir.path(), rel, deps);
         write("kernel/drivers/virtio/virtio_ring.ko", "");
         write("kernel/drivers/virtio/virtio.ko", "virtio_ring");
         write("kernel/drivers/virtio/virtio_pci_modern_dev.ko", "");
@@ -373,5 +378,31 @@ kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/driv
         std::fs::remove_file(dir.path().join("kernel/drivers/virtio/virtio.ko")).unwrap();
         let err = collect(dir.path()).unwrap_err();
         assert!(err.to_string().contains("kernel module virtio not found"), "{err}");
+    }
+
+    #[test]
+    fn optional_vsock_modules_come_with_their_dependencies_when_the_tree_has_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |rel: &str, deps: &str| write_fake_module(dir.path(), rel, deps);
+        write("kernel/drivers/virtio/virtio_ring.ko", "");
+        write("kernel/drivers/virtio/virtio.ko", "virtio_ring");
+        write("kernel/drivers/virtio/virtio_pci.ko", "virtio_ring,virtio");
+        write("kernel/drivers/char/virtio_console.ko", "virtio,virtio_ring");
+        let names = |mods: Vec<LoadedModule>| mods.into_iter().map(|m| m.name).collect::<Vec<_>>();
+        let without = names(collect(dir.path()).unwrap());
+        assert!(!without.iter().any(|m| m.contains("vsock")), "no vsock in the tree, none loaded: {without:?}");
+        // As Debian 6.1 has them: the transport needs its common part, vsock and virtio.
+        write("kernel/net/vmw_vsock/vsock.ko", "");
+        write("kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko", "vsock");
+        write(
+            "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+            "virtio,vmw_vsock_virtio_transport_common,virtio_ring,vsock",
+        );
+        let with = names(collect(dir.path()).unwrap());
+        let at = |m: &str| with.iter().position(|n| n == m).unwrap_or_else(|| panic!("{m} missing from {with:?}"));
+        assert!(at("vsock") < at("vmw_vsock_virtio_transport_common"));
+        assert!(at("vmw_vsock_virtio_transport_common") < at("vmw_vsock_virtio_transport"));
+        assert!(at("virtio") < at("vmw_vsock_virtio_transport"));
+        assert_eq!(&with[..without.len()], &without[..], "the required modules first, as before");
     }
 }

@@ -25,11 +25,17 @@ pub const KEEP_DIR_ENV: &str = "VPORT_KEEP_VM_DIR";
 /// Spawns `cmd` so that the child gets SIGKILL when the spawning thread dies
 /// (`PR_SET_PDEATHSIG`), which covers vport being killed or crashing.
 pub(crate) fn spawn_with_pdeathsig(cmd: &mut Command) -> std::io::Result<Child> {
+    spawn_with_parent_death_signal(cmd, nix::libc::SIGKILL)
+}
+
+/// Spawns `cmd` so that the child gets `signal` when the spawning thread dies
+/// (`PR_SET_PDEATHSIG`): SIGTERM for a child `vport`, which then cleans up its own VMs.
+pub(crate) fn spawn_with_parent_death_signal(cmd: &mut Command, signal: nix::libc::c_int) -> std::io::Result<Child> {
     // SAFETY: the closure runs in the forked child before exec; it only calls prctl(2),
     // which is async-signal-safe, allocates nothing and touches no locks.
     unsafe {
-        cmd.pre_exec(|| {
-            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+        cmd.pre_exec(move || {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, signal) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

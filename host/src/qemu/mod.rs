@@ -4,7 +4,8 @@
 //! - [`config`]: what a VM is to be ([`VmConfig`], its ports and their [`HostEnd`]s);
 //! - [`accel`]: the accelerator names ([`AccelChoice`] asked for, [`Accel`] used);
 //! - [`args`]: QEMU command-line fragments, one small function each;
-//! - [`plan`]: a configuration turned into port ids, sockets, host ends and the command line.
+//! - [`plan`]: a configuration turned into port ids, sockets, host ends and the command line;
+//! - [`platform`]: which QEMU, machine type and vCPU count a suite's VMs run on.
 //!
 //! Running:
 //! - [`binary`]: finding the QEMU binary and its version;
@@ -19,6 +20,7 @@ pub mod binary;
 pub mod cleanup;
 pub mod config;
 pub mod plan;
+pub mod platform;
 pub mod probe;
 pub mod vm;
 
@@ -30,4 +32,5 @@ pub use binary::{
 pub use cleanup::{install_signal_cleanup, interrupted, WorkDir, KEEP_DIR_ENV};
 pub use config::{controller_id, HostEnd, PortConfig, VmConfig, CONTROLLER_ID};
 pub use plan::{PlanError, PortInfo, TOOLS_QMP_SOCKET};
+pub use platform::{Platform, MACHINES};
 pub use vm::{file_tail, Vm, VmError};

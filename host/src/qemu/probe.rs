@@ -263,6 +263,24 @@ pub fn resolve(choice: AccelChoice, qemu: &Path, kernel: Option<&Path>, cache_di
     Ok(accel)
 }
 
+/// Whether KVM runs a guest with `qemu` here (the same probe and cached verdict as
+/// [`AccelChoice::Auto`]); `Err` says why not.
+pub fn kvm_runs_guests(qemu: &Path, kernel: Option<&Path>, cache_dir: &Path) -> Result<(), String> {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        return Err(format!("/dev/kvm is not usable ({e})"));
+    }
+    match resolve(AccelChoice::Auto, qemu, kernel, cache_dir).map_err(|e| e.to_string())? {
+        Accel::Kvm => Ok(()),
+        Accel::Tcg => {
+            let reason = load(&cache_dir.join("accel.json"))
+                .verdicts
+                .get(&cache_key(qemu, kernel))
+                .map_or_else(|| "the probe chose TCG".to_string(), |v| v.reason.clone());
+            Err(reason)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,8 @@
 use super::{CaseResult, RunReport, Verdict};
 use std::fmt::Write as _;
 
-fn xml_escape(s: &str) -> String {
+/// `s` with the five XML special characters escaped and control characters blanked.
+pub fn xml_escape(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for ch in s.chars() {
         match ch {

@@ -66,6 +66,8 @@ pub struct SoakOptions {
     pub image: GuestImage,
     /// Accelerator.
     pub accel: AccelChoice,
+    /// Which QEMU, machine type and vCPU count the VMs run on.
+    pub platform: crate::qemu::Platform,
     /// The cycles.
     pub counts: SoakCounts,
 }
@@ -200,6 +202,7 @@ fn boot(opts: &SoakOptions, env: &mut Environment) -> Result<Soak, String> {
         ["--log-level", "info", "--stream-dir", GUEST_STREAM_DIR].iter().map(|a| a.to_string()).collect();
     let mut cfg = vm_config(&opts.image, &[PORT_CYCLES, PORT_REPLUG], &args);
     cfg.accel = opts.accel;
+    opts.platform.apply(&mut cfg);
     let mut rig = Rig::launch(cfg).map_err(|e| format!("cannot boot the vm: {e}"))?;
     env.accel = rig.vm.accel().to_string();
     if let Ok(v) = rig.qmp.query_version() {

@@ -222,3 +222,29 @@ fn many_ports_are_compared_with_one_port_of_the_same_vm_and_boot_with_the_raw_sh
     let text = report.render_text();
     assert!(text.contains("1.50") && text.contains("4000 (31 ports, 1 reconnect(s))"), "{text}");
 }
+
+#[test]
+fn vsock_is_a_reference_shown_as_a_ratio_to_raw_and_held_to_no_goal() {
+    let report = BenchReport {
+        throughput: vec![
+            tp(Direction::GuestToHost, Carrier::Vsock, &[50]),
+            tp(Direction::GuestToHost, Carrier::Raw, &[100]),
+            tp(Direction::GuestToHost, Carrier::Plain, &[200]),
+        ],
+        ..Default::default()
+    };
+    let vsock = &report.throughput[0];
+    assert_eq!(report.ratio_to_raw(vsock), Some(2.0));
+    let goals = report.comparisons();
+    assert_eq!(goals.len(), 1, "plain only: {goals:?}");
+    assert!(goals[0].what.contains("plain"));
+    let order: Vec<_> = report.sorted_throughput().iter().map(|t| t.carrier).collect();
+    assert_eq!(order, [Carrier::Raw, Carrier::Plain, Carrier::Vsock]);
+    let json = report.to_json();
+    assert_eq!(json["throughput"][0]["carrier"], "vsock");
+    assert_eq!(json["throughput"][0]["x_raw"], 2.0);
+    let text = report.render_text();
+    let row = text.lines().find(|l| l.contains(" vsock ")).unwrap_or_else(|| panic!("{text}"));
+    assert!(row.contains("2.00"), "{row}");
+    assert!(!text.lines().any(|l| l.contains("vsock /")), "no goal line for vsock: {text}");
+}
