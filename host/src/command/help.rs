@@ -137,11 +137,13 @@ VPORT_LOG             diagnostics level, as --log-level\n  \
 VPORT_AGENT           the static vport-agent, as --agent (else searched: see --agent in a command's --help)\n  \
 VPORT_BUSYBOX         the static busybox, as --busybox\n  \
 VPORT_KERNEL          your own bzImage, as --kernel; VPORT_KERNEL_MODULES its lib/modules/RELEASE\n  \
-VPORT_QEMU            the qemu-system-x86_64 to run (default: the one on PATH)\n  \
+VPORT_QEMU            the qemu-system-x86_64 to run, as --qemu (default: the one on PATH; scripts/fetch-platforms \
+prints QEMU 10.0's)\n  \
 VPORT_CACHE_DIR       where images and downloaded packages are kept (default: $XDG_CACHE_HOME/vport, \
 $HOME/.cache/vport, /var/tmp/vport-cache)\n  \
 VPORT_KEEP_VM_DIR     set (not 0) to keep each VM's directory (console log, QEMU stderr, sockets) after it ends\n  \
-XDG_RUNTIME_DIR       where `vport boot` registers its VMs for `vport connect` (default: /tmp/vport-UID)";
+XDG_RUNTIME_DIR       where `vport boot` registers its VMs for `vport connect` (default: /tmp/vport-UID)\n  \
+CC                    the C compiler `vport bench` builds its guest instruction counter with (default: cc)";
 
 /// `vport run matrix --help`.
 pub const MATRIX_ABOUT: &str = "Run vport's suites once per platform cell: every combination of the QEMU binaries \
