@@ -170,11 +170,27 @@ impl Cell {
             ));
         }
         match (self.accel, kvm) {
-            (Accel::Kvm, Err(why)) => Some(format!("KVM does not run a guest here: {why}")),
+            (Accel::Kvm, Err(why)) => Some(format!("KVM does not run a guest here: {}", first_line(why))),
             _ => None,
         }
     }
 }
+
+/// The first line of a probe's account, at most [`REASON_CHARS`] characters: QEMU's KVM errors
+/// run to a register dump, which belongs in vport's verdict cache (`<cache>/accel.json`), not in a
+/// table.
+pub fn first_line(text: &str) -> String {
+    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let more = text.trim().len() > line.len();
+    let mut out: String = line.chars().take(REASON_CHARS).collect();
+    if more || line.chars().count() > REASON_CHARS {
+        out.push_str(" ... (the whole account: <cache>/accel.json)");
+    }
+    out
+}
+
+/// The longest reason a skipped cell shows, in characters.
+pub const REASON_CHARS: usize = 300;
 
 /// Every combination of `axes`, QEMU outermost and accelerator innermost.
 pub fn cells(axes: &Axes) -> Vec<Cell> {
@@ -273,6 +289,17 @@ mod tests {
         assert_eq!(kvm.skip_reason(&Ok(())), None);
         let tcg = all.iter().find(|c| c.accel == Accel::Tcg && c.machine == "q35").unwrap();
         assert_eq!(tcg.skip_reason(&kvm_missing), None);
+    }
+
+    #[test]
+    fn a_long_probe_account_is_cut_to_its_first_line() {
+        assert_eq!(first_line("no /dev/kvm"), "no /dev/kvm");
+        let dump = "kvm kernel probe: vmlinuz did not reach its panic\nKVM internal error. Suberror: 1\nRAX=0";
+        assert_eq!(
+            first_line(dump),
+            "kvm kernel probe: vmlinuz did not reach its panic ... (the whole account: <cache>/accel.json)"
+        );
+        assert_eq!(first_line(&"x".repeat(400)).chars().filter(|c| *c == 'x').count(), REASON_CHARS);
     }
 
     #[test]
