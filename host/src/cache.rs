@@ -8,6 +8,12 @@ use std::path::PathBuf;
 /// Environment variable that overrides the cache directory.
 pub const CACHE_DIR_ENV: &str = "VPORT_CACHE_DIR";
 
+/// `bytes` in lower-case hex: how the cache names what a digest keys (images, unpacked kernels,
+/// the bench's plugin).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The cache directory vport uses (not created by this call).
 pub fn cache_dir() -> PathBuf {
     resolve(std::env::var_os(CACHE_DIR_ENV), std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"))
@@ -34,6 +40,12 @@ fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_are_named_in_lower_case_hex() {
+        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+        assert_eq!(hex(&[]), "");
+    }
 
     #[test]
     fn explicit_wins_then_xdg_then_home_then_fallback() {

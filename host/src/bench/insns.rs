@@ -43,7 +43,7 @@ pub fn availability(accel: Accel, qemu: QemuVersion, cpus: u32) -> Result<(), St
 pub fn plugin_file_name(source: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(source.as_bytes());
-    let key: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let key = crate::cache::hex(&digest[..8]);
     format!("vport-insn-count-{key}.so")
 }
 

@@ -179,7 +179,7 @@ pub fn unpack_dir_name(stem: &str) -> String {
     use sha2::Digest;
     let wanted = [modules::REQUIRED_MODULES, modules::OPTIONAL_MODULES].map(|m| m.join(",")).join(";");
     let digest = sha2::Sha256::digest(wanted.as_bytes());
-    let key: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let key = crate::cache::hex(&digest[..4]);
     format!("{stem}.m{key}")
 }
 

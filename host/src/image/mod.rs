@@ -251,7 +251,7 @@ impl Inputs {
         part("busybox", &self.busybox);
         part("agent", &self.agent);
         part("init", self.init.as_bytes());
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        crate::cache::hex(&h.finalize())
     }
 
     fn initramfs(&self) -> std::io::Result<Vec<u8>> {

@@ -199,8 +199,17 @@ fn scan_tree(dir: &Path) -> Result<BTreeMap<String, String>, ModuleError> {
 }
 
 /// Works out and reads the modules the guest must load from the `lib/modules/<release>`
-/// tree `dir`, in load order. Uses `modules.dep` when present, else each module's modinfo.
+/// tree `dir`, in load order: [`REQUIRED_MODULES`] and those of [`OPTIONAL_MODULES`] the tree has
+/// ([`collect_wanted`]).
 pub fn collect(dir: &Path) -> Result<Vec<LoadedModule>, ModuleError> {
+    let wanted: Vec<&str> = REQUIRED_MODULES.iter().chain(OPTIONAL_MODULES).copied().collect();
+    collect_wanted(dir, &wanted, OPTIONAL_MODULES)
+}
+
+/// The modules `wanted` and their dependencies from the tree `dir` (`modules.dep` when it has
+/// one, else each module's modinfo), in load order, skipping what `modules.builtin` lists and
+/// the `optional` ones of `wanted` the tree does not have.
+pub fn collect_wanted(dir: &Path, wanted: &[&str], optional: &[&str]) -> Result<Vec<LoadedModule>, ModuleError> {
     let read_text = |name: &str| -> Result<Option<String>, ModuleError> {
         let p = dir.join(name);
         match std::fs::read_to_string(&p) {
@@ -219,7 +228,7 @@ pub fn collect(dir: &Path) -> Result<Vec<LoadedModule>, ModuleError> {
         log::debug!("no modules.dep in {tree}: reading dependencies from modinfo");
         let index = scan_tree(dir)?;
         let mut g = DepGraph::default();
-        let mut todo: Vec<String> = REQUIRED_MODULES.iter().chain(OPTIONAL_MODULES).map(|s| s.to_string()).collect();
+        let mut todo: Vec<String> = wanted.iter().map(|w| normalize_name(w)).collect();
         while let Some(name) = todo.pop() {
             if g.deps.contains_key(&name) || builtin.contains(&name) {
                 continue;
@@ -235,8 +244,8 @@ pub fn collect(dir: &Path) -> Result<Vec<LoadedModule>, ModuleError> {
         }
         g
     };
-    let mut wanted: Vec<&str> = REQUIRED_MODULES.to_vec();
-    wanted.extend(OPTIONAL_MODULES.iter().filter(|m| graph.deps.contains_key(**m)).copied());
+    let wanted: Vec<&str> =
+        wanted.iter().copied().filter(|w| !optional.contains(w) || graph.deps.contains_key(*w)).collect();
     let order = load_order(&graph, &builtin, &wanted).map_err(|e| match e {
         ModuleError::Missing { name, needed_by, .. } => ModuleError::Missing { name, needed_by, tree: tree.clone() },
         other => other,

@@ -5,7 +5,6 @@
 //! image's modules, so the whole module tree is taken from the kernel package again, unpacked
 //! into the build's scratch directory (once per distro image: the image is cached).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,7 +12,7 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 
 use super::super::kernel::{self, KernelSource};
-use super::super::modules::{self, DepGraph, LoadedModule, ModuleError};
+use super::super::modules::{collect_wanted, LoadedModule};
 use super::DistroError;
 
 /// Modules the Debian guest's initramfs loads (with their dependencies, unless built in), in
@@ -65,7 +64,7 @@ pub(super) fn file_sha256(path: &Path) -> Result<String, DistroError> {
         }
         h.update(&buf[..n]);
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::cache::hex(&h.finalize()))
 }
 
 /// Resolves the kernel (downloading and unpacking the package like the busybox image does) and
@@ -100,7 +99,7 @@ pub(super) fn resolve(
             if let Some(d) = modules_dir {
                 h.update(d.to_string_lossy().as_bytes());
             }
-            let id = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            let id = crate::cache::hex(&h.finalize());
             (modules_dir.clone().map_or(ModuleTree::BuiltIn, ModuleTree::Dir), id)
         }
     };
@@ -144,80 +143,6 @@ pub(super) fn collect(
         }
     };
     Ok(collect_wanted(&dir, DISTRO_MODULES, OPTIONAL_DISTRO_MODULES)?)
-}
-
-/// Index of every module file under `dir`: name -> path relative to `dir`.
-fn scan(dir: &Path) -> Result<BTreeMap<String, String>, ModuleError> {
-    let mut found = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let read = |source| ModuleError::Read { path: d.clone(), source };
-        for entry in std::fs::read_dir(&d).map_err(read)? {
-            let p = entry.map_err(read)?.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else if let (Some(n), Ok(rel)) = (p.file_name().and_then(|n| n.to_str()), p.strip_prefix(dir)) {
-                if [".ko", ".ko.xz", ".ko.zst", ".ko.gz"].iter().any(|s| n.ends_with(s)) {
-                    found.insert(modules::normalize_name(n), rel.to_string_lossy().into_owned());
-                }
-            }
-        }
-    }
-    Ok(found)
-}
-
-/// The modules `wanted` and their dependencies from the tree `dir` (`modules.dep` when it has
-/// one, else each module's modinfo), in load order, skipping what `modules.builtin` lists and
-/// the `optional` ones of `wanted` the tree does not have.
-pub fn collect_wanted(dir: &Path, wanted: &[&str], optional: &[&str]) -> Result<Vec<LoadedModule>, ModuleError> {
-    let text = |name: &str| match std::fs::read_to_string(dir.join(name)) {
-        Ok(t) => Ok(Some(t)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(ModuleError::Read { path: dir.join(name), source }),
-    };
-    let builtin: BTreeSet<String> = text("modules.builtin")?.map(|t| modules::parse_builtin(&t)).unwrap_or_default();
-    let mut read: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let graph = match text("modules.dep")? {
-        Some(dep) => modules::parse_modules_dep(&dep),
-        None => {
-            let index = scan(dir)?;
-            let mut g = DepGraph::default();
-            let mut todo: Vec<String> = wanted.iter().map(|w| modules::normalize_name(w)).collect();
-            while let Some(name) = todo.pop() {
-                if g.deps.contains_key(&name) || builtin.contains(&name) {
-                    continue;
-                }
-                // A name missing from the index is reported by load_order, with what needs it.
-                let Some(rel) = index.get(&name) else { continue };
-                let path = dir.join(rel);
-                let bytes = modules::read_module(&path)?;
-                let deps = modules::modinfo_depends(&bytes)
-                    .map_err(|source| ModuleError::Elf { path: path.clone(), source })?;
-                todo.extend(deps.iter().cloned());
-                g.deps.insert(name.clone(), deps);
-                g.paths.insert(name.clone(), rel.clone());
-                read.insert(name, bytes);
-            }
-            g
-        }
-    };
-    let tree = dir.display().to_string();
-    let wanted: Vec<&str> =
-        wanted.iter().copied().filter(|w| !optional.contains(w) || graph.deps.contains_key(*w)).collect();
-    let order = modules::load_order(&graph, &builtin, &wanted).map_err(|e| match e {
-        ModuleError::Missing { name, needed_by, .. } => ModuleError::Missing { name, needed_by, tree: tree.clone() },
-        other => other,
-    })?;
-    order
-        .into_iter()
-        .map(|name| {
-            let bytes = match read.remove(&name) {
-                Some(b) => b,
-                None => modules::read_module(&dir.join(graph.paths.get(&name).cloned().unwrap_or_default()))?,
-            };
-            Ok(LoadedModule { name, bytes })
-        })
-        .collect()
 }
 
 #[cfg(test)]

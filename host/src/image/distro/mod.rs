@@ -270,7 +270,7 @@ fn key(req: &DistroRequest, deb_sha256: &str, kernel_id: &str, busybox: &[u8]) -
     for a in rootfs::mkfs_args(root, Path::new("/disk")) {
         part("mkfs", a.as_encoded_bytes());
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::cache::hex(&h.finalize())
 }
 
 /// The initramfs: busybox, the modules and `/init`.
