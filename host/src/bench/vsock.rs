@@ -1,7 +1,8 @@
 //! The reference transport of `vport bench`: a virtio-vsock stream, so that users see what
 //! virtio-serial costs against vsock on the same VM.
 //!
-//! The host has no `/dev/vhost-vsock` here, so the device is QEMU's `vhost-user-vsock-pci` with
+//! The host has no `/dev/vhost-vsock` here, so the device is QEMU's `vhost-user-vsock-pci`
+//! (`vhost-user-vsock-device` on `microvm`'s virtio-mmio: [`Transport::vhost_user_vsock`]) with
 //! rust-vmm's `vhost-device-vsock` as its backend ([`Daemon`]): QEMU connects to the daemon's
 //! vhost-user socket, and a host program reaches the guest through the daemon's unix socket
 //! (`CONNECT <port>\n`, answered `OK <port>\n`, then the stream's bytes). vhost-user needs the
@@ -19,6 +20,7 @@ use super::measure::{read_all_from_host, write_each_to_host, RawPort};
 use super::BenchError;
 use crate::client::{AgentClient, GuestOpProgress};
 use crate::qemu::args::escape;
+use crate::qemu::Transport;
 use crate::session::Session;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
@@ -36,8 +38,6 @@ use vport_common::message::GuestOp;
 pub const DAEMON: &str = "vhost-device-vsock";
 /// The version vport installs and was measured with.
 pub const DAEMON_VERSION: &str = "0.3.0";
-/// QEMU's device.
-pub const DEVICE: &str = "vhost-user-vsock-pci";
 /// QEMU's memory backend that the daemon can map.
 pub const MEMORY_BACKEND: &str = "memory-backend-memfd";
 /// The guest's context id (the daemon gives it to the device).
@@ -78,12 +78,14 @@ pub enum Unavailable {
     #[error("cannot ask QEMU which devices it has: {0}")]
     Qemu(String),
     /// QEMU lacks the device or the shared memory backend.
-    #[error("{qemu} has no {what}: the reference needs a QEMU with {DEVICE} and {MEMORY_BACKEND} (QEMU 7.2 of Debian 12's qemu-system-x86 has both)")]
+    #[error("{qemu} has no {what}: the reference needs a QEMU with {device} and {MEMORY_BACKEND} (QEMU 7.2 of Debian 12's qemu-system-x86 has both)")]
     NoQemuSupport {
         /// The QEMU binary.
         qemu: String,
         /// What it lacks.
         what: &'static str,
+        /// The vsock device the machine's transport needs.
+        device: &'static str,
     },
     /// The daemon could not be started or did not make its socket.
     #[error("{path}: {why}{log}")]
@@ -128,15 +130,15 @@ pub fn lists_name(help: &str, name: &str) -> bool {
     help.lines().map(str::trim).any(|l| l == name || l.starts_with(&quoted))
 }
 
-/// Checks that `qemu` has the device and the shared memory backend.
-fn check_qemu(qemu: &Path) -> Result<(), Unavailable> {
-    for (kind, what) in [("-device", DEVICE), ("-object", MEMORY_BACKEND)] {
+/// Checks that `qemu` has the vsock device `device` and the shared memory backend.
+fn check_qemu(qemu: &Path, device: &'static str) -> Result<(), Unavailable> {
+    for (kind, what) in [("-device", device), ("-object", MEMORY_BACKEND)] {
         let out = Command::new(qemu)
             .args([kind, "help"])
             .output()
             .map_err(|e| Unavailable::Qemu(format!("{} {kind} help: {e}", qemu.display())))?;
         if !lists_name(&String::from_utf8_lossy(&out.stdout), what) {
-            return Err(Unavailable::NoQemuSupport { qemu: qemu.display().to_string(), what });
+            return Err(Unavailable::NoQemuSupport { qemu: qemu.display().to_string(), what, device });
         }
     }
     Ok(())
@@ -152,16 +154,16 @@ pub fn memory_args(mib: u32) -> Vec<OsString> {
     ]
 }
 
-/// The vhost-user vsock device, its chardev a client of the daemon's socket `vhost_socket`
-/// (the guest's CID is the daemon's to give).
-pub fn device_args(vhost_socket: &Path) -> Vec<OsString> {
+/// The vhost-user vsock device `device` ([`Transport::vhost_user_vsock`]), its chardev a client
+/// of the daemon's socket `vhost_socket` (the guest's CID is the daemon's to give).
+pub fn device_args(device: &str, vhost_socket: &Path) -> Vec<OsString> {
     let mut chardev = OsString::from(format!("socket,id={CHARDEV_ID},path="));
     chardev.push(escape(vhost_socket.as_os_str()));
     vec![
         "-chardev".into(),
         chardev,
         "-device".into(),
-        format!("{DEVICE},chardev={CHARDEV_ID},id={CHARDEV_ID}-dev").into(),
+        format!("{device},chardev={CHARDEV_ID},id={CHARDEV_ID}-dev").into(),
     ]
 }
 
@@ -238,12 +240,15 @@ pub struct Daemon {
     pub host_socket: PathBuf,
     /// `vhost-device-vsock X.Y.Z`, as it says.
     pub version: String,
+    /// The QEMU device it serves ([`Transport::vhost_user_vsock`] of the VM's machine).
+    pub device: &'static str,
 }
 
 impl Daemon {
-    /// Starts `bin` for a guest of CID [`GUEST_CID`] with its sockets and its log in `dir`, and
-    /// waits up to `timeout` for its vhost-user socket to listen. It is killed if vport dies.
-    pub fn start(bin: &Path, dir: &Path, timeout: Duration) -> Result<Daemon, Unavailable> {
+    /// Starts `bin` for QEMU's `device` in a guest of CID [`GUEST_CID`] with its sockets and its
+    /// log in `dir`, and waits up to `timeout` for its vhost-user socket to listen. It is killed
+    /// if vport dies.
+    pub fn start(bin: &Path, device: &'static str, dir: &Path, timeout: Duration) -> Result<Daemon, Unavailable> {
         let failed = |why: String, log: String| Unavailable::Daemon { path: bin.display().to_string(), why, log };
         let version = Command::new(bin)
             .arg("--version")
@@ -260,7 +265,7 @@ impl Daemon {
             .stderr(stderr);
         let child = crate::qemu::cleanup::spawn_with_pdeathsig(&mut cmd)
             .map_err(|e| failed(format!("cannot start it: {e}"), String::new()))?;
-        let mut daemon = Daemon { child, vhost_socket, host_socket, version };
+        let mut daemon = Daemon { child, vhost_socket, host_socket, version, device };
         let waited = wait_listening(&daemon.vhost_socket, timeout, || match daemon.child.try_wait() {
             Ok(Some(status)) => Err(format!("it exited before its socket listened ({status})")),
             Ok(None) => Ok(()),
@@ -303,10 +308,11 @@ fn log_tail(log: &Path) -> String {
 pub fn prepare(cfg: &mut crate::qemu::VmConfig, dir: &Path) -> Result<Daemon, Unavailable> {
     let bin = find_daemon(std::env::var_os("PATH").as_deref(), &cfg.cache_dir)?;
     let qemu = crate::qemu::find_qemu(cfg.qemu.as_deref()).map_err(|e| Unavailable::Qemu(e.to_string()))?;
-    check_qemu(&qemu)?;
-    let daemon = Daemon::start(&bin, dir, DAEMON_START)?;
+    let device = Transport::of(&cfg.machine).vhost_user_vsock();
+    check_qemu(&qemu, device)?;
+    let daemon = Daemon::start(&bin, device, dir, DAEMON_START)?;
     cfg.extra_args.extend(memory_args(cfg.memory_mib));
-    cfg.extra_args.extend(device_args(&daemon.vhost_socket));
+    cfg.extra_args.extend(device_args(device, &daemon.vhost_socket));
     Ok(daemon)
 }
 
@@ -404,9 +410,9 @@ impl Reference {
     pub fn describe(&self) -> String {
         match (&self.state, &self.daemon) {
             (Ok(_), Some(d)) => format!(
-                "virtio-vsock: {DEVICE} served by {} (guest CID {GUEST_CID}, port {GUEST_PORT}; the VM's RAM \
+                "virtio-vsock: {} served by {} (guest CID {GUEST_CID}, port {GUEST_PORT}; the VM's RAM \
                  shared from a memfd for it)",
-                d.version
+                d.device, d.version
             ),
             (Ok(_), None) => "virtio-vsock".to_string(),
             (Err(reason), _) => format!("skipped: {reason}"),

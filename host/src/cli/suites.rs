@@ -55,8 +55,8 @@ pub(crate) struct MatrixArgs {
     /// `--kernel-deb cached,$kernel_deb` for Linux 6.1 and 6.12.
     #[arg(long = "kernel-deb", value_name = "DEB", value_delimiter = ',')]
     pub(crate) kernel_debs: Vec<PathBuf>,
-    /// Machine types; microvm is listed and skipped (its virtio-mmio transport is not built).
-    #[arg(long = "machine", value_name = "NAME", value_delimiter = ',', default_value = "pc,q35", value_parser = ["pc", "q35", "microvm"])]
+    /// Machine types: pc, q35 (virtio-serial-pci), microvm (virtio-serial-device on virtio-mmio).
+    #[arg(long = "machine", value_name = "NAME", value_delimiter = ',', default_value = "pc,q35", value_parser = vport_host::qemu::MACHINES)]
     pub(crate) machines: Vec<String>,
     /// vCPU counts.
     #[arg(long = "cpus", value_name = "N", value_delimiter = ',', default_value = "1,2", value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -207,8 +207,8 @@ pub(crate) struct PlatformArgs {
     /// unpacked into the cache.
     #[arg(long, value_name = "PATH", env = "VPORT_QEMU")]
     pub(crate) qemu: Option<PathBuf>,
-    /// QEMU machine type of the suite's VMs: pc (i440FX, the default) or q35 (PCIe);
-    /// virtio-serial-pci on both.
+    /// QEMU machine type of the suite's VMs: pc (i440FX, the default) or q35 (PCIe), with
+    /// virtio-serial-pci; microvm (no PCI), with virtio-serial-device on virtio-mmio.
     #[arg(long, value_parser = vport_host::qemu::MACHINES)]
     pub(crate) machine: Option<String>,
     /// vCPUs of the suite's VMs (default: the suite's own, one; the bench's many-ports VMs keep

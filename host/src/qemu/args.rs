@@ -9,6 +9,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use super::accel::Accel;
+use super::machine::{machine_value, Transport};
 
 /// Doubles every comma so `s` can be used as a QEMU option value.
 pub fn escape(s: &OsStr) -> OsString {
@@ -35,10 +36,11 @@ fn cat(parts: &[&OsStr]) -> OsString {
     o
 }
 
-/// `-machine <machine> -accel <accel>`, plus `-cpu host` under KVM. Under TCG the default
-/// CPU model is kept (it boots the Debian kernel; `-cpu max` measured no faster).
+/// `-machine <machine> -accel <accel>` (`microvm` with its options: [`machine_value`]), plus
+/// `-cpu host` under KVM. Under TCG the default CPU model is kept (it boots the Debian kernel;
+/// `-cpu max` measured no faster).
 pub fn machine_args(machine: &str, accel: Accel) -> Vec<OsString> {
-    let mut v = vec![os("-machine"), os(machine), os("-accel"), os(accel.as_str())];
+    let mut v = vec![os("-machine"), os(machine_value(machine)), os("-accel"), os(accel.as_str())];
     if accel == Accel::Kvm {
         v.extend([os("-cpu"), os("host")]);
     }
@@ -99,10 +101,11 @@ pub fn monitor_args(id: &str, sock: &Path) -> Vec<OsString> {
     ]
 }
 
-/// A virtio-serial PCI controller with device id `id` (its bus is `<id>.0`) and at most
-/// `max_ports` ports (QEMU default 31 when `None`).
-pub fn virtio_serial_args(id: &str, max_ports: Option<u32>) -> Vec<OsString> {
-    let mut dev = format!("virtio-serial-pci,id={}", escape(id.as_ref()).to_string_lossy());
+/// A virtio-serial controller on `transport` (`virtio-serial-pci` or `virtio-serial-device`)
+/// with device id `id` (its bus is `<id>.0` on both) and at most `max_ports` ports (QEMU default
+/// 31 when `None`).
+pub fn virtio_serial_args(transport: Transport, id: &str, max_ports: Option<u32>) -> Vec<OsString> {
+    let mut dev = format!("{},id={}", transport.serial_controller(), escape(id.as_ref()).to_string_lossy());
     if let Some(n) = max_ports {
         dev.push_str(&format!(",max_ports={n}"));
     }
@@ -287,6 +290,10 @@ mod tests {
     fn machine_and_accel() {
         assert_eq!(s(machine_args("pc", Accel::Tcg)), ["-machine", "pc", "-accel", "tcg"]);
         assert_eq!(s(machine_args("q35", Accel::Kvm)), ["-machine", "q35", "-accel", "kvm", "-cpu", "host"]);
+        assert_eq!(
+            s(machine_args("microvm", Accel::Tcg)),
+            ["-machine", "microvm,acpi=on,auto-kernel-cmdline=off,isa-serial=on,rtc=on", "-accel", "tcg"]
+        );
     }
 
     #[test]
@@ -327,8 +334,15 @@ mod tests {
 
     #[test]
     fn controller() {
-        assert_eq!(s(virtio_serial_args("vser0", None)), ["-device", "virtio-serial-pci,id=vser0"]);
-        assert_eq!(s(virtio_serial_args("vser0", Some(4))), ["-device", "virtio-serial-pci,id=vser0,max_ports=4"]);
+        assert_eq!(s(virtio_serial_args(Transport::Pci, "vser0", None)), ["-device", "virtio-serial-pci,id=vser0"]);
+        assert_eq!(
+            s(virtio_serial_args(Transport::Pci, "vser0", Some(4))),
+            ["-device", "virtio-serial-pci,id=vser0,max_ports=4"]
+        );
+        assert_eq!(
+            s(virtio_serial_args(Transport::Mmio, "vser1", Some(4))),
+            ["-device", "virtio-serial-device,id=vser1,max_ports=4"]
+        );
     }
 
     #[test]

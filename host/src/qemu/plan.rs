@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use super::accel::Accel;
 use super::args::{self, ChardevBackend, PortKind, PortSpec};
 use super::config::{controller_id, HostEnd, PortConfig, VmConfig, CONTROLLER_ID};
+use super::machine::Transport;
 use crate::chardev::EndpointAddr;
 
 /// The QMP socket, in the VM directory.
@@ -171,17 +172,41 @@ pub fn plan_endpoints_on(
     Ok(out)
 }
 
-/// The full QEMU argument list for `cfg` under `accel`, with files in `dir`.
-pub fn build_args(cfg: &VmConfig, accel: Accel, dir: &Path, ports: &[PortSpec]) -> Vec<OsString> {
+/// Whether the guest of `cfg` under `accel` needs the host's TSC rate on its kernel command line:
+/// `microvm` under TCG, which has no timer to calibrate the TSC against when the PIT fails
+/// (see [`super::tsc`]).
+pub fn needs_host_tsc_rate(cfg: &VmConfig, accel: Accel) -> bool {
+    accel == Accel::Tcg && Transport::of(&cfg.machine) == Transport::Mmio
+}
+
+/// The guest's kernel command line: `cfg`'s, with the host's TSC rate when given (see
+/// [`needs_host_tsc_rate`]).
+pub fn kernel_cmdline(cfg: &VmConfig, host_tsc_khz: Option<u32>) -> String {
+    match host_tsc_khz {
+        Some(khz) => format!("{} {}", cfg.cmdline, super::tsc::kernel_param(khz)),
+        None => cfg.cmdline.clone(),
+    }
+}
+
+/// The full QEMU argument list for `cfg` under `accel`, with files in `dir`; `host_tsc_khz` as
+/// [`kernel_cmdline`] takes it.
+pub fn build_args(
+    cfg: &VmConfig,
+    accel: Accel,
+    host_tsc_khz: Option<u32>,
+    dir: &Path,
+    ports: &[PortSpec],
+) -> Vec<OsString> {
     let mut a = args::machine_args(&cfg.machine, accel);
     a.extend(args::memory_args(cfg.memory_mib));
     a.extend(args::smp_args(cfg.cpus));
     a.extend(args::base_args());
-    a.extend(args::kernel_args(&cfg.kernel, &cfg.initrd, &cfg.cmdline));
+    a.extend(args::kernel_args(&cfg.kernel, &cfg.initrd, &kernel_cmdline(cfg, host_tsc_khz)));
     a.extend(args::console_args(&dir.join(CONSOLE_LOG)));
-    a.extend(args::virtio_serial_args(CONTROLLER_ID, cfg.max_ports));
+    let transport = Transport::of(&cfg.machine);
+    a.extend(args::virtio_serial_args(transport, CONTROLLER_ID, cfg.max_ports));
     for (i, max) in cfg.extra_controllers.iter().enumerate() {
-        a.extend(args::virtio_serial_args(&controller_id(i + 1), *max));
+        a.extend(args::virtio_serial_args(transport, &controller_id(i + 1), *max));
     }
     for p in ports {
         a.extend(args::port_args(&controller_id(p.controller), p));
@@ -251,7 +276,7 @@ mod tests {
             .map(|(s, _)| s)
             .collect::<Vec<_>>();
         assert_eq!(specs[1].controller, 1);
-        let a: Vec<String> = build_args(&cfg, Accel::Tcg, Path::new("/t"), &specs)
+        let a: Vec<String> = build_args(&cfg, Accel::Tcg, None, Path::new("/t"), &specs)
             .into_iter()
             .map(|s| s.into_string().unwrap())
             .collect();
@@ -272,7 +297,7 @@ mod tests {
         cfg.max_ports = Some(2);
         cfg.tools_qmp = true;
         let specs = plan_ports(Path::new("/t"), &cfg.ports).unwrap();
-        let a: Vec<String> = build_args(&cfg, Accel::Tcg, Path::new("/t"), &specs)
+        let a: Vec<String> = build_args(&cfg, Accel::Tcg, None, Path::new("/t"), &specs)
             .into_iter()
             .map(|s| s.into_string().unwrap())
             .collect();
@@ -282,6 +307,35 @@ mod tests {
         assert!(pos("socket,id=qmp-tools,path=/t/qmp-tools.sock") < pos("socket,id=qmp,path=/t/qmp.sock"));
         assert!(a.contains(&"file,id=console,path=/t/console.log".to_string()));
         assert_eq!(&a[..4], ["-machine", "pc", "-accel", "tcg"]);
+    }
+
+    #[test]
+    fn microvm_puts_every_controller_on_virtio_mmio_with_the_same_buses() {
+        let mut cfg = VmConfig::new("/k", "/i", "console=ttyS0");
+        cfg.machine = "microvm".into();
+        cfg.ports = vec![PortConfig::serial("a"), PortConfig::serial("b").on_controller(1)];
+        cfg.extra_controllers = vec![None];
+        let specs = plan_endpoints_on(Path::new("/t"), &cfg.ports, 1, &mut |_| Ok(0))
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect::<Vec<_>>();
+        let a: Vec<String> = build_args(&cfg, Accel::Tcg, None, Path::new("/t"), &specs)
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(&a[..2], ["-machine", "microvm,acpi=on,auto-kernel-cmdline=off,isa-serial=on,rtc=on"]);
+        assert!(a.contains(&"virtio-serial-device,id=vser0".to_string()), "{a:?}");
+        assert!(a.contains(&"virtio-serial-device,id=vser1".to_string()), "{a:?}");
+        assert!(!a.iter().any(|x| x.contains("-pci")), "{a:?}");
+        assert!(a.iter().any(|x| x.starts_with("virtserialport,bus=vser1.0,chardev=vport-ch1,")), "{a:?}");
+        assert!(a.contains(&"chardev:console".to_string()), "the isa-serial console: {a:?}");
+        assert!(needs_host_tsc_rate(&cfg, Accel::Tcg));
+        assert!(!needs_host_tsc_rate(&cfg, Accel::Kvm), "kvmclock gives the rate");
+        assert!(!needs_host_tsc_rate(&VmConfig::new("/k", "/i", "c"), Accel::Tcg), "pc has the ACPI PM timer");
+        let a = build_args(&cfg, Accel::Tcg, Some(2_600_000), Path::new("/t"), &specs);
+        let i = a.iter().position(|x| x == "-append").unwrap();
+        assert_eq!(a[i + 1], "console=ttyS0 tsc_early_khz=2600000");
     }
 
     #[test]

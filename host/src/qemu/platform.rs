@@ -3,10 +3,9 @@
 //! cell of a matrix (`vport run matrix`).
 
 use super::VmConfig;
+#[cfg(doc)]
+use super::MACHINES;
 use std::path::PathBuf;
-
-/// The machine types vport builds a command line for: virtio-serial-pci on both.
-pub const MACHINES: [&str; 2] = ["pc", "q35"];
 
 /// Where a suite's VMs run. A field left `None` keeps the suite's own choice: QEMU found as
 /// [`super::find_qemu`] finds it (`VPORT_QEMU`, then `PATH`), the `pc` machine, the suite's

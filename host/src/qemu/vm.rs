@@ -26,7 +26,8 @@ use super::binary::{find_qemu, query_version, FindQemuError, QemuVersion};
 use super::cleanup::{spawn_tracked, untrack, VmDir};
 use super::config::{HostEnd, VmConfig};
 use super::plan::{
-    build_args, plan_endpoints_on, PlanError, PortInfo, CONSOLE_LOG, QEMU_LOG, QMP_SOCKET, TOOLS_QMP_SOCKET,
+    build_args, needs_host_tsc_rate, plan_endpoints_on, PlanError, PortInfo, CONSOLE_LOG, QEMU_LOG, QMP_SOCKET,
+    TOOLS_QMP_SOCKET,
 };
 use super::probe::{self, AccelError};
 use crate::chardev::{EndpointAddr, Listener};
@@ -181,7 +182,8 @@ impl Vm {
         let dir = VmDir::create().map_err(|source| VmError::Io { path: std::env::temp_dir(), source })?;
         let PreparedPorts { planned, listeners } = prepare_ports(cfg, dir.path())?;
         let specs: Vec<PortSpec> = planned.iter().map(|(s, _)| s.clone()).collect();
-        let args = build_args(cfg, accel, dir.path(), &specs);
+        let tsc_khz = if needs_host_tsc_rate(cfg, accel) { super::tsc::host_tsc_khz() } else { None };
+        let args = build_args(cfg, accel, tsc_khz, dir.path(), &specs);
         let log_path = dir.path().join(QEMU_LOG);
         let io = |source| VmError::Io { path: log_path.clone(), source };
         let out = std::fs::File::create(&log_path).map_err(io)?;

@@ -5,6 +5,9 @@ use super::*;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 
+/// The PCI machines' vsock device.
+const PCI: &str = "vhost-user-vsock-pci";
+
 /// An executable shell script `name` in `dir`.
 fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let p = dir.join(name);
@@ -34,9 +37,11 @@ fn the_daemon_is_found_on_path_then_in_the_cache_else_the_fix_is_named() {
 #[test]
 fn qemu_help_lists_devices_and_objects_by_name() {
     let devices = "Misc devices:\nname \"vhost-user-vsock-pci\", bus PCI\nname \"vhost-user-vsock-pci-non-transitional\", bus PCI\n";
-    assert!(lists_name(devices, DEVICE));
-    assert!(!lists_name("name \"vhost-user-vsock-pci-non-transitional\", bus PCI\n", DEVICE));
-    assert!(!lists_name("name \"vhost-vsock-pci\", bus PCI\n", DEVICE));
+    let device = Transport::Pci.vhost_user_vsock();
+    assert!(lists_name(devices, device));
+    assert!(!lists_name("name \"vhost-user-vsock-pci-non-transitional\", bus PCI\n", device));
+    assert!(!lists_name("name \"vhost-vsock-pci\", bus PCI\n", device));
+    assert!(lists_name("name \"vhost-user-vsock-device\", bus virtio-bus\n", Transport::Mmio.vhost_user_vsock()));
     let objects = "List of user creatable objects:\n  memory-backend-file\n  memory-backend-memfd\n";
     assert!(lists_name(objects, MEMORY_BACKEND));
     assert!(!lists_name("  memory-backend-memfd-x\n", MEMORY_BACKEND));
@@ -55,13 +60,17 @@ fn qemu_and_daemon_arguments_are_exact() {
         ])
     );
     assert_eq!(
-        device_args(Path::new("/w/a,b/vhost.sock")),
+        device_args(Transport::Pci.vhost_user_vsock(), Path::new("/w/a,b/vhost.sock")),
         os(&[
             "-chardev",
             "socket,id=vport-vsock,path=/w/a,,b/vhost.sock",
             "-device",
             "vhost-user-vsock-pci,chardev=vport-vsock,id=vport-vsock-dev"
         ])
+    );
+    assert_eq!(
+        device_args(Transport::Mmio.vhost_user_vsock(), Path::new("/w/v.sock"))[3],
+        "vhost-user-vsock-device,chardev=vport-vsock,id=vport-vsock-dev"
     );
     assert_eq!(
         daemon_args(3, Path::new("/w/v.sock"), Path::new("/w/h.sock")),
@@ -110,7 +119,7 @@ fn a_daemon_that_exits_or_never_listens_is_a_reason_with_its_log() {
     let bin = dir.path().join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let quits = script(&bin, "quits", "[ \"$1\" = --version ] && { echo 'vhost-device-vsock 9.9.9'; exit 0; }\necho 'socket path too long' >&2\nexit 1");
-    let err = Daemon::start(&quits, dir.path(), Duration::from_secs(10)).unwrap_err().to_string();
+    let err = Daemon::start(&quits, PCI, dir.path(), Duration::from_secs(10)).unwrap_err().to_string();
     assert!(
         err.contains("exited before its socket listened") && err.contains("it said: socket path too long"),
         "{err}"
@@ -118,10 +127,10 @@ fn a_daemon_that_exits_or_never_listens_is_a_reason_with_its_log() {
     let idles =
         script(&bin, "idles", "[ \"$1\" = --version ] && { echo 'vhost-device-vsock 9.9.9'; exit 0; }\nexec sleep 30");
     let t0 = Instant::now();
-    let err = Daemon::start(&idles, dir.path(), Duration::from_millis(150)).unwrap_err().to_string();
+    let err = Daemon::start(&idles, PCI, dir.path(), Duration::from_millis(150)).unwrap_err().to_string();
     assert!(err.contains("no listening socket") && err.contains(VHOST_SOCKET), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(5), "killed at the deadline, not waited for");
-    let missing = Daemon::start(&bin.join("nothing"), dir.path(), Duration::from_secs(1)).unwrap_err().to_string();
+    let missing = Daemon::start(&bin.join("nothing"), PCI, dir.path(), Duration::from_secs(1)).unwrap_err().to_string();
     assert!(missing.contains("cannot run it"), "{missing}");
 }
 
