@@ -193,7 +193,9 @@ impl Attached {
     }
 
     /// A session server for port `name` over its host end. With QMP it follows QEMU's events
-    /// for the port's ids; without, it has no QMP at all (see the module docs).
+    /// for the port's ids; without, it has no QMP at all (see the module docs) and takes QEMU
+    /// for exited when the chardev's server goes away
+    /// ([`PortServer::infer_exit_from_chardev`]).
     pub fn port_server(&self, name: &str) -> Result<PortServer, AttachError> {
         let port = self.port(name)?;
         let listener = match &port.listener {
@@ -207,7 +209,11 @@ impl Attached {
         let endpoint = chardev::endpoint(name, &port.addr, listener)?;
         let device = port.device_id.as_deref().unwrap_or_default();
         let chardev = port.chardev_id.as_deref().unwrap_or_default();
-        Ok(PortServer::with_events(name, device, chardev, endpoint, self.events(), self.qmp.clone()))
+        let mut server = PortServer::with_events(name, device, chardev, endpoint, self.events(), self.qmp.clone());
+        if self.qmp.is_none() {
+            server.infer_exit_from_chardev();
+        }
+        Ok(server)
     }
 
     /// What a failure report can say of the VM: vport has no console or stderr of it.
@@ -221,30 +227,19 @@ impl Attached {
     }
 }
 
-impl Drop for Attached {
-    /// Removes the unix sockets vport bound for listening ports (QEMU's own are left alone).
-    fn drop(&mut self) {
-        for p in &self.ports {
-            if let (EndpointAddr::UnixServer { path, .. }, Some(_)) = (&p.addr, &p.listener) {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-    }
-}
-
 /// A virtio-serial port device, as QOM shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct SerialDevice {
+pub(crate) struct SerialDevice {
     /// The device id (`None`: no `id=`, under `peripheral-anon`).
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     /// The port's `name=`.
-    name: String,
+    pub(crate) name: String,
     /// Its chardev's label.
-    chardev: String,
+    pub(crate) chardev: String,
 }
 
 /// Every `virtserialport` and `virtconsole` of the VM, with its name and chardev.
-fn serial_ports(qmp: &Qmp) -> Result<Vec<SerialDevice>, QmpError> {
+pub(crate) fn serial_ports(qmp: &Qmp) -> Result<Vec<SerialDevice>, QmpError> {
     let mut out = Vec::new();
     for container in QOM_CONTAINERS {
         let children = match qmp.execute("qom-list", Some(json!({ "path": container }))) {
@@ -317,5 +312,69 @@ mod tests {
         drop(server);
         drop(attached);
         assert!(!sock.exists(), "the socket vport bound is removed");
+    }
+
+    /// A stand-in for QEMU's `server=on` chardev at `path`: takes one connection, reads the
+    /// host's first bytes, closes it, and, if `exits`, goes away (listener closed, file removed,
+    /// as QEMU does on exit); else goes on listening. Returns the listener it kept, if any.
+    fn qemu_closing_once(
+        path: PathBuf,
+        exits: bool,
+    ) -> std::thread::JoinHandle<Option<std::os::unix::net::UnixListener>> {
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 64];
+            let _ = std::io::Read::read(&mut s, &mut buf); // the HELLO_REQUEST
+            drop(s);
+            if exits {
+                drop(listener);
+                std::fs::remove_file(&path).unwrap();
+                None
+            } else {
+                Some(listener)
+            }
+        })
+    }
+
+    #[test]
+    fn without_qmp_a_chardev_server_that_goes_away_is_qemus_exit() {
+        use crate::session::{EndReason, SessionError};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("p.sock");
+        let qemu = qemu_closing_once(sock.clone(), true);
+        let spec = AttachSpec::parse(&[format!("org.vport.0={}", sock.display())], None).unwrap();
+        let attached = Attached::attach(&spec).unwrap();
+        let mut server = attached.port_server("org.vport.0").unwrap();
+        let e = server.accept(Duration::from_secs(10)).unwrap_err();
+        assert!(matches!(e, SessionError::Closed { reason: EndReason::VmExited, .. }), "{e}");
+        let why = server.server_gone().expect("why the server is taken for gone");
+        assert!(
+            why.starts_with("the chardev's server is gone (qemu exited?): it closed the connection and unix:"),
+            "{why}"
+        );
+        assert!(why.contains("No such file"), "{why}");
+        assert!(qemu.join().unwrap().is_none());
+    }
+
+    #[test]
+    fn without_qmp_a_connection_closed_by_a_server_still_listening_is_no_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("p.sock");
+        let qemu = qemu_closing_once(sock.clone(), false);
+        let spec = AttachSpec::parse(&[format!("org.vport.0={}", sock.display())], None).unwrap();
+        let attached = Attached::attach(&spec).unwrap();
+        let mut server = attached.port_server("org.vport.0").unwrap();
+        // The stand-in takes the first connection, closes it and goes on listening (its
+        // listener is kept in the thread's result until joined): the reconnect waits in its
+        // backlog, so no session comes, and the server is not taken for gone.
+        let e = server.accept(Duration::from_millis(600)).unwrap_err();
+        assert!(matches!(e, crate::session::SessionError::Timeout { .. }), "still waiting for a session: {e}");
+        let _listening = qemu.join().unwrap().expect("still listening");
+        assert_eq!(server.server_gone(), None);
+        assert_ne!(
+            server.state(),
+            vport_common::server::ServerState::Closed { reason: crate::session::EndReason::VmExited }
+        );
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use vport_host::command;
 use vport_host::command::boot::VmSettings;
 use vport_host::command::help::{
-    ATTACH_QMP_HELP, ATTACH_SOCKET_HELP, BENCH_ABOUT, CONNECT_ABOUT, ENVIRONMENT, FAULTS_ABOUT, MATRIX_ABOUT,
-    SOAK_ABOUT, TRANSFER_ABOUT, WATCH_ABOUT,
+    ATTACH_LIBVIRT_HELP, ATTACH_QMP_HELP, ATTACH_SOCKET_HELP, BENCH_ABOUT, CONNECT_ABOUT, CONNECT_SOCKET_HELP,
+    ENVIRONMENT, FAULTS_ABOUT, MATRIX_ABOUT, SOAK_ABOUT, TRANSFER_ABOUT, WATCH_ABOUT,
 };
 use vport_host::command::image::ImageChoice;
 use vport_host::exit::HELP as EXIT_CODES;
@@ -124,22 +124,30 @@ pub(crate) enum TraceCommand {
 }
 
 #[derive(Args)]
+#[command(group = clap::ArgGroup::new("attach").args(["socket", "libvirt"]))]
 pub(crate) struct ConnectArgs {
-    /// Port name, for example org.vport.0.
+    /// Port name, for example org.vport.0 (with --libvirt: the domain's channel).
     #[arg(required_unless_present_any = ["socket", "list"])]
     pub(crate) port: Option<String>,
     /// QEMU pid of the VM to use when several have the port.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "attach")]
     pub(crate) vm: Option<u32>,
-    /// Connect to this chardev socket directly instead of looking the port up (QEMU cannot be
-    /// asked whether another client holds it; see --help).
-    #[arg(long, conflicts_with_all = ["port", "vm"])]
-    pub(crate) socket: Option<PathBuf>,
-    /// Seconds to wait for QEMU to take the connection; after that the port is reported busy.
+    /// Connect to a VM vport did not start: port NAME's chardev is at ADDR (a bare PATH, as
+    /// before, is a unix socket QEMU listens on).
+    #[arg(long, value_name = "NAME=ADDR", conflicts_with_all = ["port", "vm"], long_help = CONNECT_SOCKET_HELP)]
+    pub(crate) socket: Option<String>,
+    /// QMP socket of the VM given with --socket or --libvirt (optional).
+    #[arg(long, value_name = "PATH", requires = "attach", long_help = ATTACH_QMP_HELP)]
+    pub(crate) qmp: Option<PathBuf>,
+    /// Connect to channel PORT of a libvirt domain (its socket read from `virsh dumpxml`).
+    #[arg(long, value_name = "DOMAIN", long_help = ATTACH_LIBVIRT_HELP)]
+    pub(crate) libvirt: Option<String>,
+    /// Seconds to wait for QEMU to take the connection (after that the port is reported busy),
+    /// or, for unix-listen: and tcp-listen:, to connect.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub(crate) timeout: u64,
     /// List the ports of the running VMs started by `vport boot`, and exit.
-    #[arg(long, conflicts_with_all = ["port", "socket"])]
+    #[arg(long, conflicts_with_all = ["port", "socket", "libvirt"])]
     pub(crate) list: bool,
 }
 
@@ -260,9 +268,9 @@ pub(crate) struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub(crate) cpus: u32,
-    /// QEMU machine type: pc (i440FX) or q35 (PCIe); the virtio-serial controller is
-    /// virtio-serial-pci on both. (microvm needs the virtio-mmio transport, not built yet.)
-    #[arg(long, default_value = "pc", value_parser = ["pc", "q35"])]
+    /// QEMU machine type: pc (i440FX) or q35 (PCIe), where the virtio-serial controller is
+    /// virtio-serial-pci; microvm (no PCI), where it is virtio-serial-device on virtio-mmio.
+    #[arg(long, default_value = "pc", value_parser = vport_host::qemu::MACHINES)]
     pub(crate) machine: String,
     /// Log level of vport-agent inside the guest (its log goes to the guest console).
     #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
@@ -324,21 +332,27 @@ pub(crate) struct BootArgs {
 }
 
 #[derive(Args)]
+#[command(group = clap::ArgGroup::new("attach").args(["sockets", "libvirt"]))]
 pub(crate) struct WatchArgs {
     #[command(flatten)]
     pub(crate) image: ImageArgs,
     #[command(flatten)]
     pub(crate) vm: VmArgs,
-    /// A virtio-serial port to create and watch (repeatable, each name once): A-Z a-z 0-9 . _ - only.
+    /// A virtio-serial port to create and watch (repeatable, each name once): A-Z a-z 0-9 . _ - only
+    /// (with --libvirt: the domain's channels to watch).
     #[arg(long = "port", default_value = hello::DEFAULT_PORT)]
     pub(crate) ports: Vec<String>,
     /// Watch a VM vport did not start: port NAME's chardev is at ADDR (repeatable, one per port;
     /// instead of --port).
     #[arg(long = "socket", value_name = "NAME=ADDR", conflicts_with = "ports", long_help = ATTACH_SOCKET_HELP)]
     pub(crate) sockets: Vec<String>,
-    /// QMP socket of the VM given with --socket (optional: without it QMP facts are unavailable).
-    #[arg(long, value_name = "PATH", requires = "sockets", long_help = ATTACH_QMP_HELP)]
+    /// QMP socket of the VM given with --socket or --libvirt (optional: without it QMP facts are
+    /// unavailable).
+    #[arg(long, value_name = "PATH", requires = "attach", long_help = ATTACH_QMP_HELP)]
     pub(crate) qmp: Option<PathBuf>,
+    /// Watch the channels --port names of a libvirt domain (read from `virsh dumpxml`).
+    #[arg(long, value_name = "DOMAIN", conflicts_with = "sockets", long_help = ATTACH_LIBVIRT_HELP)]
+    pub(crate) libvirt: Option<String>,
     /// Print every timeline record as a JSON line on stdout instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -353,20 +367,26 @@ pub(crate) struct WatchArgs {
 }
 
 #[derive(Args)]
+#[command(group = clap::ArgGroup::new("attach").args(["socket", "libvirt"]))]
 pub(crate) struct HelloArgs {
     #[command(flatten)]
     pub(crate) image: ImageArgs,
     #[command(flatten)]
     pub(crate) vm: VmArgs,
-    /// The port to create and talk to: A-Z a-z 0-9 . _ - only.
+    /// The port to create and talk to: A-Z a-z 0-9 . _ - only (with --libvirt: the domain's
+    /// channel to talk to).
     #[arg(long, default_value = hello::DEFAULT_PORT)]
     pub(crate) port: String,
     /// Talk to a VM vport did not start: port NAME's chardev is at ADDR (instead of --port).
     #[arg(long, value_name = "NAME=ADDR", conflicts_with = "port", long_help = ATTACH_SOCKET_HELP)]
     pub(crate) socket: Option<String>,
-    /// QMP socket of the VM given with --socket (optional: without it QMP facts are unavailable).
-    #[arg(long, value_name = "PATH", requires = "socket", long_help = ATTACH_QMP_HELP)]
+    /// QMP socket of the VM given with --socket or --libvirt (optional: without it QMP facts are
+    /// unavailable).
+    #[arg(long, value_name = "PATH", requires = "attach", long_help = ATTACH_QMP_HELP)]
     pub(crate) qmp: Option<PathBuf>,
+    /// Talk to channel --port of a libvirt domain (its socket read from `virsh dumpxml`).
+    #[arg(long, value_name = "DOMAIN", conflicts_with = "socket", long_help = ATTACH_LIBVIRT_HELP)]
+    pub(crate) libvirt: Option<String>,
     /// Seconds from the guest starting (or from connecting, with --socket) until the agent's
     /// HELLO must have arrived.
     #[arg(long, default_value_t = 45, value_parser = clap::value_parser!(u64).range(1..=3600))]

@@ -120,6 +120,50 @@ pub enum ConnectError {
         /// The chardev's `filename` in `query-chardev`.
         filename: String,
     },
+    /// The port named is not among the ports given (`--socket`) or found (`--libvirt`).
+    #[error("{from} has no port {port:?} (its ports: {known})")]
+    NotAPort {
+        /// The name given.
+        port: String,
+        /// Where the ports came from (`--socket`, `domain NAME`).
+        from: String,
+        /// The names there, comma-separated.
+        known: String,
+    },
+    /// Several ports and none named.
+    #[error("{from} has several ports ({known}): name the one to connect to (vport connect PORT ...)")]
+    WhichPort {
+        /// Where the ports came from.
+        from: String,
+        /// The names there, comma-separated.
+        known: String,
+    },
+    /// `--qmp` with a `--socket` that names no port.
+    #[error("--qmp {} needs the port's name to find it in qemu: give --socket NAME=ADDR", qmp.display())]
+    QmpNeedsName {
+        /// The QMP socket given.
+        qmp: PathBuf,
+    },
+    /// QEMU did not connect to the listener vport bound (`unix-listen:`, `tcp-listen:`).
+    #[error(
+        "qemu did not connect to {place} within {waited}: its chardev (server=off,reconnect=N) tries again every N \
+         seconds, so give a --timeout longer than N; is the vm running?"
+    )]
+    NotConnected {
+        /// The port and its address.
+        place: String,
+        /// How long vport waited.
+        waited: String,
+    },
+    /// The VM (its QMP, its port names) could not be used.
+    #[error(transparent)]
+    Attach(#[from] crate::attach::AttachError),
+    /// The host end could not be bound or opened.
+    #[error(transparent)]
+    Chardev(#[from] crate::chardev::ChardevError),
+    /// The libvirt domain's ports could not be read.
+    #[error(transparent)]
+    Libvirt(#[from] crate::libvirt::LibvirtError),
     /// Reading or writing the bridged streams failed.
     #[error("{what}")]
     Io {
@@ -133,11 +177,17 @@ pub enum ConnectError {
 
 impl ConnectError {
     /// The exit code: unknown or ambiguous port [`ExitCode::Usage`], busy [`ExitCode::Busy`],
-    /// everything else [`ExitCode::Infrastructure`].
+    /// an attached VM's or a libvirt domain's as theirs say, everything else
+    /// [`ExitCode::Infrastructure`].
     pub fn exit_code(&self) -> ExitCode {
         match self {
             ConnectError::Lookup(RegistryError::NoSuchPort { .. } | RegistryError::Ambiguous { .. }) => ExitCode::Usage,
             ConnectError::Busy { .. } => ExitCode::Busy,
+            ConnectError::NotAPort { .. } | ConnectError::WhichPort { .. } | ConnectError::QmpNeedsName { .. } => {
+                ExitCode::Usage
+            }
+            ConnectError::Attach(e) => e.exit_code(),
+            ConnectError::Libvirt(e) => e.exit_code(),
             _ => ExitCode::Infrastructure,
         }
     }
@@ -161,9 +211,10 @@ pub fn lookup(registry_dir: &Path, name: &str, vm: Option<u32>) -> Result<Target
 pub enum ChardevState {
     /// No client: `disconnected:unix:<path>,server=on` (QEMU 7.2 `qemu_chr_socket_address`).
     Free,
-    /// A client is connected: `unix:<path>,server=on` (`qemu_chr_compute_filename`).
+    /// A client is connected: `unix:<path>,server=on`, `tcp:<host>:<port>,server=on <-> <peer>`
+    /// (`qemu_chr_compute_filename`).
     Held,
-    /// Not a unix server socket chardev (pty, file, ...): nothing to tell.
+    /// Not a unix or TCP server socket chardev (pty, file, ...): nothing to tell.
     Unknown,
 }
 
@@ -172,7 +223,7 @@ pub enum ChardevState {
 pub fn chardev_state(filename: &str) -> ChardevState {
     if filename.starts_with("disconnected:") {
         ChardevState::Free
-    } else if filename.starts_with("unix:") && filename.contains(",server") {
+    } else if (filename.starts_with("unix:") || filename.starts_with("tcp:")) && filename.contains(",server") {
         ChardevState::Held
     } else {
         ChardevState::Unknown
@@ -201,14 +252,25 @@ pub fn open(target: &Target, timeout: Duration) -> Result<UnixStream, ConnectErr
 /// it, since QEMU serves one client per monitor.
 pub fn open_keeping_qmp(target: &Target, timeout: Duration) -> Result<(UnixStream, Option<Qmp>), ConnectError> {
     let start = Instant::now();
-    let busy = |evidence: String| ConnectError::Busy { place: target.place(), evidence };
     let qmp = target.qmp.as_ref().and_then(|(path, label)| match Qmp::connect(path, QMP_GREETING.min(timeout)) {
-        Ok(q) => Some((q, label.as_str())),
+        Ok(q) => Some((q, label.clone())),
         Err(e) => {
             log::info!("cannot ask qemu whether {} is free ({e}); relying on the kernel's view", target.place());
             None
         }
     });
+    open_asking(target, qmp, start, timeout)
+}
+
+/// [`open_keeping_qmp`] with QEMU's monitor already connected (`qmp`, with the port's chardev
+/// label), or none to ask; `timeout` counts from `start`.
+pub(crate) fn open_asking(
+    target: &Target,
+    qmp: Option<(Qmp, String)>,
+    start: Instant,
+    timeout: Duration,
+) -> Result<(UnixStream, Option<Qmp>), ConnectError> {
+    let busy = |evidence: String| ConnectError::Busy { place: target.place(), evidence };
     if let Some((q, label)) = &qmp {
         if let Some(f) = chardev_filename(q, label) {
             log::debug!("chardev {label}: {f}");
@@ -251,8 +313,8 @@ pub fn open_keeping_qmp(target: &Target, timeout: Duration) -> Result<(UnixStrea
              `vport connect`, so vport could not ask who holds the port)"
         ))),
         None => Err(busy(format!(
-            "the server has not taken the connection within {waited} (without a vm registered by `vport boot` \
-             vport cannot ask qemu)"
+            "the server has not taken the connection within {waited} (without QMP, that of a vm registered by \
+             `vport boot` or --qmp, vport cannot ask qemu)"
         ))),
     }
 }
@@ -329,35 +391,120 @@ pub fn permission_detail(socket: &Path) -> String {
     )
 }
 
+/// A connection to a port's chardev, of any kind, for [`bridge`].
+pub enum PortStream {
+    /// QEMU's (or vport's) unix socket.
+    Unix(UnixStream),
+    /// QEMU's (or vport's) loopback TCP socket.
+    Tcp(std::net::TcpStream),
+    /// The slave of QEMU's pty.
+    Pty(crate::chardev::PtyStream),
+}
+
+impl PortStream {
+    fn try_clone(&self) -> std::io::Result<PortStream> {
+        Ok(match self {
+            PortStream::Unix(s) => PortStream::Unix(s.try_clone()?),
+            PortStream::Tcp(s) => PortStream::Tcp(s.try_clone()?),
+            PortStream::Pty(s) => PortStream::Pty(s.try_clone()?),
+        })
+    }
+
+    /// Half-closes a socket (QEMU takes it as the host leaving); a pty has no half-close.
+    fn shutdown_write(&self) -> bool {
+        match self {
+            PortStream::Unix(s) => s.shutdown(std::net::Shutdown::Write).is_ok(),
+            PortStream::Tcp(s) => s.shutdown(std::net::Shutdown::Write).is_ok(),
+            PortStream::Pty(_) => false,
+        }
+    }
+}
+
+impl Read for PortStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            PortStream::Unix(s) => s.read(buf),
+            PortStream::Tcp(s) => s.read(buf),
+            PortStream::Pty(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for PortStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            PortStream::Unix(s) => s.write(buf),
+            PortStream::Tcp(s) => s.write(buf),
+            PortStream::Pty(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            PortStream::Unix(s) => s.flush(),
+            PortStream::Tcp(s) => s.flush(),
+            PortStream::Pty(s) => s.flush(),
+        }
+    }
+}
+
+impl From<UnixStream> for PortStream {
+    fn from(s: UnixStream) -> PortStream {
+        PortStream::Unix(s)
+    }
+}
+
+/// How long a pty bridge goes on reading once the input ended and the port is quiet (a pty
+/// cannot be half-closed, so nothing tells the guest that the host is done): as socat's `-t`.
+const PTY_LINGER: Duration = Duration::from_millis(500);
+
 /// Copies `input` to the port and the port to `output`, byte for byte, until the port closes
 /// (`place`, [`Target::place`], names it in errors).
-/// End of `input` half-closes the connection, which QEMU takes as the host leaving; QEMU then
-/// closes its side and the bridge ends.
+/// End of `input` half-closes a socket connection, which QEMU takes as the host leaving; QEMU
+/// then closes its side and the bridge ends. A pty cannot be half-closed: the bridge ends once
+/// the input has ended and the port has been quiet for [`PTY_LINGER`].
 pub fn bridge(
-    stream: UnixStream,
+    stream: impl Into<PortStream>,
     mut input: impl Read + Send + 'static,
     mut output: impl Write,
     place: &str,
 ) -> Result<(), ConnectError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stream = stream.into();
     let io = |what: String| move |source| ConnectError::Io { what, source };
     let mut from_port = stream.try_clone().map_err(io("cannot clone the port connection".into()))?;
     let mut to_port = stream;
+    let input_done = std::sync::Arc::new(AtomicBool::new(false));
+    let done = input_done.clone();
     std::thread::spawn(move || {
         if let Err(e) = std::io::copy(&mut input, &mut to_port) {
             log::warn!("writing to the port failed: {e}");
         }
-        let _ = to_port.shutdown(std::net::Shutdown::Write);
+        to_port.shutdown_write();
+        done.store(true, Ordering::SeqCst);
     });
+    let pty = matches!(from_port, PortStream::Pty(_));
+    if let PortStream::Pty(p) = &mut from_port {
+        p.set_read_timeout(Some(Duration::from_millis(50))).map_err(io(format!("cannot read from {place}")))?;
+    }
+    let mut heard = Instant::now();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from_port.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if pty && e.kind() == std::io::ErrorKind::WouldBlock => {
+                if input_done.load(Ordering::SeqCst) && heard.elapsed() >= PTY_LINGER {
+                    return Ok(());
+                }
+                continue;
+            }
             // QEMU dropping a client that had unread bytes of ours resets the connection.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
             Err(e) => return Err(io(format!("reading from {place} failed"))(e)),
         };
+        heard = Instant::now();
         output.write_all(&buf[..n]).map_err(io("cannot write to stdout".into()))?;
     }
 }

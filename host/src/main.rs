@@ -69,6 +69,8 @@ fn main() {
                 port: args.port,
                 vm: args.vm,
                 socket: args.socket,
+                qmp: args.qmp,
+                libvirt: args.libvirt,
                 timeout: Duration::from_secs(args.timeout),
                 list: args.list,
             };
@@ -180,6 +182,8 @@ fn main() {
             f.code
         }
     };
+    // Threads that still serve a port hold their listeners: their unix socket files go now.
+    vport_host::chardev::remove_bound_sockets();
     code.exit();
 }
 
@@ -188,9 +192,12 @@ fn build_image(args: &ImageArgs, progress: &Progress) -> Result<GuestImage, Fail
 }
 
 fn cmd_hello(args: HelloArgs, out: &mut dyn std::io::Write, progress: &Progress) -> Result<(), Failure> {
-    let attach = match &args.socket {
-        Some(socket) => Some(AttachSpec::parse(std::slice::from_ref(socket), args.qmp.clone()).map_err(usage)?),
-        None => None,
+    let attach = match (&args.socket, &args.libvirt) {
+        (Some(socket), _) => Some(AttachSpec::parse(std::slice::from_ref(socket), args.qmp.clone()).map_err(usage)?),
+        (None, Some(domain)) => {
+            Some(libvirt_spec(domain, std::slice::from_ref(&args.port), args.qmp.clone(), progress)?)
+        }
+        (None, None) => None,
     };
     let opts = HelloOptions {
         port: args.port,
@@ -207,9 +214,26 @@ fn cmd_hello(args: HelloArgs, out: &mut dyn std::io::Write, progress: &Progress)
     command::hello::hello(cmd, out, progress).map_err(Failure::from)
 }
 
+/// The ports `ports` of libvirt domain `domain` (`--libvirt`), with what its XML says of each.
+fn libvirt_spec(
+    domain: &str,
+    ports: &[String],
+    qmp: Option<std::path::PathBuf>,
+    progress: &Progress,
+) -> Result<AttachSpec, Failure> {
+    let (spec, found) = vport_host::libvirt::attach_spec(domain, ports, qmp).map_err(CommandError::from)?;
+    for c in found.channels.iter().filter(|c| spec.ports.iter().any(|(n, _)| *n == c.name)) {
+        progress.say(&format!("domain {domain}: {}", c.describe()));
+    }
+    if spec.qmp.is_none() {
+        progress.say("--libvirt without --qmp: libvirt holds qemu's monitor, so qmp facts are unavailable");
+    }
+    Ok(spec)
+}
+
 fn cmd_watch(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
     use vport_host::watch;
-    if !args.sockets.is_empty() {
+    if !args.sockets.is_empty() || args.libvirt.is_some() {
         return cmd_watch_attached(args, progress);
     }
     usage::check_port_names(&args.ports).map_err(usage)?;
@@ -231,22 +255,34 @@ fn cmd_watch(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
 /// `vport watch --socket NAME=ADDR... [--qmp PATH]`: watching a VM vport did not start.
 fn cmd_watch_attached(args: WatchArgs, progress: &Progress) -> Result<(), Failure> {
     use vport_host::watch;
-    let spec = AttachSpec::parse(&args.sockets, args.qmp.clone()).map_err(usage)?;
+    let spec = match &args.libvirt {
+        Some(domain) => libvirt_spec(domain, &args.ports, args.qmp.clone(), progress)?,
+        None => AttachSpec::parse(&args.sockets, args.qmp.clone()).map_err(usage)?,
+    };
     if let Some(qmp) = &spec.qmp {
         vport_host::attach::check_qmp_path(qmp).map_err(usage)?;
     }
     let origin = Instant::now();
     let attached = Attached::attach(&spec).map_err(|e| Failure::from(CommandError::Attach(e)))?;
     if attached.qmp.is_none() {
-        progress.say("no --qmp: no QMP events; watching ends on quit or Ctrl-C");
+        progress.say(
+            "no --qmp: no QMP events; qemu's exit shows as every port's chardev server going away (not for \
+             unix-listen:/tcp-listen:); watching ends then, on quit or on Ctrl-C",
+        );
     }
-    let events = attached.events();
     let timeline = watch_timeline(args.json, origin)?;
     let liveness = (args.liveness > 0).then(|| Duration::from_secs(args.liveness));
-    let commands =
+    let watching =
         watch::start_attached(&attached, &timeline, liveness).context("cannot watch the ports").map_err(infra)?;
-    match serve_watch(progress, &spec.names(), &events, commands)? {
+    let (commands, qemu_gone) = (watching.commands.clone(), watching.qemu_gone.clone());
+    match serve_watch(progress, &spec.names(), &qemu_gone, commands)? {
         watch::WatchEnd::Quit => Ok(()),
+        watch::WatchEnd::QemuExited if attached.qmp.is_none() => Err(CommandError::CheckFailed(format!(
+            "every port's chardev server is gone: qemu exited? ({})\n{}",
+            watching.servers_gone().join("; "),
+            attached.failure_context()
+        ))
+        .into()),
         watch::WatchEnd::QemuExited => Err(CommandError::CheckFailed(format!(
             "qemu exited (its QMP connection closed)\n{}",
             attached.failure_context()

@@ -16,8 +16,10 @@
 //! [`vport_common::replay`]: the checker judges the very same per-port state.
 //!
 //! A VM vport did not start is watched alike ([`start_attached`], see [`crate::attach`]);
-//! without its QMP, sessions end on in-band signals and connection loss only, and watching ends
-//! on `quit` (or Ctrl-C), as nothing tells vport that QEMU exited.
+//! without its QMP, sessions end on in-band signals and connection loss only, and QEMU's exit
+//! is inferred from the chardevs: once every port's chardev server is gone (a socket QEMU
+//! listened on refuses the reconnect, a pty is gone), watching ends as for QEMU's exit. A
+//! port where vport listens cannot tell, and watching then ends on `quit` (or Ctrl-C).
 
 mod table;
 
@@ -32,7 +34,7 @@ use crate::session::{PortServer, Session, SessionError};
 use crate::timeline::{ClockOffset, Timeline};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::BufRead;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 use vport_common::message::MAX_REOPEN_DELAY_MS;
@@ -233,16 +235,37 @@ pub fn start(rig: &Rig, timeline: &Timeline, liveness: Option<Duration>) -> Resu
         timeline.alias(&port.chardev_id, &port.name);
         servers.push(rig.port_server(&port.name)?);
     }
-    start_servers(Some(events), servers, timeline, liveness)
+    start_servers(Some(events), servers, timeline, liveness, None)
+}
+
+/// Watching a VM vport did not start ([`start_attached`]).
+pub struct AttachedWatch {
+    /// Commands for the watchers.
+    pub commands: Sender<Command>,
+    /// Closes when QEMU is gone: QMP's event channel with `--qmp`; without, a channel that
+    /// closes once every port's chardev server is gone ([`AttachedWatch::servers_gone`]).
+    pub qemu_gone: Receiver<QmpEvent>,
+    gone: Arc<Mutex<Vec<String>>>,
+}
+
+impl AttachedWatch {
+    /// Without QMP: why each port's chardev server was taken for gone, as noted on the
+    /// timeline (`port NAME: the chardev's server is gone (qemu exited?): ...`).
+    pub fn servers_gone(&self) -> Vec<String> {
+        self.gone.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// Like [`start`], for the ports of a VM vport did not start. Without its QMP, no QMP event
-/// is recorded and the watcher threads end only with the process.
+/// is recorded, and QEMU's exit is seen as every port's chardev server going away
+/// ([`PortServer::infer_exit_from_chardev`]): each is noted on the timeline, and
+/// [`AttachedWatch::qemu_gone`] closes once all are gone. A port whose server never goes (vport
+/// listens) keeps it open: watching then ends on `quit`.
 pub fn start_attached(
     attached: &Attached,
     timeline: &Timeline,
     liveness: Option<Duration>,
-) -> Result<Sender<Command>, WatchError> {
+) -> Result<AttachedWatch, WatchError> {
     let events = attached.qmp.as_ref().map(|q| q.subscribe());
     let mut servers = Vec::new();
     for port in attached.ports() {
@@ -251,16 +274,42 @@ pub fn start_attached(
         }
         servers.push(attached.port_server(&port.name)?);
     }
-    start_servers(events, servers, timeline, liveness)
+    let gone = Arc::new(Mutex::new(Vec::new()));
+    let (gone_tx, qemu_gone) = match &attached.qmp {
+        Some(_) => (None, attached.events()),
+        None => {
+            let (tx, rx) = crossbeam_channel::unbounded::<String>();
+            let (exit_tx, exit_rx) = crossbeam_channel::unbounded::<QmpEvent>();
+            let (reasons, ports) = (gone.clone(), servers.len());
+            spawn("watch-gone".into(), move || {
+                for why in rx.iter() {
+                    let mut r = reasons.lock().unwrap_or_else(|e| e.into_inner());
+                    r.push(why);
+                    if r.len() == ports {
+                        drop(exit_tx);
+                        return;
+                    }
+                }
+                // A watcher ended otherwise: its server may be there still, so QEMU is not
+                // known to be gone; the channel stays open for the rest of the run.
+                std::mem::forget(exit_tx);
+            })?;
+            (Some(tx), exit_rx)
+        }
+    };
+    let commands = start_servers(events, servers, timeline, liveness, gone_tx)?;
+    Ok(AttachedWatch { commands, qemu_gone, gone })
 }
 
 /// The threads of [`start`]: QMP `events` recorded (when there is QMP), one watcher per server,
-/// and the dispatcher of commands to them.
+/// and the dispatcher of commands to them. A watcher whose server was found gone
+/// ([`PortServer::server_gone`]) sends why to `gone`.
 fn start_servers(
     events: Option<Receiver<QmpEvent>>,
     servers: Vec<PortServer>,
     timeline: &Timeline,
     liveness: Option<Duration>,
+    gone: Option<Sender<String>>,
 ) -> Result<Sender<Command>, WatchError> {
     if let Some(events) = events {
         let tl = timeline.clone();
@@ -276,7 +325,12 @@ fn start_servers(
         let (tx, rx) = crossbeam_channel::unbounded();
         let tl = timeline.clone();
         let name = server.port();
-        spawn(format!("watch-{name}"), move || watch_port(server, &tl, &rx, liveness))?;
+        let gone = gone.clone();
+        spawn(format!("watch-{name}"), move || {
+            if let (Some(why), Some(gone)) = (watch_port(server, &tl, &rx, liveness), gone) {
+                let _ = gone.send(why);
+            }
+        })?;
         senders.push((name, tx));
     }
     let (tx, rx) = crossbeam_channel::unbounded::<Command>();
@@ -292,8 +346,14 @@ fn start_servers(
 }
 
 /// The life of one port's watcher: each session from its handshake to its end, until the
-/// server closes (QEMU exits, the port is unplugged).
-fn watch_port(mut server: PortServer, tl: &Timeline, commands: &Receiver<Command>, liveness: Option<Duration>) {
+/// server closes (QEMU exits, the port is unplugged). Returns why the chardev's server was
+/// taken for gone ([`PortServer::server_gone`], noted on the timeline), if that ended it.
+fn watch_port(
+    mut server: PortServer,
+    tl: &Timeline,
+    commands: &Receiver<Command>,
+    liveness: Option<Duration>,
+) -> Option<String> {
     let port = server.port();
     let mut agent_seq = 0;
     // Armed once a session has ended: before the first one the guest may still be booting, or
@@ -319,7 +379,11 @@ fn watch_port(mut server: PortServer, tl: &Timeline, commands: &Receiver<Command
             }
             Err(e) => {
                 log::info!("port {port}: watching ends: {e}");
-                return;
+                let gone = server.server_gone();
+                if let Some(why) = &gone {
+                    tl.note(&port, why);
+                }
+                return gone.map(|why| format!("port {port}: {why}"));
             }
         };
         match fetch_agent_events(&mut session, tl, &mut agent_seq) {

@@ -2,7 +2,8 @@
 //! written here by hand, not through vport's builder, and the `vport` binary runs against it:
 //! `hello --json` with `--socket` and `--qmp`, `hello` without `--qmp` (QEMU's view reported
 //! unavailable, not failed), and `watch --json` with `--socket` and `--qmp`, where a guest close
-//! shows as a QMP `VSERPORT_CHANGE` and the reopened port as a new session.
+//! shows as a QMP `VSERPORT_CHANGE` and the reopened port as a new session; and `hello --libvirt`
+//! with a stand-in `virsh` (`$VPORT_VIRSH`) whose domain XML names the VM's port socket.
 //!
 //! The binary is `$VPORT_BIN`, or `vport` next to this test's profile directory
 //! (`target/debug/vport`: `cargo test --workspace` builds it; alone, `cargo build -p vport-host
@@ -109,7 +110,13 @@ impl Drop for HandQemu {
 
 /// Runs `vport hello` with `args` against the hand-started VM and returns its output.
 fn hello(args: &[&str]) -> Output {
+    hello_with(args, &[])
+}
+
+/// Like [`hello`], with environment variables `env` set.
+fn hello_with(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Output {
     let out = Command::new(vport_bin())
+        .envs(env.iter().copied())
         .arg("hello")
         .args(args)
         .args(["--timeout", &HELLO_TIMEOUT.as_secs().to_string()])
@@ -147,10 +154,43 @@ fn hello_and_watch_attach_to_a_vm_started_by_hand() {
     assert!(text.contains("qemu               unavailable (no --qmp)"), "{text}");
     assert!(text.contains("agent              vport-agent "), "{text}");
 
+    // --libvirt: the port found in a domain's XML as `virsh dumpxml` prints it (a stand-in
+    // virsh, $VPORT_VIRSH, printing the live XML libvirt would give this VM's channel).
+    let virsh = fake_virsh(&qemu);
+    let out = hello_with(
+        &["--json", "--libvirt", "vm1", "--port", PORT, "--qmp", &qmp],
+        &[("VPORT_VIRSH", virsh.as_os_str())],
+    );
+    assert!(out.status.success(), "vport hello --libvirt failed: {}", out.status);
+    let r: Value = serde_json::from_slice(&out.stdout).expect("hello --json prints one JSON object");
+    assert_eq!((r["attached"].as_bool(), r["port_id"].as_str()), (Some(true), Some("port0")), "{r}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("domain vm1: {PORT} at unix:")), "the channel as the XML gave it: {stderr}");
+    let out = hello_with(&["--libvirt", "vm1", "--port", "org.vport.9"], &[("VPORT_VIRSH", virsh.as_os_str())]);
+    assert_eq!(out.status.code(), Some(2), "a channel the domain lacks is a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(PORT), "the error lists the domain's channels");
+
     // watch --json with QMP: a guest close shows as QMP's VSERPORT_CHANGE, the reopen as a new
     // session.
     watch_close_and_reopen(&mut qemu, &socket, &qmp);
     qemu.alive().expect("watch leaves the vm running");
+}
+
+/// A stand-in `virsh` in the VM's directory: `virsh dumpxml -- vm1` prints a running domain's
+/// XML whose one channel is the VM's port socket (QEMU listening: `mode='bind'`).
+fn fake_virsh(qemu: &HandQemu) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = qemu.dir.path().join("virsh");
+    let xml = format!(
+        "<domain type='kvm' id='7'><name>vm1</name><devices>\
+         <channel type='unix'><source mode='bind' path='{}'/>\
+         <target type='virtio' name='{PORT}' state='connected'/></channel></devices></domain>",
+        qemu.port_socket().display()
+    );
+    let script = format!("#!/bin/sh\n[ \"$1 $2 $3\" = 'dumpxml -- vm1' ] || {{ echo \"error: no domain $3\" >&2; exit 1; }}\ncat <<'EOF'\n{xml}\nEOF\n");
+    std::fs::write(&path, script).expect("write the stand-in virsh");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("make it executable");
+    path
 }
 
 /// Runs `vport watch --json` against the VM, has the agent close the port and reopen it, and

@@ -33,6 +33,11 @@ impl PtyStream {
         Ok(PtyStream { file, read_timeout: None })
     }
 
+    /// Another handle to the same slave (its read timeout is its own).
+    pub fn try_clone(&self) -> std::io::Result<PtyStream> {
+        Ok(PtyStream { file: self.file.try_clone()?, read_timeout: None })
+    }
+
     /// Makes reads give up with `WouldBlock` after `timeout` (`None`: block).
     pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> std::io::Result<()> {
         self.read_timeout = timeout;

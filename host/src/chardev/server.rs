@@ -45,7 +45,7 @@ impl Endpoint for ServerEndpoint {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let ready = match &self.listener {
-                Listener::Unix(l) => wait_readable(l.as_fd(), left),
+                Listener::Unix(l, _) => wait_readable(l.as_fd(), left),
                 Listener::Tcp(l) => wait_readable(l.as_fd(), left),
             }
             .map_err(|e| self.listen_err(e))?;
@@ -57,7 +57,7 @@ impl Endpoint for ServerEndpoint {
                 });
             }
             let accepted = match &self.listener {
-                Listener::Unix(l) => l.set_nonblocking(true).and_then(|()| l.accept()).map(|(s, _)| Io::Unix(s)),
+                Listener::Unix(l, _) => l.set_nonblocking(true).and_then(|()| l.accept()).map(|(s, _)| Io::Unix(s)),
                 Listener::Tcp(l) => l.set_nonblocking(true).and_then(|()| l.accept()).and_then(|(s, peer)| {
                     if !peer.ip().is_loopback() {
                         log::warn!("port {}: refusing a connection from {peer}", self.port);

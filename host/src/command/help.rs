@@ -1,15 +1,41 @@
 //! The long `--help` texts of the `vport` commands whose options alone do not explain them.
 
 /// `vport connect --help`.
-pub const CONNECT_ABOUT: &str = "Bridge a port of a VM started by `vport boot` to stdin/stdout, byte for byte, like \
+pub const CONNECT_ABOUT: &str = "Bridge a port to stdin/stdout, byte for byte, like \
 `socat - UNIX-CONNECT:<socket>`. The port is found by name among the running VMs that `vport boot` \
 registered (`vport connect --list` shows them); with several candidates pass --vm PID (printed by `vport boot`). \
 The bridge ends when QEMU closes the connection; end of input half-closes it, which QEMU takes as the host \
 leaving.\n\nQEMU serves one client per port: a second client would wait silently in the socket's backlog. \
 vport connect asks QEMU first (query-chardev on the tools monitor of `vport boot`) and exits 4 when another \
-client holds the port; it also exits 4 when QEMU has not taken the connection within --timeout.\n\nWith \
---socket there is no VM to ask: the check is not possible, and only the --timeout bound applies (a connection \
-the server does not take in time is reported busy, exit 4).";
+client holds the port; it also exits 4 when QEMU has not taken the connection within --timeout.\n\n\
+A VM vport did not start: --socket NAME=ADDR (the forms of `vport hello --socket`; the older --socket PATH \
+still works, without a name) or --libvirt DOMAIN PORT (the channel's socket from `virsh dumpxml`), and \
+optionally --qmp PATH. With --qmp, QEMU is asked whether the port exists under that name (exit 2 if not) and, \
+for a unix or TCP socket QEMU listens on, whether another client holds it (exit 4). Without it that check is \
+not possible: for a unix socket only the --timeout bound applies (a connection the server does not take in time \
+is reported busy, exit 4); for TCP nothing tells a connection QEMU took from one in its backlog. For \
+unix-listen:PATH and tcp-listen:ADDR vport listens and waits up to --timeout for QEMU to connect (its \
+reconnect=N must be shorter); the socket file is removed on exit and on Ctrl-C or SIGTERM. A pty cannot be \
+half-closed: the bridge ends once the input has ended and the port has been quiet for 0.5 s.";
+
+/// `--socket` of `vport connect`.
+pub const CONNECT_SOCKET_HELP: &str = "Connect to a VM vport did not start: port NAME (its name= as the guest \
+sees it) has its chardev at ADDR, one of the forms of `vport hello --socket`: PATH or unix:PATH (QEMU listens), \
+unix-listen:PATH (vport listens; QEMU's chardev has server=off,reconnect=N), tcp:HOST:PORT, \
+tcp-listen:127.0.0.1:PORT, pty:/dev/pts/N. NAME= may be left out (the older --socket PATH); --qmp then cannot \
+find the port. Example: --socket org.vport.0=/run/vm/port0.sock --qmp /run/vm/qmp.sock";
+
+/// `--libvirt` of `vport hello`, `watch` and `connect`.
+pub const ATTACH_LIBVIRT_HELP: &str = "A libvirt domain vport did not start: its ports are the \
+<channel> elements with <target type='virtio' name=NAME/> that `virsh dumpxml DOMAIN` shows (virsh is \
+$VPORT_VIRSH, else virsh on PATH, with libvirt's default URI). <source mode='bind' path=P/> is a socket QEMU \
+listens on (vport connects), mode='connect' one QEMU connects to (vport listens there; P must not exist), a \
+pty channel its /dev/pts/N; tcp channels too. The port is --port (hello, watch) or PORT (connect); a channel \
+that is not there or not reachable (another type, a domain that is not running) is a usage error listing the \
+domain's channels. libvirt keeps QEMU's monitor to itself: QMP facts are reported unavailable unless --qmp \
+names a second monitor given to the domain (guest/README.md, \"libvirt\"); QMP through virsh \
+qemu-monitor-command is not built. The channel sockets libvirt makes are owned by its qemu user: run vport as \
+root or as that user. Example: --libvirt vm1 --port org.vport.0";
 
 /// `vport send --help` and `vport recv --help` (the common part).
 pub const TRANSFER_ABOUT: &str = "The file moves as an acknowledged stream (docs/protocol.md): the receiver \
@@ -37,8 +63,13 @@ milliseconds, default 1000), `reopen PORT`, `ping PORT`, `quit`. At end of input
 Ctrl-C or until QEMU exits.\n\n\
 A VM vport did not start (a hand-written command line, libvirt): give --socket NAME=ADDR for each of its \
 ports instead of --port, and --qmp PATH for its QMP socket if it has one. Nothing is booted and the VM is \
-never stopped or killed. Without --qmp, no QMP event is recorded, sessions end on in-band signals and on \
-the connection's loss only, and nothing tells vport that QEMU exited: watching ends on `quit` or Ctrl-C.";
+never stopped or killed (--libvirt DOMAIN finds the ports in the domain's XML, see its help). Without --qmp, \
+no QMP event is recorded and sessions end on in-band signals and on the connection's loss only. QEMU's exit \
+then shows as each port's chardev server going away: a connection QEMU closed whose socket (unix or TCP, \
+QEMU listening) then refuses the reconnect, or a pty that is gone, is noted on the timeline as \"the chardev's \
+server is gone (qemu exited?)\"; once every port's server is gone, watching ends with exit 1, as for QEMU's \
+exit seen through QMP. A port where vport listens (unix-listen:, tcp-listen:) cannot tell QEMU's exit from \
+a slow reconnect: it waits, and watching then ends on `quit` or Ctrl-C.";
 
 /// `--socket` of `vport hello` and `vport watch`: attaching to a VM vport did not start.
 pub const ATTACH_SOCKET_HELP: &str = "Talk to a VM vport did not start: port NAME (its name= as the guest sees \
@@ -48,12 +79,12 @@ must not exist yet; QEMU connects within N seconds), tcp:HOST:PORT (QEMU listens
 (vport listens on loopback), or pty:/dev/pts/N (`-chardev pty`). No image is built and no VM booted; the VM is \
 left running as it was. Example: --socket org.vport.0=/run/vm/port0.sock --qmp /run/vm/qmp.sock";
 
-/// `--qmp` of `vport hello` and `vport watch`.
-pub const ATTACH_QMP_HELP: &str = "The QMP socket of the VM given with --socket (`-qmp \
+/// `--qmp` of `vport hello`, `watch` and `connect`.
+pub const ATTACH_QMP_HELP: &str = "The QMP socket of the VM given with --socket or --libvirt (`-qmp \
 unix:PATH,server=on,wait=off`; QEMU serves one QMP client at a time, so give a monitor no other tool holds). \
 With it vport finds each port's device and chardev by name (QOM), follows VSERPORT_CHANGE, STOP, RESET and \
-unplugs, and reports QEMU's version and frontend-open. Without it those are reported as unavailable (no \
---qmp), not as failures.";
+unplugs, and reports QEMU's version and frontend-open (vport connect: asks whether the port exists and whether \
+another client holds it). Without it those are reported as unavailable (no --qmp), not as failures.";
 
 /// `vport run faults --help`.
 pub const FAULTS_ABOUT: &str =
@@ -141,14 +172,15 @@ VPORT_QEMU            the qemu-system-x86_64 to run, as --qemu (default: the one
 prints QEMU 10.0's)\n  \
 VPORT_CACHE_DIR       where images and downloaded packages are kept (default: $XDG_CACHE_HOME/vport, \
 $HOME/.cache/vport, /var/tmp/vport-cache)\n  \
+VPORT_VIRSH           the virsh that --libvirt runs (default: virsh on PATH)\n  \
 VPORT_KEEP_VM_DIR     set (not 0) to keep each VM's directory (console log, QEMU stderr, sockets) after it ends\n  \
 XDG_RUNTIME_DIR       where `vport boot` registers its VMs for `vport connect` (default: /tmp/vport-UID)\n  \
 CC                    the C compiler `vport bench` builds its guest instruction counter with (default: cc)";
 
 /// `vport run matrix --help`.
 pub const MATRIX_ABOUT: &str = "Run vport's suites once per platform cell: every combination of the QEMU binaries \
-(--qemu), guest kernel packages (--kernel-deb), machine types (--machine: pc, q35; microvm is listed and skipped, \
-its virtio-mmio transport is not built), vCPU counts (--cpus) and accelerators (--accel: a KVM cell is skipped, with \
+(--qemu), guest kernel packages (--kernel-deb), machine types (--machine: pc and q35, the default, with \
+virtio-serial-pci; microvm, with virtio-serial-device on virtio-mmio), vCPU counts (--cpus) and accelerators (--accel: a KVM cell is skipped, with \
 the probe's reason, where KVM does not run a guest). Each cell runs the suites (--suite: conformance, faults \
 --quick, bench --quick) one after another, each as a child vport process with the cell's --qemu, --kernel-deb, \
 --machine, --cpus and --accel; cells run --jobs at a time (default half the cores: a TCG guest keeps a core busy). \
@@ -176,6 +208,7 @@ mod tests {
             crate::qemu::binary::QEMU_ENV,
             crate::cache::CACHE_DIR_ENV,
             crate::qemu::cleanup::KEEP_DIR_ENV,
+            crate::libvirt::VIRSH_ENV,
             "XDG_CACHE_HOME",
             "XDG_RUNTIME_DIR",
         ];

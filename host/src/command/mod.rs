@@ -72,6 +72,9 @@ pub enum CommandError {
     /// `vport send` / `vport recv` did not complete the stream.
     #[error(transparent)]
     Transfer(#[from] crate::stream::TransferError),
+    /// The libvirt domain's ports could not be had (`--libvirt`).
+    #[error(transparent)]
+    Libvirt(#[from] crate::libvirt::LibvirtError),
     /// The VM to attach to (`--socket`, `--qmp`) could not be reached.
     #[error("cannot attach to the vm")]
     Attach(#[source] crate::attach::AttachError),
@@ -127,6 +130,7 @@ impl CommandError {
         match self {
             CommandError::Usage(e) => e.exit_code(),
             CommandError::Connect(e) => e.exit_code(),
+            CommandError::Libvirt(e) => e.exit_code(),
             CommandError::Conformance(e) => e.exit_code(),
             CommandError::Attach(e) | CommandError::Hello(crate::hello::HelloError::Attach(e)) => e.exit_code(),
             CommandError::Hello(e) if e.is_infrastructure() => ExitCode::Infrastructure,

@@ -118,7 +118,8 @@ pub fn interrupted() -> bool {
 }
 
 /// Installs a Ctrl-C / SIGTERM / SIGHUP handler that SIGKILLs and reaps every live VM's
-/// QEMU, removes their directories and exits with [`crate::exit::ExitCode::Interrupted`]
+/// QEMU, removes their directories and the unix sockets vport listens on
+/// ([`crate::chardev::remove_bound_sockets`]) and exits with [`crate::exit::ExitCode::Interrupted`]
 /// (130). Idempotent; fails if another handler was already installed with the `ctrlc` crate.
 pub fn install_signal_cleanup() -> Result<(), ctrlc::Error> {
     static INSTALLED: Mutex<bool> = Mutex::new(false);
@@ -130,6 +131,7 @@ pub fn install_signal_cleanup() -> Result<(), ctrlc::Error> {
         // First, so a thread that sees QEMU go away knows why (see `interrupted`).
         INTERRUPTED.store(true, Ordering::SeqCst);
         let entries: Vec<_> = live().drain(..).collect();
+        let killed = !entries.is_empty();
         for (pid, dir) in entries {
             let Ok(pid) = i32::try_from(pid) else { continue };
             let pid = nix::unistd::Pid::from_raw(pid);
@@ -140,7 +142,10 @@ pub fn install_signal_cleanup() -> Result<(), ctrlc::Error> {
         for dir in work().drain(..) {
             let _ = std::fs::remove_dir_all(&dir);
         }
-        eprintln!("vport: interrupted, killed qemu");
+        // The unix sockets vport listens on for a VM it did not start (`--socket
+        // NAME=unix-listen:PATH`): nothing is dropped on this way out.
+        crate::chardev::remove_bound_sockets();
+        eprintln!("vport: interrupted{}", if killed { ", killed qemu" } else { "" });
         crate::exit::ExitCode::Interrupted.exit();
     })?;
     *installed = true;

@@ -71,6 +71,11 @@ pub(super) struct Core {
     /// HELLO_REQUESTs [`super::PortServer::accept`] sent on the current connection since the
     /// last session was handed out (a [`crate::link::Handshake`]'s `requests_sent`).
     pub(super) requests: u32,
+    /// Whether the last connection ended with QEMU closing it (and none was made since).
+    pub(super) lost_by_peer: bool,
+    /// Why the chardev's server is taken for gone, once it is (see
+    /// [`super::PortServer::infer_exit_from_chardev`]).
+    pub(super) server_gone: Option<String>,
 }
 
 impl Core {
@@ -357,6 +362,7 @@ impl Core {
             return;
         }
         let input = if self.qemu_gone() { Input::VmExited } else { Input::ConnectionLost };
+        self.lost_by_peer = input == Input::ConnectionLost;
         self.apply(input);
     }
 

@@ -70,6 +70,26 @@ pub enum Backlog {
 pub struct PortServer {
     pub(super) core: Arc<Mutex<Core>>,
     reconnect: Reconnect,
+    /// See [`PortServer::infer_exit_from_chardev`].
+    exit_from_chardev: bool,
+}
+
+/// Whether a failed connect says that the chardev's server is gone: a socket QEMU listened on
+/// that refuses or is no longer there, a pty that is gone.
+fn server_gone(e: &ChardevError) -> Option<&std::io::Error> {
+    match e {
+        ChardevError::ConnectUnix { source, .. } | ChardevError::ConnectTcp { source, .. }
+            if matches!(source.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) =>
+        {
+            Some(source)
+        }
+        ChardevError::Pty { source, .. }
+            if source.kind() == ErrorKind::NotFound || source.raw_os_error() == Some(nix::libc::EIO) =>
+        {
+            Some(source)
+        }
+        _ => None,
+    }
 }
 
 impl PortServer {
@@ -113,8 +133,10 @@ impl PortServer {
             gate: None,
             asked_at: None,
             requests: 0,
+            lost_by_peer: false,
+            server_gone: None,
         };
-        PortServer { core: Arc::new(Mutex::new(core)), reconnect: Reconnect::default() }
+        PortServer { core: Arc::new(Mutex::new(core)), reconnect: Reconnect::default(), exit_from_chardev: false }
     }
 
     /// The port name.
@@ -151,6 +173,23 @@ impl PortServer {
     /// The endpoint's connect/disconnect record.
     pub fn endpoint_events(&self) -> EndpointEvents {
         lock(&self.core).endpoint.events().clone()
+    }
+
+    /// For a server without QMP (a VM vport did not start, no `--qmp`): QEMU's exit is then
+    /// inferred from the chardev. Once QEMU has closed the connection, a reconnect that finds
+    /// its server gone (a unix or TCP socket QEMU listened on refusing or no longer there, a pty
+    /// that is gone) closes the server as [`EndReason::VmExited`], and
+    /// [`PortServer::server_gone`] says why. A QEMU that listens goes on listening while it
+    /// runs, so this is its exit (or the chardev's removal). A host end where vport listens
+    /// cannot tell: QEMU reconnecting late looks the same as QEMU gone.
+    pub fn infer_exit_from_chardev(&mut self) {
+        self.exit_from_chardev = true;
+    }
+
+    /// Why the chardev's server was taken for gone ([`PortServer::infer_exit_from_chardev`]),
+    /// once it was.
+    pub fn server_gone(&self) -> Option<String> {
+        lock(&self.core).server_gone.clone()
     }
 
     /// Sets when the host end is connected again (default: [`Reconnect::Always`]).
@@ -312,6 +351,7 @@ impl PortServer {
         match c.endpoint.connect(left) {
             Ok(conn) => {
                 c.connections += 1;
+                c.lost_by_peer = false;
                 if conn.queued() == Some(true) {
                     log::info!(
                         "port {port}: connected, but QEMU has not accepted: another client holds the chardev and \
@@ -326,6 +366,17 @@ impl PortServer {
                 Ok(())
             }
             Err(ChardevError::AcceptTimeout { .. }) => Ok(()),
+            Err(e) if self.exit_from_chardev && c.lost_by_peer && server_gone(&e).is_some() => {
+                let cause = server_gone(&e).map(ToString::to_string).unwrap_or_default();
+                let why = format!(
+                    "the chardev's server is gone (qemu exited?): it closed the connection and {} now fails ({cause})",
+                    c.endpoint.addr()
+                );
+                log::warn!("port {port}: {why}");
+                c.server_gone = Some(why);
+                c.apply(Input::VmExited);
+                Ok(())
+            }
             Err(e) => {
                 let Reconnect::Always { retry } = self.reconnect else { return Err(e.into()) };
                 if !self.reconnect.retries(&e) {
