@@ -78,6 +78,7 @@ pub mod report;
 pub mod rig;
 pub mod session;
 pub mod soak;
+pub mod speed;
 pub mod stream;
 pub mod timeline;
 pub mod trace_check;

@@ -92,7 +92,7 @@ fn main() {
             let cmd = command::faults::FaultsCommand {
                 image: args.image.choice(),
                 accel: args.accel,
-                platform: args.platform.platform(),
+                platform: args.platform.take_effect(),
                 repeats,
                 faults: args.faults,
                 stall: Duration::from_secs(args.stall),
@@ -113,7 +113,7 @@ fn main() {
             let cmd = command::bench::BenchCommand {
                 image: args.image.choice(),
                 accel: args.accel,
-                platform: args.platform.platform(),
+                platform: args.platform.take_effect(),
                 size,
                 json: args.json,
                 json_out: args.json_out,
@@ -132,7 +132,7 @@ fn main() {
             let cmd = command::soak::SoakCommand {
                 image: args.image.choice(),
                 accel: args.accel,
-                platform: args.platform.platform(),
+                platform: args.platform.take_effect(),
                 counts,
                 json: args.json,
                 junit: args.junit,
@@ -152,6 +152,7 @@ fn main() {
                 agent: args.agent,
                 suite_deadline: Duration::from_secs(args.suite_deadline * 60),
                 json: args.json,
+                speed_factor: args.speed_factor,
             };
             command::matrix::matrix(cmd, &mut out, &progress).map_err(Failure::from)
         }
@@ -159,7 +160,7 @@ fn main() {
             let cmd = ConformanceCommand {
                 image: args.image.choice(),
                 accel: args.accel,
-                platform: args.platform.platform(),
+                platform: args.platform.take_effect(),
                 filter: args.filter,
                 list: args.list,
                 agent_log_level: args.agent_log_level,

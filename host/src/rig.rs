@@ -83,7 +83,7 @@ impl Rig {
             cfg.extra_args.push("-S".into());
         }
         let mut vm = Vm::start(&cfg)?;
-        let qmp = Qmp::connect(&vm.qmp_socket(), QMP_TIMEOUT)?;
+        let qmp = Qmp::connect(&vm.qmp_socket(), crate::speed::scaled(QMP_TIMEOUT))?;
         resolve_ptys(&mut vm, &qmp)?;
         Ok(Rig { vm, qmp: Arc::new(qmp), resumed_at: None })
     }

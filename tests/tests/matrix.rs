@@ -1,8 +1,9 @@
 //! `vport run matrix` on a real VM (issue 14, "A matrix"): the conformance suite on platforms
 //! the other tests never boot (a q35 machine with 2 vCPUs; microvm, with virtio-serial-device on
 //! virtio-mmio, with 2 vCPUs), beside cells that cannot run here and must say why (KVM: only
-//! where vport's probe boots the guest's kernel). The summary, `summary.json` and `junit.xml` must list every cell as passed or
-//! skipped with its reason.
+//! where vport's probe boots the guest's kernel). The summary, `summary.json` and `junit.xml`
+//! must list every cell as passed or skipped with its reason, and state the speed factor the
+//! calibration boot measured and every suite ran with.
 //!
 //! The binary is `$VPORT_BIN`, or `vport` next to this test's profile directory (see
 //! `vport_tests::vport_bin`).
@@ -71,5 +72,11 @@ fn the_matrix_runs_conformance_on_q35_and_microvm_with_two_vcpus_and_says_why_ce
         serde_json::from_slice(&std::fs::read(cell_dir.join("conformance.json")).expect("the cell's conformance.json"))
             .expect("the cell's report is JSON");
     assert_eq!(report["cases"].as_array().map(Vec::len), Some(35));
+    // The speed factor: measured once by the calibration boot, within its bounds, and the one
+    // every suite ran with.
+    let factor = summary["speed_factor"].as_f64().expect("the summary states the speed factor");
+    assert!((1.0..=10.0).contains(&factor), "{factor}");
+    assert_eq!(report["speed_factor"].as_f64(), Some(factor), "the suite ran with the matrix's factor");
+    assert!(stderr.contains("matrix: speed factor"), "the calibration is reported: {stderr}");
     assert!(cell_dir.join("conformance-junit.xml").is_file() && cell_dir.join("conformance.log").is_file());
 }

@@ -146,9 +146,9 @@ impl Events {
             let poller = scope.spawn(move || poll_frontend(qmp, chardev, open, t0, stop));
             let result = (|| {
                 let id = ctl.start_guest_op(op)?;
-                let reply = ctl.await_guest_op(id, REPLY)?;
+                let reply = ctl.await_guest_op(id, crate::speed::scaled(REPLY))?;
                 let done = t0.elapsed();
-                let deadline = t0 + EVENT_TIMEOUT;
+                let deadline = t0 + crate::speed::scaled(EVENT_TIMEOUT);
                 let is_change = |e: &crate::qmp::QmpEvent| {
                     e.name == "VSERPORT_CHANGE"
                         && e.data.get("id").and_then(|v| v.as_str()) == Some(device.as_str())
@@ -178,7 +178,7 @@ impl Events {
     pub(super) fn host_connects(&mut self, streams: &mut PortServer) -> Result<(), BenchError> {
         streams.disconnect();
         let t0 = Instant::now();
-        let session = streams.accept(EVENT_TIMEOUT)?;
+        let session = streams.accept(crate::speed::scaled(EVENT_TIMEOUT))?;
         let took = t0.elapsed();
         drop(session);
         self.add(HOST_CONNECTS, "HELLO", Some(took));
@@ -194,7 +194,7 @@ impl Events {
         let t0 = Instant::now();
         rig.hotplug_serial_port(&name, 0).map_err(|e| BenchError::Setup(format!("hot-plug {name}: {e}")))?;
         let mut server = rig.port_server(&name).map_err(|e| BenchError::Setup(format!("serve {name}: {e}")))?;
-        let session = server.accept(EVENT_TIMEOUT)?;
+        let session = server.accept(crate::speed::scaled(EVENT_TIMEOUT))?;
         let took = t0.elapsed();
         drop(session);
         self.add(DEVICE_ADD, "chardev-add", Some(took));

@@ -91,11 +91,16 @@ pub(super) fn write_each_to_host(
     each: u32,
 ) -> Result<Duration, BenchError> {
     let mut reader = raw.host.try_clone().map_err(|e| BenchError::io("clone the host's socket", e))?;
-    reader.set_read_timeout(Some(SAMPLE_TIMEOUT)).map_err(|e| BenchError::io("set a read timeout", e))?;
+    reader
+        .set_read_timeout(Some(crate::speed::scaled(SAMPLE_TIMEOUT)))
+        .map_err(|e| BenchError::io("set a read timeout", e))?;
     std::thread::scope(|scope| {
         let t0 = Instant::now();
         let read = scope.spawn(move || read_exactly(&mut reader, name, bytes));
-        let done = ctl.guest_op(GuestOp::WriteEach { handle: raw.handle, seed, bytes, each }, SAMPLE_TIMEOUT);
+        let done = ctl.guest_op(
+            GuestOp::WriteEach { handle: raw.handle, seed, bytes, each },
+            crate::speed::scaled(SAMPLE_TIMEOUT),
+        );
         if !matches!(&done, Ok(d) if d.bytes == bytes) {
             // Not all will come: end the reader's wait now rather than at its timeout.
             if let Err(e) = raw.host.shutdown(std::net::Shutdown::Read) {
@@ -164,7 +169,7 @@ pub(super) fn read_all_from_host(
     for chunk in data.chunks(each.max(1) as usize) {
         raw.host.write_all(chunk).map_err(|e| BenchError::io("write the host's socket", e))?;
     }
-    let done = ctl.await_guest_op(op, SAMPLE_TIMEOUT)?;
+    let done = ctl.await_guest_op(op, crate::speed::scaled(SAMPLE_TIMEOUT))?;
     let took = t0.elapsed();
     if done.bytes != bytes {
         return Err(BenchError::Integrity(format!(
@@ -188,7 +193,9 @@ pub fn raw_round_trips(
 ) -> Result<Vec<Duration>, BenchError> {
     let total = (size * count) as u64;
     let op = ctl.start_guest_op(GuestOp::Loopback { handle: raw.handle, bytes: total })?;
-    raw.host.set_read_timeout(Some(SAMPLE_TIMEOUT)).map_err(|e| BenchError::io("set a read timeout", e))?;
+    raw.host
+        .set_read_timeout(Some(crate::speed::scaled(SAMPLE_TIMEOUT)))
+        .map_err(|e| BenchError::io("set a read timeout", e))?;
     let mut out = vec![0u8; size];
     let mut back = vec![0u8; size];
     let mut samples = Vec::with_capacity(count);
@@ -202,7 +209,7 @@ pub fn raw_round_trips(
             return Err(BenchError::Integrity(format!("raw loopback: round trip {i} came back other than sent")));
         }
     }
-    let done = ctl.await_guest_op(op, SAMPLE_TIMEOUT)?;
+    let done = ctl.await_guest_op(op, crate::speed::scaled(SAMPLE_TIMEOUT))?;
     if done.bytes != total {
         return Err(BenchError::Guest {
             what: "raw loopback".into(),
@@ -220,7 +227,7 @@ pub fn echo_round_trips(ctl: &mut Session, seed: u64, size: usize, count: usize)
     for i in 0..count {
         pattern::fill(seed, (i * size) as u64, &mut out);
         let t0 = Instant::now();
-        let back = ctl.echo(&out, SAMPLE_TIMEOUT)?;
+        let back = ctl.echo(&out, crate::speed::scaled(SAMPLE_TIMEOUT))?;
         samples.push(t0.elapsed());
         if back != out {
             return Err(BenchError::Integrity(format!("ECHO {i} of {size} B came back other than sent")));
@@ -231,7 +238,7 @@ pub fn echo_round_trips(ctl: &mut Session, seed: u64, size: usize, count: usize)
 
 /// Plain guest->host: SOURCE of `bytes` in DATA frames of `chunk` bytes, checked byte by byte.
 pub fn plain_to_host(ctl: &mut Session, seed: u64, bytes: u64, chunk: u32) -> Result<Duration, BenchError> {
-    let out = ctl.source(seed, bytes, chunk, SAMPLE_TIMEOUT)?;
+    let out = ctl.source(seed, bytes, chunk, crate::speed::scaled(SAMPLE_TIMEOUT))?;
     if !out.verified || out.bytes != bytes {
         return Err(BenchError::Integrity(format!(
             "SOURCE: {} of {bytes} bytes, verified {}, first mismatch {:?}",
@@ -243,7 +250,7 @@ pub fn plain_to_host(ctl: &mut Session, seed: u64, bytes: u64, chunk: u32) -> Re
 
 /// Plain host->guest: SINK of `bytes` sent in DATA frames of `chunk` bytes, checked by the agent.
 pub fn plain_to_guest(ctl: &mut Session, seed: u64, bytes: u64, chunk: u32) -> Result<Duration, BenchError> {
-    let out = ctl.sink(seed, bytes, chunk, SAMPLE_TIMEOUT)?;
+    let out = ctl.sink(seed, bytes, chunk, crate::speed::scaled(SAMPLE_TIMEOUT))?;
     if !out.verified || out.bytes != bytes {
         return Err(BenchError::Integrity(format!(
             "SINK: the agent got {} of {bytes} bytes, verified {}, first mismatch {:?}",

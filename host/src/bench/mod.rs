@@ -191,13 +191,13 @@ impl Bench {
         let raw_host = rig.connect_raw(PORT_RAW).map_err(|e| setup("cannot connect to the raw port", e))?;
         rig.resume().map_err(|e| setup("cont", e))?;
         let mut ctl = ctl_server
-            .accept(BOOT_TIMEOUT)
+            .accept(crate::speed::scaled(BOOT_TIMEOUT))
             .map_err(|e| BenchError::Setup(format!("the agent did not come up: {e}\n{}", rig.failure_context())))?;
         report.environment.push(("guest kernel".into(), ctl.handshake().hello.kernel_release.clone()));
         // The session holds the connection; the server is not needed again.
         drop(ctl_server);
-        let raw = measure::open_raw(&mut ctl, PORT_RAW, raw_host, REPLY)?;
-        let vsock = vsock::Reference::connect(daemon, &mut ctl, REPLY);
+        let raw = measure::open_raw(&mut ctl, PORT_RAW, raw_host, crate::speed::scaled(REPLY))?;
+        let vsock = vsock::Reference::connect(daemon, &mut ctl, crate::speed::scaled(REPLY));
         report.environment.push((vsock::REPORT_KEY.into(), vsock.describe()));
         let transfer = TransferOptions { session_timeout: Duration::from_secs(60), ..Default::default() };
         Ok(Bench { rig, ctl, raw, streams, work, transfer, report, insns, vsock })
@@ -457,7 +457,7 @@ impl Bench {
 
     /// The agent's (wakeups, cpu_ns, rss_kib).
     fn usage(&mut self) -> Result<(u64, u64, u64), BenchError> {
-        let stats = self.ctl.agent_stats(REPLY)?;
+        let stats = self.ctl.agent_stats(crate::speed::scaled(REPLY))?;
         match (stat(&stats, "wakeups"), stat(&stats, "cpu_ns"), stat(&stats, "rss_kib")) {
             (Some(w), Some(c), Some(r)) => Ok((w, c, r)),
             _ => Err(BenchError::Guest {
@@ -483,7 +483,7 @@ struct Cost {
 /// Closes the guest's raw-port handle (its worker thread ends), so that the idle agent holds
 /// only what it holds for its served ports.
 fn close_guest_handle(ctl: &mut Session, handle: u32) -> Result<(), BenchError> {
-    let done = ctl.guest_op(vport_common::message::GuestOp::Close { handle }, REPLY)?;
+    let done = ctl.guest_op(vport_common::message::GuestOp::Close { handle }, crate::speed::scaled(REPLY))?;
     if done.ret < 0 {
         return Err(BenchError::Guest { what: "close the raw port".into(), detail: format!("errno {}", done.errno) });
     }

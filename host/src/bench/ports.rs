@@ -64,11 +64,11 @@ pub(super) fn measure(
     let mut console = LogTail::from_end(&rig.vm.console_log()).map_err(BenchError::Setup)?;
     let mut first = rig.port_server(&names[0]).map_err(|e| setup("port server", e))?;
     let t0 = rig.resume().map_err(|e| setup("cont", e))?;
-    wait_for_line(&mut console, MODULES_LOADED, BOOT_TIMEOUT)
+    wait_for_line(&mut console, MODULES_LOADED, crate::speed::scaled(BOOT_TIMEOUT))
         .map_err(|e| BenchError::Setup(format!("{e}\n{}", rig.failure_context())))?;
     let raw_shell = t0.elapsed();
     let mut sessions = vec![first
-        .accept(BOOT_TIMEOUT)
+        .accept(crate::speed::scaled(BOOT_TIMEOUT))
         .map_err(|e| BenchError::Setup(format!("the agent did not come up: {e}\n{}", rig.failure_context())))?];
     let first_ready = t0.elapsed();
     let mut reconnected = 0;
@@ -115,7 +115,7 @@ pub(super) fn measure(
         figures.push(figure);
     }
     // The agent is checked alive before the VM goes: a last STATS on the first port.
-    sessions[0].agent_stats(REPLY)?;
+    sessions[0].agent_stats(crate::speed::scaled(REPLY))?;
     Ok((boot, figures))
 }
 
@@ -128,7 +128,7 @@ fn source_on(sessions: &mut [Session], bytes: u64, seed: u64) -> Result<Duration
             .enumerate()
             .map(|(i, s)| {
                 scope.spawn(move || {
-                    let out = s.source(seed + i as u64, bytes, CHUNK, SOURCE_TIMEOUT)?;
+                    let out = s.source(seed + i as u64, bytes, CHUNK, crate::speed::scaled(SOURCE_TIMEOUT))?;
                     if out.verified && out.bytes == bytes {
                         Ok(())
                     } else {

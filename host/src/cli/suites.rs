@@ -84,6 +84,10 @@ pub(crate) struct MatrixArgs {
     /// Print the summary as one JSON object on stdout instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// The speed factor every suite's failure deadlines are stretched by (1 to 10). Default:
+    /// measured from a calibration boot (a TCG guest's boot to HELLO against 6 s).
+    #[arg(long, value_name = "X", env = "VPORT_SPEED_FACTOR")]
+    pub(crate) speed_factor: Option<vport_host::speed::SpeedFactor>,
 }
 
 fn parse_matrix_accel(s: &str) -> Result<vport_host::qemu::Accel, String> {
@@ -215,11 +219,19 @@ pub(crate) struct PlatformArgs {
     /// their 1 and 2).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub(crate) cpus: Option<u32>,
+    /// Stretch the suite's failure deadlines (a HELLO, a reply, QEMU's start, a migration) by
+    /// this factor, 1 to 10, for a slow or busy machine; measurement windows are not stretched.
+    /// `vport run matrix` measures it from a calibration boot and passes it on.
+    #[arg(long, value_name = "X", env = "VPORT_SPEED_FACTOR", default_value = "1")]
+    pub(crate) speed_factor: vport_host::speed::SpeedFactor,
 }
 
 impl PlatformArgs {
-    /// The platform these options name.
-    pub(crate) fn platform(&self) -> vport_host::qemu::Platform {
+    /// The platform these options name, with the speed factor put into effect: it is
+    /// process-wide ([`vport_host::speed::set`]) and read by every failure deadline, so this is
+    /// called once, before the suite starts.
+    pub(crate) fn take_effect(&self) -> vport_host::qemu::Platform {
+        vport_host::speed::set(self.speed_factor);
         vport_host::qemu::Platform { qemu: self.qemu.clone(), machine: self.machine.clone(), cpus: self.cpus }
     }
 }

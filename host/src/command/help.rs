@@ -173,6 +173,8 @@ prints QEMU 10.0's)\n  \
 VPORT_CACHE_DIR       where images and downloaded packages are kept (default: $XDG_CACHE_HOME/vport, \
 $HOME/.cache/vport, /var/tmp/vport-cache)\n  \
 VPORT_VIRSH           the virsh that --libvirt runs (default: virsh on PATH)\n  \
+VPORT_SPEED_FACTOR    stretch the suites' failure deadlines by this factor, 1 to 10, as --speed-factor (the matrix \
+measures it)\n  \
 VPORT_KEEP_VM_DIR     set (not 0) to keep each VM's directory (console log, QEMU stderr, sockets) after it ends\n  \
 XDG_RUNTIME_DIR       where `vport boot` registers its VMs for `vport connect` (default: /tmp/vport-UID)\n  \
 CC                    the C compiler `vport bench` builds its guest instruction counter with (default: cc)";
@@ -190,7 +192,10 @@ to stdout (or --json): a row per cell, a column per suite (passed, FAILED, ERROR
 line (verdict counts; the bench's ratios to the raw port), and the conformance cases whose verdict differs between \
 cells. --out DIR (default ./vport-matrix) gets a directory per cell (each suite's JSON report, its log, its JUnit), \
 junit.xml (a test suite per cell, a test case per suite: skipped cells as skipped, with the reason) and \
-summary.json. Exit 1 when a suite failed, else 3 when one could not run or outlived --suite-deadline, else 0: \
+summary.json.\n\nDeadlines: a calibration boot first (the first kernel's guest under TCG) measures the machine's \
+speed factor, its boot to HELLO against 6 s (at least 1, at most 10); every suite gets it as --speed-factor and \
+stretches its failure deadlines by it (measurement windows are not stretched). --speed-factor X gives it instead \
+and skips the calibration. summary.json and each suite's report state the factor used.\n\nExit 1 when a suite failed, else 3 when one could not run or outlived --suite-deadline, else 0: \
 skipped cells do not fail the run.";
 
 #[cfg(test)]
@@ -209,6 +214,7 @@ mod tests {
             crate::cache::CACHE_DIR_ENV,
             crate::qemu::cleanup::KEEP_DIR_ENV,
             crate::libvirt::VIRSH_ENV,
+            crate::speed::SPEED_FACTOR_ENV,
             "XDG_CACHE_HOME",
             "XDG_RUNTIME_DIR",
         ];

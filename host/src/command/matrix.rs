@@ -6,7 +6,8 @@
 use super::image::{prepare, ImageChoice};
 use super::{stdout_err, CommandError, Progress};
 use crate::matrix::{self, plan, summary, Axes, KernelChoice, QemuChoice, RunOptions, Suite};
-use crate::qemu::Accel;
+use crate::qemu::{Accel, AccelChoice};
+use crate::speed::SpeedFactor;
 use crate::usage::UsageError;
 use std::ffi::OsString;
 use std::io::Write;
@@ -41,6 +42,8 @@ pub struct MatrixCommand {
     pub suite_deadline: Duration,
     /// The summary as JSON instead of the table.
     pub json: bool,
+    /// The suites' speed factor (`None`: measured by [`calibrate`]).
+    pub speed_factor: Option<SpeedFactor>,
 }
 
 /// `vport run matrix`. Every value is checked before a cell runs (a QEMU that does not answer
@@ -110,12 +113,20 @@ pub fn matrix(cmd: MatrixCommand, out: &mut dyn Write, progress: &Progress) -> R
         cmd.suites.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
         cmd.out_dir.display()
     ));
+    let speed = match cmd.speed_factor {
+        Some(f) => {
+            progress.say(&format!("matrix: speed factor {f} (given)"));
+            f
+        }
+        None => calibrate(&images[0], progress)?,
+    };
     let vport = std::env::current_exe()
         .map_err(|e| CommandError::CheckFailed(format!("cannot find the running vport binary: {e}")))?;
     let mut extra_args: Vec<OsString> = Vec::new();
     if let Some(agent) = &cmd.agent {
         extra_args.extend(["--agent".into(), agent.clone().into_os_string()]);
     }
+    extra_args.extend(["--speed-factor".into(), speed.to_string().into()]);
     let say = |line: &str| progress.say(&format!("matrix: {line}"));
     let opts = RunOptions {
         vport,
@@ -127,7 +138,8 @@ pub fn matrix(cmd: MatrixCommand, out: &mut dyn Write, progress: &Progress) -> R
         progress: &say,
     };
     let results = matrix::run::run(cells, &opts);
-    let json = summary::render_json(&results);
+    let mut json = summary::render_json(&results);
+    json["speed_factor"] = speed.get().into();
     if cmd.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&json)?).map_err(stdout_err)?;
     } else {
@@ -148,6 +160,31 @@ pub fn matrix(cmd: MatrixCommand, out: &mut dyn Write, progress: &Progress) -> R
             message: "matrix cells did not pass (see the table and each cell's log)".into(),
         })
     }
+}
+
+/// The machine's speed factor, from one calibration boot: the first kernel's guest under TCG
+/// on the default QEMU, its boot to HELLO against [`crate::speed::REFERENCE_BOOT`]. A boot
+/// that fails is an error here, once, rather than in every cell.
+fn calibrate(image: &crate::image::GuestImage, progress: &Progress) -> Result<SpeedFactor, CommandError> {
+    progress.say("matrix: calibration boot (the speed factor of the suites' deadlines)");
+    let opts = crate::hello::HelloOptions { accel: AccelChoice::Tcg, pings: 1, ..Default::default() };
+    let report = crate::hello::run(image, &opts, &mut |line| log::debug!("calibration: {line}")).map_err(|e| {
+        CommandError::Suite {
+            code: crate::exit::ExitCode::Infrastructure,
+            message: format!(
+                "the calibration boot failed, so no cell can run ({e}); pass --speed-factor to skip it, \
+                 or see `vport hello --accel tcg`"
+            ),
+        }
+    })?;
+    let boot = Duration::from_millis(report.boot_to_hello_ms);
+    let factor = SpeedFactor::from_boot(boot);
+    progress.say(&format!(
+        "matrix: speed factor {factor} (boot to HELLO {:.1} s against {} s)",
+        boot.as_secs_f64(),
+        crate::speed::REFERENCE_BOOT.as_secs()
+    ));
+    Ok(factor)
 }
 
 /// Whether KVM runs each kernel's guest with each QEMU: (QEMU path, kernel label, verdict). The

@@ -31,7 +31,7 @@ fn migrate(rig: &Rig, uri: &str) -> Result<Duration, CaseError> {
     let failed: std::cell::RefCell<Option<String>> = std::cell::RefCell::new(None);
     wait_until(
         &format!("migration to {uri} to complete"),
-        Duration::from_secs(120),
+        crate::speed::scaled(Duration::from_secs(120)),
         Duration::from_millis(50),
         || match failed.borrow().as_ref() {
             Some(s) => Err(format!("migration {s}")),
@@ -56,7 +56,7 @@ fn migrate(rig: &Rig, uri: &str) -> Result<Duration, CaseError> {
 fn wait_incoming(rig: &Rig) -> Result<String, CaseError> {
     Ok(wait_until(
         "the destination to load the migration stream",
-        Duration::from_secs(120),
+        crate::speed::scaled(Duration::from_secs(120)),
         Duration::from_millis(50),
         alive(rig),
         || rig.qmp.query_status().ok().filter(|s| s != "inmigrate"),

@@ -81,6 +81,12 @@ pub fn run(opts: &SuiteOptions, events: &mut dyn FnMut(&RunEvent)) -> Result<Run
         };
         return Err(ConformanceError::NothingSelected(what));
     }
+    // The failure deadlines stretched by the machine's speed factor (crate::speed).
+    let opts = &SuiteOptions {
+        hello_timeout: crate::speed::scaled(opts.hello_timeout),
+        reply_timeout: crate::speed::scaled(opts.reply_timeout),
+        ..opts.clone()
+    };
     let mut rec = Recorder::new(opts, events, selected);
     for g in GROUPS {
         let defs: Vec<&CaseDef> = g.defs().into_iter().filter(|d| opts.selects(d.name)).collect();

@@ -113,7 +113,7 @@ fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Scale, CaseError
     let mut servers = Vec::new();
     for n in &names {
         let mut server = serve(&trace, &rig, n)?;
-        server.connect(CONNECT_DEADLINE)?;
+        server.connect(crate::speed::scaled(CONNECT_DEADLINE))?;
         servers.push(server);
     }
     rig.resume()?;
@@ -141,8 +141,9 @@ fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Scale, CaseError
         // The old client leaves first (its server is dropped): the chardev takes one client at a
         // time.
         drop(std::mem::replace(&mut servers[i], serve(&trace, &rig, &names[i])?));
-        servers[i].connect(CONNECT_DEADLINE)?;
-        let outcome = accept_all(&mut servers, &[i], SCALE_RECONNECT_DEADLINE.min(opts.hello_timeout));
+        servers[i].connect(crate::speed::scaled(CONNECT_DEADLINE))?;
+        let outcome =
+            accept_all(&mut servers, &[i], crate::speed::scaled(SCALE_RECONNECT_DEADLINE).min(opts.hello_timeout));
         l.recovered = outcome.iter().all(|(_, r)| r.is_ok()) && !outcome.is_empty();
         second.extend(outcome);
     }

@@ -98,11 +98,16 @@ impl Plan {
         let mut begun = self.begun.lock().unwrap_or_else(|e| e.into_inner());
         *begun += 1;
         self.both_begun.notify_all();
-        let (begun, waited) =
-            self.both_begun.wait_timeout_while(begun, BEGIN_DEADLINE, |n| *n < 2).unwrap_or_else(|e| e.into_inner());
+        let (begun, waited) = self
+            .both_begun
+            .wait_timeout_while(begun, crate::speed::scaled(BEGIN_DEADLINE), |n| *n < 2)
+            .unwrap_or_else(|e| e.into_inner());
         drop(begun);
         if waited.timed_out() {
-            log::warn!("faults: the other stream did not begin within {BEGIN_DEADLINE:?}; going on alone");
+            log::warn!(
+                "faults: the other stream did not begin within {:?}; going on alone",
+                crate::speed::scaled(BEGIN_DEADLINE)
+            );
         }
     }
 
@@ -245,7 +250,7 @@ fn hook<'a>(
                 Fault::Replug => {
                     own = Some(Instant::now());
                     plan.mark_injected();
-                    match replug_port(&plan.qmp, port, UNPLUG_DEADLINE) {
+                    match replug_port(&plan.qmp, port, crate::speed::scaled(UNPLUG_DEADLINE)) {
                         Ok(()) => Control::Continue,
                         Err(e) => {
                             log::warn!("faults: replug of {} failed: {e}", port.name);
@@ -292,7 +297,7 @@ fn hook<'a>(
                     let killed = tail.and_then(|tail| {
                         let mut tail = tail.ok_or("no guest console to watch")?;
                         plan.qmp.send_keys(&["alt", "sysrq", "i"]).map_err(|e| format!("send-key alt-sysrq-i: {e}"))?;
-                        wait_for_line(&mut tail, AGENT_RESTARTING, KEY_DEADLINE)
+                        wait_for_line(&mut tail, AGENT_RESTARTING, crate::speed::scaled(KEY_DEADLINE))
                     });
                     if let Err(e) = killed {
                         log::warn!("faults: {e}");
@@ -319,7 +324,7 @@ fn hook<'a>(
                         plan.qmp.set_reboot_action("reset").map_err(|e| format!("set-action: {e}"))?;
                         let keys = ["ctrl", "alt", "delete"];
                         plan.qmp.send_keys(&keys).map_err(|e| format!("send-key ctrl-alt-delete: {e}"))?;
-                        wait_for_line(&mut tail, GUEST_REBOOTING, KEY_DEADLINE)
+                        wait_for_line(&mut tail, GUEST_REBOOTING, crate::speed::scaled(KEY_DEADLINE))
                     });
                     if let Err(e) = rebooting {
                         log::warn!("faults: {e}");
@@ -372,7 +377,12 @@ fn watch_throttle(path: Option<&Path>) -> Result<(), String> {
     let path = path.ok_or("no QEMU stderr to read its trace from")?;
     let mut tail = LogTail::from_end(path)?;
     let before = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    wait_throttled(&mut tail, last_throttled(&String::from_utf8_lossy(&before)), THROTTLE_SETTLE, THROTTLE_DEADLINE)
+    wait_throttled(
+        &mut tail,
+        last_throttled(&String::from_utf8_lossy(&before)),
+        THROTTLE_SETTLE,
+        crate::speed::scaled(THROTTLE_DEADLINE),
+    )
 }
 
 /// Where the to-host stream comes from.

@@ -154,7 +154,7 @@ impl Migration {
         }
         wait_until(
             "the destination to load the state",
-            MIGRATION_DEADLINE,
+            crate::speed::scaled(MIGRATION_DEADLINE),
             Duration::from_millis(20),
             || dest.vm.check_alive(),
             || dest.qmp.query_status().ok().filter(|s| s != "inmigrate"),
@@ -192,7 +192,7 @@ impl Migration {
     pub(super) fn wait(&self) -> Result<(), String> {
         wait_until(
             "the migration to hand over",
-            MIGRATION_DEADLINE,
+            crate::speed::scaled(MIGRATION_DEADLINE),
             Duration::from_millis(10),
             || Ok(()),
             || self.done.load(Ordering::SeqCst).then_some(()),
@@ -224,7 +224,7 @@ impl Migration {
 fn wait_completed(source: &Qmp) -> Result<(), String> {
     wait_until(
         "the migration to complete",
-        MIGRATION_DEADLINE,
+        crate::speed::scaled(MIGRATION_DEADLINE),
         Duration::from_millis(20),
         || Ok(()),
         || match source.query_migrate() {

@@ -97,7 +97,7 @@ fn start_vm(
     let mut out_of = vm_trace.serve(&rig, PORT_OUT).map_err(|e| e.to_string())?;
     rig.resume().map_err(|e| e.to_string())?;
     let first = out_of
-        .accept(BOOT_DEADLINE)
+        .accept(crate::speed::scaled(BOOT_DEADLINE))
         .map_err(|e| format!("the agent did not come up: {e}\n{}", rig.failure_context()))?;
     env.kernel_release.clone_from(&first.handshake().hello.kernel_release);
     drop(first);

@@ -208,7 +208,7 @@ impl Vm {
             dir,
         };
         log::debug!("qemu pid {pid} ({accel}) in {}", vm.dir().display());
-        vm.wait_ready(cfg.startup_timeout)
+        vm.wait_ready(crate::speed::scaled(cfg.startup_timeout))
             .map_err(|source| VmError::Startup { stderr_tail: vm.stderr_tail(20), source })?;
         Ok(vm)
     }

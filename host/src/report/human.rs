@@ -30,12 +30,13 @@ pub fn render_text(r: &RunReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "vport {}: QEMU {}, guest kernel {}, accelerator {}, {:.1} s",
+        "vport {}: QEMU {}, guest kernel {}, accelerator {}, {:.1} s{}",
         r.suite,
         r.qemu_version,
         r.kernel_release,
         r.accel,
-        r.elapsed.as_secs_f64()
+        r.elapsed.as_secs_f64(),
+        if r.speed_factor > 1.0 { format!(", deadlines x{:.1} (speed factor)", r.speed_factor) } else { String::new() }
     );
     let w = r.cases.iter().map(|c| c.name.len()).max().unwrap_or(4).max(4);
     let _ = writeln!(out, "{:<w$}  {:<7}  {:<12}  {:<50}  observed", "case", "result", "trace", "expected");

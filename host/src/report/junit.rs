@@ -56,7 +56,10 @@ pub fn render_junit(r: &RunReport) -> String {
             n(Verdict::NotRun)
         );
         let _ = writeln!(out, "    <properties>");
-        for (k, v) in [("qemu", &r.qemu_version), ("kernel", &r.kernel_release), ("accel", &r.accel)] {
+        let speed = format!("{:.1}", r.speed_factor);
+        for (k, v) in
+            [("qemu", &r.qemu_version), ("kernel", &r.kernel_release), ("accel", &r.accel), ("speed_factor", &speed)]
+        {
             let _ = writeln!(out, "      <property name=\"{k}\" value=\"{}\"/>", xml_escape(v));
         }
         let _ = writeln!(out, "    </properties>");

@@ -220,6 +220,8 @@ pub struct RunReport {
     /// Wall time of the run.
     #[serde(serialize_with = "ser_secs")]
     pub elapsed: Duration,
+    /// The speed factor the run's failure deadlines were stretched by ([`crate::speed`]).
+    pub speed_factor: f64,
 }
 
 impl RunReport {
@@ -234,6 +236,7 @@ impl RunReport {
             cases: Vec::new(),
             infra_errors: Vec::new(),
             elapsed: Duration::ZERO,
+            speed_factor: crate::speed::get().get(),
         }
     }
 

@@ -49,13 +49,13 @@ impl CycleFigures {
 
 /// A port counter of the agent's STATS, in `session`.
 pub(super) fn port_counter(session: &mut Session, name: &str) -> Result<u64, String> {
-    let stats = session.agent_stats(REPLY).map_err(|e| format!("STATS failed: {e}"))?;
+    let stats = session.agent_stats(crate::speed::scaled(REPLY)).map_err(|e| format!("STATS failed: {e}"))?;
     stat(&stats, name).ok_or_else(|| format!("the agent's STATS has no {name}"))
 }
 
 /// The agent's resident set (KiB) and open file descriptors, in `session`.
 pub(super) fn agent_usage(session: &mut Session) -> Result<(u64, u64), String> {
-    let stats = session.agent_stats(REPLY).map_err(|e| format!("STATS failed: {e}"))?;
+    let stats = session.agent_stats(crate::speed::scaled(REPLY)).map_err(|e| format!("STATS failed: {e}"))?;
     match (stat(&stats, "rss_kib"), stat(&stats, "open_fds")) {
         (Some(rss), Some(fds)) => Ok((rss, fds)),
         _ => Err("the agent's STATS has no rss_kib or open_fds: install the vport-agent of this vport".into()),
@@ -63,7 +63,7 @@ pub(super) fn agent_usage(session: &mut Session) -> Result<(u64, u64), String> {
 }
 
 fn next(server: &mut PortServer, what: &str, cycle: u64) -> Result<Session, String> {
-    server.accept(CYCLE_DEADLINE).map_err(|e| format!("{what} {cycle}: no READY session: {e}"))
+    server.accept(crate::speed::scaled(CYCLE_DEADLINE)).map_err(|e| format!("{what} {cycle}: no READY session: {e}"))
 }
 
 /// `count` cycles of `fault` on `server`'s port: each takes the live session (and ends it, or
@@ -112,7 +112,7 @@ pub(super) fn guest_reopens(
 ) -> Result<CycleFigures, String> {
     run_cycles(server, "reopen", "opens", count, progress, |mut session, cycle| {
         let t0 = Instant::now();
-        session.reopen_guest(CYCLE_DEADLINE).map_err(|e| format!("reopen {cycle}: {e}"))?;
+        session.reopen_guest(crate::speed::scaled(CYCLE_DEADLINE)).map_err(|e| format!("reopen {cycle}: {e}"))?;
         Ok(t0)
     })
 }
@@ -171,7 +171,7 @@ pub(super) fn replugs(
             if acked < *base.get_or_insert(acked) + step {
                 return Control::Continue;
             }
-            match replug_port(qmp, port, UNPLUG_DEADLINE) {
+            match replug_port(qmp, port, crate::speed::scaled(UNPLUG_DEADLINE)) {
                 Ok(()) => {
                     unplugged_at = Some(Instant::now());
                     Control::Continue

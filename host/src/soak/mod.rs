@@ -165,7 +165,7 @@ pub fn run(opts: &SoakOptions, events: &mut dyn FnMut(&RunEvent)) -> RunReport {
             // count to come back down before judging it.
             let fds_after = crate::wait::wait_until(
                 "vport's descriptors to come back to their count",
-                Duration::from_secs(2),
+                crate::speed::scaled(Duration::from_secs(2)),
                 Duration::from_millis(10),
                 || Ok(()),
                 || Some(host_fds()).filter(|n| *n <= fds_before),
@@ -246,7 +246,8 @@ impl Soak {
             }
             3 => self.replugs(progress),
             _ => {
-                let mut s = self.cycles.accept(cycles::CYCLE_DEADLINE).map_err(|e| e.to_string())?;
+                let mut s =
+                    self.cycles.accept(crate::speed::scaled(cycles::CYCLE_DEADLINE)).map_err(|e| e.to_string())?;
                 let after = cycles::agent_usage(&mut s)?;
                 Ok(judge_resources(self.baseline, after))
             }

@@ -19,7 +19,7 @@ pub(super) fn hotplug_add(st: &mut Shared) -> Result<Observation, CaseError> {
     st.trace.add_port(&info);
     let t0 = Instant::now();
     let mut server = st.trace.serve(&st.rig, HOT)?;
-    let (ready, session) = match server.accept(HOTPLUG_DEADLINE) {
+    let (ready, session) = match server.accept(crate::speed::scaled(HOTPLUG_DEADLINE)) {
         Ok(s) => (Ok((t0.elapsed(), s.handshake().requests_sent)), Some(s)),
         Err(e @ SessionError::Timeout { .. }) => (Err(chain(&e)), None),
         Err(e) => return Err(e.into()),
@@ -83,7 +83,7 @@ pub(super) fn hotplug_del_open(st: &mut Shared) -> Result<Observation, CaseError
     let Some(session) = st.session.as_mut() else { return Err(CaseError::Other("port A has no session".into())) };
     let agent_dropped = wait_until(
         "the agent to drop the unplugged port",
-        Duration::from_secs(10),
+        crate::speed::scaled(Duration::from_secs(10)),
         Duration::from_millis(100),
         alive(&st.rig),
         || session.agent_stats(t).ok().and_then(|s| stat(&s, "ports_open")).filter(|n| *n < open_before),
