@@ -14,21 +14,23 @@
 //! | [`EndpointKind::UnixServer`] | `socket,path=P,server=off,reconnect=N` | vport accepts QEMU's connection on `P` |
 //! | [`EndpointKind::TcpClient`] | `socket,host=127.0.0.1,port=N,server=on,wait=off` | vport connects |
 //! | [`EndpointKind::TcpServer`] | `socket,host=127.0.0.1,port=N,server=off,reconnect=N` | vport accepts |
-//! | [`EndpointKind::Pty`] | `pty` | vport opens the pty slave (raw mode) |
+//! | [`EndpointKind::Pty`] | `pty` | vport opens the pty slave (raw, exclusive) |
 //!
 //! A socket chardev serves one client at a time: QEMU sees the host attached from the
 //! moment its side of the connection exists. When the host drops a connection, a QEMU that
 //! connects out (`reconnect=N`) comes back within `N` seconds. A pty chardev counts as connected
 //! while the slave is open; QEMU checks that once a second while disconnected, so the guest sees
-//! a pty host attach up to one second after [`Endpoint::connect`]. Only loopback addresses are
-//! used. A second client of a QEMU socket chardev waits in the listen backlog with a
-//! connection that looks established; [`unix_diag::peer_accepted`] tells it apart.
+//! a pty host attach up to one second after [`Endpoint::connect`]. A pty has no one-client limit
+//! of its own, so vport opens its slave exclusively: a second opener is refused ([`PtyStream`]).
+//! Only loopback addresses are used. A second client of a QEMU socket chardev waits in the listen
+//! backlog with a connection that looks established; [`unix_diag::peer_accepted`] tells it apart.
 //!
 //! Files, one job each: `stream.rs` (the [`Stream`] trait), `addr.rs` (kinds and addresses),
 //! `error.rs`, `events.rs` (the connect/disconnect record), `connection.rs` (one connection over
 //! a socket or a pty), `endpoint.rs` (the [`Endpoint`] trait), `client.rs` (the kinds where vport
 //! connects or opens: unix, TCP, pty), `listener.rs` (listeners bound before QEMU starts),
-//! `server.rs` (the kinds where vport accepts), `pty.rs` (the raw pty slave), and [`unix_diag`].
+//! `server.rs` (the kinds where vport accepts), `pty.rs` (the pty slave, through the `serialport`
+//! crate), and [`unix_diag`].
 
 mod addr;
 mod client;
