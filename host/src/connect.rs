@@ -462,7 +462,7 @@ const PTY_LINGER: Duration = Duration::from_millis(500);
 /// (`place`, [`Target::place`], names it in errors).
 /// End of `input` half-closes a socket connection, which QEMU takes as the host leaving; QEMU
 /// then closes its side and the bridge ends. A pty cannot be half-closed: the bridge ends once
-/// the input has ended and the port has been quiet for [`PTY_LINGER`].
+/// the input has ended and the port has been quiet for 0.5 s.
 pub fn bridge(
     stream: impl Into<PortStream>,
     mut input: impl Read + Send + 'static,

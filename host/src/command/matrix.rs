@@ -42,7 +42,7 @@ pub struct MatrixCommand {
     pub suite_deadline: Duration,
     /// The summary as JSON instead of the table.
     pub json: bool,
-    /// The suites' speed factor (`None`: measured by [`calibrate`]).
+    /// The suites' speed factor (`None`: measured by a calibration boot).
     pub speed_factor: Option<SpeedFactor>,
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 /// the rate is within 0.01%.
 const SPAN: Duration = Duration::from_millis(40);
 
-/// The host's TSC rate in kHz, measured against the monotonic clock over [`SPAN`] on first use;
+/// The host's TSC rate in kHz, measured against the monotonic clock over 40 ms on first use;
 /// `None` where there is no TSC to read (not x86_64) or the measurement is not plausible.
 pub fn host_tsc_khz() -> Option<u32> {
     static KHZ: OnceLock<Option<u32>> = OnceLock::new();
