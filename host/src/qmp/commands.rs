@@ -147,6 +147,37 @@ impl Qmp {
     }
 }
 
+impl Qmp {
+    /// The ring size (`vring-num`) the guest's driver set up for queue `queue` of the virtio
+    /// device with qdev id `device_id`, from QEMU's unstable `x-query-virtio` and
+    /// `x-query-virtio-queue-status` (QEMU 7.1 and later); `None` where QEMU lacks them or has
+    /// no such device. Not the device's default: on virtio-mmio the driver takes QEMU's
+    /// `VIRTQUEUE_MAX_SIZE` (1024) for every queue, on PCI the device's own size stands.
+    pub fn virtio_vring_num(&self, device_id: &str, queue: u32) -> Result<Option<u64>, QmpError> {
+        let devices = match self.execute("x-query-virtio", None) {
+            Ok(v) => v,
+            Err(QmpError::Command { class, .. }) if class == "CommandNotFound" => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(path) = virtio_path(&devices, device_id) else { return Ok(None) };
+        let status = self.execute("x-query-virtio-queue-status", Some(json!({ "path": path, "queue": queue })))?;
+        Ok(status.get("vring-num").and_then(Value::as_u64))
+    }
+}
+
+/// The QOM path `x-query-virtio` gives the virtio device of qdev id `id`: the device itself
+/// (`/machine/peripheral/<id>`, a virtio-mmio device such as virtio-serial-device) or the
+/// backend under its PCI proxy (`/machine/peripheral/<id>/virtio-backend`).
+fn virtio_path(devices: &Value, id: &str) -> Option<String> {
+    let own = format!("/machine/peripheral/{id}");
+    devices
+        .as_array()?
+        .iter()
+        .filter_map(|d| d.get("path")?.as_str())
+        .find(|p| *p == own || p.strip_prefix(own.as_str()).is_some_and(|rest| rest.starts_with('/')))
+        .map(str::to_string)
+}
+
 fn parse_chardevs(v: &Value) -> Option<Vec<ChardevInfo>> {
     v.as_array()?
         .iter()

@@ -84,6 +84,38 @@ fn migration_wrappers_send_the_uri_and_parse_the_status() {
 }
 
 #[test]
+fn vring_num_finds_the_device_on_pci_and_on_virtio_mmio_and_is_none_without_the_command() {
+    // The shapes QEMU 7.2 gives: the backend under the PCI proxy, or the virtio-mmio device itself.
+    for (path, num) in [("/machine/peripheral/vser0/virtio-backend", 128), ("/machine/peripheral/vser0", 1024)] {
+        let fake = FakeQmp::respond(move |cmd| match cmd["execute"].as_str().unwrap() {
+            "x-query-virtio" => vec![ok(
+                cmd,
+                json!([{"name": "virtio-serial", "path": "/machine/peripheral/vser01"}, {"name": "virtio-serial", "path": path}]),
+            )],
+            "x-query-virtio-queue-status" => {
+                assert_eq!(
+                    (cmd["arguments"]["path"].as_str(), cmd["arguments"]["queue"].as_u64()),
+                    (Some(path), Some(5))
+                );
+                vec![ok(cmd, json!({"name": "virtio-serial", "vring-num": num, "vring-num-default": 128}))]
+            }
+            _ => vec![ok(cmd, json!({}))],
+        });
+        let qmp = Qmp::connect(&fake.path, Duration::from_secs(5)).unwrap();
+        assert_eq!(qmp.virtio_vring_num("vser0", 5).unwrap(), Some(num));
+        assert_eq!(qmp.virtio_vring_num("vser9", 5).unwrap(), None);
+    }
+    let fake = FakeQmp::respond(|cmd| match cmd["execute"].as_str().unwrap() {
+        "x-query-virtio" => {
+            vec![json!({"error": {"class": "CommandNotFound", "desc": "The command x-query-virtio has not been found"}, "id": cmd["id"]}).to_string()]
+        }
+        _ => vec![ok(cmd, json!({}))],
+    });
+    let qmp = Qmp::connect(&fake.path, Duration::from_secs(5)).unwrap();
+    assert_eq!(qmp.virtio_vring_num("vser0", 5).unwrap(), None);
+}
+
+#[test]
 fn version_display_puts_the_package_in_parentheses() {
     let v = QemuVersion { major: 7, minor: 2, micro: 22, package: "Debian 1:7.2+dfsg-7".into() };
     assert_eq!(v.to_string(), "7.2.22 (Debian 1:7.2+dfsg-7)");

@@ -7,6 +7,7 @@ use super::super::support::alive;
 use super::calls::BLOCK_WINDOW;
 use super::program::{host_write, num, pattern_bytes, read_n, read_some, Guest, POLLIN, POLLOUT};
 use super::state::{GuestGroup, HOT, L, P, Q};
+use crate::qemu::controller_id;
 use crate::wait::wait_until;
 use std::time::{Duration, Instant};
 use vport_common::message::GuestOp;
@@ -96,19 +97,34 @@ pub(super) fn debugfs_counters(st: &mut GuestGroup) -> Result<Observation, CaseE
     ))
 }
 
+/// The most one blocking write() puts in one out-queue buffer: `port_fops_write` in Linux's
+/// drivers/char/virtio_console.c caps each write at 32 KiB, and a buffer takes one descriptor.
+const GUEST_WRITE_CHUNK: u64 = 32 << 10;
+/// The out queue's ring size to assume where QEMU cannot tell (no `x-query-virtio`): QEMU's
+/// `VIRTQUEUE_MAX_SIZE`, which virtio-mmio offers and Linux takes; PCI keeps the device's 128.
+const RING_MAX: u64 = 1024;
+
 /// `guest-to-host-loss-on-disconnect`.
 pub(super) fn guest_to_host_loss_on_disconnect(st: &mut GuestGroup) -> Result<Observation, CaseError> {
-    const TOTAL: u64 = 8 << 20;
     const FIRST: usize = 1 << 20;
     const MARK: usize = 4096;
     let (g, rig, t) = (&mut st.g, &st.rig, st.t);
+    // The stream must outlast what the host reads, QEMU's socket buffer and a full out queue,
+    // or the guest never blocks and all of it (end marker included) sits in the ring when the
+    // host leaves, to be discarded. The ring is 128 on PCI but 1024 on virtio-mmio (microvm):
+    // virtio_mmio_read answers QUEUE_NUM_MAX with VIRTQUEUE_MAX_SIZE and Linux's vm_setup_vq
+    // takes it, so 1024 buffers of 32 KiB hold 32 MiB.
+    let controller = controller_id(rig.port(L)?.controller);
+    // Every data queue of a virtio-serial device has the same size; 1 is port 0's out queue.
+    let ring = rig.qmp.virtio_vring_num(&controller, 1)?.unwrap_or(RING_MAX);
+    let total: u64 = (8 << 20).max(FIRST as u64 + ring * GUEST_WRITE_CHUNK + (4 << 20));
     let mut s = st.trace.connect_raw(rig, L)?;
     let h = g.open(L, false, false)?;
     g.wait_mask(rig, h, POLLOUT)?;
-    let id = g.start(GuestOp::Write { handle: h, seed: 51, bytes: TOTAL })?;
+    let id = g.start(GuestOp::Write { handle: h, seed: 51, bytes: total })?;
     // Queued behind the stream on the same handle: its arrival marks the end of the stream.
     let mark_id = g.start(GuestOp::Write { handle: h, seed: 52, bytes: MARK as u64 })?;
-    let mut received = read_n(&mut s, FIRST, Duration::from_secs(120))?;
+    let mut received = read_n(&mut s, FIRST, crate::speed::scaled(Duration::from_secs(120)))?;
     // The host stops reading: QEMU fills the socket, throttles the port, and the guest's
     // out queue fills (debugfs outvq_full). Then the host leaves with all that queued.
     let backed_up = wait_until("the guest's out queue to fill", t, Duration::from_millis(20), alive(rig), || {
@@ -119,7 +135,7 @@ pub(super) fn guest_to_host_loss_on_disconnect(st: &mut GuestGroup) -> Result<Ob
     let blocked = g.within(id, BLOCK_WINDOW)?.is_none();
     let mut s = st.trace.connect_raw(rig, L)?;
     let mark = pattern_bytes(52, MARK);
-    let end = Instant::now() + Duration::from_secs(120);
+    let end = Instant::now() + crate::speed::scaled(Duration::from_secs(120));
     let mut buf = vec![0u8; 1 << 16];
     while !received.ends_with(&mark) {
         let len = received.len();
@@ -139,9 +155,9 @@ pub(super) fn guest_to_host_loss_on_disconnect(st: &mut GuestGroup) -> Result<Ob
     let hole = pattern::first_mismatch(51, 0, &received).unwrap_or(got);
     let tail_ok = pattern::first_mismatch(51, hole + lost, &received[hole as usize..]).is_none();
     Ok(Observation::check(
-        done.bytes == TOTAL && got <= TOTAL && tail_ok,
+        done.bytes == total && got <= total && tail_ok,
         format!(
-            "host read {FIRST} bytes, stopped reading (guest out queue full: {backed_up}), left; guest wrote {} \
+            "out queue ring {ring}; host read {FIRST} bytes, stopped reading (guest out queue full: {backed_up}), left; guest wrote {} \
              bytes (the write {} while no host was connected); lost {lost} bytes ({} KiB) at stream offset \
              {hole}; everything after the hole arrived intact after the reconnect: {tail_ok}",
             done.bytes,
