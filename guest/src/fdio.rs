@@ -12,7 +12,7 @@ use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::stat::Mode;
-use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg, SpecialCharacterIndices};
+use nix::sys::termios::{cfmakeraw, tcflush, tcgetattr, tcsetattr, FlushArg, SetArg, SpecialCharacterIndices};
 use nix::unistd::{lseek, read, Whence};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -41,6 +41,27 @@ pub struct RawModeError {
     pub source: Errno,
 }
 
+/// A console could not be opened and put in raw mode.
+#[derive(Debug, Error)]
+pub enum ConsoleError {
+    /// The open failed (ENODEV: no console behind this hvc line).
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// Raw mode could not be set.
+    #[error(transparent)]
+    RawMode(#[from] RawModeError),
+}
+
+impl ConsoleError {
+    /// The errno of the failed call.
+    pub fn errno(&self) -> Errno {
+        match self {
+            ConsoleError::Open(e) => e.source,
+            ConsoleError::RawMode(e) => e.source,
+        }
+    }
+}
+
 /// The flags every port fd is opened with.
 fn port_flags() -> OFlag {
     OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY
@@ -62,8 +83,9 @@ impl FdIo {
     }
 
     /// Opens a console (`/dev/hvcN`) non-blocking and puts it in raw mode (no echo, no line
-    /// discipline processing, 8-bit clean), so frames pass unchanged.
-    pub fn open_console(path: &Path) -> Result<FdIo, Box<dyn std::error::Error + Send + Sync>> {
+    /// discipline processing, 8-bit clean), so frames pass unchanged; input received before
+    /// raw mode was set is discarded (it went through the cooked line discipline).
+    pub fn open_console(path: &Path) -> Result<FdIo, ConsoleError> {
         let io = Self::open_port(path)?;
         let raw = |source| RawModeError { path: path.to_owned(), source };
         let mut t = tcgetattr(io.fd.as_fd()).map_err(raw)?;
@@ -71,6 +93,11 @@ impl FdIo {
         t.control_chars[SpecialCharacterIndices::VMIN as usize] = 1;
         t.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
         tcsetattr(io.fd.as_fd(), SetArg::TCSANOW, &t).map_err(raw)?;
+        // Host bytes that waited for the open went through the default line discipline
+        // between open and tcsetattr (canonical mode: control bytes of a frame erase, kill or
+        // signal; echo): they are mangled, so they are dropped. The host asks again
+        // (HELLO_REQUEST) and the agent offers a session on open anyway.
+        tcflush(io.fd.as_fd(), FlushArg::TCIFLUSH).map_err(raw)?;
         Ok(io)
     }
 

@@ -17,14 +17,16 @@
 //!   what happens to it next, as a pure machine with time passed in), [`recheck`] (the
 //!   lost-wakeup re-check schedule), [`outqueue`] (the transmit buffer), [`history`] (the
 //!   life-cycle ring), [`ratelimit`] (the decode-report rate limit), [`discovery`] (which ports:
-//!   sysfs listing and a pure matcher), [`uevent`] (when to look again: netlink socket and a
-//!   pure parser), [`permwatch`] (waiting for a node's permissions to change), [`sigio`] (SIGIO
-//!   observation), [`log`] (stderr logger, error chains), [`sys`] (clock, randomness, guest
-//!   facts), [`settings`] (policy and limits), [`stream_dir`] (the files acknowledged streams
-//!   read and write).
+//!   sysfs listing and a pure matcher), [`consoles`] (which hvc lines `--consoles` tries, and
+//!   what the guest can learn about a console), [`uevent`] (when to look again: netlink socket
+//!   and a pure parser), [`permwatch`] (waiting for a node's permissions to change), [`sigio`]
+//!   (SIGIO observation), [`log`] (stderr logger, error chains), [`sys`] (clock, randomness,
+//!   guest facts), [`settings`] (policy and limits), [`stream_dir`] (the files acknowledged
+//!   streams read and write).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod consoles;
 pub mod devnode;
 pub mod discovery;
 pub mod event_loop;

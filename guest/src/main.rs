@@ -21,6 +21,12 @@ struct Cli {
     /// port that does not exist yet is waited for.
     #[arg(long = "port", value_name = "NAME|PATH")]
     ports: Vec<String>,
+    /// Also serve every virtio console (/dev/hvc0../dev/hvc7 with a virtconsole behind it, in
+    /// raw mode), found at start and on hot-plug, forgotten on unplug; except the kernel's own
+    /// console (console=hvcN). The guest cannot tell which port name a /dev/hvcN belongs to, so
+    /// this is not limited by --prefix: use it only in a VM whose consoles are all vport's.
+    #[arg(long)]
+    consoles: bool,
     /// Serve every named port (except the guest agent and spice ports).
     #[arg(long, conflicts_with = "prefix")]
     all: bool,
@@ -104,7 +110,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         kernel_release: sys::kernel_release(),
         boot_id: sys::boot_id(),
     };
-    let watching = selector.to_string();
+    let mut watching = selector.to_string();
+    if cli.consoles {
+        watching.push_str(if watching.is_empty() { "every virtio console" } else { ", every virtio console" });
+    }
     let consoles = consoles(&cli);
     if let Some(dir) = &cli.stream_dir {
         if !dir.is_dir() {
@@ -116,8 +125,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         stream_dir: cli.stream_dir.clone(),
         limits: Limits { max_stream_bytes: cli.max_stream_bytes, ..Limits::default() },
     };
-    let config =
-        Config { selector, sysfs_root: cli.sysfs_root, dev_root: cli.dev_root, consoles, settings: settings.clone() };
+    let config = Config {
+        selector,
+        sysfs_root: cli.sysfs_root,
+        dev_root: cli.dev_root,
+        consoles,
+        discover_consoles: cli.consoles,
+        settings: settings.clone(),
+    };
     let mut agent = EventLoop::new(config, info)?;
     ::log::info!(
         "vport-agent {} started: watching {watching}; guest ops {}; streams {}; uid {} gid {}",
@@ -200,6 +215,15 @@ mod tests {
         assert!(parse_size("G").is_err());
         assert!(parse_size("12X").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn consoles_are_discovered_only_when_asked() {
+        assert!(!Cli::try_parse_from(["vport-agent"]).unwrap().consoles);
+        let cli = Cli::try_parse_from(["vport-agent", "--consoles"]).unwrap();
+        assert!(cli.consoles);
+        // --consoles does not turn the default prefix off.
+        assert_eq!(selector(&cli).unwrap().auto, AutoSelect::Prefix("org.vport.".into()));
     }
 
     #[test]

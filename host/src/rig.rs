@@ -144,15 +144,30 @@ impl Rig {
     /// directory, no wait), then `device_add` with id `vport-hot-<name>`. The port is then
     /// known to [`Rig::port`] / [`Rig::connect`]. Returns its description.
     pub fn hotplug_serial_port(&mut self, name: &str, controller: usize) -> Result<PortInfo, RigError> {
+        self.hotplug_port(name, crate::qemu::PortKind::Serial, controller)
+    }
+
+    /// [`Rig::hotplug_serial_port`] for a port of either kind: a `virtconsole` with
+    /// [`crate::qemu::PortKind::Console`].
+    pub fn hotplug_port(
+        &mut self,
+        name: &str,
+        kind: crate::qemu::PortKind,
+        controller: usize,
+    ) -> Result<PortInfo, RigError> {
         let (chardev_id, id) = hotplug_ids(name);
         let socket = self.vm.dir().join(format!("hot-{}.sock", self.vm.ports().len()));
         self.qmp.execute("chardev-add", Some(hotplug_chardev_args(&chardev_id, &socket)))?;
-        self.qmp.device_add(hotplug_device_args(name, &id, &chardev_id, controller))?;
+        let mut args = hotplug_device_args(name, &id, &chardev_id, controller);
+        if kind == crate::qemu::PortKind::Console {
+            args["driver"] = "virtconsole".into();
+        }
+        self.qmp.device_add(args)?;
         let info = PortInfo {
             name: name.into(),
             id,
             chardev_id,
-            kind: crate::qemu::PortKind::Serial,
+            kind,
             socket: socket.clone(),
             endpoint: EndpointAddr::UnixClient { path: socket },
             controller,

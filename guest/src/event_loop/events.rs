@@ -4,12 +4,15 @@
 //! lost-wakeup guard (see "Lost wakeups" in [`crate::event_loop`]).
 
 use super::{EventLoop, Known, LoopError, OpenPort};
-use crate::discovery::{list_sysfs, select, PortSpec};
+use crate::consoles::list_lines;
+use crate::discovery::{list_sysfs, select, PortSpec, Wanted};
+use crate::fdio::FdIo;
 use crate::log::chain;
-use crate::slot::{Slot, SlotInput};
+use crate::slot::{OpenOutcome, Slot, SlotInput};
 use crate::uevent::Action;
 use mio::{Events, Token};
 use nix::errno::Errno;
+use nix::poll::PollFlags;
 use nix::sys::signal::Signal;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -124,6 +127,12 @@ impl EventLoop {
             self.apply(w, SlotInput::Wanted { retry: everything || touched.contains(&w.dev) });
         }
 
+        // A node that left sysfs logs its ENXIO again if it comes back.
+        self.enxio_logged.retain(|d| present.contains(d.as_str()));
+        if self.config.discover_consoles {
+            self.rescan_consoles();
+        }
+
         let missing: HashSet<PortSpec> = selection.missing.iter().cloned().collect();
         for spec in &selection.missing {
             if self.waiting_logged.insert(spec.clone()) {
@@ -131,6 +140,62 @@ impl EventLoop {
             }
         }
         self.waiting_logged.retain(|s| missing.contains(s));
+    }
+
+    /// `--consoles`: reconciles the known consoles with the hvc lines ([`crate::consoles`]). A
+    /// line not known is opened (in raw mode) and served; ENODEV or ENXIO means no console
+    /// backs it. A known one that failed is tried again. An open console whose fd reports
+    /// POLLHUP was unplugged (`hvc_remove` hangs its tty up): closed and forgotten. Consoles
+    /// named with `--port` are left as they are.
+    pub(super) fn rescan_consoles(&mut self) {
+        let lines = match list_lines(&self.config.sysfs_root) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("{}", chain(&e));
+                return;
+            }
+        };
+        let lines: Vec<String> = lines.into_iter().filter(|d| !self.named_consoles.contains(d)).collect();
+        for dev in lines {
+            let port = Wanted { name: format!("/dev/{dev}"), dev: dev.clone() };
+            if let Some(OpenPort { port: open, .. }) = self.open.get_mut(&dev) {
+                let hung_up = open.peek_mask().is_none_or(|m| m.contains(PollFlags::POLLHUP));
+                if hung_up {
+                    log::info!("console {}: its tty was hung up: unplugged", port.name);
+                    self.apply(&port, SlotInput::Unlisted { fd_unplugged: true });
+                }
+                continue;
+            }
+            if self.slots.contains_key(&dev) {
+                // Known, not open: a failed one is tried again (an ENODEV then forgets it, see
+                // `try_open`); a busy or reopening one waits for its timer.
+                self.apply(&port, SlotInput::Wanted { retry: true });
+                continue;
+            }
+            let path = self.config.dev_root.join(&dev);
+            match FdIo::open_console(&path) {
+                Ok(io) => {
+                    self.consoles.insert(dev.clone());
+                    let outcome = match self.register(&port.name, &dev, io) {
+                        Ok(()) => OpenOutcome::Opened,
+                        Err(e) => {
+                            self.stats.open_failures += 1;
+                            log::error!("console {}: cannot register with epoll: {e}", port.name);
+                            OpenOutcome::Failed
+                        }
+                    };
+                    self.apply(&port, SlotInput::OpenEnded(outcome));
+                }
+                // No console behind this line.
+                Err(e) if matches!(e.errno(), Errno::ENODEV | Errno::ENXIO) => {}
+                Err(e) => {
+                    self.stats.open_failures += 1;
+                    log::warn!("console {}: {}; trying again at the next uevent", port.name, chain(&e));
+                }
+            }
+        }
+        let (slots, named) = (&self.slots, &self.named_consoles);
+        self.consoles.retain(|d| named.contains(d) || slots.contains_key(d));
     }
 
     /// Tries again the ports whose node's mode or owner changed while they were Denied.

@@ -19,9 +19,15 @@
 //! reopen, opened again when the delay passes. A port's counters and life-cycle ring are kept
 //! by name across closes, unplugs and replugs ([`crate::port::Carry`]).
 //!
-//! Console ports (`/dev/hvcN`, named explicitly) are opened at start in raw mode and served with
-//! the same protocol; they are not discovered and never rescanned. An hvc port always looks
-//! host-connected, so a session is offered as soon as it is open.
+//! Console ports (`/dev/hvcN`) are served in raw mode with the same protocol. One named with
+//! `--port` is opened at start (it must exist). With `--consoles`, every hvc line a virtio
+//! console backs is found at start and again on every virtio-ports uevent (a console's
+//! hot-plug and unplug come with the uevents of its `vportNpM` device, never with a tty
+//! uevent): a line that opens is served, one that fails with ENODEV has no console; an open
+//! console whose fd reports POLLHUP was unplugged (its tty is hung up) and is forgotten. The
+//! guest cannot tell which port name a line belongs to ([`crate::consoles`]), so a console is
+//! known by its node, `/dev/hvcN`. An hvc port always looks host-connected, so a session is
+//! offered as soon as it is open.
 //!
 //! The only timers are the back-off deadlines, BYE flush bounds, reopen delays
 //! ([`Slot::deadline`]) and the lost-wakeup re-checks
@@ -92,6 +98,9 @@ pub struct Config {
     pub dev_root: PathBuf,
     /// Console ports (`/dev/hvcN`) to serve in raw mode.
     pub consoles: Vec<PathBuf>,
+    /// `--consoles`: serve every hvc line a virtio console backs, found at start and on
+    /// uevents, forgotten on unplug.
+    pub discover_consoles: bool,
     /// What hosts may make the agent do, and the bounds.
     pub settings: Settings,
 }
@@ -190,11 +199,16 @@ pub struct EventLoop {
     tokens: HashMap<Token, String>,
     next_token: usize,
     waiting_logged: HashSet<PortSpec>,
+    /// Nodes whose ENXIO (a console's `vportNpM`) was logged.
+    enxio_logged: HashSet<String>,
     stats: Stats,
     /// Counters and rings of ports that are not open now, by port name.
     carry: HashMap<String, Carry>,
-    /// Node names of console ports (never rescanned).
+    /// Node names (`hvcN`) of the known console ports, named or discovered: opened in raw mode,
+    /// and left out of the virtio-ports rescan.
     consoles: HashSet<String>,
+    /// Node names of the consoles named with `--port` (never forgotten).
+    named_consoles: HashSet<String>,
     /// Guest operations on ports the agent does not serve (GUEST_OP).
     guest_ops: GuestOps,
     /// Lost-wakeup re-checks ([`RECHECK_STEPS`](crate::recheck::RECHECK_STEPS)).
@@ -234,6 +248,8 @@ impl EventLoop {
             config.dev_root.clone(),
             config.settings.limits,
         )?;
+        let named_consoles =
+            config.consoles.iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
         let mut env = SystemEnv::new();
         env.guest_ops_allowed = config.settings.allow_guest_ops;
         Ok(EventLoop {
@@ -249,9 +265,11 @@ impl EventLoop {
             tokens: HashMap::new(),
             next_token: FIRST_PORT_TOKEN,
             waiting_logged: HashSet::new(),
+            enxio_logged: HashSet::new(),
             stats: Stats::default(),
             carry: HashMap::new(),
             consoles: HashSet::new(),
+            named_consoles,
             guest_ops,
             rechecks: Rechecks::default(),
             perms,

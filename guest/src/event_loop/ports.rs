@@ -7,7 +7,7 @@
 
 use super::{EventLoop, Known, LoopError, OpenPort};
 use crate::discovery::Wanted;
-use crate::fdio::FdIo;
+use crate::fdio::{FdIo, OpenError};
 use crate::guest_ops::{Owner, Submitted};
 use crate::log::chain;
 use crate::port::{Health, Port};
@@ -26,7 +26,16 @@ impl EventLoop {
         // Whatever brought this attempt (a uevent, a back-off), a wait for permissions ends here;
         // an EACCES below starts a new one.
         self.perms.unwatch(&w.dev);
-        let outcome = match FdIo::open_port(&path) {
+        let opened = if self.consoles.contains(&w.dev) {
+            FdIo::open_console(&path).map_err(|e| OpenError { path: path.clone(), source: e.errno() })
+        } else {
+            FdIo::open_port(&path)
+        };
+        let discovered_console = self.consoles.contains(&w.dev) && !self.named_consoles.contains(&w.dev);
+        let gone_console =
+            discovered_console && matches!(&opened, Err(e) if matches!(e.source, Errno::ENODEV | Errno::ENXIO));
+        let outcome = match opened {
+            Err(_) if gone_console => OpenOutcome::Failed,
             Ok(io) => self.register_opened(w, &path, io),
             Err(e) if e.source == Errno::EBUSY => {
                 self.stats.busy_retries += 1;
@@ -64,6 +73,27 @@ impl EventLoop {
                     },
                 }
             }
+            Err(e) if e.source == Errno::ENXIO && !self.consoles.contains(&w.dev) => {
+                self.stats.open_failures += 1;
+                let first = self.enxio_logged.insert(w.dev.clone());
+                if first && self.config.discover_consoles {
+                    log::info!(
+                        "port {}: {}: a virtconsole port (or one just unplugged), served through its hvc line \
+                         (--consoles); which line is not visible in the guest",
+                        w.name,
+                        chain(&e)
+                    );
+                } else if first {
+                    log::warn!(
+                        "port {}: {}: a virtconsole port (or one just unplugged); a console is served only as \
+                         /dev/hvcN, and which hvcN is not visible in the guest: run with --consoles (every \
+                         virtio console) or --port /dev/hvcN",
+                        w.name,
+                        chain(&e)
+                    );
+                }
+                OpenOutcome::Failed
+            }
             Err(e) => {
                 self.stats.open_failures += 1;
                 log::warn!("port {}: {}; waiting for a uevent", w.name, chain(&e));
@@ -71,6 +101,13 @@ impl EventLoop {
             }
         };
         self.apply(w, SlotInput::OpenEnded(outcome));
+        if gone_console {
+            // A discovered console whose line has no console behind it any more: forgotten.
+            log::info!("console {}: no console behind {} any more; forgotten", w.name, path.display());
+            self.apply(w, SlotInput::Unlisted { fd_unplugged: false });
+            self.consoles.remove(&w.dev);
+            return;
+        }
         if outcome != OpenOutcome::Busy {
             return;
         }
@@ -98,7 +135,7 @@ impl EventLoop {
 
     /// Registers an opened port with epoll (continuing its carried counters); its slot machine
     /// is told next, and has it served.
-    fn register(&mut self, name: &str, dev: &str, io: FdIo) -> Result<(), std::io::Error> {
+    pub(super) fn register(&mut self, name: &str, dev: &str, io: FdIo) -> Result<(), std::io::Error> {
         let token = Token(self.next_token);
         self.next_token += 1;
         let raw = io.raw_fd();
@@ -121,11 +158,11 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Opens a console port in raw mode and serves it; failure stops the agent (consoles are
-    /// named explicitly and not hot-plugged).
+    /// Opens a console port named with `--port` in raw mode and serves it; failure stops the
+    /// agent (a named console must exist at start).
     pub(super) fn open_console(&mut self, path: &Path) -> Result<(), LoopError> {
         let err = |source| LoopError::Console { path: path.to_owned(), source };
-        let io = FdIo::open_console(path).map_err(err)?;
+        let io = FdIo::open_console(path).map_err(|e| err(Box::new(e)))?;
         let dev = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
         let console = Wanted { name: path.display().to_string(), dev };
         self.consoles.insert(console.dev.clone());
