@@ -1,5 +1,6 @@
 //! Group `scale`: 31 serial ports on controller 0 (max_ports 32: port 0 stays reserved for a
-//! console) and 4 on a second controller, every host client connected before the guest boots.
+//! console), 4 on a second controller and 8 consoles on a third (the guest's hvc driver has 8
+//! lines; the agent runs with `--consoles`), every host client connected before the guest boots.
 //! The set-up takes a [`Session`] on every port through its [`PortServer`] (waiting in slices of
 //! a second, then reconnecting, one at a time, the ports that never answered); the cases judge
 //! that and send traffic in every session at once.
@@ -8,7 +9,7 @@ use super::case::{Case, CaseError, Observation};
 use super::group::Group;
 use super::options::SuiteOptions;
 use super::recorder::Recorder;
-use super::support::boot;
+use super::support::{boot, CONSOLES_FLAG};
 use super::trace::VmTrace;
 use crate::client::AgentClient;
 use crate::qemu::PortConfig;
@@ -20,6 +21,8 @@ use std::time::{Duration, Instant};
 const FIRST: usize = 31;
 /// Serial ports on controller 1.
 const SECOND: usize = 4;
+/// Consoles (`virtconsole`) on controller 2: as many as the guest has hvc lines.
+const CONSOLES: usize = 8;
 /// Deadline of a silent port's handshake after its host client reconnected.
 const SCALE_RECONNECT_DEADLINE: Duration = Duration::from_secs(20);
 /// How long after the first READY port of a pass the other ports are still waited for.
@@ -39,12 +42,16 @@ pub(crate) struct LostPort {
 /// The scale group's state.
 pub(crate) struct Scale {
     _rig: Rig,
+    /// The serial ports' sessions, then the consoles'.
     sessions: Vec<Session>,
     ports: usize,
     lost: Vec<LostPort>,
     ready: usize,
     failures: Vec<String>,
     all_ready: Duration,
+    /// Each console's name and the line its agent named in HELLO (`/dev/hvcN`), or why no
+    /// session came.
+    consoles: Vec<(String, Result<String, String>)>,
 }
 
 /// Concurrently, under one deadline (a port that never answers costs the deadline once): each
@@ -103,15 +110,22 @@ fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Scale, CaseError
     let mut ports: Vec<PortConfig> = (0..FIRST).map(|i| PortConfig::serial(format!("org.vport.s{i}"))).collect();
     ports.extend((0..SECOND).map(|i| PortConfig::serial(format!("org.vport.c1.s{i}")).on_controller(1)));
     let names: Vec<String> = ports.iter().map(|p| p.name.clone()).collect();
+    let console_names: Vec<String> = (0..CONSOLES).map(|i| format!("org.vport.c2.c{i}")).collect();
+    ports.extend(console_names.iter().map(|n| PortConfig::console(n.clone()).on_controller(2)));
+    // The agent serves consoles only when asked (it cannot tell which hvc line is which port).
+    let opts = &SuiteOptions {
+        agent_args: opts.agent_args.iter().cloned().chain([CONSOLES_FLAG.to_string()]).collect(),
+        ..opts.clone()
+    };
     let mut rig = boot(opts, ports, |c| {
         c.max_ports = Some(FIRST as u32 + 1);
-        c.extra_controllers = vec![None];
+        c.extra_controllers = vec![None, None];
         c.memory_mib = 384;
     })?;
     rec.watch_vm(&rig.vm);
     let trace = rec.trace_vm(&rig, "")?;
     let mut servers = Vec::new();
-    for n in &names {
+    for n in names.iter().chain(&console_names) {
         let mut server = serve(&trace, &rig, n)?;
         server.connect(crate::speed::scaled(CONNECT_DEADLINE))?;
         servers.push(server);
@@ -119,7 +133,11 @@ fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Scale, CaseError
     rig.resume()?;
     let t0 = Instant::now();
     let all: Vec<usize> = (0..servers.len()).collect();
-    let first = accept_all(&mut servers, &all, opts.hello_timeout);
+    let mut first = accept_all(&mut servers, &all, opts.hello_timeout);
+    // The consoles are judged on their own (scale-consoles-ready): a console always looks
+    // host-connected to the guest, so no PORT_OPEN can be lost for it.
+    let console_results = first.split_off(names.len());
+    servers.truncate(names.len());
     // QEMU sends PORT_OPEN to the guest when the guest announces a port (PORT_READY) and a host
     // client is already there; with dozens of ports announced at once the guest's control queue
     // runs out of buffers and QEMU drops those messages (send_control_msg), so the guest never
@@ -160,10 +178,23 @@ fn setup(opts: &SuiteOptions, rec: &mut Recorder<'_>) -> Result<Scale, CaseError
     }
     let ready = sessions.len();
     let all_ready = t0.elapsed();
+    let mut consoles = Vec::new();
+    for ((_, r), name) in console_results.into_iter().zip(&console_names) {
+        match r {
+            Ok(session) => {
+                consoles.push((name.clone(), Ok(session.handshake().hello.port_name.clone())));
+                sessions.push(session);
+            }
+            Err(e) => {
+                failures.push(e.clone());
+                consoles.push((name.clone(), Err(e)));
+            }
+        }
+    }
     if !failures.is_empty() {
         log::warn!("scale: ports not READY; vm state:\n{}", rig.failure_context());
     }
-    Ok(Scale { _rig: rig, sessions, ports: names.len(), lost, ready, failures, all_ready })
+    Ok(Scale { _rig: rig, sessions, ports: names.len(), lost, ready, failures, all_ready, consoles })
 }
 
 /// `scale-port-open-lost-at-boot`.
@@ -221,6 +252,36 @@ fn ports_ready(st: &mut Scale) -> Result<Observation, CaseError> {
             if st.failures.is_empty() { String::new() } else { format!("; failed: {}", st.failures.join("; ")) }
         ),
     ))
+}
+
+/// `scale-consoles-ready`.
+fn consoles_ready(st: &mut Scale) -> Result<Observation, CaseError> {
+    Ok(judge_consoles(&st.consoles))
+}
+
+/// PASS when every console made a session, each on its own hvc line (the line is the port
+/// name the agent gives in HELLO: the guest cannot tell a console's name, the host can).
+pub(crate) fn judge_consoles(consoles: &[(String, Result<String, String>)]) -> Observation {
+    let lines: Vec<&str> = consoles.iter().filter_map(|(_, r)| r.as_deref().ok()).collect();
+    let mut distinct = lines.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let failed: Vec<&str> = consoles.iter().filter_map(|(_, r)| r.as_ref().err().map(String::as_str)).collect();
+    let map: Vec<String> = consoles
+        .iter()
+        .filter_map(|(n, r)| r.as_ref().ok().map(|l| format!("{n}={}", l.trim_start_matches("/dev/"))))
+        .collect();
+    Observation::check(
+        failed.is_empty() && distinct.len() == consoles.len() && lines.iter().all(|l| l.starts_with("/dev/hvc")),
+        format!(
+            "{}/{} consoles READY beside the serial ports, on {} distinct lines: {}{}",
+            lines.len(),
+            consoles.len(),
+            distinct.len(),
+            map.join(" "),
+            if failed.is_empty() { String::new() } else { format!("; failed: {}", failed.join("; ")) }
+        ),
+    )
 }
 
 /// `scale-traffic`.
@@ -284,8 +345,15 @@ pub(crate) static GROUP: Group<Scale> = Group {
         ),
         Case::new(
             GROUP_NAME,
+            "scale-consoles-ready",
+            "8 consoles (virtconsole, the guest's 8 hvc lines) on a third controller, the agent with --consoles",
+            "every console READY, each on its own /dev/hvcN",
+            consoles_ready,
+        ),
+        Case::new(
+            GROUP_NAME,
             "scale-traffic",
-            "traffic on every port at once (no cross-talk, no loss)",
+            "traffic on every port and console at once (no cross-talk, no loss)",
             "SOURCE verified on every port",
             traffic,
         ),
@@ -299,6 +367,20 @@ mod tests {
 
     fn lost(name: &str, guest_open: Option<bool>, recovered: bool) -> LostPort {
         LostPort { name: name.into(), guest_open, recovered }
+    }
+
+    #[test]
+    fn consoles_pass_only_all_ready_on_distinct_hvc_lines() {
+        let c = |n: &str, r: Result<&str, &str>| (n.to_string(), r.map(String::from).map_err(String::from));
+        let good = [c("a", Ok("/dev/hvc0")), c("b", Ok("/dev/hvc1"))];
+        let o = judge_consoles(&good);
+        assert_eq!(o.verdict, Verdict::Pass, "{o:?}");
+        assert_eq!(o.observed, "2/2 consoles READY beside the serial ports, on 2 distinct lines: a=hvc0 b=hvc1");
+        assert_eq!(judge_consoles(&[c("a", Ok("/dev/hvc0")), c("b", Ok("/dev/hvc0"))]).verdict, Verdict::Fail);
+        let o = judge_consoles(&[c("a", Ok("/dev/hvc0")), c("b", Err("b: no HELLO within 90s"))]);
+        assert_eq!(o.verdict, Verdict::Fail);
+        assert!(o.observed.ends_with("; failed: b: no HELLO within 90s"), "{o:?}");
+        assert_eq!(judge_consoles(&[c("a", Ok("/dev/vport0p1"))]).verdict, Verdict::Fail, "not a console line");
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 /// The agent flag that turns guest operations on.
 pub const GUEST_OPS_FLAG: &str = "--allow-guest-ops";
+/// The agent's flag that makes it serve consoles (`/dev/hvcN`) as ports.
+pub const CONSOLES_FLAG: &str = "--consoles";
 /// QMP rate-limits VSERPORT_CHANGE to one per second per id; a window of this length after a
 /// change is sure to contain the (possibly delayed) event.
 pub(crate) const EVENT_WINDOW: Duration = Duration::from_millis(2500);

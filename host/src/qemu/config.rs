@@ -64,6 +64,12 @@ impl PortConfig {
         Self { name: name.into(), kind: PortKind::Serial, host: HostEnd::UnixClient, controller: 0 }
     }
 
+    /// A `virtconsole` port named `name` (the guest's `/dev/hvcN`) on controller 0, its host
+    /// end as [`PortConfig::serial`]'s.
+    pub fn console(name: impl Into<String>) -> Self {
+        Self { kind: PortKind::Console, ..Self::serial(name) }
+    }
+
     /// The same port on controller `controller` (see [`PortConfig::controller`]).
     pub fn on_controller(mut self, controller: usize) -> Self {
         self.controller = controller;
