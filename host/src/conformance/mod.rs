@@ -113,7 +113,7 @@ mod tests {
         let n = names.len();
         names.dedup();
         assert_eq!(names.len(), n, "duplicate case names");
-        assert_eq!(n, 35);
+        assert_eq!(n, 36);
         for g in GROUPS {
             for c in g.defs() {
                 assert_eq!(c.group, g.name(), "{} is held by group {}", c.name, g.name());
