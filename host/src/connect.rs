@@ -271,14 +271,7 @@ pub(crate) fn open_asking(
     timeout: Duration,
 ) -> Result<(UnixStream, Option<Qmp>), ConnectError> {
     let busy = |evidence: String| ConnectError::Busy { place: target.place(), evidence };
-    if let Some((q, label)) = &qmp {
-        if let Some(f) = chardev_filename(q, label) {
-            log::debug!("chardev {label}: {f}");
-            if chardev_state(&f) == ChardevState::Held {
-                return Err(busy(format!("query-chardev shows chardev {label} connected ({f})")));
-            }
-        }
-    }
+    refuse_if_held(qmp.as_ref(), &target.place())?;
     let left = timeout.saturating_sub(start.elapsed());
     let stream = connect_within(target, left, &busy)?;
     let accepted = crate::wait::wait_until(
@@ -317,6 +310,19 @@ pub(crate) fn open_asking(
              `vport boot` or --qmp, vport cannot ask qemu)"
         ))),
     }
+}
+
+/// [`ConnectError::Busy`] when QEMU's monitor (`qmp`, with the port's chardev label) shows
+/// another client holding the chardev at `place`; no monitor, or no answer, is no evidence.
+pub(crate) fn refuse_if_held(qmp: Option<&(Qmp, String)>, place: &str) -> Result<(), ConnectError> {
+    let Some((q, label)) = qmp else { return Ok(()) };
+    let Some(f) = chardev_filename(q, label) else { return Ok(()) };
+    log::debug!("chardev {label}: {f}");
+    if chardev_state(&f) == ChardevState::Held {
+        let evidence = format!("query-chardev shows chardev {label} connected ({f})");
+        return Err(ConnectError::Busy { place: place.into(), evidence });
+    }
+    Ok(())
 }
 
 /// `connect(2)` to `socket` that gives up after `timeout` when the listener's backlog is full.

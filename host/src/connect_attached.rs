@@ -15,11 +15,10 @@
 //! QEMU does not know is a usage error (exit 2).
 
 use crate::attach::{serial_ports, AttachError, AttachSpec, QMP_TIMEOUT};
-use crate::chardev::{self, wait_readable, ChardevError, EndpointAddr, Listener, PtyStream};
-use crate::connect::{chardev_state, open_asking, ChardevState, ConnectError, PortStream, Target};
+use crate::chardev::{self, Accepted, ChardevError, EndpointAddr, Listener, PtyStream};
+use crate::connect::{open_asking, refuse_if_held, ConnectError, PortStream, Target};
 use crate::qmp::Qmp;
 use crate::usage::{port_name_problem, UsageError};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -88,16 +87,7 @@ pub fn open_attached(
             PortStream::Unix(open_asking(&target, qmp, start, timeout)?.0)
         }
         EndpointAddr::TcpClient { addr: sock } => {
-            if let Some((q, label)) = &qmp {
-                if let Ok(list) = q.query_chardev() {
-                    if let Some(c) = list.into_iter().find(|c| c.label == *label) {
-                        if chardev_state(&c.filename) == ChardevState::Held {
-                            let evidence = format!("query-chardev shows chardev {label} connected ({})", c.filename);
-                            return Err(ConnectError::Busy { place, evidence });
-                        }
-                    }
-                }
-            }
+            refuse_if_held(qmp.as_ref(), &place)?;
             let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
             let s = std::net::TcpStream::connect_timeout(sock, left).map_err(|source| ConnectError::Connect {
                 place: place.clone(),
@@ -139,35 +129,16 @@ fn port_chardev(path: &Path, name: &str) -> Result<(Qmp, String), ConnectError> 
 
 /// Waits up to `timeout` for QEMU to connect to `listener` and takes the connection.
 fn accept_within(listener: &Listener, place: &str, timeout: Duration) -> Result<PortStream, ConnectError> {
-    let io = |source: std::io::Error| ConnectError::Io {
-        what: format!("cannot accept qemu's connection on {place}"),
-        source,
-    };
-    let ready = match listener {
-        Listener::Unix(l, _) => wait_readable(l.as_fd(), timeout),
-        Listener::Tcp(l) => wait_readable(l.as_fd(), timeout),
-    }
-    .map_err(io)?;
-    if !ready {
-        return Err(ConnectError::NotConnected {
-            place: place.into(),
-            waited: format!("{:.1} s", timeout.as_secs_f64()),
-        });
-    }
-    Ok(match listener {
-        Listener::Unix(l, _) => PortStream::Unix(l.accept().map_err(io)?.0),
-        Listener::Tcp(l) => {
-            let (s, peer) = l.accept().map_err(io)?;
-            if !peer.ip().is_loopback() {
-                return Err(io(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    format!("a connection from {peer}"),
-                )));
-            }
-            let _ = s.set_nodelay(true);
-            PortStream::Tcp(s)
+    let accepted = listener
+        .accept_within(place, timeout)
+        .map_err(|source| ConnectError::Io { what: format!("cannot accept qemu's connection on {place}"), source })?;
+    match accepted {
+        Some(Accepted::Unix(s)) => Ok(PortStream::Unix(s)),
+        Some(Accepted::Tcp(s)) => Ok(PortStream::Tcp(s)),
+        None => {
+            Err(ConnectError::NotConnected { place: place.into(), waited: format!("{:.1} s", timeout.as_secs_f64()) })
         }
-    })
+    }
 }
 
 /// The QMP socket `--qmp` gave, checked to exist.

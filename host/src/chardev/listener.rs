@@ -9,10 +9,12 @@
 //! socket file someone else made is never removed: [`bind`] fails on an existing path.
 
 use std::io::ErrorKind;
-use std::net::TcpListener;
-use std::os::unix::net::UnixListener;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::addr::EndpointAddr;
 use super::error::ChardevError;
@@ -34,6 +36,53 @@ impl Listener {
             Listener::Unix(l, file) => Listener::Unix(l.try_clone()?, file.clone()),
             Listener::Tcp(l) => Listener::Tcp(l.try_clone()?),
         })
+    }
+}
+
+/// A connection QEMU made to a [`Listener`], in blocking mode.
+#[derive(Debug)]
+pub enum Accepted {
+    /// On a unix listener.
+    Unix(UnixStream),
+    /// On a loopback TCP listener (with `TCP_NODELAY`).
+    Tcp(TcpStream),
+}
+
+impl Listener {
+    /// Waits up to `timeout` for a connection and takes it (`None`: none came). A TCP
+    /// connection from outside loopback is refused (logged for port `port`) and waiting goes
+    /// on; a readiness that yields no connection (taken by another handle) is waited past.
+    pub fn accept_within(&self, port: &str, timeout: Duration) -> std::io::Result<Option<Accepted>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ready = match self {
+                Listener::Unix(l, _) => super::stream::wait_readable(l.as_fd(), left),
+                Listener::Tcp(l) => super::stream::wait_readable(l.as_fd(), left),
+            }?;
+            if !ready {
+                return Ok(None);
+            }
+            let accepted = match self {
+                Listener::Unix(l, _) => {
+                    l.set_nonblocking(true).and_then(|()| l.accept()).map(|(s, _)| Accepted::Unix(s))
+                }
+                Listener::Tcp(l) => l.set_nonblocking(true).and_then(|()| l.accept()).and_then(|(s, peer)| {
+                    if !peer.ip().is_loopback() {
+                        log::warn!("port {port}: refusing a connection from {peer}");
+                        return Err(std::io::Error::from(ErrorKind::WouldBlock));
+                    }
+                    s.set_nodelay(true)?;
+                    Ok(Accepted::Tcp(s))
+                }),
+            };
+            match accepted {
+                Ok(Accepted::Unix(s)) => return s.set_nonblocking(false).map(|()| Some(Accepted::Unix(s))),
+                Ok(Accepted::Tcp(s)) => return s.set_nonblocking(false).map(|()| Some(Accepted::Tcp(s))),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 

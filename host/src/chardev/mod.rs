@@ -50,10 +50,9 @@ pub use connection::Connection;
 pub use endpoint::Endpoint;
 pub use error::ChardevError;
 pub use events::{EndpointEvent, EndpointEventKind, EndpointEvents};
-pub use listener::{bind, remove_bound_sockets, Listener, SocketFile};
+pub use listener::{bind, remove_bound_sockets, Accepted, Listener, SocketFile};
 pub use pty::PtyStream;
 pub use server::ServerEndpoint;
-pub(crate) use stream::wait_readable;
 pub use stream::Stream;
 
 /// The endpoint for port `port` at `addr`. Server kinds need the `listener` bound before QEMU
